@@ -1,0 +1,137 @@
+"""A small benchmark harness: median timings after warm-up, ratios against a baseline
+measured in the same process, one Markdown table per scenario in BENCHMARKS.md.
+
+A scenario is a module in `benchmarks/scenarios/` with `run(quick: bool) -> list[Row]`.
+Timing functions must block on their results (`jax.block_until_ready`); `time_fn` does
+it for whatever the function returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of a scenario's table.
+
+  `seconds` is the median over the timed repeats; `baseline` names another row of the same
+  scenario, and the table shows seconds(baseline) / seconds(this) as "speed-up" or, with
+  `ratio="fraction"`, seconds(this) / seconds(baseline). `extra` holds further columns
+  (tokens/s, GFLOP/s, bytes ...), already formatted or numeric.
+  """
+  name: str
+  seconds: float | None
+  baseline: str | None = None
+  ratio: str = "speedup"
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  times: list[float] = dataclasses.field(default_factory=list)
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> list[float]:
+  """Calls fn `warmup` times untimed (compilation), then `repeats` times timed."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def timed_row(name: str, fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5,
+              **row_kwargs) -> Row:
+  times = time_fn(fn, warmup=warmup, repeats=repeats)
+  return Row(name=name, seconds=statistics.median(times), times=times, **row_kwargs)
+
+
+def alternate_rows(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeats: int = 5,
+                   row_kwargs: dict[str, dict] | None = None) -> list[Row]:
+  """Times several functions round-robin, so drift of the machine hits all alike."""
+  row_kwargs = row_kwargs or {}
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return [Row(name=k, seconds=statistics.median(v), times=v, **row_kwargs.get(k, {}))
+          for k, v in times.items()]
+
+
+def matmul_gflops(n: int = 1024, dtype=None, repeats: int = 5) -> float:
+  """This machine's float32 (or `dtype`) jnp.dot rate in GFLOP/s, for FLOP-floor ratios."""
+  import jax.numpy as jnp
+  dtype = dtype or jnp.float32
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  t = statistics.median(time_fn(lambda: f(a), repeats=repeats))
+  return 2 * n**3 / t / 1e9
+
+
+def machine_info() -> dict[str, str]:
+  import importlib.metadata as md
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy"):
+    try:
+      versions[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import os
+  return {
+      "cpu": cpu,
+      "cores": str(os.cpu_count()),
+      "devices": ", ".join(sorted({d.device_kind for d in jax.devices()})),
+      "backend": jax.default_backend(),
+      "python": platform.python_version(),
+      "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+  }
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def format_table(rows: list[Row]) -> str:
+  by_name = {r.name: r for r in rows}
+  extra_cols: list[str] = []
+  for r in rows:
+    for k in r.extra:
+      if k not in extra_cols:
+        extra_cols.append(k)
+  header = ["name", "median ms", "ratio", *extra_cols]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in rows:
+    ratio = ""
+    base = by_name.get(r.baseline) if r.baseline else None
+    if base is not None and base.seconds and r.seconds:
+      if r.ratio == "fraction":
+        ratio = f"{100 * r.seconds / base.seconds:.2f}% of {base.name}"
+      else:
+        ratio = f"{base.seconds / r.seconds:.2f}x vs {base.name}"
+    ms = "" if r.seconds is None else f"{1e3 * r.seconds:.3f}"
+    cells = [r.name, ms, ratio, *(_fmt(r.extra.get(k, "")) for k in extra_cols)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

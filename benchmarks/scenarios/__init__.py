@@ -1,0 +1,1 @@
+"""Benchmark scenarios: each module defines `run(quick: bool) -> list[harness.Row]`."""

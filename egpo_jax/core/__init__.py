@@ -1,0 +1,1 @@
+"""egpo_jax.core."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs the project with its test extras and runs the whole suite (slow tests included).
+# pytest exits 5 when it collects nothing: that is a failure here, as any other non-zero code.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -r requirements-test.txt
+python -m pip install -q -e ".[test]"
+export EGPO_JAX_COMPILATION_CACHE="${EGPO_JAX_COMPILATION_CACHE:-$HOME/.cache/egpo_jax/jax_cache}"
+python -m pytest tests --durations=25 -q "$@"

@@ -1,0 +1,48 @@
+"""Test-wide setup: 8 fake CPU devices, the persistent compilation cache, hypothesis profiles.
+
+XLA_FLAGS must be set before jax is imported anywhere, which is why this happens at the top
+of the root conftest. Single-device tests use device 0; multi-device tests use all 8.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_CACHE = os.environ.get("EGPO_JAX_COMPILATION_CACHE")
+if _CACHE:
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SHARED_DATA = os.environ.get(
+    "EGPO_SHARED_DATA",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+  """The paper's benchmarks as JSONL (read-only); skips where they are absent."""
+  path = os.path.abspath(SHARED_DATA)
+  if not os.path.isdir(path):
+    pytest.skip(f"benchmark data not found at {path}; set EGPO_SHARED_DATA to its folder")
+  return path
+
+
+@pytest.fixture(scope="session")
+def num_devices():
+  n = jax.device_count()
+  assert n == 8, f"tests expect 8 fake CPU devices, got {n}: XLA_FLAGS was set too late"
+  return n
