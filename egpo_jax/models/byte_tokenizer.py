@@ -8,6 +8,8 @@ text. It has the same interface as the Hugging Face tokenizer wrapper in
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 PAD_ID = 0
@@ -15,6 +17,23 @@ BOS_ID = 1
 EOS_ID = 2
 BYTE_OFFSET = 3
 NUM_BYTES = 256
+# The same template as ByteTokenizer.apply_chat_template, for exported tokenizer folders.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's printable stand-in character for each byte (the ByteLevel alphabet)."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+               + list(range(ord("\xae"), ord("\xff") + 1)))
+  chars = list(printable)
+  extra = 0
+  for b in range(256):
+    if b not in printable:
+      printable.append(b)
+      chars.append(256 + extra)
+      extra += 1
+  return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 class ByteTokenizer:
@@ -100,3 +119,27 @@ class ByteTokenizer:
     """A minimal role-tagged template; tiny models learn it from scratch."""
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return text + ("assistant: " if add_generation_prompt else "")
+
+  def save_hf(self, directory: str) -> list[str]:
+    """Writes tokenizer.json + tokenizer_config.json that load as the same tokenizer.
+
+    The files use a byte-level BPE without merges, so `HFTokenizer` and transformers'
+    PreTrainedTokenizerFast produce exactly this tokenizer's ids.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {tok: i for tok, i in self.special_tokens.items()}
+    vocab.update({ch: b + BYTE_OFFSET for b, ch in _bytes_to_unicode().items()})
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(self.special_tokens))
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+              "eos_token": "<eos>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE,
+              "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    return ["tokenizer.json", "tokenizer_config.json"]
