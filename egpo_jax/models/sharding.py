@@ -1,0 +1,161 @@
+"""Device mesh and partition specs for the decoder's parameters, KV cache and activations.
+
+The mesh has three named axes (classic `Auto` axis types, so XLA's GSPMD propagates
+shardings through the model without annotations inside it):
+
+  data    pure data parallelism: batch split, parameters replicated.
+  fsdp    batch split AND parameters split along their model-width (D) dimension
+          (ZeRO-3 style: XLA all-gathers each layer's weights where they are used).
+  tensor  Megatron-style: heads / MLP hidden / vocab split; activations exchanged.
+
+Batch dimensions are split over ("data", "fsdp"). A dimension that an axis does not
+divide is left unsplit (replicated) on that axis, so any config runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from egpo_jax.models.config import ModelConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# Spec per parameter path (leading None = stacked layer axis); see module docstring.
+_PARAM_SPECS = {
+    ("embed", "embedding"): P("tensor", "fsdp"),
+    ("lm_head",): P("tensor", "fsdp"),
+    ("final_norm", "scale"): P(None),
+    ("layers", "input_norm", "scale"): P(None, None),
+    ("layers", "post_attn_norm", "scale"): P(None, None),
+    ("layers", "q_proj", "kernel"): P(None, "fsdp", "tensor", None),
+    ("layers", "k_proj", "kernel"): P(None, "fsdp", "tensor", None),
+    ("layers", "v_proj", "kernel"): P(None, "fsdp", "tensor", None),
+    ("layers", "q_proj", "bias"): P(None, "tensor", None),
+    ("layers", "k_proj", "bias"): P(None, "tensor", None),
+    ("layers", "v_proj", "bias"): P(None, "tensor", None),
+    ("layers", "o_proj", "kernel"): P(None, "tensor", None, "fsdp"),
+    ("layers", "gate_proj", "kernel"): P(None, "fsdp", "tensor"),
+    ("layers", "up_proj", "kernel"): P(None, "fsdp", "tensor"),
+    ("layers", "down_proj", "kernel"): P(None, "tensor", "fsdp"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the (data, fsdp, tensor) mesh axes; one size may be -1 (= the rest)."""
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ValueError(f"MeshConfig{tuple(sizes)}: sizes must be positive, with at most one "
+                       "-1 (meaning 'the remaining devices')")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if num_devices % known:
+        raise ValueError(f"MeshConfig{tuple(sizes)}: {num_devices} devices are not divisible "
+                         f"by the fixed axes' product {known}")
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ValueError(f"MeshConfig{tuple(sizes)} needs {math.prod(sizes)} devices but "
+                       f"{num_devices} are available; make the product match or use -1")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_config.resolve(len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide their dimension (those dims stay replicated).
+
+  Axes of size 1 are kept, so a spec reads the same on every mesh shape.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = []
+    for name in names:
+      size = mesh.shape[name]
+      if dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0:
+        kept.append(name)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def _path_key(path) -> tuple[str, ...]:
+  return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def param_partition_specs(params: Any, mesh: Mesh) -> Any:
+  """PartitionSpecs for a params pytree (arrays or ShapeDtypeStructs) on `mesh`."""
+  def spec(path, leaf):
+    key = _path_key(path)
+    if key not in _PARAM_SPECS:
+      raise KeyError(f"no partition spec for parameter {'/'.join(key)}; add it to "
+                     "egpo_jax.models.sharding._PARAM_SPECS")
+    return _fit(_PARAM_SPECS[key], tuple(leaf.shape), mesh)
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a params pytree (use as jit in/out_shardings or device_put)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_partition_specs(params, mesh))
+
+
+def abstract_params(config: ModelConfig, mesh: Mesh | None = None) -> Any:
+  """ShapeDtypeStructs of the params (sharded on `mesh` if given); allocates nothing."""
+  from egpo_jax.models import transformer
+  shapes = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+  if mesh is None:
+    return shapes
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, param_shardings(shapes, mesh))
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+  """Places a params pytree on the mesh with its partition specs."""
+  return jax.device_put(params, param_shardings(params, mesh))
+
+
+def cache_partition_specs(cache: Any, mesh: Mesh) -> Any:
+  """Specs for a KVCache: batch over (data, fsdp), kv heads over tensor."""
+  from egpo_jax.models.transformer import KVCache
+  kv = _fit(P(None, BATCH, None, "tensor", None), tuple(cache.k.shape), mesh)
+  return KVCache(k=kv, v=kv, mask_BxS=_fit(P(BATCH, None), tuple(cache.mask_BxS.shape), mesh),
+                 positions_B=_fit(P(BATCH), tuple(cache.positions_B.shape), mesh), index=P())
+
+
+def batch_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Spec for a batch-leading array (ids_BxL, mask_BxL, hidden_BxLxD, logps_NxT...)."""
+  return _fit(P(BATCH), tuple(shape), mesh)
+
+
+def logits_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Spec for logits [B, ..., V]: batch over (data, fsdp), vocab over tensor."""
+  middle = (None,) * (len(shape) - 2)
+  return _fit(P(BATCH, *middle, "tensor"), tuple(shape), mesh)
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard_shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize
+  return total
