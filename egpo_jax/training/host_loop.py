@@ -1,0 +1,133 @@
+"""One RL iteration with verification on the host, for tasks whose verifier is Python
+(math-verify in worker processes). It runs the same pure pieces as the jitted loop
+(`iteration.group_batch`, `prepare_batch`, `update.update`), one jitted phase at a time,
+so each phase is timed, and DAPO's dynamic sampling can re-sample until the batch holds
+only mixed groups (bounded tries).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from egpo_jax.core import losses
+from egpo_jax.models.config import ModelConfig
+from egpo_jax.sampling import engine
+from egpo_jax.training import iteration
+from egpo_jax.training import update as update_lib
+from egpo_jax.types import TrainState
+
+
+class HostTask(NamedTuple):
+  """A task verified on the host.
+
+  sample_prompts(rng, batch_size) -> (prompt_ids_BxP, prompt_mask_BxP, answers_B): token
+  arrays (left-padded) and a sequence of per-prompt references; data-backed tasks read
+  their iterator and may ignore rng.
+  score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool numpy):
+  decodes and verifies; answers_N repeats each prompt's reference G times.
+  """
+  sample_prompts: Callable[[jax.Array, int], tuple[Any, Any, Sequence[Any]]]
+  score: Callable[[np.ndarray, np.ndarray, Sequence[Any]], np.ndarray]
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "settings"))
+def _rollout(params, ids, mask, rng, *, model_config, settings):
+  return engine.rollout(params, ids, mask, rng, jnp.arange(ids.shape[0]),
+                        config=model_config, spec=settings.sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _group(ids, mask, gen, correct, *, settings):
+  return iteration.group_batch(ids, mask, gen, correct, settings)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "settings", "optimizer"))
+def _prepare_and_update(state, ref_params, groups, algo, rng, *, model_config, settings,
+                        optimizer):
+  batch, metrics = iteration.prepare_batch(state.params, ref_params, groups, algo,
+                                           model_config=model_config, settings=settings)
+  state, update_metrics = update_lib.update(state, batch, rng, optimizer=optimizer,
+                                            model_config=model_config,
+                                            settings=settings.update)
+  return state, {**metrics, **update_metrics}
+
+
+def _concat_groups(parts: list[iteration.GroupBatch]) -> iteration.GroupBatch:
+  return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *parts)
+
+
+def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays, *,
+                   task: HostTask, model_config: ModelConfig,
+                   optimizer: optax.GradientTransformation,
+                   settings: iteration.IterationSettings, ref_params: Any = None,
+                   max_tries: int = 1) -> tuple[TrainState, dict[str, Any]]:
+  """sample -> rollout -> verify (host) -> [re-sample for mixed groups] -> advantages ->
+  update, with seconds per phase in the metrics. With dynamic sampling off and one try,
+  it computes exactly what `iteration.rl_iteration` computes for the same rng."""
+  b = settings.prompts_per_batch
+  g = settings.group_size
+  k_prompts, k_rollout, k_update = jax.random.split(rng, 3)
+  dynamic = settings.dynamic_sampling_oversample > 1
+  times = {"rollout": 0.0, "verify": 0.0}
+  kept: list[iteration.GroupBatch] = []
+  num_kept, tries, sampled = 0, 0, 0
+  while True:
+    # The first try uses the iteration's keys; later tries fold in the try index.
+    kp = k_prompts if tries == 0 else jax.random.fold_in(k_prompts, tries)
+    kr = k_rollout if tries == 0 else jax.random.fold_in(k_rollout, tries)
+    t0 = time.perf_counter()
+    ids, mask, answers = task.sample_prompts(kp, b)
+    gen = jax.block_until_ready(_rollout(state.params, jnp.asarray(ids), jnp.asarray(mask),
+                                         kr, model_config=model_config, settings=settings))
+    t1 = time.perf_counter()
+    answers_n = [a for a in answers for _ in range(g)]
+    correct = np.asarray(task.score(np.asarray(gen.completion_ids_NxT),
+                                    np.asarray(gen.completion_mask_NxT), answers_n), bool)
+    times["rollout"] += t1 - t0
+    times["verify"] += time.perf_counter() - t1
+    groups = _group(jnp.asarray(ids), jnp.asarray(mask), gen, jnp.asarray(correct),
+                    settings=settings)
+    tries += 1
+    sampled += b
+    if not dynamic:
+      kept = [groups]
+      break
+    keep_b = np.asarray(losses.dynamic_sampling_filter(groups.correct, groups.valid).any(-1))
+    if keep_b.any():
+      kept.append(jax.tree.map(lambda x: x[np.flatnonzero(keep_b)], groups))
+      num_kept += int(keep_b.sum())
+    if num_kept >= b or tries >= max_tries:
+      break
+
+  if dynamic:
+    fill = min(num_kept, b)
+    if num_kept < b:
+      # Too few mixed groups within max_tries: pad with the last groups, masked out.
+      pad = jax.tree.map(lambda x: x[:b - num_kept], groups)
+      kept.append(pad._replace(valid=jnp.zeros_like(pad.valid)))
+    groups = jax.tree.map(lambda x: x[:b], _concat_groups(kept))
+    fill_rate = fill / b
+  else:
+    fill_rate = 1.0
+
+  t2 = time.perf_counter()
+  state, metrics = _prepare_and_update(state, ref_params, groups, algo, k_update,
+                                       model_config=model_config, settings=settings,
+                                       optimizer=optimizer)
+  metrics = jax.device_get(metrics)
+  times["update"] = time.perf_counter() - t2
+  metrics.update({f"time_{k}": v for k, v in times.items()})
+  metrics["dynamic_sampling_fill_rate"] = fill_rate
+  metrics["dynamic_sampling_tries"] = tries
+  metrics["prompts_sampled"] = sampled
+  metrics["rollout_tokens_per_s"] = float(metrics["rollout_tokens"]) / max(times["rollout"],
+                                                                           1e-9)
+  return state, metrics

@@ -1,0 +1,298 @@
+"""One RL iteration as pure functions, readable as the algorithm:
+
+    prompts -> rollout G responses each -> verify -> rewards -> entropy proxy (Eq. 5)
+      -> advantages (GRPO family / EGPO, Eqs. 2, 6-11) -> update (Eq. 12) -> metrics
+
+For a task whose prompt generator and verifier are jnp functions (`JaxTask`, e.g. the
+synthetic arithmetic task), `rl_iteration` is one pure function of (state, rng, algo),
+so K iterations run as one `lax.scan` inside jit (`run_iterations`), and that can be
+vmapped over seeds or over calibration variants given as arrays (`AlgoArrays`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from egpo_jax.core import advantages as adv_lib
+from egpo_jax.core import diagnostics
+from egpo_jax.core import entropy as entropy_lib
+from egpo_jax.core import losses
+from egpo_jax.core import registry
+from egpo_jax.models.config import ModelConfig
+from egpo_jax.sampling import engine
+from egpo_jax.training import update as update_lib
+from egpo_jax.types import RolloutBatch, TrainState
+
+
+class JaxTask(NamedTuple):
+  """A verifiable task written in jnp, so whole iterations run inside jit.
+
+  sample_prompts(rng, batch_size) -> (prompt_ids_BxP int32 left-padded, prompt_mask_BxP
+  bool, answers_B...): a pytree of per-prompt answers whose leading axis is B.
+  verify(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N bool.
+  """
+  sample_prompts: Callable[..., tuple[jax.Array, jax.Array, Any]]
+  verify: Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+class AlgoArrays(NamedTuple):
+  """The parts of the advantage estimator that may differ between vmapped runs.
+
+  With calibrate=False and nsr=False, EGPO's advantage is GRPO's, so GRPO, EGPO and the
+  C1-C6 variants can share one compiled training loop.
+  """
+  variant: adv_lib.EGPOVariant
+  calibrate: jax.Array
+  nsr: jax.Array
+
+  @classmethod
+  def create(cls, variant: str = "egpo", *, lam_min: float = 0.8, lam_max: float = 2.0,
+             calibrate: bool = True, nsr: bool = True) -> "AlgoArrays":
+    v = adv_lib.egpo_variant(variant, lam_min=lam_min, lam_max=lam_max)
+    return cls(v, jnp.asarray(calibrate), jnp.asarray(nsr))
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationSettings:
+  """Static settings of one iteration (hashable jit arguments)."""
+  prompts_per_batch: int
+  sampling: engine.SamplingSpec
+  update: update_lib.UpdateSettings
+  advantage: str = "egpo"
+  eps_h: float = 1e-5
+  nsr_advantage: float = -1.0
+  ddof: int = 1
+  std_eps: float = 1e-6
+  edge_clamp: tuple[float, float] | None = (0.5, 2.0)
+  entropy_segment: str = "joint"
+  segment_delimiter: tuple[int, ...] | None = None
+  reward_correct: float = 1.0
+  reward_wrong: float = -1.0
+  overlong_buffer: int = 0
+  mask_truncated: bool = False
+  dynamic_sampling_oversample: int = 1
+  old_logps: str = "sampler"
+  tis_cap: float = 0.0
+
+  def __post_init__(self):
+    if self.old_logps not in ("sampler", "recompute"):
+      raise ValueError(f"loss.old_logps={self.old_logps!r}: use 'sampler' or 'recompute'")
+    if self.advantage not in registry.advantage_estimators:
+      raise ValueError(f"algo.advantage={self.advantage!r} is not registered; known: "
+                       f"{registry.advantage_estimators.names()}")
+    if self.dynamic_sampling_oversample < 1:
+      raise ValueError("dynamic_sampling.oversample must be >= 1")
+    if self.advantage == "edge_grpo" and not self.sampling.return_entropy:
+      raise ValueError("algo.advantage='edge_grpo' needs the sampler's Shannon entropy: "
+                       "build the SamplingSpec with return_entropy=True")
+
+  @property
+  def group_size(self) -> int:
+    return self.sampling.group_size
+
+
+def compute_advantages(rewards_BxG, correct_BxG, valid_BxG, entropy_BxG, shannon_BxG,
+                       algo: AlgoArrays, settings: IterationSettings
+                       ) -> adv_lib.AdvantageOutput:
+  """Dispatches to the registered estimator; EGPO reads its variant from `algo`."""
+  if settings.advantage == "egpo":
+    return adv_lib.egpo_advantages(
+        rewards_BxG, entropy_BxG, correct_BxG=correct_BxG, valid_BxG=valid_BxG,
+        eps_h=settings.eps_h, variant=algo.variant, nsr=algo.nsr,
+        nsr_advantage=settings.nsr_advantage, calibrate=algo.calibrate,
+        ddof=settings.ddof, std_eps=settings.std_eps)
+  fn = registry.advantage_estimators.get(settings.advantage)
+  kwargs: dict[str, Any] = {"correct_BxG": correct_BxG, "valid_BxG": valid_BxG,
+                            "entropy_BxG": entropy_BxG, "shannon_BxG": shannon_BxG}
+  if settings.advantage in ("grpo", "edge_grpo"):
+    kwargs.update(ddof=settings.ddof, std_eps=settings.std_eps)
+  if settings.advantage == "edge_grpo":
+    kwargs.update(clamp=settings.edge_clamp)
+  return fn(rewards_BxG, **kwargs)
+
+
+class GroupBatch(NamedTuple):
+  """One iteration's responses in group layout (leading axes [B, G]) before advantages."""
+  prompt_ids: jax.Array
+  prompt_mask: jax.Array
+  gen: dict[str, jax.Array]
+  correct: jax.Array
+  rewards: jax.Array
+  valid: jax.Array
+
+
+def shaped_rewards(correct_N: jax.Array, lengths_N: jax.Array,
+                   settings: IterationSettings) -> jax.Array:
+  """+1/-1 by correctness (Eq. 1), plus DAPO's soft overlong penalty when enabled."""
+  rewards_N = jnp.where(correct_N, settings.reward_correct, settings.reward_wrong)
+  if settings.overlong_buffer > 0:
+    rewards_N = rewards_N + losses.overlong_penalty(
+        lengths_N, max_len=settings.sampling.max_new_tokens,
+        cache_len=settings.overlong_buffer)
+  return rewards_N
+
+
+def group_batch(prompt_ids_BxP, prompt_mask_BxP, gen: engine.Generation, correct_N,
+                settings: IterationSettings) -> GroupBatch:
+  """Rewards and the [B, G] layout of a rollout (rows of `gen` are b * G + g)."""
+  g = settings.group_size
+  b = prompt_ids_BxP.shape[0]
+  fields = _fields(gen)
+  rewards_N = shaped_rewards(correct_N, fields["lengths_N"], settings)
+  return GroupBatch(
+      prompt_ids=jnp.repeat(prompt_ids_BxP, g, 0).reshape(b, g, -1),
+      prompt_mask=jnp.repeat(prompt_mask_BxP, g, 0).reshape(b, g, -1),
+      gen=jax.tree.map(lambda x: x.reshape((b, g) + x.shape[1:]), fields),
+      correct=correct_N.reshape(b, g), rewards=rewards_N.reshape(b, g),
+      valid=jnp.ones((b, g), bool))
+
+
+def select_mixed_groups(groups: GroupBatch, keep: int) -> tuple[GroupBatch, jax.Array]:
+  """DAPO dynamic sampling in jit: the first `keep` mixed groups of an over-sampled batch.
+
+  Slots that no mixed group could fill are marked invalid. Returns the fill rate too.
+  """
+  kept_B = losses.dynamic_sampling_filter(groups.correct, groups.valid).any(-1)
+  idx_K, found_K = losses.select_groups(kept_B, keep)
+  picked = jax.tree.map(lambda x: x[idx_K], groups)
+  valid = picked.valid & found_K[:, None]
+  return picked._replace(valid=valid), found_K.mean()
+
+
+def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
+                  model_config: ModelConfig, settings: IterationSettings
+                  ) -> tuple[RolloutBatch, dict[str, jax.Array]]:
+  """Old log-probs, entropy proxy (Eq. 5), advantages (Eqs. 2, 6-11) -> the update's batch.
+
+  `ref_params` (a frozen reference policy) is only read when the KL coefficient is set.
+  """
+  b, g = groups.correct.shape
+  flat = jax.tree.map(lambda x: x.reshape((b * g,) + x.shape[2:]), groups._asdict())
+  gen_n = flat["gen"]
+  prompt_ids_NxP, prompt_mask_NxP = flat["prompt_ids"], flat["prompt_mask"]
+  ids_NxT, mask_NxT = gen_n["completion_ids_NxT"], gen_n["completion_mask_NxT"]
+  valid_BxG = groups.valid
+  if settings.mask_truncated:
+    valid_BxG = valid_BxG & ~gen_n["truncated_N"].reshape(b, g)
+  logprob_fn = functools.partial(
+      update_lib.response_logprobs, prompt_ids_NxP=prompt_ids_NxP,
+      prompt_mask_NxP=prompt_mask_NxP, completion_ids_NxT=ids_NxT,
+      completion_mask_NxT=mask_NxT, model_config=model_config,
+      temperature=settings.sampling.logp_temperature,
+      chunk_size=settings.update.logprob_chunk)
+
+  # Old log-probs: free from the sampler, or recomputed by the trainer's forward pass.
+  sampler_logps_NxT = gen_n["logps_NxT"]
+  need_trainer = settings.old_logps == "recompute" or settings.tis_cap > 0
+  trainer_logps_NxT = (jax.lax.stop_gradient(logprob_fn(params)) if need_trainer
+                       else sampler_logps_NxT)
+  old_logps_NxT = trainer_logps_NxT if settings.old_logps == "recompute" else sampler_logps_NxT
+  maskf = mask_NxT.astype(jnp.float32)
+  mismatch = (jnp.abs(trainer_logps_NxT - sampler_logps_NxT) * maskf).sum() / jnp.maximum(
+      maskf.sum(), 1.0)
+  is_weights_NxT = jnp.ones_like(sampler_logps_NxT)
+  if settings.tis_cap > 0:
+    is_weights_NxT = losses.truncated_is_weights(trainer_logps_NxT, sampler_logps_NxT,
+                                                 cap=settings.tis_cap)
+  ref_logps_NxT = jnp.zeros_like(old_logps_NxT)
+  if settings.update.kl_coef:
+    ref_logps_NxT = jax.lax.stop_gradient(logprob_fn(ref_params))
+
+  # Entropy proxy over the configured segment, with the whole-response fallback.
+  seg = entropy_lib.segment_mask(ids_NxT, mask_NxT, segment=settings.entropy_segment,
+                                 delimiter=settings.segment_delimiter)
+  entropy_BxG = entropy_lib.entropy_proxy(old_logps_NxT, seg.mask_NxT).reshape(b, g)
+  shannon_BxG = None
+  if "entropy_NxT" in gen_n:
+    shannon_BxG = entropy_lib.masked_sequence_mean(gen_n["entropy_NxT"], mask_NxT
+                                                   ).reshape(b, g)
+
+  out = compute_advantages(groups.rewards, groups.correct, valid_BxG, entropy_BxG,
+                           shannon_BxG, algo, settings)
+  batch = RolloutBatch(
+      prompt_ids_NxP=prompt_ids_NxP, prompt_mask_NxP=prompt_mask_NxP,
+      completion_ids_NxT=ids_NxT,
+      completion_mask_NxT=mask_NxT & valid_BxG.reshape(-1)[:, None],
+      old_logps_NxT=old_logps_NxT, adv_N=out.advantages.reshape(-1),
+      ref_logps_NxT=ref_logps_NxT, is_weights_NxT=is_weights_NxT)
+  nvalid = jnp.maximum(valid_BxG.sum(), 1)
+  metrics = {
+      "reward": (groups.rewards * valid_BxG).sum() / nvalid,
+      "accuracy": (groups.correct & valid_BxG).sum() / nvalid,
+      "response_length": gen_n["lengths_N"].astype(jnp.float32).mean(),
+      "truncation_rate": gen_n["truncated_N"].astype(jnp.float32).mean(),
+      "segment_fallbacks": seg.fallback_N.sum(),
+      "logp_mismatch": mismatch,
+      "rollout_tokens": maskf.sum(),
+      **diagnostics.group_diagnostics(out.advantages, out.weights, entropy_BxG,
+                                      groups.correct, valid_BxG),
+  }
+  return batch, metrics
+
+
+def rl_iteration(state: TrainState, rng: jax.Array, algo: AlgoArrays, *, task: JaxTask,
+                 model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                 settings: IterationSettings, ref_params: Any = None
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One iteration: sample -> rollout -> verify -> advantages -> update -> metrics."""
+  b = settings.prompts_per_batch
+  b_sample = b * settings.dynamic_sampling_oversample
+  k_prompts, k_rollout, k_update = jax.random.split(rng, 3)
+
+  # 1. Prompts and G responses each, from the current (= old) policy.
+  prompt_ids_BxP, prompt_mask_BxP, answers_B = task.sample_prompts(k_prompts, b_sample)
+  gen = engine.rollout(state.params, prompt_ids_BxP, prompt_mask_BxP, k_rollout,
+                       jnp.arange(b_sample), config=model_config, spec=settings.sampling)
+
+  # 2. Verify and reward.
+  answers_N = jax.tree.map(lambda a: jnp.repeat(a, settings.group_size, axis=0), answers_B)
+  correct_N = task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT, answers_N)
+  groups = group_batch(prompt_ids_BxP, prompt_mask_BxP, gen, correct_N, settings)
+
+  # 3. DAPO dynamic sampling (jitted: a fixed over-sampling factor and masks).
+  fill_rate = jnp.ones((), jnp.float32)
+  if settings.dynamic_sampling_oversample > 1:
+    groups, fill_rate = select_mixed_groups(groups, b)
+
+  # 4. Old log-probs, entropy proxy, advantages; 5. the update.
+  batch, metrics = prepare_batch(state.params, ref_params, groups, algo,
+                                 model_config=model_config, settings=settings)
+  state, update_metrics = update_lib.update(state, batch, k_update, optimizer=optimizer,
+                                            model_config=model_config,
+                                            settings=settings.update)
+  return state, {**metrics, **update_metrics, "dynamic_sampling_fill_rate": fill_rate}
+
+
+def _fields(gen: engine.Generation) -> dict[str, jax.Array]:
+  """The per-response arrays of a Generation (scalars and absent fields dropped)."""
+  out = {f.name: getattr(gen, f.name) for f in dataclasses.fields(gen)}
+  return {k: v for k, v in out.items() if v is not None and jnp.ndim(v) > 0}
+
+
+def run_iterations(state: TrainState, rng: jax.Array, algo: AlgoArrays, *, num_iterations: int,
+                   task: JaxTask, model_config: ModelConfig,
+                   optimizer: optax.GradientTransformation, settings: IterationSettings,
+                   ref_params: Any = None
+                   ) -> tuple[TrainState, jax.Array, dict[str, jax.Array]]:
+  """`num_iterations` RL iterations as one `lax.scan`; metrics stacked per iteration.
+
+  Pure in (state, rng, algo): jit it with the keyword arguments static, and vmap it over
+  seeds (rng, and state if the initial models differ) or over `algo` (variants).
+  """
+  def body(carry, _):
+    state, rng = carry
+    rng, key = jax.random.split(rng)
+    state, metrics = rl_iteration(state, key, algo, task=task, model_config=model_config,
+                                  optimizer=optimizer, settings=settings,
+                                  ref_params=ref_params)
+    return (state, rng), metrics
+
+  (state, rng), metrics = jax.lax.scan(body, (state, rng), None, length=num_iterations)
+  return state, rng, metrics

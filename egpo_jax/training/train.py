@@ -1,0 +1,328 @@
+"""The training job, top to bottom: build -> (restore | warm-up) -> RL chunks -> summary.
+
+The RL iterations run as jitted chunks of `train.iterations_per_call` (K) iterations
+(`iteration.run_iterations`); between chunks this host loop writes metrics, checkpoints,
+and stops a run whose updates keep being non-finite. Chunk boundaries depend only on the
+absolute iteration index, so a restarted run replays exactly the same computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from egpo_jax.data import synthetic
+from egpo_jax.models import hf_io, transformer
+from egpo_jax.models.byte_tokenizer import ByteTokenizer
+from egpo_jax.models.config import ModelConfig, get_config, load_hf_config
+from egpo_jax.models.tokenizer import HFTokenizer
+from egpo_jax.sampling import engine
+from egpo_jax.training import config as config_lib
+from egpo_jax.training import host_loop, iteration, metrics as metrics_lib, tasks, warmup
+from egpo_jax.training.checkpointing import Checkpointer
+from egpo_jax.training.optimizer import make_optimizer
+from egpo_jax.types import TrainState
+
+log = logging.getLogger(__name__)
+
+CURVES = ("accuracy", "reward", "entropy_gap", "mean_entropy_correct", "mean_entropy_wrong",
+          "frac_all_wrong", "frac_nsr_only_adv", "mean_weight_correct", "mean_weight_wrong",
+          "response_length", "clip_frac", "grad_norm")
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything static that the job derives from the config."""
+  model_config: ModelConfig
+  tokenizer: Any
+  task: iteration.JaxTask | None   # None: a host-verified task (built in `train`)
+  settings: iteration.IterationSettings
+  algo: iteration.AlgoArrays
+
+  @property
+  def jitted(self) -> bool:
+    return self.task is not None
+
+
+BYTE_SPECIAL_TOKENS = ("<think>", "</think>")
+
+
+def build(c: ml_collections.ConfigDict) -> Experiment:
+  config_lib.validate(c)
+  if c.model.preset == "hf":
+    model_config = load_hf_config(c.model.path, dtype=c.model.dtype, remat=c.model.remat)
+    tokenizer = HFTokenizer.from_pretrained(c.model.path)
+  else:
+    tokenizer = ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS)
+    model_config = get_config(c.model.preset, dtype=c.model.dtype, remat=c.model.remat)
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model: the model's vocabulary ({model_config.vocab_size}) is smaller than "
+        f"the tokenizer's ({tokenizer.vocab_size})")
+  task = tasks.synthetic_task(c) if c.task.name == "synthetic" else None
+  delimiter = tuple(tokenizer.encode(c.algo.segment_delimiter))
+  settings = config_lib.iteration_settings(c, eos_ids=tokenizer.eos_ids,
+                                           pad_id=tokenizer.pad_id, delimiter_ids=delimiter)
+  algo = iteration.AlgoArrays.create(c.algo.variant, lam_min=c.algo.lam_min,
+                                     lam_max=c.algo.lam_max)
+  return Experiment(model_config, tokenizer, task, settings, algo)
+
+
+def evaluate(params, rng: jax.Array, exp: Experiment, *, num_prompts: int,
+             samples: int = 4) -> dict[str, float]:
+  """Sampled accuracy (rollout temperature) and the entropy proxy of correct vs wrong."""
+  spec = dataclasses.replace(exp.settings.sampling, group_size=samples, return_entropy=False)
+  k_prompts, k_sample = jax.random.split(rng)
+  ids, mask, answers = exp.task.sample_prompts(k_prompts, num_prompts)
+  gen = engine.generate(params, ids, mask, k_sample, config=exp.model_config,
+                        group_size=samples, max_new_tokens=spec.max_new_tokens,
+                        temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                        eos_ids=spec.eos_ids, pad_id=spec.pad_id)
+  answers_n = jax.tree.map(lambda a: jnp.repeat(a, samples, 0), answers)
+  correct = np.asarray(exp.task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT,
+                                       answers_n))
+  lengths = np.maximum(np.asarray(gen.lengths_N), 1)
+  h = -np.asarray(gen.logps_NxT).sum(-1) / lengths
+  out = {"accuracy": float(correct.mean()), "num_responses": int(correct.size),
+         "mean_length": float(lengths.mean())}
+  if correct.any() and (~correct).any():
+    out["entropy_correct"] = float(h[correct].mean())
+    out["entropy_wrong"] = float(h[~correct].mean())
+    out["entropy_gap"] = out["entropy_wrong"] - out["entropy_correct"]
+  return out
+
+
+def _chunk_end(it: int, total: int, per_call: int, every: int) -> int:
+  """The iteration after which the chunk starting at `it` stops (absolute, deterministic)."""
+  nxt = min((it // per_call + 1) * per_call, (it // every + 1) * every, total)
+  return nxt
+
+
+def _run_chunk_fn(exp: Experiment, optimizer, c: ml_collections.ConfigDict, ref_params,
+                  host_task: tasks.JsonlTask | None):
+  """Returns run(state, rng, num_iterations) -> (state, rng, [per-iteration metrics]):
+  one jitted scan for a jnp task, else host-verified iterations one at a time."""
+  if exp.jitted:
+    run = jax.jit(functools.partial(
+        iteration.run_iterations, task=exp.task, model_config=exp.model_config,
+        optimizer=optimizer, settings=exp.settings), static_argnames=("num_iterations",),
+        donate_argnums=(0,))
+
+    def run_jitted(state, rng, num_iterations):
+      t0 = time.perf_counter()
+      state, rng, chunk = run(state, rng, exp.algo, num_iterations=num_iterations,
+                              ref_params=ref_params)
+      chunk = jax.device_get(chunk)
+      dt = (time.perf_counter() - t0) / num_iterations
+      rows = [{k: v[i] for k, v in chunk.items()} for i in range(num_iterations)]
+      for row in rows:
+        row["seconds_per_iteration"] = dt
+        row["rollout_tokens_per_s"] = float(row["rollout_tokens"]) / dt
+      return state, rng, rows
+    return run_jitted
+
+  def run_host(state, rng, num_iterations):
+    rows = []
+    for _ in range(num_iterations):
+      t0 = time.perf_counter()
+      rng, key = jax.random.split(rng)
+      state, row = host_loop.host_iteration(
+          state, key, exp.algo, task=host_task.host_task(),
+          model_config=exp.model_config, optimizer=optimizer, settings=exp.settings,
+          ref_params=ref_params, max_tries=c.dynamic_sampling.max_tries)
+      row["seconds_per_iteration"] = time.perf_counter() - t0
+      rows.append(row)
+    return state, rng, rows
+  return run_host
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          stop_at_iteration: int | None = None) -> dict[str, Any] | None:
+  """Runs (or resumes) the job in `workdir`; returns the summary it also writes as JSON.
+
+  `stop_at_iteration` ends the run early after the checkpoint at that iteration (as a
+  kill would, minus the lost work) and returns None; the next call resumes.
+  """
+  # Build: model, tokenizer, task, optimizer.
+  exp = build(c)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
+  total = int(c.train.iterations)
+  rl_opt = _rl_optimizer(c, total)
+  k_init, k_warm, k_eval, k_rl = jax.random.split(jax.random.PRNGKey(c.seed), 4)
+  if c.model.preset == "hf":
+    params = hf_io.load_hf_params(c.model.path, exp.model_config)
+  else:
+    params = transformer.init_params(exp.model_config, k_init)
+  state = TrainState.create(params, rl_opt.init(params))
+  host_task = None if exp.jitted else tasks.JsonlTask(c, exp.tokenizer, seed=c.seed)
+  use_ref = bool(c.loss.kl_coef)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.keep_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=c.train.tensorboard)
+
+  def tree(state, rng, ref):
+    return {"train": state, "rng": rng, **({"ref": ref} if use_ref else {})}
+
+  # Resume from the newest good checkpoint, or warm up and evaluate the starting point.
+  restored = ckpt.restore_latest(tree(state, k_rl, params))
+  if restored is not None:
+    start, saved, extra = restored
+    state, k_rl, ref_params = saved["train"], saved["rng"], saved.get("ref")
+    eval_before, warmup_info = extra["eval_before"], extra.get("warmup", {})
+    if host_task is not None:
+      host_task.set_state(extra["data"])
+    writer.truncate_after(start)
+    log.info("resumed from %s at iteration %d", ckpt.directory, start)
+  else:
+    start, warmup_info = 0, {}
+    if c.warmup.steps > 0:
+      state, warmup_info = _warm_up(state, k_warm, exp, c)
+      state = TrainState.create(state.params, rl_opt.init(state.params))
+    ref_params = state.params if use_ref else None
+    eval_before = (evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
+                   if exp.jitted else {})
+    ckpt.save(0, tree(state, k_rl, ref_params),
+              _extra(eval_before, warmup_info, 0, host_task), force=True)
+
+  # RL: chunks of iterations between host syncs; metrics, checkpoints, non-finite guard.
+  run = _run_chunk_fn(exp, rl_opt, c, ref_params, host_task)
+  it, times = start, []
+  bar = tqdm.tqdm(total=total, initial=start, desc="RL", disable=not progress, unit="it")
+  while it < total:
+    end = _chunk_end(it, total, c.train.iterations_per_call, c.train.checkpoint_every)
+    state, k_rl, rows = run(state, k_rl, end - it)
+    for i, row in enumerate(rows):
+      writer.write(it + i + 1, row)
+      times.append(row["seconds_per_iteration"])
+    it = end
+    bar.update(end - bar.n)
+    bar.set_postfix(acc=f"{float(rows[-1]['accuracy']):.3f}")
+    streak = int(state.nonfinite_streak)
+    if streak >= c.train.max_consecutive_nonfinite:
+      ckpt.close()
+      raise NonFiniteError(
+          f"{streak} consecutive updates had a non-finite loss or gradient (limit "
+          f"train.max_consecutive_nonfinite={c.train.max_consecutive_nonfinite}); params "
+          f"were left unchanged by them. Lower optim.lr or check the rewards.")
+    if it % c.train.checkpoint_every == 0 or it == total:
+      ckpt.save(it, tree(state, k_rl, ref_params),
+                _extra(eval_before, warmup_info, it, host_task))
+    if stop_at_iteration is not None and stop_at_iteration <= it < total:
+      bar.close()
+      ckpt.close()
+      writer.close()
+      return None
+  bar.close()
+  ckpt.close()
+  writer.close()
+
+  # Summary: the same evaluation after RL, a JSON summary and the curves.
+  eval_after = (evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
+                if exp.jitted else {})
+  summary = {"eval_before_rl": eval_before, "eval_after_rl": eval_after,
+             "warmup": warmup_info, "iterations": total,
+             "nonfinite_skipped": int(state.nonfinite_total),
+             "median_seconds_per_iteration": float(np.median(times)) if times else None}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  rows = metrics_lib.read_jsonl(writer.path)
+  metrics_lib.plot_curves(rows, CURVES, os.path.join(workdir, "curves.png"),
+                          title=f"{c.algo.advantage} ({c.algo.variant})")
+  return summary
+
+
+def _extra(eval_before, warmup_info, iteration_, host_task) -> dict[str, Any]:
+  extra = {"eval_before": eval_before, "warmup": warmup_info, "iteration": iteration_}
+  if host_task is not None:
+    extra["data"] = host_task.get_state()
+  return extra
+
+
+def _rl_optimizer(c: ml_collections.ConfigDict, total: int):
+  return make_optimizer(lr=c.optim.lr, schedule=c.optim.schedule,
+                        warmup_steps=c.optim.warmup_steps,
+                        total_steps=max(1, total * c.ppo.epochs * c.ppo.minibatches),
+                        weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
+                        grad_clip=c.optim.grad_clip)
+
+
+def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,
+                    step: int | None = None) -> tuple[int, TrainState, dict[str, Any]]:
+  """Restores a run's train state (newest good checkpoint, or `step`) and its metadata.
+
+  The config defaults to the run's own `config.json`.
+  """
+  if c is None:
+    with open(os.path.join(workdir, "config.json")) as f:
+      c = ml_collections.ConfigDict(json.load(f))
+  exp = build(c)
+  params = jax.eval_shape(lambda: transformer.init_params(exp.model_config,
+                                                          jax.random.PRNGKey(0)))
+  opt = _rl_optimizer(c, int(c.train.iterations))
+  ref = {"ref": params} if c.loss.kl_coef else {}
+  abstract = jax.eval_shape(lambda p: {"train": TrainState.create(p, opt.init(p)),
+                                       "rng": jax.random.PRNGKey(0), **ref}, params)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    if step is None:
+      found = ckpt.restore_latest(abstract)
+      if found is None:
+        raise FileNotFoundError(f"no restorable checkpoint under {ckpt.directory}")
+      step, tree, extra = found
+    else:
+      tree, extra = ckpt.restore(step, abstract)
+  finally:
+    ckpt.close()
+  return step, tree["train"], extra
+
+
+def _warm_up(state: TrainState, rng: jax.Array, exp: Experiment,
+             c: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, Any]]:
+  opt = make_optimizer(lr=c.warmup.lr, schedule="cosine", warmup_steps=min(50, c.warmup.steps),
+                       total_steps=c.warmup.steps, grad_clip=1.0)
+  state = TrainState.create(state.params, opt.init(state.params))
+  batch_fn = functools.partial(synthetic.sft_batch, batch_size=c.warmup.batch_size,
+                               difficulty=c.task.difficulty, prompt_len=c.task.max_prompt_len,
+                               response_len=c.rollout.max_new_tokens)
+  run = jax.jit(functools.partial(warmup.run_warmup, num_steps=c.warmup.steps,
+                                  batch_fn=batch_fn, optimizer=opt,
+                                  model_config=exp.model_config))
+  t0 = time.perf_counter()
+  state, losses = run(state, rng)
+  losses = np.asarray(losses)
+  return state, {"steps": int(c.warmup.steps), "first_loss": float(losses[0]),
+                 "final_loss": float(losses[-10:].mean()),
+                 "seconds": time.perf_counter() - t0}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """The table `experiments.main` prints at the end."""
+  b, a = summary["eval_before_rl"], summary["eval_after_rl"]
+  keys = [("accuracy", "accuracy (sampled)"), ("entropy_correct", "entropy proxy, correct"),
+          ("entropy_wrong", "entropy proxy, wrong"), ("entropy_gap", "entropy gap (wrong - correct)"),
+          ("mean_length", "mean response length")]
+  fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "undefined (one class only)"
+  lines = [f"{'metric':32s} {'before RL':>26s} {'after RL':>26s}"]
+  for k, name in keys:
+    lines.append(f"{name:32s} {fmt(b, k):>26s} {fmt(a, k):>26s}")
+  spi = summary.get("median_seconds_per_iteration")
+  if spi:
+    lines.append(f"median seconds per RL iteration: {spi:.3f}")
+  lines.append(f"updates skipped as non-finite: {summary['nonfinite_skipped']}")
+  return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The policy update: per-token log-probs of the responses, the clipped surrogate, and a
+`lax.scan` over PPO epochs x minibatches with gradient accumulation over micro-batches.
+
+Token-mean (and seq-mean) normalisation always uses the counts of the whole minibatch,
+so one update with 1 or k micro-batches is the same update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from egpo_jax.core import logprobs as logprobs_lib
+from egpo_jax.core import losses
+from egpo_jax.models import transformer
+from egpo_jax.models.config import ModelConfig
+from egpo_jax.training.optimizer import apply_gradients
+from egpo_jax.types import RolloutBatch, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+  """Static settings of the update (hashable, so they can be jit static arguments)."""
+  ppo_epochs: int = 1
+  minibatches: int = 1
+  micro_batches: int = 1
+  temperature: float = 1.0
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  dual_clip: float | None = None
+  aggregation: str = "token-mean"
+  kl_coef: float = 0.0
+  kl_estimator: str = "k3"
+  logprob_chunk: int = 1024
+  sort_by_length: bool = True
+
+  def __post_init__(self):
+    for field in ("ppo_epochs", "minibatches", "micro_batches", "logprob_chunk"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"update.{field}={getattr(self, field)} must be >= 1")
+
+
+def response_logprobs(params: Any, prompt_ids_NxP: jax.Array, prompt_mask_NxP: jax.Array,
+                      completion_ids_NxT: jax.Array, completion_mask_NxT: jax.Array, *,
+                      model_config: ModelConfig, temperature: float = 1.0,
+                      chunk_size: int = 1024) -> jax.Array:
+  """log softmax(logits / temperature) of each completion token, teacher-forced (float32).
+
+  The hidden state at position P-1+t predicts completion token t; logits are computed in
+  chunks from the hidden states, so [N, T, V] float32 logits never exist at once.
+  """
+  chex.assert_rank([prompt_ids_NxP, completion_ids_NxT], 2)
+  p = prompt_ids_NxP.shape[1]
+  t = completion_ids_NxT.shape[1]
+  ids = jnp.concatenate([prompt_ids_NxP, completion_ids_NxT], axis=1)
+  mask = jnp.concatenate([prompt_mask_NxP.astype(bool), completion_mask_NxT.astype(bool)], 1)
+  hidden = transformer.forward(params, ids, mask, config=model_config, return_hidden=True)
+  hidden_NxTxD = hidden[:, p - 1:p - 1 + t]
+  return logprobs_lib.token_logprobs(
+      hidden_NxTxD, transformer.output_embedding(params, model_config), completion_ids_NxT,
+      temperature=temperature, chunk_size=chunk_size)
+
+
+def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_config,
+                settings: UpdateSettings):
+  logps = response_logprobs(params, batch.prompt_ids_NxP, batch.prompt_mask_NxP,
+                            batch.completion_ids_NxT, batch.completion_mask_NxT,
+                            model_config=model_config, temperature=settings.temperature,
+                            chunk_size=settings.logprob_chunk)
+  return losses.policy_loss(
+      logps, batch.old_logps_NxT, batch.adv_N, batch.completion_mask_NxT,
+      eps_low=settings.eps_low, eps_high=settings.eps_high, dual_clip=settings.dual_clip,
+      agg=settings.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+      max_len=batch.completion_ids_NxT.shape[1],
+      ref_logps_NxT=batch.ref_logps_NxT if settings.kl_coef else None,
+      kl_coef=settings.kl_coef, kl_estimator=settings.kl_estimator,
+      is_weights_NxT=batch.is_weights_NxT)
+
+
+def _split(tree: Any, parts: int) -> Any:
+  return jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), tree)
+
+
+def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
+                   optimizer: optax.GradientTransformation, model_config: ModelConfig,
+                   settings: UpdateSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a minibatch, its gradient accumulated over micro-batches."""
+  mask = minibatch.completion_mask_NxT.astype(jnp.float32)
+  num_tokens = jnp.maximum(mask.sum(), 1.0)
+  num_seqs = jnp.maximum((mask.sum(-1) > 0).sum().astype(jnp.float32), 1.0)
+  grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+  def micro(carry, mb):
+    loss_acc, grad_acc = carry
+    (loss, aux), grads = grad_fn(state.params, mb, num_tokens, num_seqs,
+                                 model_config=model_config, settings=settings)
+    return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), aux
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (loss, grads), aux = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                    _split(minibatch, settings.micro_batches))
+  # policy_loss normalises its token means by the minibatch's counts: sums are the means.
+  aux = jax.tree.map(lambda a: a.sum(0), aux)
+  state, opt_metrics = apply_gradients(state, grads, loss, optimizer)
+  return state, {"loss": loss, **aux, **opt_metrics}
+
+
+def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
+           optimizer: optax.GradientTransformation, model_config: ModelConfig,
+           settings: UpdateSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+  """PPO epochs x minibatches as one `lax.scan`; returns metrics averaged over steps.
+
+  Each epoch shuffles the responses; within a minibatch they are ordered by length so
+  that micro-batches hold responses of similar length (`padding_fraction` reports the
+  share of padded response slots).
+  """
+  n = batch.num_responses
+  per_step = settings.minibatches * settings.micro_batches
+  if n % per_step:
+    raise ValueError(f"{n} responses do not split into update.minibatches="
+                     f"{settings.minibatches} x update.micro_batches={settings.micro_batches}"
+                     "; make prompts_per_batch * group_size divisible by their product")
+
+  def epoch(state, key):
+    perm = jax.random.permutation(key, n)
+    shuffled = jax.tree.map(lambda x: x[perm], batch)
+    minis = _split(shuffled, settings.minibatches)
+    if settings.sort_by_length:
+      def order(mb):
+        lengths = mb.completion_mask_NxT.sum(-1)
+        return jax.tree.map(lambda x: x[jnp.argsort(-lengths, stable=True)], mb)
+      minis = jax.vmap(order)(minis)
+    step = lambda s, mb: minibatch_step(s, mb, optimizer=optimizer,
+                                        model_config=model_config, settings=settings)
+    return jax.lax.scan(step, state, minis)
+
+  state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, settings.ppo_epochs))
+  metrics = jax.tree.map(jnp.mean, metrics)
+  metrics["padding_fraction"] = jnp.clip(1.0 - batch.completion_mask_NxT.mean(), 0.0, 1.0)
+  return state, metrics

@@ -1,0 +1,225 @@
+"""Side-by-side report of two or more runs (e.g. GRPO vs EGPO): tables and overlaid plots.
+
+    python -m experiments.compare workdir/grpo workdir/egpo --out report/
+    python -m experiments.compare workdir/grpo workdir/egpo eval/qwen_base --labels GRPO,EGPO,base
+
+Each argument is a training workdir (metrics.jsonl, config.json, summary.json, and the
+newest eval/step_<N>/results.json that `experiments.evaluate` wrote there, if any), an
+evaluation folder holding results.json, or a results.json file.
+
+Writes to --out: report.md (a training table and an evaluation table, runs side by side),
+curves.png (training curves overlaid, validation metrics "val_*" included),
+eval_pass1.png and eval_auroc.png (per benchmark and run), reliability.png (reliability
+diagrams overlaid per benchmark) and comparison.json (the numbers of the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+from typing import Any
+
+CURVES = ("accuracy", "reward", "entropy_gap", "mean_entropy_correct", "mean_entropy_wrong",
+          "frac_all_wrong", "frac_nsr_only_adv", "response_length", "clip_frac", "grad_norm")
+VALIDATION_PREFIXES = ("val_", "val/")
+EVAL_COLUMNS = (("pass@1", "pass@1"), ("pass@max", "pass@k"), ("maj@max", "maj@k"),
+                ("ece", "ECE"), ("brier", "Brier"), ("auroc", "AUROC"),
+                ("mean_entropy_correct", "H~ correct"), ("mean_entropy_wrong", "H~ wrong"),
+                ("entropy_gap", "gap"), ("overconfident_failure_frac", "overconf. fail."))
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut off by a killed run
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows
+
+
+def _newest_eval(workdir: str) -> str | None:
+  found = []
+  for path in glob.glob(os.path.join(workdir, "eval", "*", "results.json")):
+    m = re.search(r"step_(\d+)$", os.path.dirname(path))
+    found.append((int(m.group(1)) if m else -1, os.path.getmtime(path), path))
+  return max(found)[2] if found else None
+
+
+def load_run(path: str, label: str | None = None) -> dict[str, Any]:
+  """What a run left behind: {"label", "path", "rows", "config", "summary", "eval"}."""
+  path = os.path.abspath(path)
+  run: dict[str, Any] = {"path": path, "rows": [], "config": None, "summary": None,
+                         "eval": None, "eval_path": None}
+  if os.path.isfile(path) and path.endswith(".json"):
+    run["eval_path"] = path
+  elif os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+      run["rows"] = _read_jsonl(os.path.join(path, "metrics.jsonl"))
+    for key, name in (("config", "config.json"), ("summary", "summary.json")):
+      if os.path.isfile(os.path.join(path, name)):
+        run[key] = _read_json(os.path.join(path, name))
+    if os.path.isfile(os.path.join(path, "results.json")):
+      run["eval_path"] = os.path.join(path, "results.json")
+    else:
+      run["eval_path"] = _newest_eval(path)
+  else:
+    raise FileNotFoundError(f"{path}: not a workdir, an evaluation folder or a results.json")
+  if run["eval_path"]:
+    run["eval"] = _read_json(run["eval_path"])
+  if not run["rows"] and run["eval"] is None:
+    raise FileNotFoundError(f"{path}: found neither metrics.jsonl nor evaluation results "
+                            "(run experiments.evaluate on it first)")
+  algo = (run["config"] or {}).get("algo", {})
+  run["algo"] = (f"{algo.get('advantage')}/{algo.get('variant')}" if algo else
+                 str(((run["eval"] or {}).get("model") or {}).get("algo") or "-"))
+  run["label"] = label or os.path.basename(path.rstrip("/"))
+  return run
+
+
+def _tail_mean(rows: list[dict[str, Any]], key: str, n: int = 5) -> float | None:
+  values = [r[key] for r in rows if isinstance(r.get(key), (int, float))][-n:]
+  values = [v for v in values if math.isfinite(v)]
+  return sum(values) / len(values) if values else None
+
+
+def training_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  out = []
+  for r in runs:
+    rows, summary = r["rows"], r["summary"] or {}
+    before, after = summary.get("eval_before_rl", {}), summary.get("eval_after_rl", {})
+    out.append({
+        "run": r["label"], "algo": r["algo"],
+        "iterations": max((row.get("step", 0) for row in rows), default=None),
+        "accuracy (last 5)": _tail_mean(rows, "accuracy"),
+        "entropy_gap (last 5)": _tail_mean(rows, "entropy_gap"),
+        "response_length (last 5)": _tail_mean(rows, "response_length"),
+        "eval accuracy before RL": before.get("accuracy"),
+        "eval accuracy after RL": after.get("accuracy"),
+        "eval entropy gap before RL": before.get("entropy_gap"),
+        "eval entropy gap after RL": after.get("entropy_gap"),
+    })
+  return out
+
+
+def evaluation_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (benchmark, run), benchmarks in first-seen order, runs side by side."""
+  order: list[str] = []
+  for r in runs:
+    for b in ((r["eval"] or {}).get("benchmarks") or {}):
+      if b not in order:
+        order.append(b)
+  out = []
+  for bench in order:
+    for r in runs:
+      b = ((r["eval"] or {}).get("benchmarks") or {}).get(bench)
+      if not b or "pass@k" not in b:
+        continue
+      cal = b["calibration"]
+      kmax = max(b["pass@k"], key=int)
+      row = {"benchmark": bench, "run": r["label"], "problems": b["num_problems"],
+             "k": int(kmax), "pass@1": b["pass@k"].get("1"), "pass@max": b["pass@k"][kmax],
+             "maj@max": b["maj@k"].get(kmax)}
+      row.update({k: cal.get(k) for k, _ in EVAL_COLUMNS if k in cal})
+      out.append(row)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("runs", nargs="+", help="workdirs, evaluation folders or results.json")
+  parser.add_argument("--out", default="report", help="output folder")
+  parser.add_argument("--labels", default="", help="comma-separated run labels")
+  parser.add_argument("--keys", default=",".join(CURVES),
+                      help="training metrics to overlay (val_* metrics are added)")
+  args = parser.parse_args(argv)
+  if len(args.runs) < 2:
+    parser.error("give at least two runs to compare")
+  labels = [s.strip() for s in args.labels.split(",")] if args.labels else []
+  if labels and len(labels) != len(args.runs):
+    parser.error(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+  try:
+    runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(args.runs)]
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  seen: dict[str, int] = {}
+  for r in runs:  # Unique labels, so that legends and tables tell runs apart.
+    seen[r["label"]] = seen.get(r["label"], 0) + 1
+    if seen[r["label"]] > 1:
+      r["label"] = f"{r['label']} ({seen[r['label']]})"
+
+  from egpo_jax.evaluation import plots, report  # pylint: disable=g-import-not-at-top
+  os.makedirs(args.out, exist_ok=True)
+  train_rows = training_rows(runs)
+  eval_rows = evaluation_rows(runs)
+  keys = [k for k in args.keys.split(",") if k]
+  keys += sorted({k for r in runs for row in r["rows"] for k in row
+                  if k.startswith(VALIDATION_PREFIXES) and k not in keys})
+  figures = {
+      "curves": plots.overlay_curves({r["label"]: r["rows"] for r in runs if r["rows"]}, keys,
+                                     os.path.join(args.out, "curves.png"),
+                                     title="training curves"),
+      "pass@1": plots.grouped_bars(
+          {r["label"]: {e["benchmark"]: e["pass@1"] for e in eval_rows if e["run"] == r["label"]}
+           for r in runs}, os.path.join(args.out, "eval_pass1.png"), title="pass@1",
+          ylabel="pass@1"),
+      "AUROC": plots.grouped_bars(
+          {r["label"]: {e["benchmark"]: e.get("auroc") for e in eval_rows
+                        if e["run"] == r["label"]} for r in runs},
+          os.path.join(args.out, "eval_auroc.png"),
+          title="AUROC of exp(-H~) for correctness", ylabel="AUROC"),
+      "reliability": plots.overlay_reliability(
+          {r["label"]: {b: v["reliability"] for b, v in r["eval"]["benchmarks"].items()
+                        if "reliability" in v} for r in runs if r["eval"]},
+          os.path.join(args.out, "reliability.png")),
+  }
+
+  md = ["# Run comparison", ""]
+  md += [f"- {r['label']}: {r['path']} (algo {r['algo']}"
+         + (f"; evaluation {r['eval_path']}" if r["eval_path"] else "") + ")" for r in runs]
+  md.append("")
+  if any(r["rows"] for r in runs):
+    header = list(train_rows[0])
+    md += ["## Training", "",
+           report.table(header, [[report.fmt(row[h]) for h in header] for row in train_rows]),
+           ""]
+  if eval_rows:
+    header = ["benchmark", "run", "problems"] + [name for _, name in EVAL_COLUMNS]
+    body = [[e["benchmark"], e["run"], e["problems"]] +
+            [report.fmt(e.get(k), percent=k.startswith(("pass", "maj")))
+             for k, _ in EVAL_COLUMNS] for e in eval_rows]
+    md += ["## Evaluation (pass@k and maj@k in %, k = samples per problem; calibration of "
+           "exp(-H~))", "", report.table(header, body), ""]
+  else:
+    md += ["No run has evaluation results; run `python -m experiments.evaluate "
+           "--checkpoint=WORKDIR` first.", ""]
+  made = {name: os.path.basename(p) for name, p in figures.items() if p}
+  if made:
+    md += ["## Figures", ""] + [f"- {name}: ![{name}]({p})" for name, p in made.items()] + [""]
+  with open(os.path.join(args.out, "report.md"), "w") as f:
+    f.write("\n".join(md))
+  with open(os.path.join(args.out, "comparison.json"), "w") as f:
+    json.dump({"runs": [{k: r[k] for k in ("label", "path", "algo", "eval_path")} for r in runs],
+               "training": train_rows, "evaluation": eval_rows, "figures": made}, f, indent=2)
+  print("\n".join(md))
+  print(f"report: {os.path.abspath(args.out)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

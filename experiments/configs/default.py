@@ -1,0 +1,98 @@
+"""The embedded default: a tiny byte-level Qwen2-style model learns the synthetic
+arithmetic task by supervised warm-up, then improves with EGPO, on a laptop CPU.
+
+    python -m experiments.main                       # this config
+    python -m experiments.main --config.algo.advantage=grpo --config.train.iterations=40
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"          # a named config (egpo_jax.models.config), or "hf"
+  c.model.name = ""                # for "hf": the backbone's named config, for checks
+  c.model.path = ""                # for "hf": checkpoint folder (config.json + safetensors)
+  c.model.dtype = "float32"        # compute dtype; params stay float32
+  c.model.remat = False
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "synthetic"        # "synthetic" (jnp verifier, jitted loop) or "jsonl"
+  c.task.difficulty = 2
+  c.task.train_file = ""           # for "jsonl": the user's training JSONL
+  c.task.problem_field = "problem"
+  c.task.answer_field = "answer"
+  c.task.max_prompt_len = 16
+  c.task.reward = "synthetic"      # a name in egpo_jax.core.registry.reward_functions
+  c.task.template = "plain"        # prompt template: plain | qwen25_math | r1_distill
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompts_per_batch = 16
+  c.rollout.group_size = 8
+  c.rollout.max_new_tokens = 24
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+
+  c.algo = ml_collections.ConfigDict()
+  c.algo.advantage = "egpo"        # grpo | drgrpo | rloo | edge_grpo | egpo (registry names)
+  c.algo.variant = "egpo"          # egpo | C1 ... C6 | lock_one
+  c.algo.lam_min = 0.8
+  c.algo.lam_max = 2.0
+  c.algo.eps_h = 1e-5
+  c.algo.nsr_advantage = -1.0
+  c.algo.ddof = 1
+  c.algo.std_eps = 1e-6
+  c.algo.entropy_segment = "joint"  # joint | thinking | answer
+  c.algo.segment_delimiter = "</think>"
+  c.algo.edge_clamp = (0.5, 2.0)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.eps_low = 0.2
+  c.loss.eps_high = 0.2
+  c.loss.dual_clip = 0.0           # 0 = off
+  c.loss.aggregation = "token-mean"
+  c.loss.kl_coef = 0.0
+  c.loss.kl_estimator = "k3"
+  c.loss.old_logps = "sampler"     # sampler | recompute
+  c.loss.tis_cap = 0.0             # truncated importance sampling cap; 0 = off
+  c.loss.overlong_buffer = 0       # DAPO soft overlong penalty buffer; 0 = off
+  c.loss.mask_truncated = False
+  c.loss.logprob_chunk = 1024
+
+  c.dynamic_sampling = ml_collections.ConfigDict()
+  c.dynamic_sampling.enabled = False
+  c.dynamic_sampling.oversample = 2  # jitted mode: sample this many times the prompts
+  c.dynamic_sampling.max_tries = 4   # host mode
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-4
+  c.optim.schedule = "constant"    # constant | cosine
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.grad_clip = 1.0
+
+  c.ppo = ml_collections.ConfigDict()   # the update: PPO epochs x minibatches
+  c.ppo.epochs = 1
+  c.ppo.minibatches = 1
+  c.ppo.micro_batches = 1
+
+  c.warmup = ml_collections.ConfigDict()
+  c.warmup.steps = 600
+  c.warmup.batch_size = 64
+  c.warmup.lr = 3e-3
+
+  c.train = ml_collections.ConfigDict()
+  c.train.iterations = 60
+  c.train.iterations_per_call = 10   # K: jitted iterations between host syncs
+  c.train.checkpoint_every = 10
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 5
+  c.train.eval_prompts = 256
+  c.train.tensorboard = True
+  return c

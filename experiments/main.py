@@ -1,0 +1,33 @@
+"""Trains a policy with GRPO / Dr.GRPO / RLOO / EDGE-GRPO / EGPO on a verifiable task.
+
+    python -m experiments.main                                  # the embedded default
+    python -m experiments.main --config=experiments/configs/default.py \
+        --config.algo.advantage=grpo --workdir=/tmp/grpo_run
+
+Run it again with the same --workdir to resume from the last checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Training config (a Python file).")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/default",
+                               "Checkpoints, metrics.jsonl, TensorBoard logs and plots.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from egpo_jax.training import train
+  summary = train.train(_CONFIG.value, _WORKDIR.value)
+  print(train.format_summary(summary))
+  print(f"workdir: {os.path.abspath(_WORKDIR.value)} (metrics.jsonl, curves.png, "
+        "checkpoints/, tensorboard/, summary.json)")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
