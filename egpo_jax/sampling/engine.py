@@ -1,0 +1,391 @@
+"""KV-cache rollout engine: G responses per prompt, with the old policy's log-probs.
+
+`generate` repeats each prompt G times and decodes with the model's KV cache: one jitted
+prefill over the B distinct prompts (the cache is then repeated G times, so a prompt is
+encoded once, not G times), then one jitted `lax.while_loop` that decodes a token per
+row and stops as soon as every row has emitted an EOS token (or after max_new_tokens).
+The decode state (cache and buffers) is donated to the loop, so it is updated in place.
+
+Exactness. The log-prob of each sampled token is log softmax(logits / T) over the full
+vocabulary, untruncated (EGPO_METHOD.md section 1, Eq. 5's pi_old), which is what a
+teacher-forced forward pass over prompt + completion gives (see `filters`). Greedy
+decoding (greedy=True or temperature=0) reports temperature-1 log-probs.
+
+Reproducibility. The random stream of response g of prompt i is
+    key_ig = fold_in(fold_in(rng, prompt_ids_B[i]), g),  step t uses fold_in(key_ig, t),
+so a response does not change when the batch around it, its padding or the device layout
+changes (prompt_ids_B defaults to arange(B): pass dataset indices to make responses
+independent of batch composition). Step t of row n draws one uniform from its key and
+samples by inverse CDF; all N x T uniforms are drawn before the decode loop, so the loop
+itself runs no random-number generator.
+
+Recompiles. Prompts are left-padded to a power-of-two length bucket; the sampling
+settings, group size, max_new_tokens and EOS ids are static. `compilation_counts()` says
+how many times each jitted stage has been traced (= compiled) in this process.
+
+`rollout` is the same computation as one pure function, without host checks or
+bucketing, for callers that jit a whole RL iteration themselves.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import numbers
+from collections.abc import Sequence
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from egpo_jax.models import sharding, transformer
+from egpo_jax.sampling import filters
+
+
+@flax.struct.dataclass
+class Generation:
+  """G responses per prompt, row n = b * G + g (prompt b, sample g).
+
+  Attributes:
+    completion_ids_NxT: int32 tokens; pad_id after the first EOS (and where never run).
+    completion_mask_NxT: bool, True up to and including the first EOS.
+    logps_NxT: float32 log softmax(logits / T) at the sampled token, 0 where masked.
+    entropy_NxT: float32 Shannon entropy of softmax(logits / T), 0 where masked; None
+      unless return_entropy=True.
+    lengths_N: int32 number of valid tokens.
+    truncated_N: bool, True if the row emitted no EOS within max_new_tokens.
+    num_steps: int32 scalar, how many tokens per row were decoded before every row had
+      finished (<= max_new_tokens).
+  """
+  completion_ids_NxT: jax.Array
+  completion_mask_NxT: jax.Array
+  logps_NxT: jax.Array
+  entropy_NxT: jax.Array | None
+  lengths_N: jax.Array
+  truncated_N: jax.Array
+  num_steps: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+  """The static part of a rollout (hashable: one compilation per distinct value)."""
+  group_size: int
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  pad_id: int = 0
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  return_entropy: bool = False
+
+  def __post_init__(self):
+    for name in ("group_size", "max_new_tokens"):
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"SamplingSpec.{name} must be an int >= 1, got {value!r}")
+    eos = (self.eos_ids,) if isinstance(self.eos_ids, numbers.Integral) else self.eos_ids
+    if not all(isinstance(i, numbers.Integral) and i >= 0 for i in eos):
+      raise ValueError(f"SamplingSpec.eos_ids must be token ids >= 0, got {self.eos_ids!r}")
+    # A tuple of ints, so the spec stays hashable (it is a static jit argument).
+    object.__setattr__(self, "eos_ids", tuple(int(i) for i in eos))
+    filters.check_sampling_args(self.temperature, self.top_k, self.top_p,
+                                greedy=self.greedy)
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0
+
+  @property
+  def logp_temperature(self) -> float:
+    return 1.0 if self.is_greedy else self.temperature
+
+
+class DecodeState(flax.struct.PyTreeNode):
+  """What the decode loop carries; `step` tokens per row have been sampled so far."""
+  cache: transformer.KVCache
+  uniforms_NxT: jax.Array | None
+  last_tokens_N: jax.Array
+  completion_ids_NxT: jax.Array
+  logps_NxT: jax.Array
+  entropy_NxT: jax.Array | None
+  lengths_N: jax.Array
+  done_N: jax.Array
+  step: jax.Array
+
+
+def response_keys(rng: jax.Array, prompt_ids_B: jax.Array, group_size: int) -> jax.Array:
+  """fold_in(fold_in(rng, prompt_id), g) for every prompt and sample index, rows b*G+g."""
+  chex.assert_rank(prompt_ids_B, 1)
+  per_prompt = jax.vmap(lambda pid: jax.random.fold_in(rng, pid))(prompt_ids_B)
+  samples_G = jnp.arange(group_size)
+  keys_BxG = jax.vmap(lambda k: jax.vmap(lambda g: jax.random.fold_in(k, g))(samples_G))(
+      per_prompt)
+  return keys_BxG.reshape((-1,) + keys_BxG.shape[2:])
+
+
+def step_uniforms(keys_N: jax.Array, num_steps: int) -> jax.Array:
+  """uniform(fold_in(key_n, t)) for every row n and step t < num_steps: [N, T] float32."""
+  steps_T = jnp.arange(num_steps)
+  per_row = lambda key: jax.vmap(lambda t: jax.random.uniform(jax.random.fold_in(key, t)))(
+      steps_T)
+  return jax.vmap(per_row)(keys_N)
+
+
+def _sample_into(state: DecodeState, logits_NxV: jax.Array, spec: SamplingSpec
+                 ) -> DecodeState:
+  """Samples token `state.step` of every row and writes it into the buffers."""
+  if spec.is_greedy:
+    tokens_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+  else:
+    uniforms_N = jax.lax.dynamic_index_in_dim(state.uniforms_NxT, state.step, axis=1,
+                                              keepdims=False)
+    tokens_N = filters.sample_tokens_from_uniforms(
+        uniforms_N, logits_NxV, temperature=spec.temperature, top_k=spec.top_k,
+        top_p=spec.top_p)
+  logps_N, entropy_N = filters.token_logps_and_entropy(
+      logits_NxV, tokens_N, temperature=spec.logp_temperature)
+  active_N = ~state.done_N
+  tokens_N = jnp.where(active_N, tokens_N, spec.pad_id)
+  is_eos_N = jnp.isin(tokens_N, jnp.asarray(spec.eos_ids, jnp.int32)) if spec.eos_ids else (
+      jnp.zeros_like(active_N))
+
+  def write(buf_NxT, col_N):
+    col_N = jnp.where(active_N, col_N, jnp.zeros_like(col_N))
+    return jax.lax.dynamic_update_slice_in_dim(buf_NxT, col_N[:, None].astype(buf_NxT.dtype),
+                                               state.step, axis=1)
+
+  entropy_NxT = None
+  if state.entropy_NxT is not None:
+    entropy_NxT = write(state.entropy_NxT, entropy_N)
+  return state.replace(
+      last_tokens_N=tokens_N,
+      completion_ids_NxT=jax.lax.dynamic_update_slice_in_dim(
+          state.completion_ids_NxT, tokens_N[:, None], state.step, axis=1),
+      logps_NxT=write(state.logps_NxT, logps_N),
+      entropy_NxT=entropy_NxT,
+      lengths_N=state.lengths_N + active_N.astype(jnp.int32),
+      done_N=state.done_N | (active_N & is_eos_N),
+      step=state.step + 1)
+
+
+def _repeat_cache(cache: transformer.KVCache, group_size: int) -> transformer.KVCache:
+  """Repeats each prompt's cache rows G times: row b -> rows b*G .. b*G+G-1."""
+  return cache.replace(k=jnp.repeat(cache.k, group_size, axis=1),
+                       v=jnp.repeat(cache.v, group_size, axis=1),
+                       mask_BxS=jnp.repeat(cache.mask_BxS, group_size, axis=0),
+                       positions_B=jnp.repeat(cache.positions_B, group_size, axis=0))
+
+
+def _constrain(state: DecodeState) -> DecodeState:
+  """Under a (data, fsdp, ...) mesh set with jax.set_mesh: rows split over data x fsdp.
+
+  Without this, GSPMD may replicate the freshly made cache and buffers on every device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.BATCH) <= set(mesh.axis_names):
+    return state
+  constrain = jax.lax.with_sharding_constraint
+  cache = jax.tree.map(constrain, state.cache, sharding.cache_partition_specs(state.cache, mesh))
+  rows = state.replace(cache=None, step=None)
+  rows = jax.tree.map(lambda x: constrain(x, sharding.batch_spec(x.shape, mesh)), rows)
+  return rows.replace(cache=cache, step=state.step)
+
+
+def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
+                  rng: jax.Array, prompt_ids_B: jax.Array, *, config, spec: SamplingSpec,
+                  cache_dtype=None) -> DecodeState:
+  """Prefills the B prompts, repeats the cache G times and samples the first tokens."""
+  chex.assert_rank([prompt_ids_BxP, prompt_mask_BxP, prompt_ids_B], [2, 2, 1])
+  chex.assert_equal_shape([prompt_ids_BxP, prompt_mask_BxP])
+  batch, prompt_len = prompt_ids_BxP.shape
+  group, steps = spec.group_size, spec.max_new_tokens
+  # The last sampled token is never fed back, so P + T - 1 slots suffice.
+  cache = transformer.init_cache(config, batch, prompt_len + steps - 1, dtype=cache_dtype)
+  logits_BxV, cache = transformer.prefill(params, prompt_ids_BxP, prompt_mask_BxP, cache,
+                                          config=config)
+  cache = _repeat_cache(cache, group)
+  logits_NxV = jnp.repeat(logits_BxV, group, axis=0)
+  n = batch * group
+  state = DecodeState(
+      cache=cache,
+      uniforms_NxT=None if spec.is_greedy else step_uniforms(
+          response_keys(rng, prompt_ids_B, group), steps),
+      last_tokens_N=jnp.full((n,), spec.pad_id, jnp.int32),
+      completion_ids_NxT=jnp.full((n, steps), spec.pad_id, jnp.int32),
+      logps_NxT=jnp.zeros((n, steps), jnp.float32),
+      entropy_NxT=jnp.zeros((n, steps), jnp.float32) if spec.return_entropy else None,
+      lengths_N=jnp.zeros((n,), jnp.int32),
+      done_N=jnp.zeros((n,), bool),
+      step=jnp.zeros((), jnp.int32))
+  return _sample_into(_constrain(state), logits_NxV, spec)
+
+
+def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
+                     ) -> DecodeState:
+  """Decodes until every row is done or max_new_tokens tokens have been sampled."""
+
+  def cond(s):
+    return (s.step < spec.max_new_tokens) & ~jnp.all(s.done_N)
+
+  def body(s):
+    logits_NxV, cache = transformer.decode(params, s.last_tokens_N, s.cache, config=config)
+    return _constrain(_sample_into(s.replace(cache=cache), logits_NxV, spec))
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def finish_rollout(state: DecodeState) -> Generation:
+  """The Generation a finished DecodeState holds (the cache is dropped)."""
+  steps = state.completion_ids_NxT.shape[1]
+  return Generation(
+      completion_ids_NxT=state.completion_ids_NxT,
+      completion_mask_NxT=jnp.arange(steps)[None, :] < state.lengths_N[:, None],
+      logps_NxT=state.logps_NxT,
+      entropy_NxT=state.entropy_NxT,
+      lengths_N=state.lengths_N,
+      truncated_N=~state.done_N,
+      num_steps=state.step)
+
+
+def rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: jax.Array,
+            prompt_ids_B: jax.Array, *, config, spec: SamplingSpec,
+            cache_dtype=None) -> Generation:
+  """`generate` as one pure, jittable function: no host checks, no length bucketing."""
+  state = start_rollout(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
+                        config=config, spec=spec, cache_dtype=cache_dtype)
+  return finish_rollout(continue_rollout(params, state, config=config, spec=spec))
+
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def compilation_counts() -> dict[str, int]:
+  """How often `generate`'s jitted stages were traced (each trace is one compilation)."""
+  return dict(_TRACES)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec", "cache_dtype"))
+def _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B, *, config, spec,
+               cache_dtype):
+  _TRACES["prefill"] += 1
+  return start_rollout(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
+                       config=config, spec=spec, cache_dtype=cache_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("state",))
+def _continue_jit(params, state, *, config, spec):
+  _TRACES["decode"] += 1
+  return continue_rollout(params, state, config=config, spec=spec)
+
+
+@jax.jit
+def _finish_jit(state):
+  _TRACES["finish"] += 1
+  return finish_rollout(state)
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+  """The smallest power of two >= length (and >= minimum): the prompt-length bucket."""
+  return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+
+
+def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
+             group_size: int, max_new_tokens: int, eos_ids: int | Sequence[int],
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             greedy: bool = False, pad_id: int = 0, prompt_ids_B=None,
+             return_entropy: bool = False, min_prompt_bucket: int = 16,
+             cache_dtype=None) -> Generation:
+  """Samples `group_size` responses per prompt with the KV cache.
+
+  Args:
+    params: the model's parameters (any sharding; jit follows it).
+    prompt_ids_BxP: int token ids, LEFT-padded.
+    prompt_mask_BxP: 1 on prompt tokens, 0 on the left padding; every row needs a token.
+    rng: a PRNG key (typed or raw).
+    config: the model's ModelConfig (static).
+    group_size: G responses per prompt; rows are ordered b * G + g.
+    max_new_tokens: T, the completion buffer length.
+    eos_ids: token id(s) that end a response (kept, masked in); () disables stopping.
+    temperature: sampling temperature; 0 means greedy.
+    top_p: nucleus mass in (0, 1]; 1 disables it.
+    top_k: keep the k most likely tokens; 0 disables it.
+    greedy: argmax decoding; log-probs then use temperature 1.
+    pad_id: written after a row's EOS.
+    prompt_ids_B: integer id of each prompt for its random stream (default arange(B)).
+    return_entropy: also return the per-token Shannon entropy (EDGE-GRPO's quantity).
+    min_prompt_bucket: prompts are left-padded to max(this, next power of two of P).
+    cache_dtype: KV-cache dtype (default: the model's compute dtype).
+
+  Returns:
+    a `Generation` with N = B * G rows.
+  """
+  eos_tuple = _check_generate_args(prompt_ids_BxP, prompt_mask_BxP, config, group_size,
+                                   max_new_tokens, eos_ids, pad_id)
+  filters.check_sampling_args(temperature, top_k, top_p, config.vocab_size, greedy=greedy)
+  greedy = bool(greedy) or temperature == 0
+  spec = SamplingSpec(group_size=int(group_size), max_new_tokens=int(max_new_tokens),
+                      eos_ids=eos_tuple, pad_id=int(pad_id),
+                      # Greedy ignores these: one compilation for every greedy call.
+                      temperature=1.0 if greedy else float(temperature),
+                      top_k=0 if greedy else int(top_k), top_p=1.0 if greedy else float(top_p),
+                      greedy=greedy, return_entropy=bool(return_entropy))
+  batch, prompt_len = prompt_ids_BxP.shape
+  if prompt_ids_B is None:
+    prompt_ids_B = jnp.arange(batch, dtype=jnp.int32)
+  else:
+    prompt_ids_B = jnp.asarray(prompt_ids_B)
+    if prompt_ids_B.shape != (batch,) or not jnp.issubdtype(prompt_ids_B.dtype, jnp.integer):
+      raise ValueError(f"prompt_ids_B must be {batch} integers (one id per prompt), got "
+                       f"shape {prompt_ids_B.shape} dtype {prompt_ids_B.dtype}")
+  bucket = bucket_length(prompt_len, min_prompt_bucket)
+  pad = ((0, 0), (bucket - prompt_len, 0))
+  # Host arrays are padded on the host; device (possibly sharded) arrays on the device.
+  xp = np if isinstance(prompt_ids_BxP, np.ndarray) else jnp
+  prompt_ids_BxP = xp.pad(xp.asarray(prompt_ids_BxP, np.int32), pad,
+                          constant_values=spec.pad_id)
+  xp = np if isinstance(prompt_mask_BxP, np.ndarray) else jnp
+  prompt_mask_BxP = xp.pad(xp.asarray(prompt_mask_BxP, np.int32), pad)
+  state = _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
+                     config=config, spec=spec, cache_dtype=cache_dtype)
+  state = _continue_jit(params, state, config=config, spec=spec)
+  return _finish_jit(state)
+
+
+def _check_generate_args(prompt_ids_BxP, prompt_mask_BxP, config, group_size,
+                         max_new_tokens, eos_ids, pad_id) -> tuple[int, ...]:
+  """Host-side checks with errors that name the field; returns eos_ids as a tuple."""
+  ids_shape, mask_shape = np.shape(prompt_ids_BxP), np.shape(prompt_mask_BxP)
+  if len(ids_shape) != 2 or ids_shape != mask_shape:
+    raise ValueError(f"prompt_ids_BxP and prompt_mask_BxP must both be [B, P]; got "
+                     f"{ids_shape} and {mask_shape}")
+  if not jnp.issubdtype(jnp.asarray(prompt_ids_BxP).dtype, jnp.integer):
+    raise ValueError(f"prompt_ids_BxP must hold integer token ids, got dtype "
+                     f"{jnp.asarray(prompt_ids_BxP).dtype}")
+  for name, value in (("group_size", group_size), ("max_new_tokens", max_new_tokens)):
+    if not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+  vocab = config.vocab_size
+  eos_tuple = (eos_ids,) if isinstance(eos_ids, numbers.Integral) else tuple(eos_ids)
+  for name, ids in (("eos_ids", eos_tuple), ("pad_id", (pad_id,))):
+    for i in ids:
+      if not isinstance(i, numbers.Integral) or not 0 <= i < vocab:
+        raise ValueError(f"{name} must be token ids in [0, {vocab}), got {ids!r}")
+  if not isinstance(prompt_mask_BxP, jax.core.Tracer):
+    mask = np.asarray(prompt_mask_BxP).astype(bool)
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+      raise ValueError(f"prompt_mask_BxP rows {np.flatnonzero(lengths == 0).tolist()} "
+                       "have no prompt token; drop them or give each prompt a token")
+    if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+      raise ValueError("prompts must be LEFT-padded (mask 0...0 1...1 per row); pad on "
+                       "the left, e.g. tokenizer padding_side='left'")
+    longest = int(lengths.max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+      raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) "
+                       f"exceeds config.max_position_embeddings "
+                       f"({config.max_position_embeddings}); lower max_new_tokens")
+  return tuple(int(i) for i in eos_tuple)

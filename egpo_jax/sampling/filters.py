@@ -1,0 +1,185 @@
+"""Next-token sampling: temperature, top-k, top-p and greedy, plus the reported log-probs.
+
+Truncation follows Hugging Face `generate` and vLLM: logits are divided by the
+temperature, top-k keeps the k largest (exactly k; ties go to the lower token id), and
+top-p then keeps, of those, the smallest set of most probable tokens whose cumulative
+probability, renormalised over the survivors, is >= p. Token i (in descending order) is
+kept iff the probability mass strictly before it is < p, so the token that crosses p is
+kept and at least one token always survives. A token is drawn from the survivors by
+inverse CDF from one uniform number per row.
+
+The log-probability reported for a sampled token is log softmax(logits / T) over the
+FULL vocabulary, without the top-k/top-p truncation (EGPO_METHOD.md section 1, verl's
+convention), so the trainer recomputes the same number from a teacher-forced pass.
+Greedy decoding reports T = 1 log-probs (the raw policy).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def top_p_keep_mask(sorted_logits_xK: jax.Array, top_p: float | jax.Array) -> jax.Array:
+  """Which tokens of a descending-sorted row top-p keeps.
+
+  Args:
+    sorted_logits_xK: logits sorted in descending order along the last axis (already
+      divided by the temperature; -inf entries are tokens removed earlier, e.g. by top-k).
+    top_p: nucleus mass in (0, 1].
+
+  Returns:
+    bool mask, True where the probability mass strictly before the token is < top_p.
+  """
+  chex.assert_rank(sorted_logits_xK, {1, 2})
+  probs = jax.nn.softmax(sorted_logits_xK.astype(jnp.float32), axis=-1)
+  # Exclusive cumulative sum: the first token has mass 0 before it, so it is always kept.
+  cumulative = jnp.cumsum(probs, axis=-1)
+  before = jnp.concatenate([jnp.zeros_like(cumulative[..., :1]), cumulative[..., :-1]],
+                           axis=-1)
+  return before < top_p
+
+
+def truncate_logits(scaled_logits_xV: jax.Array, *, top_k: int = 0,
+                    top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """The top-k/top-p survivors of temperature-scaled logits, most probable first.
+
+  Args:
+    scaled_logits_xV: logits / temperature, shape [V] or [N, V].
+    top_k: keep the k largest; 0 keeps all V (static).
+    top_p: nucleus mass in (0, 1]; 1.0 disables it (static).
+
+  Returns:
+    (values_xK, token_ids_xK): the K = top_k (or V) largest scaled logits in descending
+    order, with -inf where top-p drops a token, and their token ids.
+  """
+  chex.assert_rank(scaled_logits_xV, {1, 2})
+  vocab = scaled_logits_xV.shape[-1]
+  k = top_k if 0 < top_k < vocab else vocab
+  values_xK, ids_xK = jax.lax.top_k(scaled_logits_xV, k)
+  if top_p < 1.0:
+    values_xK = jnp.where(top_p_keep_mask(values_xK, top_p), values_xK, -jnp.inf)
+  return values_xK, ids_xK
+
+
+def filter_logits(logits_xV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """logits / temperature with the tokens that top-k/top-p drop set to -inf.
+
+  softmax of the result is exactly the distribution `sample_tokens` draws from (with the
+  same arguments and greedy=False). Shape [V] or [N, V].
+  """
+  chex.assert_rank(logits_xV, {1, 2})
+  check_sampling_args(temperature, top_k, top_p, logits_xV.shape[-1], greedy=False)
+  scaled = logits_xV.astype(jnp.float32) / temperature
+  if top_k == 0 and top_p >= 1.0:
+    return scaled
+  values_xK, ids_xK = truncate_logits(scaled, top_k=top_k, top_p=top_p)
+  out = jnp.full_like(scaled, -jnp.inf)
+  if out.ndim == 1:
+    return out.at[ids_xK].set(values_xK)
+  rows = jnp.arange(out.shape[0])[:, None]
+  return out.at[rows, ids_xK].set(values_xK)
+
+
+def sample_tokens(keys_N: jax.Array, logits_NxV: jax.Array, *, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> jax.Array:
+  """One token per row from softmax(logits / T) restricted by top-k then top-p.
+
+  Each row uses only its own key (one uniform draw, see `sample_tokens_from_uniforms`),
+  so a row's token does not depend on the other rows.
+
+  Args:
+    keys_N: one PRNG key per row (typed keys [N] or raw uint32 keys [N, 2]).
+    logits_NxV: float logits.
+    temperature: > 0 (static); ignored when greedy.
+    top_k: 0 disables (static).
+    top_p: in (0, 1]; 1.0 disables (static).
+    greedy: argmax instead of sampling (static); temperature 0 means the same.
+
+  Returns:
+    tokens_N int32.
+  """
+  chex.assert_rank(logits_NxV, 2)
+  if greedy or temperature == 0:
+    uniforms_N = jnp.zeros(logits_NxV.shape[:1], jnp.float32)
+  else:
+    uniforms_N = jax.vmap(jax.random.uniform)(keys_N)
+  return sample_tokens_from_uniforms(uniforms_N, logits_NxV, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, greedy=greedy)
+
+
+def sample_tokens_from_uniforms(uniforms_N: jax.Array, logits_NxV: jax.Array, *,
+                                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                                greedy: bool = False) -> jax.Array:
+  """`sample_tokens` by inverse-CDF sampling, given one uniform in [0, 1) per row.
+
+  Row n gets the first token whose cumulative probability exceeds u_n (times the total,
+  which absorbs rounding), so token i is drawn with probability p_i and a token with
+  p_i = 0 never is. One uniform per token, instead of Gumbel noise over the vocabulary,
+  lets the engine draw all of a rollout's randomness before its decode loop.
+  """
+  chex.assert_rank([uniforms_N, logits_NxV], [1, 2])
+  chex.assert_equal_shape_prefix([uniforms_N, logits_NxV], 1)
+  check_sampling_args(temperature, top_k, top_p, logits_NxV.shape[-1], greedy=greedy)
+  if greedy or temperature == 0:
+    return jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+  scaled_NxV = logits_NxV.astype(jnp.float32) / temperature
+  if top_k == 0 and top_p >= 1.0:
+    return _inverse_cdf(uniforms_N, scaled_NxV)
+  values_NxK, ids_NxK = truncate_logits(scaled_NxV, top_k=top_k, top_p=top_p)
+  choice_N = _inverse_cdf(uniforms_N, values_NxK)
+  return jnp.take_along_axis(ids_NxK, choice_N[:, None], axis=-1)[:, 0]
+
+
+def _inverse_cdf(uniforms_N: jax.Array, scaled_NxK: jax.Array) -> jax.Array:
+  probs_NxK = jax.nn.softmax(scaled_NxK, axis=-1)
+  cdf_NxK = jnp.cumsum(probs_NxK, axis=-1)
+  target_N = uniforms_N * cdf_NxK[:, -1]
+  index_N = jnp.sum(cdf_NxK <= target_N[:, None], axis=-1, dtype=jnp.int32)
+  # u * total can round up to the total: never step past the last token with p > 0.
+  last_N = probs_NxK.shape[-1] - 1 - jnp.argmax(probs_NxK[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(index_N, last_N).astype(jnp.int32)
+
+
+def token_logps_and_entropy(logits_NxV: jax.Array, tokens_N: jax.Array, *,
+                            temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """log softmax(logits / T)[token] and the Shannon entropy of softmax(logits / T).
+
+  Both over the full vocabulary, untruncated (EGPO_METHOD.md section 1). Pass
+  temperature=1 for greedy decoding. temperature may be traced here.
+
+  Returns:
+    (logps_N, entropy_N), float32.
+  """
+  chex.assert_rank([logits_NxV, tokens_N], [2, 1])
+  chex.assert_equal_shape_prefix([logits_NxV, tokens_N], 1)
+  if isinstance(temperature, numbers.Real) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}; "
+                     "greedy decoding reports temperature-1 log-probs")
+  scaled_NxV = logits_NxV.astype(jnp.float32) / temperature
+  lse_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
+  picked_N = jnp.take_along_axis(scaled_NxV, tokens_N[:, None].astype(jnp.int32), axis=-1)
+  probs_NxV = jnp.exp(scaled_NxV - lse_N[:, None])
+  # where(): a -inf logit (a masked token) has p = 0 and contributes 0, not nan.
+  entropy_N = lse_N - jnp.sum(jnp.where(probs_NxV > 0, probs_NxV * scaled_NxV, 0.0), axis=-1)
+  return picked_N[:, 0] - lse_N, entropy_N
+
+
+def check_sampling_args(temperature, top_k, top_p, vocab_size=None, *, greedy=False):
+  """Raises a ValueError/TypeError naming the bad field; vocab_size None skips top_k <= V."""
+  if isinstance(temperature, jax.Array) or isinstance(top_p, jax.Array):
+    raise TypeError("temperature and top_p are static Python numbers (each value compiles "
+                    "once); pass floats, not arrays")
+  if not greedy and not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1] (1.0 disables it), got {top_p}")
+  if not isinstance(top_k, numbers.Integral) or top_k < 0:
+    raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+  if vocab_size is not None and top_k > vocab_size:
+    raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab_size}; use "
+                     "top_k <= vocab_size or 0 to disable it")

@@ -1,0 +1,277 @@
+"""Tests for egpo_jax.sampling.engine on a tiny random Qwen2: exactness, EOS, invariances."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from egpo_jax import sampling
+from egpo_jax.models import config as model_config
+from egpo_jax.models import sharding
+from egpo_jax.models import transformer
+
+CONFIG = model_config.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_layers=2, num_heads=4, num_kv_heads=2,
+                                  max_position_embeddings=256)
+T = 16
+SAMPLED = dict(temperature=0.8, top_k=20, top_p=0.9)
+# Log-probs from the KV cache vs a teacher-forced full pass, both float32: the two sum in
+# different orders (observed max 4e-5 on the model below).
+LOGP_ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def params():
+  # Weights 10x the init scale, so logits are peaked (mean entropy ~3.3 nats, not
+  # log V = 4.2) and greedy decoding has no near-ties that float reordering could flip.
+  base = transformer.init_params(CONFIG, jax.random.key(0))
+  return jax.tree.map(lambda x: x * 10.0 if x.ndim >= 2 else x, base)
+
+
+def _prompts(lengths, seed=0, width=None):
+  """Left-padded random prompts of the given lengths (tokens >= 3, so never pad/EOS)."""
+  width = width or max(lengths)
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((len(lengths), width), np.int32)
+  mask = np.zeros((len(lengths), width), np.int32)
+  for i, n in enumerate(lengths):
+    ids[i, width - n:] = rng.integers(3, CONFIG.vocab_size, n)
+    mask[i, width - n:] = 1
+  return ids, mask
+
+
+def _generate(params, ids, mask, *, group_size, seed=1, **kwargs):
+  kwargs.setdefault("eos_ids", ())
+  return jax.device_get(sampling.generate(
+      params, ids, mask, jax.random.key(seed), config=CONFIG, group_size=group_size,
+      max_new_tokens=T, **kwargs))
+
+
+_forward = jax.jit(functools.partial(transformer.forward, config=CONFIG))
+
+
+def _teacher_forced(params, ids, mask, out, group_size, temperature):
+  """log softmax(logits / T) at the completion tokens from one full forward pass."""
+  prompt_ids = np.repeat(ids, group_size, axis=0)
+  prompt_mask = np.repeat(mask, group_size, axis=0)
+  full = np.concatenate([prompt_ids, out.completion_ids_NxT], axis=1)
+  full_mask = np.concatenate([prompt_mask, out.completion_mask_NxT.astype(np.int32)], 1)
+  logits = _forward(params, full, full_mask)
+  logits = logits[:, ids.shape[1] - 1:-1] / temperature
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, jnp.asarray(out.completion_ids_NxT)[..., None], -1)
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return np.asarray(picked[..., 0]), np.asarray(entropy)
+
+
+# EOS = 4 of the 64 tokens: some rows stop within T = 16 tokens and others do not.
+EOS = (5, 17, 33, 48)
+# Shapes shared by the tests (each distinct shape or setting is one compilation).
+LENGTHS = [3, 9, 14, 6, 1, 12, 8, 5]
+PROMPT_IDS_B = np.arange(100, 108)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return _prompts(LENGTHS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def sampled_run(params, prompts):
+  """8 prompts x 8 samples = 64 rows, sampled with top-k and top-p, EOS on."""
+  ids, mask = prompts
+  return _generate(params, ids, mask, group_size=8, prompt_ids_B=PROMPT_IDS_B, eos_ids=EOS,
+                   return_entropy=True, **SAMPLED)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(params, prompts):
+  ids, mask = prompts
+  return _generate(params, ids, mask, group_size=1, greedy=True)
+
+
+def test_logps_equal_teacher_forced_forward(params, prompts, sampled_run):
+  ids, mask = prompts
+  out = sampled_run
+  ref_logps, ref_entropy = _teacher_forced(params, ids, mask, out, 8, SAMPLED["temperature"])
+  m = out.completion_mask_NxT
+  np.testing.assert_allclose(out.logps_NxT[m], ref_logps[m], atol=LOGP_ATOL, rtol=0)
+  np.testing.assert_allclose(out.entropy_NxT[m], ref_entropy[m], atol=LOGP_ATOL, rtol=0)
+  assert (out.logps_NxT[~m] == 0).all() and (out.entropy_NxT[~m] == 0).all()
+  # The model is peaked but not degenerate: the comparison is not of zeros.
+  assert out.logps_NxT[m].min() < -0.5
+
+
+def test_greedy_logps_use_temperature_one(params, prompts, greedy_run):
+  ids, mask = prompts
+  ref, _ = _teacher_forced(params, ids, mask, greedy_run, 1, 1.0)
+  np.testing.assert_allclose(greedy_run.logps_NxT, ref, atol=LOGP_ATOL, rtol=0)
+  # temperature=0 and greedy=True with any temperature are the same greedy decoding.
+  zero = _generate(params, ids, mask, group_size=1, temperature=0.0, top_p=0.5)
+  np.testing.assert_array_equal(zero.completion_ids_NxT, greedy_run.completion_ids_NxT)
+  np.testing.assert_array_equal(zero.logps_NxT, greedy_run.logps_NxT)
+
+
+def test_eos_masking_padding_and_truncation(sampled_run):
+  out = sampled_run
+  ids, m = out.completion_ids_NxT, out.completion_mask_NxT
+  is_eos = np.isin(ids, EOS) & m
+  assert out.truncated_N.any() and (~out.truncated_N).any(), "want both kinds of rows"
+  for n in range(ids.shape[0]):
+    length = int(out.lengths_N[n])
+    np.testing.assert_array_equal(m[n], np.arange(T) < length)
+    assert (ids[n, length:] == 0).all(), "tokens after EOS must be pad"
+    eos_at = np.flatnonzero(is_eos[n])
+    if out.truncated_N[n]:
+      assert length == T and eos_at.size == 0
+    else:
+      assert eos_at.tolist() == [length - 1], "mask ends at, and includes, the first EOS"
+  assert int(out.num_steps) == int(out.lengths_N.max())
+
+
+def test_stops_early_when_every_row_is_done(params, prompts, greedy_run):
+  ids, mask = prompts
+  free = greedy_run
+  assert int(free.num_steps) == T and free.truncated_N.all()
+  # Make each row's 3rd greedy token an EOS: every row now stops by step 3.
+  eos = tuple(sorted(set(free.completion_ids_NxT[:, 2].tolist())))
+  out = _generate(params, ids, mask, group_size=1, greedy=True, eos_ids=eos)
+  first = [int(np.flatnonzero(np.isin(row, eos))[0]) for row in free.completion_ids_NxT]
+  np.testing.assert_array_equal(out.lengths_N, np.array(first) + 1)
+  assert int(out.num_steps) == max(first) + 1 <= 3
+  assert not out.truncated_N.any()
+  for n, length in enumerate(out.lengths_N):
+    np.testing.assert_array_equal(out.completion_ids_NxT[n, :length],
+                                  free.completion_ids_NxT[n, :length])
+
+
+def test_greedy_left_padding_matches_each_prompt_alone(params, prompts, greedy_run):
+  ids, mask = prompts
+  assert len(set(greedy_run.completion_ids_NxT[:, 0].tolist())) > 1  # prompts matter
+  before = sampling.compilation_counts()
+  for i, n in enumerate(LENGTHS):
+    alone = _generate(params, ids[i:i + 1, -n:], mask[i:i + 1, -n:], group_size=1,
+                      greedy=True)
+    np.testing.assert_array_equal(greedy_run.completion_ids_NxT[i],
+                                  alone.completion_ids_NxT[0])
+    np.testing.assert_allclose(greedy_run.logps_NxT[i], alone.logps_NxT[0], atol=LOGP_ATOL)
+  # Eight prompt lengths (1..14), one length bucket: one new prefill and decode program.
+  after = sampling.compilation_counts()
+  assert after["prefill"] - before["prefill"] == 1
+  assert after["decode"] - before["decode"] == 1
+
+
+def test_sampled_response_same_in_batch_of_one_and_of_64(params, prompts, sampled_run):
+  ids, mask = prompts
+  big = sampled_run
+  assert big.completion_ids_NxT.shape == (64, T)
+  for b in (0, 4, 7):
+    n = LENGTHS[b]
+    one = _generate(params, ids[b:b + 1, -n:], mask[b:b + 1, -n:], group_size=1,
+                    prompt_ids_B=PROMPT_IDS_B[b:b + 1], eos_ids=EOS, return_entropy=True,
+                    **SAMPLED)
+    np.testing.assert_array_equal(big.completion_ids_NxT[b * 8], one.completion_ids_NxT[0])
+    np.testing.assert_allclose(big.logps_NxT[b * 8], one.logps_NxT[0], atol=LOGP_ATOL)
+  # Samples g > 0 use fold_in(fold_in(rng, prompt id), g), rows b * G + g.
+  keys = sampling.response_keys(jax.random.key(1), jnp.asarray(PROMPT_IDS_B), 8)
+  for b, g in [(0, 0), (5, 3), (7, 7)]:
+    want = jax.random.fold_in(jax.random.fold_in(jax.random.key(1), PROMPT_IDS_B[b]), g)
+    np.testing.assert_array_equal(jax.random.key_data(keys[b * 8 + g]),
+                                  jax.random.key_data(want))
+  # Different samples of one prompt differ (the keys are not all alike).
+  assert len({tuple(r) for r in big.completion_ids_NxT[:8]}) > 1
+
+
+def test_sharded_data_fsdp_mesh_matches_single_device(params, prompts, sampled_run,
+                                                     greedy_run, num_devices):
+  ids, mask = prompts
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2, tensor=1))
+  with jax.set_mesh(mesh):
+    sharded_params = sharding.shard_params(params, mesh)
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, sharding.batch_spec(x.shape, mesh)))
+    greedy = sampling.generate(sharded_params, put(ids), put(mask), jax.random.key(1),
+                               config=CONFIG, group_size=1, max_new_tokens=T, eos_ids=(),
+                               greedy=True)
+    sampled = sampling.generate(sharded_params, put(ids), put(mask), jax.random.key(1),
+                                config=CONFIG, group_size=8, max_new_tokens=T, eos_ids=EOS,
+                                prompt_ids_B=PROMPT_IDS_B, return_entropy=True, **SAMPLED)
+  # Rows are really split over the 8 devices.
+  assert sampled.logps_NxT.sharding.shard_shape((64, T)) == (8, T)
+  for got, want in [(greedy, greedy_run), (sampled, sampled_run)]:
+    got = jax.device_get(got)
+    np.testing.assert_array_equal(got.completion_ids_NxT, want.completion_ids_NxT)
+    np.testing.assert_array_equal(got.completion_mask_NxT, want.completion_mask_NxT)
+    np.testing.assert_allclose(got.logps_NxT, want.logps_NxT, atol=LOGP_ATOL)
+
+
+def test_bucket_length():
+  assert [sampling.bucket_length(n) for n in (1, 3, 16, 17, 33)] == [16, 16, 16, 32, 64]
+  assert sampling.bucket_length(5, minimum=4) == 8
+  assert sampling.bucket_length(64, minimum=8) == 64
+
+
+def test_pure_rollout_under_jit_equals_generate(params, prompts, sampled_run):
+  ids, mask = prompts
+  out = sampled_run
+  width = sampling.bucket_length(ids.shape[1])
+  pad = ((0, 0), (width - ids.shape[1], 0))
+  spec = sampling.SamplingSpec(group_size=8, max_new_tokens=T, eos_ids=EOS,
+                               return_entropy=True, **SAMPLED)
+  fn = jax.jit(functools.partial(sampling.rollout, config=CONFIG, spec=spec))
+  pure = fn(params, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1), PROMPT_IDS_B)
+  np.testing.assert_array_equal(pure.completion_ids_NxT, out.completion_ids_NxT)
+  np.testing.assert_array_equal(pure.completion_mask_NxT, out.completion_mask_NxT)
+  np.testing.assert_allclose(pure.logps_NxT, out.logps_NxT, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(group_size=0), "group_size"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(eos_ids=(64,)), "eos_ids"),
+    (dict(pad_id=-1), "pad_id"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=65), "top_k"),
+    (dict(prompt_ids_B=[1, 2, 3]), "prompt_ids_B"),
+    (dict(max_new_tokens=252), "max_position_embeddings"),
+])
+def test_bad_arguments_raise(params, kwargs, match):
+  ids, mask = _prompts([3, 5])
+  args = dict(group_size=2, max_new_tokens=4, eos_ids=(2,))
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    sampling.generate(params, ids, mask, jax.random.key(0), config=CONFIG, **args)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(group_size=0), "group_size"),
+    (dict(eos_ids=(-1,)), "eos_ids"),
+    (dict(top_k=-2), "top_k"),
+    (dict(temperature=-0.5), "temperature"),
+])
+def test_bad_sampling_spec_raises(kwargs, match):
+  args = dict(group_size=2, max_new_tokens=4, eos_ids=(2,))
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    sampling.SamplingSpec(**args)
+
+
+def test_sampling_spec_is_hashable_with_list_eos():
+  spec = sampling.SamplingSpec(group_size=2, max_new_tokens=4, eos_ids=[2, 7])
+  assert spec.eos_ids == (2, 7) and hash(spec) == hash(
+      sampling.SamplingSpec(group_size=2, max_new_tokens=4, eos_ids=(2, 7)))
+
+
+def test_bad_prompts_raise(params):
+  ids, mask = _prompts([3, 5])
+  with pytest.raises(ValueError, match="LEFT-padded"):
+    sampling.generate(params, ids, mask[:, ::-1], jax.random.key(0), config=CONFIG,
+                      group_size=1, max_new_tokens=4, eos_ids=2)
+  with pytest.raises(ValueError, match="no prompt token"):
+    sampling.generate(params, ids, mask * np.array([[0], [1]]), jax.random.key(0),
+                      config=CONFIG, group_size=1, max_new_tokens=4, eos_ids=2)
+  with pytest.raises(ValueError, match="integer token ids"):
+    sampling.generate(params, ids.astype(np.float32), mask, jax.random.key(0),
+                      config=CONFIG, group_size=1, max_new_tokens=4, eos_ids=2)
