@@ -25,7 +25,8 @@ import sys
 from typing import Any
 
 CURVES = ("accuracy", "reward", "entropy_gap", "mean_entropy_correct", "mean_entropy_wrong",
-          "frac_all_wrong", "frac_nsr_only_adv", "response_length", "clip_frac", "grad_norm")
+          "frac_all_wrong", "frac_nsr_only_adv", "mean_weight_correct", "mean_weight_wrong",
+          "response_length", "clipfrac_high", "grad_norm")
 VALIDATION_PREFIXES = ("val_", "val/")
 EVAL_COLUMNS = (("pass@1", "pass@1"), ("pass@max", "pass@k"), ("maj@max", "maj@k"),
                 ("ece", "ECE"), ("brier", "Brier"), ("auroc", "AUROC"),
@@ -84,8 +85,11 @@ def load_run(path: str, label: str | None = None) -> dict[str, Any]:
     raise FileNotFoundError(f"{path}: found neither metrics.jsonl nor evaluation results "
                             "(run experiments.evaluate on it first)")
   algo = (run["config"] or {}).get("algo", {})
-  run["algo"] = (f"{algo.get('advantage')}/{algo.get('variant')}" if algo else
-                 str(((run["eval"] or {}).get("model") or {}).get("algo") or "-"))
+  if algo:  # The calibration variant only means something for EGPO.
+    run["algo"] = (f"egpo/{algo.get('variant')}" if algo.get("advantage") == "egpo"
+                   else str(algo.get("advantage")))
+  else:
+    run["algo"] = str(((run["eval"] or {}).get("model") or {}).get("algo") or "-")
   run["label"] = label or os.path.basename(path.rstrip("/"))
   return run
 

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="synthetic task level (default: the workdir's, else 2)")
   p.add_argument("--synthetic_seed", type=int, default=0)
   p.add_argument("--dtype", default="float32", help="compute dtype of a Hugging Face model")
+  p.add_argument("--param_dtype", default="float32",
+                 help="parameter dtype of a Hugging Face model (bfloat16 halves its memory)")
   p.add_argument("--verify_timeout", type=float, default=5.0)
   p.add_argument("--out", default=None, help="output folder")
   p.add_argument("--no_plots", action="store_true")
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
   from egpo_jax.evaluation import loading, plots, report, runner  # heavy: jax, models
 
   names = benchmarks_lib.parse_names(args.benchmarks)
-  model = loading.load(args.checkpoint, step=args.step, dtype=args.dtype)
+  model = loading.load(args.checkpoint, step=args.step, dtype=args.dtype,
+                       param_dtype=args.param_dtype)
   settings = runner.EvalSettings(
       num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
       top_k=args.top_k, max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,

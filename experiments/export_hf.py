@@ -60,14 +60,21 @@ def resolve_item_dir(path: str, step: int | None = None, item: str = "state") ->
 
 
 def restore_params(item_dir: str, config: ModelConfig, mesh=None) -> dict:
-  """Restores only the "params" entry of a StandardSave item, checked against `config`."""
-  target = {"params": sharding.abstract_params(config, mesh)}
+  """Restores only the params of a StandardSave item, checked against `config`.
+
+  The trainer's layout ({"train": TrainState, "rng": ...}) and a plain {"params": ...}
+  tree are both read.
+  """
+  params = sharding.abstract_params(config, mesh)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          target)
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          params)
   with ocp.PyTreeCheckpointer() as ckptr:
+    saved = ckptr.metadata(item_dir).item_metadata.tree
+    trainer_layout = isinstance(saved, dict) and "train" in saved
+    target = {"train": {"params": params}} if trainer_layout else {"params": params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
       out = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
           item=target, restore_args=restore_args, partial_restore=True))
@@ -75,7 +82,7 @@ def restore_params(item_dir: str, config: ModelConfig, mesh=None) -> dict:
       raise ValueError(f"{item_dir}: cannot restore a 'params' tree matching the model config "
                        f"({type(err).__name__}: {err}); check --model/--hf-config and that "
                        "the checkpoint item holds a 'params' entry") from err
-  return out["params"]
+  return out["train"]["params"] if trainer_layout else out["params"]
 
 
 def write_tokenizer(spec: str, out: str, config: ModelConfig, byte_special_tokens=()):

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements-test.txt
 python -m pip install -q -e ".[test]"
 export EGPO_JAX_COMPILATION_CACHE="${EGPO_JAX_COMPILATION_CACHE:-$HOME/.cache/egpo_jax/jax_cache}"
-python -m pytest tests --durations=25 -q "$@"
+# Two workers (one per core): compilation dominates and is single-threaded. Files stay
+# whole on one worker so module fixtures (compiled functions, warmed models) are shared.
+python -m pytest tests -n 2 --dist loadfile --durations=30 -q "$@"

@@ -24,9 +24,14 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # The newest `max_to_keep` steps, and always step 0 (the model before RL), which the
+    # evaluation of "before vs after RL" needs.
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(max_to_keep),
+        ocp.checkpoint_managers.CustomSteps([0])])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        preservation_policy=policy)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "extra"))
 

@@ -49,6 +49,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "EGPO needs 0 < lam_min <= 1 <= lam_max (Eq. 8)")
   _need(a.entropy_segment in SEGMENTS, "algo.entropy_segment", a.entropy_segment,
         f"use one of {SEGMENTS}")
+  _need(lo.name in registry.policy_losses, "loss.name", lo.name,
+        f"use one of {registry.policy_losses.names()}")
   _need(lo.aggregation in AGGREGATIONS, "loss.aggregation", lo.aggregation,
         f"use one of {AGGREGATIONS}")
   _need(lo.eps_low >= 0 and lo.eps_high >= 0, "loss.eps_low/eps_high",
@@ -80,7 +82,8 @@ def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
       eps_low=c.loss.eps_low, eps_high=c.loss.eps_high,
       dual_clip=c.loss.dual_clip if c.loss.dual_clip > 0 else None,
       aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
-      kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk)
+      kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk,
+      loss=c.loss.name)
 
 
 def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...], pad_id: int,
@@ -101,3 +104,21 @@ def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...]
       overlong_buffer=c.loss.overlong_buffer, mask_truncated=c.loss.mask_truncated,
       dynamic_sampling_oversample=oversample, old_logps=c.loss.old_logps,
       tis_cap=c.loss.tis_cap)
+
+
+def with_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
+                   ) -> ml_collections.ConfigDict:
+  """A copy of `c` with dotted-path overrides, e.g. {"optim.lr": 1e-4}; unknown fields
+  raise, naming the path (as command-line overrides do)."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      if p not in node:
+        raise ConfigError(f"config.{key}: there is no field {p!r} here")
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f"config.{key}: there is no field {leaf!r} here")
+    node[leaf] = value
+  return c

@@ -68,4 +68,5 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
       opt_state=keep(new_opt, state.opt_state), nonfinite_streak=streak,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
   return new_state, {"grad_norm": optax.tree.norm(safe_grads),
-                     "skipped_nonfinite": (~finite).astype(jnp.float32)}
+                     "skipped_nonfinite": (~finite).astype(jnp.float32),
+                     "learning_rate": current_lr(new_opt)}

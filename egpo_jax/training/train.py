@@ -23,6 +23,7 @@ import numpy as np
 import tqdm
 
 from egpo_jax.data import synthetic
+from egpo_jax.evaluation import calibration, runner
 from egpo_jax.models import hf_io, transformer
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import ModelConfig, get_config, load_hf_config
@@ -36,9 +37,9 @@ from egpo_jax.types import TrainState
 
 log = logging.getLogger(__name__)
 
-CURVES = ("accuracy", "reward", "entropy_gap", "mean_entropy_correct", "mean_entropy_wrong",
+CURVES = ("accuracy", "val_accuracy", "val_auroc", "entropy_gap", "val_entropy_gap",
           "frac_all_wrong", "frac_nsr_only_adv", "mean_weight_correct", "mean_weight_wrong",
-          "response_length", "clip_frac", "grad_norm")
+          "response_length", "clipfrac_high", "grad_norm")
 
 
 class NonFiniteError(RuntimeError):
@@ -84,27 +85,12 @@ def build(c: ml_collections.ConfigDict) -> Experiment:
 
 
 def evaluate(params, rng: jax.Array, exp: Experiment, *, num_prompts: int,
-             samples: int = 4) -> dict[str, float]:
-  """Sampled accuracy (rollout temperature) and the entropy proxy of correct vs wrong."""
+             samples: int = 4) -> dict[str, Any]:
+  """Sampled accuracy and calibration (AUROC, ECE, entropy proxy of correct vs wrong) on
+  `num_prompts` task prompts drawn from `rng`, at the rollout's sampling settings."""
   spec = dataclasses.replace(exp.settings.sampling, group_size=samples, return_entropy=False)
-  k_prompts, k_sample = jax.random.split(rng)
-  ids, mask, answers = exp.task.sample_prompts(k_prompts, num_prompts)
-  gen = engine.generate(params, ids, mask, k_sample, config=exp.model_config,
-                        group_size=samples, max_new_tokens=spec.max_new_tokens,
-                        temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                        eos_ids=spec.eos_ids, pad_id=spec.pad_id)
-  answers_n = jax.tree.map(lambda a: jnp.repeat(a, samples, 0), answers)
-  correct = np.asarray(exp.task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT,
-                                       answers_n))
-  lengths = np.maximum(np.asarray(gen.lengths_N), 1)
-  h = -np.asarray(gen.logps_NxT).sum(-1) / lengths
-  out = {"accuracy": float(correct.mean()), "num_responses": int(correct.size),
-         "mean_length": float(lengths.mean())}
-  if correct.any() and (~correct).any():
-    out["entropy_correct"] = float(h[correct].mean())
-    out["entropy_wrong"] = float(h[~correct].mean())
-    out["entropy_gap"] = out["entropy_wrong"] - out["entropy_correct"]
-  return out
+  return runner.evaluate_jax_task(params, rng, task=exp.task, model_config=exp.model_config,
+                                  spec=spec, num_prompts=num_prompts)
 
 
 def _chunk_end(it: int, total: int, per_call: int, every: int) -> int:
@@ -198,7 +184,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     eval_before = (evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
                    if exp.jitted else {})
     ckpt.save(0, tree(state, k_rl, ref_params),
-              _extra(eval_before, warmup_info, 0, host_task), force=True)
+              _extra(c, eval_before, warmup_info, 0, host_task), force=True)
 
   # RL: chunks of iterations between host syncs; metrics, checkpoints, non-finite guard.
   run = _run_chunk_fn(exp, rl_opt, c, ref_params, host_task)
@@ -222,7 +208,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           f"were left unchanged by them. Lower optim.lr or check the rewards.")
     if it % c.train.checkpoint_every == 0 or it == total:
       ckpt.save(it, tree(state, k_rl, ref_params),
-                _extra(eval_before, warmup_info, it, host_task))
+                _extra(c, eval_before, warmup_info, it, host_task))
+    if exp.jitted and c.train.eval_every and (it % c.train.eval_every == 0 or it == total):
+      # The same prompts every time (fixed key): calibration as it evolves.
+      val = evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
+      writer.write(it, {f"val_{k}": v for k, v in calibration.numeric(val).items()},
+                   merge=True)
     if stop_at_iteration is not None and stop_at_iteration <= it < total:
       bar.close()
       ckpt.close()
@@ -247,8 +238,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   return summary
 
 
-def _extra(eval_before, warmup_info, iteration_, host_task) -> dict[str, Any]:
-  extra = {"eval_before": eval_before, "warmup": warmup_info, "iteration": iteration_}
+def _extra(c, eval_before, warmup_info, iteration_, host_task) -> dict[str, Any]:
+  extra = {"eval_before": eval_before, "warmup": warmup_info, "iteration": iteration_,
+           "config": json.loads(c.to_json_best_effort())}
   if host_task is not None:
     extra["data"] = host_task.get_state()
   return extra
@@ -314,13 +306,20 @@ def _warm_up(state: TrainState, rng: jax.Array, exp: Experiment,
 def format_summary(summary: dict[str, Any]) -> str:
   """The table `experiments.main` prints at the end."""
   b, a = summary["eval_before_rl"], summary["eval_after_rl"]
-  keys = [("accuracy", "accuracy (sampled)"), ("entropy_correct", "entropy proxy, correct"),
-          ("entropy_wrong", "entropy proxy, wrong"), ("entropy_gap", "entropy gap (wrong - correct)"),
-          ("mean_length", "mean response length")]
-  fmt = lambda d, k: f"{d[k]:.4f}" if k in d else "undefined (one class only)"
-  lines = [f"{'metric':32s} {'before RL':>26s} {'after RL':>26s}"]
+  keys = [("accuracy", "accuracy (sampled, pass@1)"), ("auroc", "AUROC conf. -> correct"),
+          ("ece", "ECE (equal-mass bins)"), ("mean_entropy_correct", "entropy proxy, correct"),
+          ("mean_entropy_wrong", "entropy proxy, wrong"),
+          ("entropy_gap", "entropy gap (wrong - correct)"),
+          ("response_length", "mean response length")]
+
+  def fmt(d, k):
+    if d.get(k) is None:
+      return "undefined" if k in d or not d else "-"
+    return f"{d[k]:.4f}"
+
+  lines = [f"{'metric':32s} {'before RL':>12s} {'after RL':>12s}"]
   for k, name in keys:
-    lines.append(f"{name:32s} {fmt(b, k):>26s} {fmt(a, k):>26s}")
+    lines.append(f"{name:32s} {fmt(b, k):>12s} {fmt(a, k):>12s}")
   spi = summary.get("median_seconds_per_iteration")
   if spi:
     lines.append(f"median seconds per RL iteration: {spi:.3f}")

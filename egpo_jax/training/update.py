@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from egpo_jax.core import logprobs as logprobs_lib
-from egpo_jax.core import losses
+from egpo_jax.core import losses  # noqa: F401  (registers "ppo_clip")
+from egpo_jax.core import registry
 from egpo_jax.models import transformer
 from egpo_jax.models.config import ModelConfig
 from egpo_jax.training.optimizer import apply_gradients
@@ -37,6 +38,7 @@ class UpdateSettings:
   kl_coef: float = 0.0
   kl_estimator: str = "k3"
   logprob_chunk: int = 1024
+  loss: str = "ppo_clip"   # a name in egpo_jax.core.registry.policy_losses
   sort_by_length: bool = True
 
   def __post_init__(self):
@@ -72,7 +74,7 @@ def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_conf
                             batch.completion_ids_NxT, batch.completion_mask_NxT,
                             model_config=model_config, temperature=settings.temperature,
                             chunk_size=settings.logprob_chunk)
-  return losses.policy_loss(
+  return registry.policy_losses.get(settings.loss)(
       logps, batch.old_logps_NxT, batch.adv_N, batch.completion_mask_NxT,
       eps_low=settings.eps_low, eps_high=settings.eps_high, dual_clip=settings.dual_clip,
       agg=settings.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,

@@ -1,42 +1,22 @@
 """End to end through the host loop on a tiny config: every algorithm, exact resume,
 and the stop on repeated non-finite updates."""
 
-import json
 import os
 
 import chex
-import jax
 import numpy as np
 import pytest
 
+from egpo_jax.training import config as config_lib
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
-from experiments.configs import default
+from experiments.configs import tiny
 
 pytestmark = pytest.mark.slow
 
 
 def tiny_config(**overrides):
-  c = default.get_config()
-  c.task.difficulty = 1
-  c.task.max_prompt_len = 8
-  c.rollout.prompts_per_batch = 4
-  c.rollout.group_size = 4
-  c.rollout.max_new_tokens = 12
-  c.warmup.steps = 20
-  c.warmup.batch_size = 16
-  c.train.iterations = 2
-  c.train.iterations_per_call = 2
-  c.train.checkpoint_every = 2
-  c.train.eval_prompts = 8
-  c.train.tensorboard = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.with_overrides(tiny.get_config(), overrides)
 
 
 ALGORITHMS = {

@@ -13,6 +13,7 @@ from egpo_jax.data import synthetic
 from egpo_jax.models import hf_io, transformer
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import get_config
+from egpo_jax.training import config as config_lib
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
 from experiments.configs import default
@@ -38,30 +39,13 @@ def user_files(tmp_path_factory):
 
 
 def host_config(model_dir, train_file, **overrides):
-  c = default.get_config()
-  c.model.preset = "hf"
-  c.model.path = model_dir
-  c.task.name = "jsonl"
-  c.task.train_file = train_file
-  c.task.reward = "math"
-  c.task.template = "plain"
-  c.task.max_prompt_len = 32
-  c.rollout.prompts_per_batch = 4
-  c.rollout.group_size = 4
-  c.rollout.max_new_tokens = 8
-  c.warmup.steps = 0
-  c.train.iterations = 4
-  c.train.iterations_per_call = 1
-  c.train.checkpoint_every = 2
-  c.train.tensorboard = False
-  c.dynamic_sampling.max_tries = 2
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.with_overrides(default.get_config(), {
+      "model.preset": "hf", "model.path": model_dir, "task.name": "jsonl",
+      "task.train_file": train_file, "task.reward": "math", "task.template": "plain",
+      "task.max_prompt_len": 32, "rollout.prompts_per_batch": 4, "rollout.group_size": 4,
+      "rollout.max_new_tokens": 8, "warmup.steps": 0, "train.iterations": 4,
+      "train.iterations_per_call": 1, "train.checkpoint_every": 2,
+      "train.tensorboard": False, "dynamic_sampling.max_tries": 2, **overrides})
 
 
 def test_host_mode_trains_and_resumes_exactly(tmp_path, user_files):

@@ -1,0 +1,160 @@
+"""End to end: a tiny model trained by `train.train` is evaluated on every shipped benchmark
+and on the synthetic task, from its workdir and from its Hugging Face export; two runs are
+compared. Accuracy is near zero; the tests check that every field is produced and that the
+fields agree with each other."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from egpo_jax.evaluation import benchmarks, calibration, runner
+from egpo_jax.models import hf_io
+from egpo_jax.training import train as train_lib
+from experiments import compare, evaluate, export_hf
+from experiments.configs import tiny
+
+pytestmark = pytest.mark.slow
+
+ALL = ",".join(benchmarks.BENCHMARKS)
+# Small and shared by every evaluation of a test (one sampler compilation per test).
+SMALL = ["--num_samples", "8", "--max_new_tokens", "16", "--no_progress"]
+
+
+def tiny_config():
+  """The trainer's tiny config, as test_train_e2e.py's "egpo" case (shared compilations)."""
+  c = tiny.get_config()
+  c.ppo.micro_batches = 2
+  return c
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  train_lib.train(tiny_config(), workdir, progress=False)
+  return workdir
+
+
+def _results(out):
+  with open(os.path.join(out, "results.json")) as f:
+    return json.load(f)
+
+
+def _check_benchmark(name, b, limit, g):
+  assert b["num_problems"] == limit, (name, b.get("skipped"))
+  assert b["num_responses"] == limit * g
+  assert b["skipped"]["scanned"] == b["num_problems"] + b["skipped"]["count"]
+  pk = [b["pass@k"][k] for k in ("1", "2", "4", "8")]
+  assert all(0.0 <= p <= 1.0 for p in pk) and pk == sorted(pk), (name, pk)
+  assert b["pass@k"]["1"] == pytest.approx(b["accuracy"])
+  assert set(b["maj@k"]) == {"1", "2", "4", "8"}
+  assert all(0.0 <= v <= 1.0 for v in b["maj@k"].values())
+  assert 1 <= b["response_length"]["mean"] <= b["response_length"]["max"] <= 16
+  assert 0.0 <= b["truncation_rate"] <= 1.0 and 0.0 <= b["no_answer_rate"] <= 1.0
+  cal = b["calibration"]
+  assert cal["num_responses"] == limit * g
+  assert cal["num_correct"] == round(b["accuracy"] * limit * g)
+  for key in calibration.METRICS:  # a value, or None with the reason
+    assert (cal[key] is not None) != (f"{key}_undefined_reason" in cal), (name, key)
+  assert cal["ece"] is not None and 0.0 <= cal["brier"] <= 1.0
+  assert sum(b["reliability"]["count"]) == limit * g
+  assert sum(b["verdicts"].values()) == limit * g
+  assert "answer_segment" in b
+
+
+def test_evaluate_every_benchmark_from_a_trained_workdir(demo_workdir, shared_data_dir, tmp_path):
+  out = str(tmp_path / "eval")
+  rc = evaluate.main(["--checkpoint", demo_workdir, "--benchmarks", ALL, "--limit", "2",
+                      "--max_prompt_len", "256", "--batch_size", "2", "--no_plots",
+                      "--data_dir", shared_data_dir, "--out", out] + SMALL)
+  assert rc == 0
+  res = _results(out)
+  assert res["model"]["kind"] == "workdir" and res["model"]["step"] == 2
+  assert res["settings"]["temperature"] == 0.6 and res["settings"]["top_k"] == 20
+  assert list(res["benchmarks"]) == list(benchmarks.BENCHMARKS)
+  for name, b in res["benchmarks"].items():
+    _check_benchmark(name, b, limit=2, g=8)
+    with open(os.path.join(out, f"responses_{name}.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    assert len(rows) == 16
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(b["accuracy"])
+  # Long prompts were skipped, counted and listed with the reason.
+  skipped = sum(b["skipped"]["count"] for b in res["benchmarks"].values())
+  assert skipped > 0
+  assert any("over max_prompt_len=256" in r for b in res["benchmarks"].values()
+             for _, r in b["skipped"]["records"])
+  assert "by_subject" in res["benchmarks"]["math500"]
+  assert "by_level" in res["benchmarks"]["math500"]
+  assert "by_level" in res["benchmarks"]["synthetic"]
+  with open(os.path.join(out, "results.md")) as f:
+    md = f.read()
+  for name in benchmarks.BENCHMARKS:
+    assert f"| {name} | 2 |" in md
+
+
+def test_synthetic_before_and_after_rl_and_from_the_hf_export(demo_workdir, tmp_path):
+  common = ["--benchmarks", "synthetic", "--limit", "8", "--batch_size", "4",
+            "--no_save_responses"] + SMALL
+  before, after, hf_out = (str(tmp_path / n) for n in ("before", "after", "hf_eval"))
+  assert evaluate.main(["--checkpoint", demo_workdir, "--step", "0", "--out", before,
+                        "--no_plots"] + common) == 0
+  assert evaluate.main(["--checkpoint", os.path.join(demo_workdir, "checkpoints"),
+                        "--out", after] + common) == 0
+  for png in ("synthetic_reliability.png", "synthetic_entropy.png"):
+    assert os.path.exists(os.path.join(after, png)), png
+  b0, b2 = (_results(p)["benchmarks"]["synthetic"] for p in (before, after))
+  _check_benchmark("synthetic", b0, limit=8, g=8)
+  _check_benchmark("synthetic", b2, limit=8, g=8)
+  # Two RL updates moved the policy, so its confidence moved.
+  assert b0["calibration"]["mean_confidence"] != b2["calibration"]["mean_confidence"]
+
+  # The HF export of the same step, read through the HF tokenizer and verified on the
+  # host, gives the same responses, hence the same numbers.
+  hf = str(tmp_path / "hf")
+  _, state, _ = train_lib.load_checkpoint(demo_workdir)
+  model_config = train_lib.build(tiny_config()).model_config
+  hf_io.save_hf_checkpoint(state.params, model_config, hf, dtype="float32")
+  export_hf.write_tokenizer("byte", hf, model_config, ("<think>", "</think>"))
+  assert evaluate.main(["--checkpoint", hf, "--template", "plain", "--chat", "false",
+                        "--synthetic_difficulty", "1", "--out", hf_out, "--no_plots"]
+                       + common) == 0
+  res = _results(hf_out)
+  assert res["model"]["kind"] == "hf"
+  bh = res["benchmarks"]["synthetic"]
+  assert bh["pass@k"] == b2["pass@k"] and bh["maj@k"] == b2["maj@k"]
+  for key in ("ece", "brier", "mean_confidence"):
+    assert bh["calibration"][key] == pytest.approx(b2["calibration"][key], abs=1e-5)
+
+  report = str(tmp_path / "report")
+  assert compare.main([demo_workdir, after, hf_out, "--labels", "workdir,after,hf",
+                       "--out", report]) == 0
+  with open(os.path.join(report, "report.md")) as f:
+    md = f.read()
+  assert "| synthetic | after | 8 |" in md and "| synthetic | hf | 8 |" in md
+  for png in ("curves.png", "eval_pass1.png", "reliability.png"):
+    assert os.path.exists(os.path.join(report, png)), png
+
+
+def test_validation_hook_for_the_trainer(demo_workdir):
+  exp = train_lib.build(tiny_config())
+  _, state, _ = train_lib.load_checkpoint(demo_workdir)
+  out = runner.evaluate_jax_task(state.params, jax.random.PRNGKey(3), task=exp.task,
+                                 model_config=exp.model_config, spec=exp.settings.sampling,
+                                 num_prompts=8, delimiter_ids=(300,))
+  assert out["num_responses"] == 32 and 0.0 <= out["accuracy"] <= 1.0
+  assert out["pass@1"] == pytest.approx(out["accuracy"]) and out["pass@4"] >= out["pass@1"]
+  # Token 300 is no special token, but a barely trained model may still sample it.
+  assert 0 <= out["answer_segment_fallbacks"] <= 32 and "answer_auroc" in out
+  json.dumps(out)  # JSON-safe
+
+
+def test_bad_arguments_name_the_flag(demo_workdir, tmp_path, capsys):
+  assert evaluate.main(["--checkpoint", str(tmp_path), "--benchmarks", "synthetic"]) == 2
+  assert "neither a training workdir" in capsys.readouterr().err
+  assert evaluate.main(["--checkpoint", demo_workdir, "--benchmarks", "mathx"]) == 2
+  assert "--benchmarks: unknown ['mathx']" in capsys.readouterr().err
+  assert evaluate.main(["--checkpoint", demo_workdir, "--benchmarks", "synthetic",
+                        "--max_new_tokens", "4000"]) == 2
+  assert "max_position_embeddings" in capsys.readouterr().err
