@@ -33,11 +33,13 @@ count and one thread, picked by a short probe (with other jobs running, torch's
 multi-threaded generate slowed down up to 20x). The naive sampler (same keys and law;
 "same tokens as ours" checks the KV-cache path against it) is quadratic in length and is
 timed on the tiny model only: on the small one it takes minutes. "model decode only" runs
-the model's `decode` T - 1 times in a loop with no sampling and no prefill: the gap to
-our row is the sampler's own cost (within noise here); the rest is the model's decode
-step, whose layer scan re-stacks the whole KV cache every step. The issue's targets
-(>= 5x transformers on tiny; small within 1.5x of its FLOP floor) are not met on this
-machine; both are bounded by that decode step, not by the sampler."""
+the model's `decode` T - 1 times in a loop with no sampling and no prefill. The decode
+step writes only the new K/V slot in place (no per-step cache copy), which made it about
+8x transformers on tiny; the gap between that row and ours on tiny (about 110 ms per
+rollout) is the sampler loop's own per-step cost (sampling, buffer updates, sharding
+constraints), the next thing to profile. Targets: >= 5x transformers on tiny (met by the
+model's decode, not yet end to end) and small within 1.5x of its FLOP floor (not met:
+about 2x on this machine)."""
 
 NUM_PROMPTS, GROUP, PROMPT_LEN = 8, 8, 16
 

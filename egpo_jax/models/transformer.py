@@ -4,6 +4,8 @@ Token embedding, RoPE (theta, linear or Llama-3 scaling), RMSNorm, grouped-query
 attention with optional q/k/v bias, SwiGLU MLP, tied or untied output embedding. The
 layers are one `nn.scan` over stacked parameters (leading axis = layer), so a 28-layer
 model compiles like a 1-layer one and the KV cache is [num_layers, B, S, K, head_dim].
+The one-token `decode` unrolls the layers instead and writes each new key/value into the
+stacked cache in place: a scan carrying the cache copied all of it on every step.
 
 Everything public is a pure function of a params pytree with `config` as a static
 keyword argument:
@@ -146,11 +148,13 @@ def _attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxTxS):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm attention + SwiGLU MLP; one step of the layer scan.
+  """Pre-norm attention + SwiGLU MLP; one step of the layer scan (or of decode's loop).
 
   mode "forward"/"prefill": attend among the T new tokens (allowed_BxTxS has S = T);
-  "prefill" also returns the new keys/values. mode "decode": write the new keys/values
-  into this layer's cache at `index` and attend over the whole cache.
+  "prefill" also returns the new keys/values. mode "decode" (called per layer by
+  `decode`, not through Decoder's scan): layer_cache is (stacked k, stacked v, layer);
+  write the new keys/values at [layer, :, index], attend over that layer's whole cache
+  and return the updated stacked (k, v).
   """
   config: ModelConfig
   mode: str
@@ -166,11 +170,15 @@ class DecoderLayer(nn.Module):
     q = _apply_rope(q, cos_BxTxF, sin_BxTxF)
     k = _apply_rope(k, cos_BxTxF, sin_BxTxF)
     if self.mode == "decode":
-      k_cache, v_cache = layer_cache
-      k_all = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-      out_kv = (k_all, v_all)
-      k_all, v_all = k_all.astype(dtype), v_all.astype(dtype)
+      # layer_cache = (stacked k, stacked v, this layer's static index). Only the new
+      # token's slot is written, into the stacked arrays, so that XLA updates the cache
+      # in place instead of re-stacking it through a scan.
+      k_cache, v_cache, layer = layer_cache
+      start = (layer, 0, index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+      out_kv = (k_cache, v_cache)
+      k_all, v_all = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
     else:
       k_all, v_all = k, v
       out_kv = (k, v) if self.mode == "prefill" else None
@@ -338,9 +346,22 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   index = cache.index
   mask_BxS = jax.lax.dynamic_update_slice_in_dim(
       cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
-  logits_BxV, (k, v) = Decoder(config, mode="decode").apply(
-      {"params": params}, tokens_B[:, None], cache.positions_B[:, None], mask_BxS[:, None, :],
-      (cache.k, cache.v), index, last_only=True)
-  cache = cache.replace(k=k, v=v, mask_BxS=mask_BxS, positions_B=cache.positions_B + 1,
-                        index=index + 1)
+  c = config
+  dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
+  # The layers are unrolled here rather than scanned: a scan would take the stacked
+  # cache as a scanned input and output and copy all of it every step.
+  x = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype).apply(
+      {"params": params["embed"]}, tokens_B[:, None])
+  cos, sin = _rope_tables(cache.positions_B[:, None], c)
+  layer = DecoderLayer(c, "decode")
+  kv = (cache.k, cache.v)
+  for i in range(c.num_layers):
+    layer_params = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    x, kv = layer.apply({"params": layer_params}, x, kv + (i,), cos, sin,
+                        mask_BxS[:, None, :], index)
+  x = RMSNorm(c.rms_norm_eps, dtype, pdtype).apply({"params": params["final_norm"]}, x[:, -1])
+  logits_BxV = jnp.einsum("bd,vd->bv", x, output_embedding(params, c).astype(dtype),
+                          preferred_element_type=jnp.float32)
+  cache = cache.replace(k=kv[0], v=kv[1], mask_BxS=mask_BxS,
+                        positions_B=cache.positions_B + 1, index=index + 1)
   return logits_BxV, cache

@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup.lr = 3e-3
 
   c.train = ml_collections.ConfigDict()
-  c.train.iterations = 60
+  c.train.iterations = 100
   c.train.iterations_per_call = 10   # K: jitted iterations between host syncs
   c.train.checkpoint_every = 10
   c.train.keep_checkpoints = 3

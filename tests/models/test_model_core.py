@@ -1,6 +1,7 @@
 """The decoder on its own: configs, padding, KV-cache parity, remat, dtypes, vmap."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -156,6 +157,42 @@ def test_cache_layout_and_bad_prompt_length(params):
     tr.prefill(params[TINY], ids, ids > 0, cache, config=TINY)
   with pytest.raises(ValueError, match="batch_size=0"):
     tr.init_cache(TINY, 0, 4)
+
+
+def test_decode_writes_only_the_new_slot_and_ignores_masked_slots(params):
+  """Decode touches slot `index` of each layer only; unmasked garbage never leaks in."""
+  rng = np.random.RandomState(5)
+  cache = tr.init_cache(TINY, 2, 6)
+  shape = cache.k.shape
+  garbage = cache.replace(k=jnp.asarray(rng.normal(size=shape) * 1e3, jnp.float32),
+                          v=jnp.asarray(rng.normal(size=shape) * 1e3, jnp.float32),
+                          mask_BxS=cache.mask_BxS.at[:, :2].set(True),
+                          positions_B=jnp.array([2, 2], jnp.int32),
+                          index=jnp.asarray(2, jnp.int32))
+  clean = garbage.replace(k=garbage.k.at[:, :, 2:].set(0), v=garbage.v.at[:, :, 2:].set(0))
+  decode = jax.jit(tr.decode, static_argnames="config")
+  tokens = jnp.array([7, 9], jnp.int32)
+  logits, out = decode(params[TINY], tokens, garbage, config=TINY)
+  clean_logits, clean_out = decode(params[TINY], tokens, clean, config=TINY)
+  np.testing.assert_array_equal(logits, clean_logits)
+  np.testing.assert_array_equal(out.k[:, :, 2], clean_out.k[:, :, 2])
+  for new, old in ((out.k, garbage.k), (out.v, garbage.v)):
+    np.testing.assert_array_equal(np.delete(np.asarray(new), 2, axis=2),
+                                  np.delete(np.asarray(old), 2, axis=2))
+  assert int(out.index) == 3 and out.mask_BxS[:, :3].all() and not out.mask_BxS[:, 3:].any()
+
+
+def test_decode_updates_the_donated_cache_in_place(params):
+  """No full-cache copy or zero-fill in the compiled step (a layer scan carrying the
+  stacked cache copied all of it every token)."""
+  cache = jax.eval_shape(lambda: tr.init_cache(TINY, 2, 64))
+  step = jax.jit(functools.partial(tr.decode, config=TINY), donate_argnums=2)
+  hlo = step.lower(params[TINY], jax.ShapeDtypeStruct((2,), jnp.int32),
+                   cache).compile().as_text()
+  full = re.escape("f32[%s]" % ",".join(map(str, cache.k.shape)))
+  ops = re.findall(r"= " + full + r"\{[^}]*\} (\S+?)\(", hlo)
+  assert "dynamic-update-slice" in ops or "fusion" in ops, ops
+  assert not {"copy", "broadcast", "while"} & set(ops), ops
 
 
 def test_remat_gives_identical_gradients(params):
