@@ -211,9 +211,13 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                 _extra(c, eval_before, warmup_info, it, host_task))
     if exp.jitted and c.train.eval_every and (it % c.train.eval_every == 0 or it == total):
       # The same prompts every time (fixed key): calibration as it evolves.
-      val = evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
-      writer.write(it, {f"val_{k}": v for k, v in calibration.numeric(val).items()},
-                   merge=True)
+      try:
+        val = calibration.numeric(evaluate(state.params, k_eval, exp,
+                                           num_prompts=c.train.eval_prompts))
+      except ValueError as err:   # e.g. non-finite log-probs from diverged parameters
+        log.warning("validation at iteration %d skipped: %s", it, err)
+        val = {"skipped": 1}
+      writer.write(it, {f"val_{k}": v for k, v in val.items()}, merge=True)
     if stop_at_iteration is not None and stop_at_iteration <= it < total:
       bar.close()
       ckpt.close()

@@ -121,8 +121,11 @@ def test_vmap_over_seeds_and_variants_equals_separate_runs(state, run_jit):
   s_v, _, m_v = vm(state, rngs, algos)
   for i, (seed, algo) in enumerate(runs):
     s_i, _, m_i = run_jit(state, jax.random.PRNGKey(seed), algo, num_iterations=2)
+    # vmapped and plain reductions round differently; Adam's g / sqrt(v) turns that float
+    # noise into up to a fraction of one step (lr = 1e-3) where a gradient is ~0. A wrong
+    # seed or variant moves most parameters by about a whole step.
     chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], s_v.params), s_i.params,
-                                atol=1e-5, rtol=1e-5)
+                                atol=2e-4, rtol=1e-5)
     for key in ("accuracy", "mean_weight_wrong", "frac_nsr_only_adv"):
       np.testing.assert_allclose(m_v[key][i], m_i[key], rtol=1e-5, err_msg=key)
   # The runs really differ: seeds give different rollouts, and GRPO gives all-wrong
