@@ -71,20 +71,12 @@ class MetricsWriter:
       for r in rows:
         f.write(json.dumps(r) + "\n")
 
-  def write(self, step: int, metrics: Mapping[str, Any], *, merge: bool = False
-            ) -> dict[str, Any]:
-    """Appends a row; with `merge`, adds the metrics to the last row (same step) instead."""
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **to_python(metrics)}
     if not self.enabled:
       return row
-    rows = read_jsonl(self.path) if merge else []
-    if merge and rows and rows[-1].get("step") == int(step):
-      rows[-1].update(row)
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    else:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and v is not None:

@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -28,7 +27,6 @@ from egpo_jax.models import hf_io, transformer
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import ModelConfig, get_config, load_hf_config
 from egpo_jax.models.tokenizer import HFTokenizer
-from egpo_jax.sampling import engine
 from egpo_jax.training import config as config_lib
 from egpo_jax.training import host_loop, iteration, metrics as metrics_lib, tasks, warmup
 from egpo_jax.training.checkpointing import Checkpointer
@@ -190,16 +188,23 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   run = _run_chunk_fn(exp, rl_opt, c, ref_params, host_task)
   it, times = start, []
   bar = tqdm.tqdm(total=total, initial=start, desc="RL", disable=not progress, unit="it")
+  eval_after = None
   while it < total:
     end = _chunk_end(it, total, c.train.iterations_per_call, c.train.checkpoint_every)
     state, k_rl, rows = run(state, k_rl, end - it)
+    streak = int(state.nonfinite_streak)
+    if (exp.jitted and c.train.eval_every and streak < c.train.max_consecutive_nonfinite
+        and (end % c.train.eval_every == 0 or end == total)):
+      # The same prompts every time (fixed key): calibration as it evolves.
+      val = _validate(state.params, k_eval, exp, c, end)
+      rows[-1].update({f"val_{k}": v for k, v in calibration.numeric(val).items()})
+      eval_after = val if end == total and "skipped" not in val else None
     for i, row in enumerate(rows):
       writer.write(it + i + 1, row)
       times.append(row["seconds_per_iteration"])
     it = end
     bar.update(end - bar.n)
     bar.set_postfix(acc=f"{float(rows[-1]['accuracy']):.3f}")
-    streak = int(state.nonfinite_streak)
     if streak >= c.train.max_consecutive_nonfinite:
       ckpt.close()
       raise NonFiniteError(
@@ -209,15 +214,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     if it % c.train.checkpoint_every == 0 or it == total:
       ckpt.save(it, tree(state, k_rl, ref_params),
                 _extra(c, eval_before, warmup_info, it, host_task))
-    if exp.jitted and c.train.eval_every and (it % c.train.eval_every == 0 or it == total):
-      # The same prompts every time (fixed key): calibration as it evolves.
-      try:
-        val = calibration.numeric(evaluate(state.params, k_eval, exp,
-                                           num_prompts=c.train.eval_prompts))
-      except ValueError as err:   # e.g. non-finite log-probs from diverged parameters
-        log.warning("validation at iteration %d skipped: %s", it, err)
-        val = {"skipped": 1}
-      writer.write(it, {f"val_{k}": v for k, v in val.items()}, merge=True)
     if stop_at_iteration is not None and stop_at_iteration <= it < total:
       bar.close()
       ckpt.close()
@@ -228,8 +224,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   writer.close()
 
   # Summary: the same evaluation after RL, a JSON summary and the curves.
-  eval_after = (evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
-                if exp.jitted else {})
+  if eval_after is None:   # the last validation already is this evaluation when it ran
+    eval_after = (evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
+                  if exp.jitted else {})
   summary = {"eval_before_rl": eval_before, "eval_after_rl": eval_after,
              "warmup": warmup_info, "iterations": total,
              "nonfinite_skipped": int(state.nonfinite_total),
@@ -240,6 +237,15 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   metrics_lib.plot_curves(rows, CURVES, os.path.join(workdir, "curves.png"),
                           title=f"{c.algo.advantage} ({c.algo.variant})")
   return summary
+
+
+def _validate(params, k_eval, exp: Experiment, c: ml_collections.ConfigDict,
+              it: int) -> dict[str, Any]:
+  try:
+    return evaluate(params, k_eval, exp, num_prompts=c.train.eval_prompts)
+  except ValueError as err:   # e.g. non-finite log-probs from diverged parameters
+    log.warning("validation at iteration %d skipped: %s", it, err)
+    return {"skipped": 1}
 
 
 def _extra(c, eval_before, warmup_info, iteration_, host_task) -> dict[str, Any]:

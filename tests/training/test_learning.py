@@ -11,7 +11,6 @@ import pytest
 from egpo_jax.models import transformer
 from egpo_jax.training import iteration
 from egpo_jax.training import train as train_lib
-from egpo_jax.training.optimizer import make_optimizer
 from egpo_jax.types import TrainState
 from experiments.configs import default
 
