@@ -85,7 +85,9 @@ def render(problem: str, tokenizer: ChatTokenizer, template: str = "qwen25_math"
     return raw_prompt(problem, template, verifier=verifier)
   text = tokenizer.apply_chat_template(messages(problem, template, verifier=verifier),
                                        add_generation_prompt=True)
-  return text + get(template).response_prefix
+  prefix = get(template).response_prefix
+  # Newer R1-Distill chat templates already open the think block themselves.
+  return text if prefix and text.endswith(prefix) else text + prefix
 
 
 def encoder(tokenizer: ChatTokenizer, template: str = "qwen25_math", *, chat: bool = True,

@@ -1,4 +1,4 @@
-"""Hugging Face tokenizers from a checkpoint folder, chat templates, and the paper's prompts.
+"""Hugging Face tokenizers from a checkpoint folder, with their chat templates.
 
 `HFTokenizer` wraps the `tokenizers` library (tokenizer.json) with the special tokens and
 the chat template of tokenizer_config.json, rendered with jinja2 in a sandbox exactly as
@@ -6,13 +6,7 @@ transformers renders it (a chat template is untrusted code from the Hub). It has
 same interface as `egpo_jax.models.byte_tokenizer.ByteTokenizer`, so trainer, sampler
 and evaluation code take either.
 
-Prompt styles (`render_prompt`):
-  qwen_math_boxed   Qwen2.5-Math's CoT evaluation: system "Please reason step by step,
-                    and put your final answer within \\boxed{}.", the question as user.
-  r1_distill_think  DeepSeek-R1-Distill's recommendation: no system prompt, the
-                    instruction after the question, and the answer forced to open with
-                    "<think>\\n".
-  plain             the question and the instruction, no chat template (base models).
+The paper's prompts (problem -> messages -> text) live in `egpo_jax.data.templates`.
 """
 
 from __future__ import annotations
@@ -30,8 +24,6 @@ import tokenizers
 
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROMPT_STYLES = ("qwen_math_boxed", "r1_distill_think", "plain")
 
 
 def _token_content(value: Any) -> str | None:
@@ -217,7 +209,8 @@ class HFTokenizer:
     `tools` are JSON schemas; further keyword arguments reach the template as variables.
     """
     if self._compiled is None:
-      raise ValueError("this tokenizer has no chat_template; use render_prompt(style='plain')")
+      raise ValueError("this tokenizer has no chat_template; render the prompt without one "
+                       "(egpo_jax.data.templates.render(..., chat=False))")
     context = {k: v for k, v in self.special_tokens_map.items() if v is not None}
     context.update(kwargs)
     return self._compiled.render(
@@ -240,20 +233,3 @@ def load_tokenizer(spec: str, **kwargs) -> HFTokenizer | ByteTokenizer:
     size = int(spec.split(":", 1)[1]) if ":" in spec else None
     return ByteTokenizer(vocab_size=size, **kwargs)
   return HFTokenizer.from_pretrained(spec, **kwargs)
-
-
-def render_prompt(tokenizer, question: str, style: str = "qwen_math_boxed") -> str:
-  """The evaluation prompt of a math question, as text (encode it with add_bos=False)."""
-  if style == "qwen_math_boxed":
-    return tokenizer.apply_chat_template(
-        [{"role": "system", "content": BOXED_INSTRUCTION},
-         {"role": "user", "content": question}], add_generation_prompt=True)
-  if style == "r1_distill_think":
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"{question}\n{BOXED_INSTRUCTION}"}],
-        add_generation_prompt=True)
-    # Newer R1 templates already open the think block; older ones need it forced.
-    return text if text.endswith("<think>\n") else text + "<think>\n"
-  if style == "plain":
-    return f"{question}\n{BOXED_INSTRUCTION}\n"
-  raise ValueError(f"unknown prompt style {style!r}; known: {PROMPT_STYLES}")

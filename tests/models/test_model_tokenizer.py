@@ -7,6 +7,7 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from egpo_jax.data import templates
 from egpo_jax.models import tokenizer as tok_lib
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 
@@ -134,21 +135,21 @@ def test_special_ids_and_round_trip(folders):
     r1.token_to_id("<nope>")
 
 
-def test_paper_prompt_styles(folders):
+def test_paper_prompts_with_real_chat_templates(folders):
   qwen = tok_lib.HFTokenizer.from_pretrained(folders["qwen"])
   r1 = tok_lib.HFTokenizer.from_pretrained(folders["r1"])
-  assert tok_lib.render_prompt(qwen, "1+1?", "qwen_math_boxed") == (
+  assert templates.render("1+1?", qwen, "qwen25_math") == (
       "<|im_start|>system\nPlease reason step by step, and put your final answer within "
       "\\boxed{}.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n")
-  assert tok_lib.render_prompt(r1, "1+1?", "r1_distill_think") == (
+  # This R1 template opens the think block itself: it is not opened twice.
+  assert templates.render("1+1?", r1, "r1_distill") == (
       "<｜begin▁of▁sentence｜><｜User｜>1+1?\nPlease reason step by step, and put your final "
       "answer within \\boxed{}.<｜Assistant｜><think>\n")
-  # Older R1 templates without the think opener get it appended.
+  # Templates without the think opener get it appended.
   byte = ByteTokenizer()
-  assert tok_lib.render_prompt(byte, "q", "r1_distill_think").endswith("assistant: <think>\n")
-  assert tok_lib.render_prompt(byte, "q", "plain") == "q\n" + tok_lib.BOXED_INSTRUCTION + "\n"
-  with pytest.raises(ValueError, match="unknown prompt style"):
-    tok_lib.render_prompt(byte, "q", "alpaca")
+  assert templates.render("q", byte, "r1_distill").endswith("assistant: <think>\n")
+  assert templates.render("q", byte, "qwen25_math", chat=False) == (
+      "q\n" + templates.BOXED_INSTRUCTION + "\n")
 
 
 def test_template_sandbox_blocks_python_internals():
