@@ -29,6 +29,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from egpo_jax.core import losses
 from egpo_jax.core.advantages import MIN_VALID_PER_GROUP
 
 Metrics = dict[str, jax.Array]
@@ -211,7 +212,10 @@ def approx_kl(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array,
                           exception_type=ValueError)
   mask_NxT = _mask("mask_NxT", mask_NxT, "logp_new_NxT", logp_new_NxT.shape)
   log_ratio = jnp.where(mask_NxT, logp_new_NxT - logp_old_NxT, 0.0)
-  k1, _ = _safe_mean(-log_ratio, mask_NxT)
-  lr = jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-  k3, _ = _safe_mean(jnp.expm1(lr) - lr, mask_NxT)
+  zeros = jnp.zeros_like(log_ratio)
+  # The estimators of losses.kl_penalty with pi_old as the sampling policy; k3's ratio is
+  # clamped so that one diverged token cannot overflow the diagnostic.
+  k1, _ = _safe_mean(losses.kl_penalty(zeros, log_ratio, "k1"), mask_NxT)
+  clamped = jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+  k3, _ = _safe_mean(losses.kl_penalty(zeros, clamped, "k3"), mask_NxT)
   return {"approx_kl_k1": k1, "approx_kl_k3": k3}
