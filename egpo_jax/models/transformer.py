@@ -4,8 +4,9 @@ Token embedding, RoPE (theta, linear or Llama-3 scaling), RMSNorm, grouped-query
 attention with optional q/k/v bias, SwiGLU MLP, tied or untied output embedding. The
 layers are one `nn.scan` over stacked parameters (leading axis = layer), so a 28-layer
 model compiles like a 1-layer one and the KV cache is [num_layers, B, S, K, head_dim].
-The one-token `decode` unrolls the layers instead and writes each new key/value into the
-stacked cache in place: a scan carrying the cache copied all of it on every step.
+The one-token `decode` is the same maths in plain jnp with the layers unrolled; it writes
+each new key/value into the stacked cache in place (a scan carrying the cache copied all
+of it on every step).
 
 Everything public is a pure function of a params pytree with `config` as a static
 keyword argument:
@@ -50,8 +51,10 @@ class KVCache(flax.struct.PyTreeNode):
   """Keys and values of every layer, written slot by slot.
 
   Attributes:
-    k: [num_layers, B, S, num_kv_heads, head_dim] keys (RoPE applied).
-    v: [num_layers, B, S, num_kv_heads, head_dim] values.
+    k: [num_layers, B, S, num_kv_heads, head_dim] keys (RoPE applied), as `init_cache`
+      and `prefill` make them; or, after `decode_layout`, a tuple of num_layers arrays
+      [B, num_kv_heads, S, head_dim], which `decode` reads without copying.
+    v: values, laid out like k.
     mask_BxS: bool, slot s of row b holds a valid key.
     positions_B: int32, position id of the next token of each row.
     index: int32 scalar, the next slot to write (the same for all rows).
@@ -72,7 +75,7 @@ class KVCache(flax.struct.PyTreeNode):
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.mask_BxS.shape[1]
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -123,9 +126,13 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * x32.astype(self.dtype)
+    return _rms_norm(x, scale, self.eps, self.dtype)
+
+
+def _rms_norm(x, scale, eps, dtype):
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(dtype) * x32.astype(dtype)
 
 
 def _dense(features, name, config, *, axis=-1, use_bias=False):
@@ -148,19 +155,17 @@ def _attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxTxS):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm attention + SwiGLU MLP; one step of the layer scan (or of decode's loop).
+  """Pre-norm attention + SwiGLU MLP; one step of the layer scan.
 
-  mode "forward"/"prefill": attend among the T new tokens (allowed_BxTxS has S = T);
-  "prefill" also returns the new keys/values. mode "decode" (called per layer by
-  `decode`, not through Decoder's scan): layer_cache is (stacked k, stacked v, layer);
-  write the new keys/values at [layer, :, index], attend over that layer's whole cache
-  and return the updated stacked (k, v).
+  Attends among the T new tokens (allowed_BxTxS has S = T). mode "prefill" also returns
+  the new keys/values; one-token decoding is `decode`, written with the same maths on
+  the same parameters.
   """
   config: ModelConfig
   mode: str
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_cache, cos_BxTxF, sin_BxTxF, allowed_BxTxS, index):
+  def __call__(self, x_BxTxD, cos_BxTxF, sin_BxTxF, allowed_BxTxS):
     c = self.config
     dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="input_norm")(x_BxTxD)
@@ -169,26 +174,13 @@ class DecoderLayer(nn.Module):
     v = _dense((c.num_kv_heads, c.head_size), "v_proj", c, use_bias=c.qkv_bias)(h)
     q = _apply_rope(q, cos_BxTxF, sin_BxTxF)
     k = _apply_rope(k, cos_BxTxF, sin_BxTxF)
-    if self.mode == "decode":
-      # layer_cache = (stacked k, stacked v, this layer's static index). Only the new
-      # token's slot is written, into the stacked arrays, so that XLA updates the cache
-      # in place instead of re-stacking it through a scan.
-      k_cache, v_cache, layer = layer_cache
-      start = (layer, 0, index, 0, 0)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
-      out_kv = (k_cache, v_cache)
-      k_all, v_all = k_cache[layer].astype(dtype), v_cache[layer].astype(dtype)
-    else:
-      k_all, v_all = k, v
-      out_kv = (k, v) if self.mode == "prefill" else None
-    attn = _attend(q, k_all, v_all, allowed_BxTxS)
+    attn = _attend(q, k, v, allowed_BxTxS)
     x = x_BxTxD + _dense(c.hidden_size, "o_proj", c, axis=(-2, -1))(attn)
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="post_attn_norm")(x)
     gate = _dense(c.intermediate_size, "gate_proj", c)(h)
     up = _dense(c.intermediate_size, "up_proj", c)(h)
     x = x + _dense(c.hidden_size, "down_proj", c)(nn.silu(gate) * up)
-    return x, out_kv
+    return x, ((k, v) if self.mode == "prefill" else None)
 
 
 class Decoder(nn.Module):
@@ -197,8 +189,8 @@ class Decoder(nn.Module):
   mode: str = "forward"
 
   @nn.compact
-  def __call__(self, input_ids_BxT, positions_BxT, allowed_BxTxS, cache_kv=None, index=0,
-               *, logits: bool = True, last_only: bool = False):
+  def __call__(self, input_ids_BxT, positions_BxT, allowed_BxTxS, *, logits: bool = True,
+               last_only: bool = False):
     c = self.config
     dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype,
@@ -209,9 +201,9 @@ class Decoder(nn.Module):
     if c.remat:
       layer_cls = nn.remat(layer_cls, prevent_cse=False)
     layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                      out_axes=0, length=c.num_layers)(c, self.mode, name="layers")
-    x, new_kv = layers(x, cache_kv, cos, sin, allowed_BxTxS, index)
+    x, new_kv = layers(x, cos, sin, allowed_BxTxS)
     x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
     if last_only:
       x = x[:, -1]
@@ -338,30 +330,111 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
            config: ModelConfig) -> tuple[jax.Array, KVCache]:
   """One new token per row at slot cache.index; returns (float32 logits [B, V], cache).
 
+  The same maths as `forward` on the same parameters, written as plain jnp on [B, ...]
+  arrays with the layers unrolled: a layer scan would take the stacked cache as a scanned
+  input and output and copy all of it every step, and the Linen layer's length-1 token
+  axis cost extra relayouts (together about 1.6x the time per step on CPU). Only the new
+  token's key/value slot of each layer is written, so a donated cache is updated in place.
   Writing past the last slot is not checked inside jit: callers stop at max_len.
+
+  params may have their layers stacked (as `init_params` returns them) or unstacked by
+  `unstack_layers`, and the cache may be stacked or in `decode_layout`; a decode loop
+  should convert both once, before the loop (see there).
   """
   chex.assert_rank(tokens_B, 1)
   chex.assert_type(tokens_B, int)
   chex.assert_shape(cache.mask_BxS, (tokens_B.shape[0], None))
+  c = config
+  dtype = to_dtype(c.dtype)
   index = cache.index
   mask_BxS = jax.lax.dynamic_update_slice_in_dim(
       cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
-  c = config
-  dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
-  # The layers are unrolled here rather than scanned: a scan would take the stacked
-  # cache as a scanned input and output and copy all of it every step.
-  x = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype).apply(
-      {"params": params["embed"]}, tokens_B[:, None])
-  cos, sin = _rope_tables(cache.positions_B[:, None], c)
-  layer = DecoderLayer(c, "decode")
-  kv = (cache.k, cache.v)
-  for i in range(c.num_layers):
-    layer_params = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-    x, kv = layer.apply({"params": layer_params}, x, kv + (i,), cos, sin,
-                        mask_BxS[:, None, :], index)
-  x = RMSNorm(c.rms_norm_eps, dtype, pdtype).apply({"params": params["final_norm"]}, x[:, -1])
-  logits_BxV = jnp.einsum("bd,vd->bv", x, output_embedding(params, c).astype(dtype),
+  x_BxD = jnp.take(params["embed"]["embedding"].astype(dtype), tokens_B, axis=0)
+  cos_Bx1xF, sin_Bx1xF = _rope_tables(cache.positions_B[:, None], c)
+  per_layer = isinstance(cache.k, tuple)
+  k_cache, v_cache = (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v)
+  for i, p in enumerate(unstack_layers(params)["layers"]):
+    h_BxD = _rms_norm(x_BxD, p["input_norm"]["scale"], c.rms_norm_eps, dtype)
+    q_BxHxK, k_BxGxK, v_BxGxK = (_project(h_BxD, p[name], dtype)
+                                 for name in ("q_proj", "k_proj", "v_proj"))
+    q_BxHxK = _apply_rope(q_BxHxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
+    k_BxGxK = _apply_rope(k_BxGxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
+    if per_layer:
+      k_cache[i] = _write_slot(k_cache[i], k_BxGxK[:, :, None], (0, 0, index, 0))
+      v_cache[i] = _write_slot(v_cache[i], v_BxGxK[:, :, None], (0, 0, index, 0))
+      k_BxGxSxK, v_BxGxSxK = k_cache[i], v_cache[i]
+    else:
+      k_cache = _write_slot(k_cache, k_BxGxK[None, :, None], (i, 0, index, 0, 0))
+      v_cache = _write_slot(v_cache, v_BxGxK[None, :, None], (i, 0, index, 0, 0))
+      # A transposed copy of the layer's keys and values (see decode_layout).
+      k_BxGxSxK, v_BxGxSxK = (jnp.swapaxes(buf[i], 1, 2) for buf in (k_cache, v_cache))
+    attn_BxHxK = _attend_one(q_BxHxK, k_BxGxSxK.astype(dtype), v_BxGxSxK.astype(dtype),
+                             mask_BxS)
+    x_BxD = x_BxD + jnp.einsum("bhk,hkd->bd", attn_BxHxK, p["o_proj"]["kernel"].astype(dtype))
+    h_BxD = _rms_norm(x_BxD, p["post_attn_norm"]["scale"], c.rms_norm_eps, dtype)
+    gate_BxI = h_BxD @ p["gate_proj"]["kernel"].astype(dtype)
+    up_BxI = h_BxD @ p["up_proj"]["kernel"].astype(dtype)
+    x_BxD = x_BxD + (nn.silu(gate_BxI) * up_BxI) @ p["down_proj"]["kernel"].astype(dtype)
+  x_BxD = _rms_norm(x_BxD, params["final_norm"]["scale"], c.rms_norm_eps, dtype)
+  logits_BxV = jnp.einsum("bd,vd->bv", x_BxD, output_embedding(params, c).astype(dtype),
                           preferred_element_type=jnp.float32)
-  cache = cache.replace(k=kv[0], v=kv[1], mask_BxS=mask_BxS,
+  if per_layer:
+    k_cache, v_cache = tuple(k_cache), tuple(v_cache)
+  cache = cache.replace(k=k_cache, v=v_cache, mask_BxS=mask_BxS,
                         positions_B=cache.positions_B + 1, index=index + 1)
   return logits_BxV, cache
+
+
+def decode_layout(cache: KVCache) -> KVCache:
+  """The cache with k and v as tuples of per-layer [B, num_kv_heads, S, head_dim] arrays.
+
+  For `decode` in a loop: attention contracts each layer's keys and values in that order,
+  so on the stacked [num_layers, B, S, num_kv_heads, head_dim] layout every step copies
+  them into it (about 8% of the small model's decode step on CPU). Convert once, between
+  `prefill` and the loop. Already converted caches are returned unchanged.
+  """
+  if isinstance(cache.k, tuple):
+    return cache
+  return cache.replace(**{name: tuple(jnp.swapaxes(layer, 1, 2) for layer in stacked)
+                          for name, stacked in (("k", cache.k), ("v", cache.v))})
+
+
+def _write_slot(buf, new, start):
+  """Writes one token's keys or values into the cache buffer in place."""
+  return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
+
+
+def unstack_layers(params: Params) -> Params:
+  """params with "layers" as a tuple of per-layer trees (leading layer axis removed).
+
+  For `decode` in a loop: slicing layer i out of the stacked weights inside the loop body
+  makes XLA:CPU copy that layer's weights on every step (a quarter of the small model's
+  decode time), so unstack once, before the loop. The copy costs one extra set of layer
+  weights in memory while it lives. Already unstacked params are returned unchanged.
+  """
+  layers = params["layers"]
+  if isinstance(layers, tuple):
+    return params
+  num_layers = jax.tree.leaves(layers)[0].shape[0]
+  return {**params,
+          "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers))}
+
+
+def _project(h_BxD, layer_params, dtype):
+  """h @ kernel [D, heads, head_dim] (+ bias), as the Linen DenseGeneral computes it."""
+  out = jnp.einsum("bd,dhk->bhk", h_BxD, layer_params["kernel"].astype(dtype))
+  if "bias" in layer_params:
+    out = out + layer_params["bias"].astype(dtype)
+  return out
+
+
+def _attend_one(q_BxHxK, k_BxGxSxK, v_BxGxSxK, mask_BxS):
+  """`_attend` for one query token per row, keys and values [B, kv heads, S, head_dim]."""
+  b, h, hd = q_BxHxK.shape
+  g = k_BxGxSxK.shape[1]
+  q = q_BxHxK.reshape(b, g, h // g, hd)
+  scores = jnp.einsum("bgrk,bgsk->bgrs", q, k_BxGxSxK,
+                      preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores = jnp.where(mask_BxS[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
+  return jnp.einsum("bgrs,bgsk->bgrk", probs, v_BxGxSxK).reshape(b, h, hd)

@@ -5,6 +5,10 @@ prefill over the B distinct prompts (the cache is then repeated G times, so a pr
 encoded once, not G times), then one jitted `lax.while_loop` that decodes a token per
 row and stops as soon as every row has emitted an EOS token (or after max_new_tokens).
 The decode state (cache and buffers) is donated to the loop, so it is updated in place.
+Before the loop the layer weights are unstacked and the cache is laid out per layer
+(`transformer.unstack_layers`, `transformer.decode_layout`), so that a step copies neither;
+each step samples its token and scores it in one pass over the logits
+(`filters.sample_with_logps`).
 
 Exactness. The log-prob of each sampled token is log softmax(logits / T) over the full
 vocabulary, untruncated (EGPO_METHOD.md section 1, Eq. 5's pi_old), which is what a
@@ -139,15 +143,13 @@ def _sample_into(state: DecodeState, logits_NxV: jax.Array, spec: SamplingSpec
                  ) -> DecodeState:
   """Samples token `state.step` of every row and writes it into the buffers."""
   if spec.is_greedy:
-    tokens_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+    uniforms_N = jnp.zeros(logits_NxV.shape[:1], jnp.float32)
   else:
     uniforms_N = jax.lax.dynamic_index_in_dim(state.uniforms_NxT, state.step, axis=1,
                                               keepdims=False)
-    tokens_N = filters.sample_tokens_from_uniforms(
-        uniforms_N, logits_NxV, temperature=spec.temperature, top_k=spec.top_k,
-        top_p=spec.top_p)
-  logps_N, entropy_N = filters.token_logps_and_entropy(
-      logits_NxV, tokens_N, temperature=spec.logp_temperature)
+  tokens_N, logps_N, entropy_N = filters.sample_with_logps(
+      uniforms_N, logits_NxV, temperature=spec.temperature, top_k=spec.top_k,
+      top_p=spec.top_p, greedy=spec.is_greedy, return_entropy=spec.return_entropy)
   active_N = ~state.done_N
   tokens_N = jnp.where(active_N, tokens_N, spec.pad_id)
   is_eos_N = jnp.isin(tokens_N, jnp.asarray(spec.eos_ids, jnp.int32)) if spec.eos_ids else (
@@ -189,10 +191,20 @@ def _constrain(state: DecodeState) -> DecodeState:
   if mesh.empty or not set(sharding.BATCH) <= set(mesh.axis_names):
     return state
   constrain = jax.lax.with_sharding_constraint
-  cache = jax.tree.map(constrain, state.cache, sharding.cache_partition_specs(state.cache, mesh))
+  cache = jax.tree.map(constrain, state.cache, _cache_specs(state.cache, mesh))
   rows = state.replace(cache=None, step=None)
   rows = jax.tree.map(lambda x: constrain(x, sharding.batch_spec(x.shape, mesh)), rows)
   return rows.replace(cache=cache, step=state.step)
+
+
+def _cache_specs(cache: transformer.KVCache, mesh) -> transformer.KVCache:
+  """`sharding.cache_partition_specs` for a cache in `transformer.decode_layout`."""
+  num_layers, (batch, heads, slots, head_dim) = len(cache.k), cache.k[0].shape
+  stacked = jax.ShapeDtypeStruct((num_layers, batch, slots, heads, head_dim), cache.k[0].dtype)
+  specs = sharding.cache_partition_specs(cache.replace(k=stacked, v=stacked), mesh)
+  _, rows, _, kv_heads, dims = tuple(specs.k) + (None,) * (5 - len(specs.k))
+  per_layer = (jax.sharding.PartitionSpec(rows, kv_heads, None, dims),) * num_layers
+  return specs.replace(k=per_layer, v=per_layer)
 
 
 def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
@@ -207,7 +219,8 @@ def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
   cache = transformer.init_cache(config, batch, prompt_len + steps - 1, dtype=cache_dtype)
   logits_BxV, cache = transformer.prefill(params, prompt_ids_BxP, prompt_mask_BxP, cache,
                                           config=config)
-  cache = _repeat_cache(cache, group)
+  # Repeated G times, then laid out per layer for the decode loop (one copy, here).
+  cache = transformer.decode_layout(_repeat_cache(cache, group))
   logits_NxV = jnp.repeat(logits_BxV, group, axis=0)
   n = batch * group
   state = DecodeState(
@@ -227,6 +240,10 @@ def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
 def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
                      ) -> DecodeState:
   """Decodes until every row is done or max_new_tokens tokens have been sampled."""
+
+  # Sliced once here: slicing the stacked layer weights inside the loop copies them on
+  # every step.
+  params = transformer.unstack_layers(params)
 
   def cond(s):
     return (s.step < spec.max_new_tokens) & ~jnp.all(s.done_N)
@@ -343,12 +360,16 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
                        f"shape {prompt_ids_B.shape} dtype {prompt_ids_B.dtype}")
   bucket = bucket_length(prompt_len, min_prompt_bucket)
   pad = ((0, 0), (bucket - prompt_len, 0))
-  # Host arrays are padded on the host; device (possibly sharded) arrays on the device.
+  # Host arrays are padded on the host; device (possibly sharded) arrays on the device
+  # (and not at all when P is already a bucket: an eager pad is one more dispatch).
   xp = np if isinstance(prompt_ids_BxP, np.ndarray) else jnp
-  prompt_ids_BxP = xp.pad(xp.asarray(prompt_ids_BxP, np.int32), pad,
-                          constant_values=spec.pad_id)
+  prompt_ids_BxP = xp.asarray(prompt_ids_BxP, np.int32)
+  if bucket > prompt_len:
+    prompt_ids_BxP = xp.pad(prompt_ids_BxP, pad, constant_values=spec.pad_id)
   xp = np if isinstance(prompt_mask_BxP, np.ndarray) else jnp
-  prompt_mask_BxP = xp.pad(xp.asarray(prompt_mask_BxP, np.int32), pad)
+  prompt_mask_BxP = xp.asarray(prompt_mask_BxP, np.int32)
+  if bucket > prompt_len:
+    prompt_mask_BxP = xp.pad(prompt_mask_BxP, pad)
   state = _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
                      config=config, spec=spec, cache_dtype=cache_dtype)
   state = _continue_jit(params, state, config=config, spec=spec)

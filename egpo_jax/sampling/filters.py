@@ -128,21 +128,68 @@ def sample_tokens_from_uniforms(uniforms_N: jax.Array, logits_NxV: jax.Array, *,
   if greedy or temperature == 0:
     return jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
   scaled_NxV = logits_NxV.astype(jnp.float32) / temperature
+  return _sample_scaled(uniforms_N, scaled_NxV, top_k=top_k, top_p=top_p)
+
+
+def sample_with_logps(uniforms_N: jax.Array, logits_NxV: jax.Array, *,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      greedy: bool = False, return_entropy: bool = False
+                      ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """`sample_tokens_from_uniforms` and `token_logps_and_entropy` in one pass.
+
+  The decode loop's per-token work: the tokens are those `sample_tokens_from_uniforms`
+  draws; their log-probs (and the entropy) are those of `token_logps_and_entropy` at the
+  sampling temperature, or at temperature 1 when greedy. Without top-k/top-p, sampling
+  and scoring share one exp over the vocabulary; no sort runs unless top-k/top-p is on.
+
+  Returns:
+    (tokens_N int32, logps_N float32, entropy_N float32 or None).
+  """
+  chex.assert_rank([uniforms_N, logits_NxV], [1, 2])
+  chex.assert_equal_shape_prefix([uniforms_N, logits_NxV], 1)
+  check_sampling_args(temperature, top_k, top_p, logits_NxV.shape[-1], greedy=greedy)
+  greedy = greedy or temperature == 0
+  scaled_NxV = logits_NxV.astype(jnp.float32) / (1.0 if greedy else temperature)
+  max_Nx1 = jnp.max(scaled_NxV, axis=-1, keepdims=True)
+  weights_NxV = jnp.exp(scaled_NxV - max_Nx1)
+  if greedy:
+    tokens_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+  elif top_k == 0 and top_p >= 1.0:
+    tokens_N = _inverse_cdf(uniforms_N, weights_NxV)
+  else:
+    tokens_N = _sample_scaled(uniforms_N, scaled_NxV, top_k=top_k, top_p=top_p)
+  total_N = jnp.sum(weights_NxV, axis=-1)
+  lse_N = max_Nx1[:, 0] + jnp.log(total_N)
+  picked_N = jnp.take_along_axis(scaled_NxV, tokens_N[:, None], axis=-1)[:, 0]
+  entropy_N = None
+  if return_entropy:
+    # where(): a -inf logit (a masked token) has weight 0 and contributes 0, not nan.
+    mean_N = jnp.sum(jnp.where(weights_NxV > 0, weights_NxV * scaled_NxV, 0.0), axis=-1)
+    entropy_N = lse_N - mean_N / total_N
+  return tokens_N, picked_N - lse_N, entropy_N
+
+
+def _sample_scaled(uniforms_N, scaled_NxV, *, top_k, top_p):
   if top_k == 0 and top_p >= 1.0:
-    return _inverse_cdf(uniforms_N, scaled_NxV)
+    return _inverse_cdf(uniforms_N, jnp.exp(scaled_NxV - jnp.max(scaled_NxV, -1, keepdims=True)))
   values_NxK, ids_NxK = truncate_logits(scaled_NxV, top_k=top_k, top_p=top_p)
-  choice_N = _inverse_cdf(uniforms_N, values_NxK)
+  # Sorted in descending order: the first value is the row's maximum.
+  choice_N = _inverse_cdf(uniforms_N, jnp.exp(values_NxK - values_NxK[:, :1]))
   return jnp.take_along_axis(ids_NxK, choice_N[:, None], axis=-1)[:, 0]
 
 
-def _inverse_cdf(uniforms_N: jax.Array, scaled_NxK: jax.Array) -> jax.Array:
-  probs_NxK = jax.nn.softmax(scaled_NxK, axis=-1)
-  cdf_NxK = jnp.cumsum(probs_NxK, axis=-1)
-  target_N = uniforms_N * cdf_NxK[:, -1]
-  index_N = jnp.sum(cdf_NxK <= target_N[:, None], axis=-1, dtype=jnp.int32)
-  # u * total can round up to the total: never step past the last token with p > 0.
-  last_N = probs_NxK.shape[-1] - 1 - jnp.argmax(probs_NxK[:, ::-1] > 0, axis=-1)
-  return jnp.minimum(index_N, last_N).astype(jnp.int32)
+def _inverse_cdf(uniforms_N: jax.Array, weights_NxK: jax.Array) -> jax.Array:
+  """The first index whose cumulative weight exceeds u * total (weights >= 0, unnormalised).
+
+  u * total can round up to the total: the index is capped at the first one where the
+  cumulative weight reaches the total, which holds weight > 0 (a float cumulative sum of
+  non-negative terms never decreases), so a zero-weight token is never returned.
+  """
+  cdf_NxK = jnp.cumsum(weights_NxK, axis=-1)
+  total_Nx1 = cdf_NxK[:, -1:]
+  index_N = jnp.sum(cdf_NxK <= uniforms_N[:, None] * total_Nx1, axis=-1, dtype=jnp.int32)
+  last_N = jnp.sum(cdf_NxK < total_Nx1, axis=-1, dtype=jnp.int32)
+  return jnp.minimum(index_N, last_N)
 
 
 def token_logps_and_entropy(logits_NxV: jax.Array, tokens_N: jax.Array, *,

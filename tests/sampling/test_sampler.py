@@ -1,6 +1,7 @@
 """Tests for egpo_jax.sampling.engine on a tiny random Qwen2: exactness, EOS, invariances."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +226,61 @@ def test_pure_rollout_under_jit_equals_generate(params, prompts, sampled_run):
   np.testing.assert_array_equal(pure.completion_ids_NxT, out.completion_ids_NxT)
   np.testing.assert_array_equal(pure.completion_mask_NxT, out.completion_mask_NxT)
   np.testing.assert_allclose(pure.logps_NxT, out.logps_NxT, atol=1e-6)
+
+
+def _while_bodies(hlo: str) -> list[str]:
+  """The text of every while-loop body computation of a compiled HLO module."""
+  bodies = []
+  for name in set(re.findall(r"body=%([\w.\-]+)", hlo)):
+    start = hlo.index(f"\n%{name} (")
+    bodies.append(hlo[start:hlo.index("\n}\n", start)])
+  return bodies
+
+
+def test_decode_loop_copies_no_weights_or_cache_and_its_layouts_are_exact(params):
+  """Layer weights enter the decode loop unstacked and the cache in decode_layout (both
+  converted once, before it): slices of the stacked weights, or the stacked cache's
+  keys/values in attention's order, are copied on every step on CPU."""
+  # Sizes that no activation shares: a [24, 40] or [40, 24] array is a layer kernel.
+  config = model_config.ModelConfig(vocab_size=64, hidden_size=24, intermediate_size=40,
+                                    num_layers=2, num_heads=4, num_kv_heads=2,
+                                    max_position_embeddings=64)
+  spec = sampling.SamplingSpec(group_size=2, max_new_tokens=4, eos_ids=(), top_k=5)
+  abstract = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+  ids = jax.ShapeDtypeStruct((3, 16), jnp.int32)
+  state = jax.eval_shape(functools.partial(sampling.start_rollout, config=config, spec=spec),
+                         abstract, ids, ids, jax.random.key(0),
+                         jax.ShapeDtypeStruct((3,), jnp.int32))
+  hlo = jax.jit(functools.partial(sampling.continue_rollout, config=config, spec=spec)
+                ).lower(abstract, state).compile().as_text()
+  (body,) = _while_bodies(hlo)
+  made = re.findall(r"= f32\[(?:24,40|40,24)\]\{[^}]*\} (\S+?)\(", body)
+  assert set(made) <= {"get-tuple-element", "parameter"}, made
+  # A layer's cache [N=6, G=2, S=16+4-1, head_dim=6] is only written in place.
+  assert state.cache.k[0].shape == (6, 2, 19, 6)
+  made = re.findall(r"%(\S+) = f32\[(?:6,2,19,6|6,2,6,19)\]\{", body)
+  assert made and all(n.startswith("get-tuple-element") or "dynamic-update-slice" in n
+                      for n in made), made
+  # decode on unstacked layers and a per-layer cache computes what the stacked one does.
+  cache = transformer.init_cache(CONFIG, 2, 6)
+  logits, cache = transformer.prefill(params, jnp.array([[3, 4, 5], [6, 7, 8]]),
+                                      jnp.ones((2, 3), jnp.int32), cache, config=CONFIG)
+  tokens = jnp.array([9, 10], jnp.int32)
+  stacked = transformer.decode(params, tokens, cache, config=CONFIG)
+  unstacked_params = transformer.unstack_layers(params)
+  assert len(unstacked_params["layers"]) == CONFIG.num_layers
+  assert transformer.unstack_layers(unstacked_params) is unstacked_params
+  unstacked = transformer.decode(unstacked_params, tokens, cache, config=CONFIG)
+  for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(unstacked)):
+    np.testing.assert_array_equal(a, b)
+  laid = transformer.decode_layout(cache)
+  assert transformer.decode_layout(laid) is laid and laid.max_len == cache.max_len
+  logits, out = transformer.decode(unstacked_params, tokens, laid, config=CONFIG)
+  np.testing.assert_allclose(logits, stacked[0], atol=1e-5, rtol=0)
+  for i in range(CONFIG.num_layers):
+    np.testing.assert_array_equal(out.k[i], np.swapaxes(stacked[1].k[i], 1, 2))
+    np.testing.assert_array_equal(out.v[i], np.swapaxes(stacked[1].v[i], 1, 2))
+  np.testing.assert_array_equal(out.mask_BxS, stacked[1].mask_BxS)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -222,3 +222,48 @@ def test_entropy_ignores_masked_tokens():
   logp, entropy = filters.token_logps_and_entropy(logits, jnp.array([1]))
   np.testing.assert_allclose(logp, [np.log(0.5)], rtol=1e-6)
   np.testing.assert_allclose(entropy, [np.log(2.0)], rtol=1e-6)
+
+
+
+# Greedy, plain sampling, top-k, top-p, both: (temperature, top_k, top_p, greedy).
+_FUSED_CONFIGS = [(1.0, 0, 1.0, True), (0.7, 0, 1.0, False), (1.3, 5, 1.0, False),
+                  (1.0, 0, 0.8, False), (0.9, 6, 0.7, False)]
+
+
+class SampleWithLogpsTest(chex.TestCase):
+  """The decode loop's fused sample + score equals the separate reference functions."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_equals_sample_then_score(self):
+    logits = jax.random.normal(jax.random.key(7), (16, 32)) * 3.0
+    # A masked (-inf) token and an all-but-one masked row: weight 0, never drawn.
+    logits = logits.at[0, 3].set(-jnp.inf).at[1, 1:].set(-jnp.inf)
+    # Row 2 with u just below 1 takes the top-end cap path.
+    u = jax.random.uniform(jax.random.key(8), (16,)).at[2].set(np.nextafter(1.0, 0.0))
+    for temperature, top_k, top_p, greedy in _FUSED_CONFIGS:
+      kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+      fused = self.variant(functools.partial(filters.sample_with_logps, return_entropy=True,
+                                             **kwargs))
+      tokens, logps, entropy = fused(u, logits)
+      ref_tokens = filters.sample_tokens_from_uniforms(u, logits, **kwargs)
+      ref_logps, ref_entropy = filters.token_logps_and_entropy(
+          logits, ref_tokens, temperature=1.0 if greedy else temperature)
+      np.testing.assert_array_equal(tokens, ref_tokens, err_msg=str(kwargs))
+      # Entropy = lse - E[logit / T] cancels logits of ~15: float32 rounding of ~1e-6.
+      np.testing.assert_allclose(logps, ref_logps, atol=1e-5, rtol=0, err_msg=str(kwargs))
+      np.testing.assert_allclose(entropy, ref_entropy, atol=1e-5, rtol=0, err_msg=str(kwargs))
+      assert int(tokens[1]) == 0 and int(tokens[0]) != 3
+      assert np.isfinite(np.asarray(logps)).all() and np.isfinite(np.asarray(entropy)).all()
+    # Without return_entropy no entropy is computed, and the tokens and log-probs agree.
+    tokens_only, logps_only, none = filters.sample_with_logps(u, logits)
+    np.testing.assert_array_equal(tokens_only, filters.sample_with_logps(
+        u, logits, return_entropy=True)[0])
+    assert none is None and logps_only.dtype == jnp.float32
+
+
+def test_inverse_cdf_never_draws_zero_weight_tokens():
+  # Interior and trailing zeros; uniforms at the edges of [0, 1).
+  weights = jnp.array([[0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]] * 6)
+  u = jnp.array([0.0, 0.4999, 0.5, 0.7499, 0.75, np.nextafter(1.0, 0.0)], jnp.float32)
+  tokens = filters._inverse_cdf(u, weights)
+  np.testing.assert_array_equal(tokens, [1, 1, 4, 4, 6, 6])
