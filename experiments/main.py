@@ -5,6 +5,10 @@
         --config.algo.advantage=grpo --workdir=/tmp/grpo_run
 
 Run it again with the same --workdir to resume from the last checkpoint.
+
+Exit codes: 0 done; 75 (EX_TEMPFAIL) preempted: SIGTERM arrived, the current iteration
+was checkpointed, and the same command resumes from it (see docs/FAULTS.md); anything
+else is an error.
 """
 
 import os
@@ -22,8 +26,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/default",
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from egpo_jax.training import train
-  summary = train.train(_CONFIG.value, _WORKDIR.value)
+  from egpo_jax.training import preemption, train
+  try:
+    summary = train.train(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as err:
+    print(err, file=sys.stderr, flush=True)
+    return preemption.EXIT_CODE
   print(train.format_summary(summary))
   print(f"workdir: {os.path.abspath(_WORKDIR.value)} (metrics.jsonl, curves.png, "
         "checkpoints/, tensorboard/, summary.json)")

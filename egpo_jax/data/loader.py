@@ -10,6 +10,9 @@ Shuffling is a seeded permutation per epoch (grain's index shuffle), epochs repe
 (`num_epochs=None`: forever), and each host reads its own shard
 (`shard_index`/`shard_count`, by default jax.process_index()/process_count()); with
 `drop_remainder` every host gets the same number of records, so hosts stay in step.
+`shard_by="batch"` instead gives host i rows [i*B, (i+1)*B) of every global batch of
+shard_count*B records drawn from one stream, so the global batches (and so a training
+run) do not depend on the number of hosts; a host still reads only its own rows.
 
 Every record is checked once, before the first batch: records whose prompt is longer
 than `max_prompt_len` tokens, or that cannot be decoded or encoded, are skipped with a
@@ -48,6 +51,14 @@ def decode_record(raw: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _rows_of_global_batches(ds: grain.MapDataset, rows: int, index: int, count: int
+                            ) -> grain.MapDataset:
+  """Rows [index*rows, (index+1)*rows) of each consecutive global batch of count*rows."""
+  per_batch = rows * count
+  local = grain.MapDataset.range(len(ds) // per_batch * rows)
+  return local.map(lambda i: ds[(i // rows) * per_batch + index * rows + i % rows])
+
+
 class PromptIterator:
   """An iterator of prompt batches with an exactly restorable state.
 
@@ -61,6 +72,8 @@ class PromptIterator:
     num_epochs: epochs to read; None repeats forever.
     shard_index, shard_count: this host's shard (default: jax process index and count).
     drop_remainder: drop a last partial batch, and trim records so shards are equal.
+    shard_by: "record" (host i reads records i, i + shard_count, ...) or "batch" (host
+      i reads its block of rows of each global batch; needs drop_remainder).
     on_bad_record: "skip" (warn and count) or "raise".
     pad_id: the padding token id.
 
@@ -72,7 +85,8 @@ class PromptIterator:
                encode: Callable[[dict[str, Any]], Sequence[int]], seed: int = 0,
                shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
-               drop_remainder: bool = True, on_bad_record: str = "skip", pad_id: int = 0):
+               drop_remainder: bool = True, on_bad_record: str = "skip", pad_id: int = 0,
+               shard_by: str = "record"):
     for name, value in (("batch_size", batch_size), ("max_prompt_len", max_prompt_len)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -86,6 +100,9 @@ class PromptIterator:
       shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    if shard_by not in ("record", "batch") or (shard_by == "batch" and not drop_remainder):
+      raise ValueError(f"shard_by={shard_by!r}: use 'record', or 'batch' with "
+                       "drop_remainder=True")
     if on_bad_record not in records_lib.ON_BAD_RECORD:
       raise ValueError(f"on_bad_record={on_bad_record!r}; use one of {records_lib.ON_BAD_RECORD}")
     self._source = source
@@ -95,20 +112,28 @@ class PromptIterator:
     self._pad_id = pad_id
 
     good, self.report = self._scan(on_bad_record)
-    if drop_remainder:
-      good = good[:len(good) // shard_count * shard_count]
-    mine = good[shard_index::shard_count]
-    if len(mine) < batch_size and drop_remainder:
+    if shard_by == "batch":
+      mine, per_host = good, batch_size * shard_count
+    else:
+      if drop_remainder:
+        good = good[:len(good) // shard_count * shard_count]
+      mine, per_host = good[shard_index::shard_count], batch_size
+    if len(mine) < per_host and drop_remainder:
       raise ValueError(f"shard {shard_index}/{shard_count} has {len(mine)} usable records, "
-                       f"fewer than batch_size={batch_size}")
+                       f"fewer than batch_size={batch_size}"
+                       + (f" x {shard_count} hosts" if shard_by == "batch" else ""))
     self.num_records = len(mine)
+    # Hosts sharding by batch share one stream, so their (identical) states are exchangeable.
+    shard = [shard_index, shard_count] if shard_by == "record" else ["batch", shard_count]
     self._fingerprint = {"num_records": len(mine), "seed": seed, "shuffle": shuffle,
-                         "num_epochs": num_epochs, "shard": [shard_index, shard_count],
+                         "num_epochs": num_epochs, "shard": shard,
                          "batch_size": batch_size, "max_prompt_len": max_prompt_len}
     ds = grain.MapDataset.source(mine)
     if shuffle:
       ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
+    if shard_by == "batch":
+      ds = _rows_of_global_batches(ds, batch_size, shard_index, shard_count)
     ds = ds.map(self._example)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     self._iter = iter(iter_ds.batch(batch_size, drop_remainder=drop_remainder))

@@ -2,21 +2,111 @@
 
 Layout of `<workdir>/checkpoints/<step>/`: item `state` (StandardSave of the TrainState
 pytree, whose `params` field the HF exporter reads) and item `extra` (JsonSave: config,
-data iterator state, host counters). Saves are asynchronous; `restore_latest` walks back
-from the newest step and skips checkpoints that fail to restore (killed mid-save,
-truncated files), warning with the bad step's path, so a run resumes from the last good one.
+data iterator state, host counters, and a fingerprint of `state`). Saves are asynchronous.
+
+Fault tolerance. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it
+when complete, so a process killed mid-save leaves only a temporary folder, which the
+next start deletes (`cleanup_tmp_directories`). On top of that, `restore` rejects a step
+  * without its commit markers (`commit_success.txt` at the top and in each item),
+  * whose files cannot be read (truncated, deleted, unparsable), or
+  * whose restored values do not match the fingerprint taken at save time (garbled
+    bytes that still decode: orbax stores raw, unchecksummed array chunks),
+with `CorruptCheckpointError` naming its path. `restore_latest` walks back from the newest
+step past such checkpoints, warns with each bad path, and moves each one aside into
+`<directory>.quarantine/<step>-<time>/`, so that the resumed run can save that step
+again and the retention policy never counts a bad step as one of the kept ones. Nothing
+is deleted: a quarantined folder can be inspected or moved back by hand.
+
+A checkpoint whose stored tree differs from the one the job restores (another config or
+code version) is not corrupt: `restore` raises `CheckpointMismatchError` naming the first
+differing leaf, and `restore_latest` lets it propagate rather than discarding progress.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from egpo_jax.training import fault_injection
+
 log = logging.getLogger(__name__)
+
+ITEMS = ("state", "extra")
+COMMIT_MARKER = "commit_success.txt"
+_INTEGRITY_KEY = "_integrity"
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint on disk is incomplete or damaged."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"checkpoint {path} is incomplete or corrupt: {reason}")
+    self.path = path
+    self.reason = reason
+
+
+class CheckpointMismatchError(ValueError):
+  """A sound checkpoint holds a different tree than the one being restored."""
+
+
+def _path_key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def _words_u32(x: jax.Array) -> jax.Array:
+  """The bits of `x` as a flat uint32 vector (one word per element, two for 64-bit)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  x = x.reshape(-1)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  bits = jnp.dtype(x.dtype).itemsize * 8
+  if bits == 64:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  unsigned = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_hashes(leaves: list[jax.Array]) -> jax.Array:
+  """Two position-weighted wrapping sums of each leaf's bits: uint32[num_leaves, 2].
+
+  Odd multipliers make any change of a single word change both sums; integer addition
+  is associative, so the result does not depend on sharding or reduction order.
+  """
+  out = []
+  for x in leaves:
+    w = _words_u32(x)
+    i = jax.lax.iota(jnp.uint32, w.shape[0])
+    h1 = jnp.sum(w * ((i * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)), dtype=jnp.uint32)
+    mixed = w ^ (w >> 15)
+    h2 = jnp.sum(mixed * ((i * jnp.uint32(0x85EBCA77) + jnp.uint32(0x27D4EB2F))
+                          | jnp.uint32(1)), dtype=jnp.uint32)
+    out.append(jnp.stack([h1, h2]))
+  return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint(tree: Any) -> dict[str, list]:
+  """{leaf path: [dtype name, hash1, hash2]} of a pytree of arrays (computed on device)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  hashes = np.asarray(jax.device_get(_leaf_hashes([x for _, x in flat])))
+  return {_path_key(p): [str(x.dtype), int(h[0]), int(h[1])]
+          for (p, x), h in zip(flat, hashes)}
+
+
+def _fingerprint_mismatches(saved: dict[str, list], restored: dict[str, list]) -> list[str]:
+  # Leaves restored into another dtype (orbax casts) cannot be compared bit for bit.
+  return [k for k, v in saved.items()
+          if k in restored and restored[k][0] == v[0] and restored[k] != v]
 
 
 class Checkpointer:
@@ -24,6 +114,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.quarantine_directory = self.directory + ".quarantine"
     # The newest `max_to_keep` steps, and always step 0 (the model before RL), which the
     # evaluation of "before vs after RL" needs.
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -32,13 +123,24 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         preservation_policy=policy)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "extra"))
+    # Explicit handlers let `item_metadata` read a step's tree before restoring it.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "extra": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, extra: dict[str, Any], *, force: bool = False) -> bool:
-    return self._manager.save(
+    """Starts an asynchronous save of `state` (a pytree of arrays) and `extra` (JSON)."""
+    if _INTEGRITY_KEY in extra:
+      raise ValueError(f"extra[{_INTEGRITY_KEY!r}] is reserved for the checkpoint's "
+                       "fingerprint; rename that key")
+    # Taken before the save returns: the caller may donate `state` right afterwards.
+    extra = {**extra, _INTEGRITY_KEY: {"fingerprint": fingerprint(state)}}
+    saved = self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       extra=ocp.args.JsonSave(extra)), force=force)
+    fault_injection.during_save(step)
+    return saved
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -46,22 +148,101 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores `step` onto the structure, dtypes and shardings of `abstract_state`."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                      extra=ocp.args.JsonRestore()))
-    return out["state"], out["extra"]
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest checkpoint that restores cleanly, or None when there is none."""
+  def check_complete(self, step: int) -> None:
+    """Raises CorruptCheckpointError if `step` lacks a commit marker."""
+    path = self.step_path(step)
+    for sub in ("", *ITEMS):
+      if not os.path.isfile(os.path.join(path, sub, COMMIT_MARKER)):
+        raise CorruptCheckpointError(
+            path, f"{os.path.join(sub, COMMIT_MARKER) if sub else COMMIT_MARKER} is missing "
+            "(the save never committed)")
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores `step` onto the structure, dtypes and shardings of `abstract_state`.
+
+    Raises:
+      CorruptCheckpointError: the checkpoint is incomplete, unreadable or garbled.
+      CheckpointMismatchError: it is sound but holds another tree than `abstract_state`.
+    """
+    path = self.step_path(step)
+    self.check_complete(step)
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    try:
+      out = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                        extra=ocp.args.JsonRestore()))
+    except Exception as err:  # noqa: BLE001 - classified just below
+      mismatch = self._tree_mismatch(step, target)
+      if mismatch:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} holds another state tree than this job restores "
+            f"({mismatch}); resume with the config and code that wrote it, or use a new "
+            "workdir") from err
+      first_line = (str(err).splitlines() or [""])[0][:300]   # TensorStore dumps its spec
+      raise CorruptCheckpointError(path, f"{type(err).__name__}: {first_line}") from err
+    state, extra = out["state"], dict(out["extra"])
+    integrity = extra.pop(_INTEGRITY_KEY, None)
+    if integrity is not None:
+      bad = _fingerprint_mismatches(integrity["fingerprint"], fingerprint(state))
+      if bad:
+        raise CorruptCheckpointError(
+            path, f"restored values differ from their save-time fingerprint in "
+            f"{len(bad)} array(s), e.g. {', '.join(bad[:3])}")
+    return state, extra
+
+  def _tree_mismatch(self, step: int, target: Any) -> str | None:
+    """The first difference between the stored tree and `target`, if both are readable."""
+    try:
+      stored = self._manager.item_metadata(step)["state"].tree
+      have = {_path_key(p): tuple(m.shape)
+              for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+      return None
+    want = {_path_key(p): tuple(s.shape)
+            for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
+    for key in sorted(set(have) | set(want)):
+      if have.get(key) != want.get(key):
+        return (f"leaf {key}: stored {have.get(key, 'absent')}, "
+                f"expected {want.get(key, 'absent')}")
+    return None
+
+  def quarantine(self, step: int) -> str | None:
+    """Moves `step` out of the managed folder; returns its new path (process 0 moves)."""
+    src = self.step_path(step)
+    dst = None
+    if jax.process_count() > 1:   # every process has finished reading it
+      ocp.multihost.sync_global_processes(f"egpo_quarantine_{step}_start")
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.makedirs(self.quarantine_directory, exist_ok=True)
+      dst = os.path.join(self.quarantine_directory,
+                         f"{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+      suffix = 0
+      while os.path.exists(dst + (f".{suffix}" if suffix else "")):
+        suffix += 1
+      dst += f".{suffix}" if suffix else ""
+      shutil.move(src, dst)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"egpo_quarantine_{step}_done")
+    self._manager.reload()
+    return dst
+
+  def restore_latest(self, abstract_state: Any, *, quarantine: bool = True
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest checkpoint that restores cleanly, or None when there is none.
+
+    Incomplete or corrupt steps on the way are skipped with a warning naming their path
+    and, with `quarantine`, moved aside (see the module docstring).
+    """
     for step in reversed(self.all_steps()):
       try:
         state, extra = self.restore(step, abstract_state)
-      except Exception as err:  # noqa: BLE001 - any failure means this checkpoint is unusable
-        log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
-                    self.directory, step, type(err).__name__, err)
+      except CorruptCheckpointError as err:
+        moved = self.quarantine(step) if quarantine else None
+        log.warning("%s; %sfalling back to the previous checkpoint", err,
+                    f"moved it to {moved}; " if moved else "")
         continue
       return step, state, extra
     return None

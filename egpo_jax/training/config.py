@@ -72,6 +72,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use >= 1")
   _need(c.dynamic_sampling.oversample >= 1, "dynamic_sampling.oversample",
         c.dynamic_sampling.oversample, "use >= 1")
+  if "mesh" in c:
+    sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    _need(all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes)
+          and sizes.count(-1) <= 1, "mesh (data, fsdp, tensor)", sizes,
+          "use positive sizes, at most one of them -1 (= the remaining devices)")
+  if "distributed" in c:
+    d = c.distributed
+    _need(d.mode in ("auto", "on", "off"), "distributed.mode", d.mode,
+          "use 'auto' (join when num_processes > 1), 'on' or 'off'")
+    _need(d.num_processes >= 0, "distributed.num_processes", d.num_processes,
+          "use >= 1, or 0 to read $EGPO_NUM_PROCESSES")
+    _need(d.process_id >= -1, "distributed.process_id", d.process_id,
+          "use an id in [0, num_processes), or -1 to read $EGPO_PROCESS_ID")
+    _need(d.timeout_s > 0, "distributed.timeout_s", d.timeout_s, "use a positive timeout")
 
 
 def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:

@@ -3,6 +3,10 @@
 (`iteration.group_batch`, `prepare_batch`, `update.update`), one jitted phase at a time,
 so each phase is timed, and DAPO's dynamic sampling can re-sample until the batch holds
 only mixed groups (bounded tries).
+
+Across processes (`placement` = `distributed.BatchPlacement`), each process samples its
+own block of the global batch's prompts, the rollout and update run on the global,
+mesh-sharded arrays, and each process decodes and verifies only its own responses.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class HostTask(NamedTuple):
 
   sample_prompts(rng, batch_size) -> (prompt_ids_BxP, prompt_mask_BxP, answers_B): token
   arrays (left-padded) and a sequence of per-prompt references; data-backed tasks read
-  their iterator and may ignore rng.
+  their iterator and may ignore rng. With several processes, each returns its own block
+  of batch_size / process_count prompts.
   score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool numpy):
   decodes and verifies; answers_N repeats each prompt's reference G times.
   """
@@ -49,15 +54,41 @@ def _group(ids, mask, gen, correct, *, settings):
   return iteration.group_batch(ids, mask, gen, correct, settings)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "settings", "optimizer"))
+@functools.partial(jax.jit, static_argnames=("model_config", "settings", "optimizer",
+                                             "placement"))
 def _prepare_and_update(state, ref_params, groups, algo, rng, *, model_config, settings,
-                        optimizer):
+                        optimizer, placement=None):
   batch, metrics = iteration.prepare_batch(state.params, ref_params, groups, algo,
                                            model_config=model_config, settings=settings)
   state, update_metrics = update_lib.update(state, batch, rng, optimizer=optimizer,
                                             model_config=model_config,
                                             settings=settings.update)
+  if getattr(placement, "state_shardings", None) is not None:
+    # The state leaves as it came, so the next iteration's jits see the same shardings.
+    state = jax.lax.with_sharding_constraint(state, placement.state_shardings)
   return state, {**metrics, **update_metrics}
+
+
+# The same, donating the train state (the trainer does not reuse it): params and optimizer
+# state are updated in place instead of being held twice.
+_prepare_and_update_donated = jax.jit(_prepare_and_update.__wrapped__, donate_argnums=(0,),
+                                      static_argnames=("model_config", "settings",
+                                                       "optimizer", "placement"))
+
+
+class _OneProcess:
+  """The placement of a single-process run without a mesh: plain device arrays."""
+  num_processes = 1
+
+  @staticmethod
+  def to_global(x):
+    return jax.tree.map(jnp.asarray, x)
+
+  @staticmethod
+  def local_rows(x):
+    return np.asarray(x)
+
+  gather = local_rows
 
 
 def _concat_groups(parts: list[iteration.GroupBatch]) -> iteration.GroupBatch:
@@ -68,39 +99,52 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
                    task: HostTask, model_config: ModelConfig,
                    optimizer: optax.GradientTransformation,
                    settings: iteration.IterationSettings, ref_params: Any = None,
-                   max_tries: int = 1) -> tuple[TrainState, dict[str, Any]]:
+                   max_tries: int = 1, placement: Any = None, donate: bool = False
+                   ) -> tuple[TrainState, dict[str, Any]]:
   """sample -> rollout -> verify (host) -> [re-sample for mixed groups] -> advantages ->
   update, with seconds per phase in the metrics. With dynamic sampling off and one try,
-  it computes exactly what `iteration.rl_iteration` computes for the same rng."""
+  it computes exactly what `iteration.rl_iteration` computes for the same rng.
+
+  `placement` (a `distributed.BatchPlacement`) splits the prompts and the verification
+  over processes; `process_prompts`, `process_rollouts` and `process_verified` count this
+  process's share. `donate` lets the update reuse the buffers of `state`.
+  """
+  place = _OneProcess() if placement is None else placement
   b = settings.prompts_per_batch
+  b_local = b // place.num_processes
   g = settings.group_size
   k_prompts, k_rollout, k_update = jax.random.split(rng, 3)
   dynamic = settings.dynamic_sampling_oversample > 1
   times = {"rollout": 0.0, "verify": 0.0}
   kept: list[iteration.GroupBatch] = []
   num_kept, tries, sampled = 0, 0, 0
+  counts = {"process_prompts": 0, "process_rollouts": 0, "process_verified": 0}
   while True:
     # The first try uses the iteration's keys; later tries fold in the try index.
     kp = k_prompts if tries == 0 else jax.random.fold_in(k_prompts, tries)
     kr = k_rollout if tries == 0 else jax.random.fold_in(k_rollout, tries)
     t0 = time.perf_counter()
-    ids, mask, answers = task.sample_prompts(kp, b)
-    gen = jax.block_until_ready(_rollout(state.params, jnp.asarray(ids), jnp.asarray(mask),
-                                         kr, model_config=model_config, settings=settings))
+    ids, mask, answers = task.sample_prompts(kp, b_local)
+    ids, mask = place.to_global((ids, mask))
+    gen = jax.block_until_ready(_rollout(state.params, ids, mask, kr,
+                                         model_config=model_config, settings=settings))
     t1 = time.perf_counter()
     answers_n = [a for a in answers for _ in range(g)]
-    correct = np.asarray(task.score(np.asarray(gen.completion_ids_NxT),
-                                    np.asarray(gen.completion_mask_NxT), answers_n), bool)
+    ids_local = place.local_rows(gen.completion_ids_NxT)
+    correct = np.asarray(task.score(ids_local, place.local_rows(gen.completion_mask_NxT),
+                                    answers_n), bool)
+    counts["process_prompts"] += len(answers)
+    counts["process_rollouts"] += len(ids_local)
+    counts["process_verified"] += len(correct)
     times["rollout"] += t1 - t0
     times["verify"] += time.perf_counter() - t1
-    groups = _group(jnp.asarray(ids), jnp.asarray(mask), gen, jnp.asarray(correct),
-                    settings=settings)
+    groups = _group(ids, mask, gen, place.to_global(correct), settings=settings)
     tries += 1
     sampled += b
     if not dynamic:
       kept = [groups]
       break
-    keep_b = np.asarray(losses.dynamic_sampling_filter(groups.correct, groups.valid).any(-1))
+    keep_b = place.gather(losses.dynamic_sampling_filter(groups.correct, groups.valid).any(-1))
     if keep_b.any():
       kept.append(jax.tree.map(lambda x: x[np.flatnonzero(keep_b)], groups))
       num_kept += int(keep_b.sum())
@@ -119,15 +163,17 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     fill_rate = 1.0
 
   t2 = time.perf_counter()
-  state, metrics = _prepare_and_update(state, ref_params, groups, algo, k_update,
-                                       model_config=model_config, settings=settings,
-                                       optimizer=optimizer)
+  update_fn = _prepare_and_update_donated if donate else _prepare_and_update
+  state, metrics = update_fn(state, ref_params, groups, algo, k_update,
+                             model_config=model_config, settings=settings,
+                             optimizer=optimizer, placement=placement)
   metrics = jax.device_get(metrics)
   times["update"] = time.perf_counter() - t2
   metrics.update({f"time_{k}": v for k, v in times.items()})
   metrics["dynamic_sampling_fill_rate"] = fill_rate
   metrics["dynamic_sampling_tries"] = tries
   metrics["prompts_sampled"] = sampled
+  metrics.update(counts)
   metrics["rollout_tokens_per_s"] = float(metrics["rollout_tokens"]) / max(times["rollout"],
                                                                            1e-9)
   return state, metrics

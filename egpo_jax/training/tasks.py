@@ -21,9 +21,15 @@ def synthetic_task(c: ml_collections.ConfigDict) -> JaxTask:
 
 class JsonlTask:
   """Prompts from a JSONL file (shuffled epochs, this host's shard, exact resume) and
-  rewards from `egpo_jax.rewards` (math-verify in worker processes, hard timeouts)."""
+  rewards from `egpo_jax.rewards` (math-verify in worker processes, hard timeouts).
 
-  def __init__(self, c: ml_collections.ConfigDict, tokenizer: Any, *, seed: int):
+  With several processes, process i reads (and later verifies) rows
+  [i B / n, (i + 1) B / n) of every global batch of B prompts, so the global batches are
+  the same for any number of processes.
+  """
+
+  def __init__(self, c: ml_collections.ConfigDict, tokenizer: Any, *, seed: int,
+               shard_index: int | None = None, shard_count: int | None = None):
     if not c.task.train_file:
       raise ValueError("config.task.train_file is empty: give the training JSONL, e.g. "
                        "--config.task.train_file=/data/train.jsonl")
@@ -35,11 +41,19 @@ class JsonlTask:
     self.read_report = report
     self.tokenizer = tokenizer
     self.reward_kind = c.task.reward
+    if shard_index is None or shard_count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      shard_index, shard_count = jax.process_index(), jax.process_count()
+    if c.rollout.prompts_per_batch % shard_count:
+      raise ValueError(f"config.rollout.prompts_per_batch={c.rollout.prompts_per_batch} "
+                       f"does not split over {shard_count} processes; make it a multiple")
     self.iterator = loader.PromptIterator(
-        recs, batch_size=c.rollout.prompts_per_batch, max_prompt_len=c.task.max_prompt_len,
+        recs, batch_size=c.rollout.prompts_per_batch // shard_count,
+        max_prompt_len=c.task.max_prompt_len,
         encode=templates.encoder(tokenizer, c.task.template,
                                  chat=getattr(tokenizer, "chat_template", None) is not None),
-        seed=seed, pad_id=tokenizer.pad_id)
+        seed=seed, pad_id=tokenizer.pad_id, shard_index=shard_index,
+        shard_count=shard_count, shard_by="batch")
 
   def sample_prompts(self, rng, batch_size: int):
     del rng  # the data iterator decides the order (and resumes exactly)

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -28,7 +29,9 @@ from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import ModelConfig, get_config, load_hf_config
 from egpo_jax.models.tokenizer import HFTokenizer
 from egpo_jax.training import config as config_lib
+from egpo_jax.training import distributed
 from egpo_jax.training import host_loop, iteration, metrics as metrics_lib, tasks, warmup
+from egpo_jax.training import preemption
 from egpo_jax.training.checkpointing import Checkpointer
 from egpo_jax.training.optimizer import make_optimizer
 from egpo_jax.types import TrainState
@@ -38,6 +41,11 @@ log = logging.getLogger(__name__)
 CURVES = ("accuracy", "val_accuracy", "val_auroc", "entropy_gap", "val_entropy_gap",
           "frac_all_wrong", "frac_nsr_only_adv", "mean_weight_correct", "mean_weight_wrong",
           "response_length", "clipfrac_high", "grad_norm")
+
+
+# This process's share of the host-verified work (prompts read, responses decoded and
+# verified), summed over the iterations of this call into the summary's "process_share".
+PROCESS_SHARE = ("process_prompts", "process_rollouts", "process_verified")
 
 
 class NonFiniteError(RuntimeError):
@@ -98,19 +106,19 @@ def _chunk_end(it: int, total: int, per_call: int, every: int) -> int:
 
 
 def _run_chunk_fn(exp: Experiment, optimizer, c: ml_collections.ConfigDict, ref_params,
-                  host_task: tasks.JsonlTask | None):
+                  host_task: tasks.JsonlTask | None, mesh: jax.sharding.Mesh, state):
   """Returns run(state, rng, num_iterations) -> (state, rng, [per-iteration metrics]):
-  one jitted scan for a jnp task, else host-verified iterations one at a time."""
+  one jitted scan for a jnp task, else host-verified iterations one at a time; both on
+  `mesh` (state sharded, batches split over its data x fsdp axes, state donated)."""
   if exp.jitted:
-    run = jax.jit(functools.partial(
-        iteration.run_iterations, task=exp.task, model_config=exp.model_config,
-        optimizer=optimizer, settings=exp.settings), static_argnames=("num_iterations",),
-        donate_argnums=(0,))
+    run = distributed.jit_iterations(mesh, state, ref_params, task=exp.task,
+                                     model_config=exp.model_config, optimizer=optimizer,
+                                     settings=exp.settings)
 
     def run_jitted(state, rng, num_iterations):
       t0 = time.perf_counter()
-      state, rng, chunk = run(state, rng, exp.algo, num_iterations=num_iterations,
-                              ref_params=ref_params)
+      with jax.set_mesh(mesh):
+        state, rng, chunk = run(state, rng, exp.algo, ref_params, num_iterations)
       chunk = jax.device_get(chunk)
       dt = (time.perf_counter() - t0) / num_iterations
       rows = [{k: v[i] for k, v in chunk.items()} for i in range(num_iterations)]
@@ -120,21 +128,26 @@ def _run_chunk_fn(exp: Experiment, optimizer, c: ml_collections.ConfigDict, ref_
       return state, rng, rows
     return run_jitted
 
+  placement = distributed.BatchPlacement(mesh, distributed.state_shardings(state, mesh))
+
   def run_host(state, rng, num_iterations):
     rows = []
     for _ in range(num_iterations):
       t0 = time.perf_counter()
       rng, key = jax.random.split(rng)
-      state, row = host_loop.host_iteration(
-          state, key, exp.algo, task=host_task.host_task(),
-          model_config=exp.model_config, optimizer=optimizer, settings=exp.settings,
-          ref_params=ref_params, max_tries=c.dynamic_sampling.max_tries)
+      with jax.set_mesh(mesh):
+        state, row = host_loop.host_iteration(
+            state, key, exp.algo, task=host_task.host_task(),
+            model_config=exp.model_config, optimizer=optimizer, settings=exp.settings,
+            ref_params=ref_params, max_tries=c.dynamic_sampling.max_tries,
+            placement=placement, donate=True)
       row["seconds_per_iteration"] = time.perf_counter() - t0
       rows.append(row)
     return state, rng, rows
   return run_host
 
 
+@preemption.honours_sigterm
 def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           stop_at_iteration: int | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) the job in `workdir`; returns the summary it also writes as JSON.
@@ -142,19 +155,24 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   `stop_at_iteration` ends the run early after the checkpoint at that iteration (as a
   kill would, minus the lost work) and returns None; the next call resumes.
   """
-  # Build: model, tokenizer, task, optimizer.
+  # Join the other processes (before anything touches a device); build the model,
+  # tokenizer, task, optimizer; the device mesh.
+  distributed.initialize(distributed.spec_from_config(c))
   exp = build(c)
+  mesh = distributed.mesh_from_config(c)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c.to_json_best_effort(indent=2))
+  if distributed.is_metrics_writer():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=2))
   total = int(c.train.iterations)
   rl_opt = _rl_optimizer(c, total)
   k_init, k_warm, k_eval, k_rl = jax.random.split(jax.random.PRNGKey(c.seed), 4)
   if c.model.preset == "hf":
-    params = hf_io.load_hf_params(c.model.path, exp.model_config)
+    params = hf_io.load_hf_params(c.model.path, exp.model_config, mesh=mesh)
   else:
     params = transformer.init_params(exp.model_config, k_init)
-  state = TrainState.create(params, rl_opt.init(params))
+  state = _on_mesh(TrainState.create(params, rl_opt.init(params)), mesh)
+  params, k_rl = state.params, distributed.put(k_rl, distributed.replicated(mesh))
   host_task = None if exp.jitted else tasks.JsonlTask(c, exp.tokenizer, seed=c.seed)
   use_ref = bool(c.loss.kl_coef)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.keep_checkpoints)
@@ -177,16 +195,17 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     start, warmup_info = 0, {}
     if c.warmup.steps > 0:
       state, warmup_info = _warm_up(state, k_warm, exp, c)
-      state = TrainState.create(state.params, rl_opt.init(state.params))
-    ref_params = state.params if use_ref else None
+      state = _on_mesh(TrainState.create(state.params, rl_opt.init(state.params)), mesh)
+    # A copy: the RL loop donates the train state's buffers.
+    ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
     eval_before = (evaluate(state.params, k_eval, exp, num_prompts=c.train.eval_prompts)
                    if exp.jitted else {})
     ckpt.save(0, tree(state, k_rl, ref_params),
               _extra(c, eval_before, warmup_info, 0, host_task), force=True)
 
   # RL: chunks of iterations between host syncs; metrics, checkpoints, non-finite guard.
-  run = _run_chunk_fn(exp, rl_opt, c, ref_params, host_task)
-  it, times = start, []
+  run = _run_chunk_fn(exp, rl_opt, c, ref_params, host_task, mesh, state)
+  it, times, share = start, [], {"process_index": jax.process_index()}
   bar = tqdm.tqdm(total=total, initial=start, desc="RL", disable=not progress, unit="it")
   eval_after = None
   while it < total:
@@ -202,6 +221,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     for i, row in enumerate(rows):
       writer.write(it + i + 1, row)
       times.append(row["seconds_per_iteration"])
+      for k in PROCESS_SHARE:
+        share[k] = share.get(k, 0) + int(row.get(k, 0))
     it = end
     bar.update(end - bar.n)
     bar.set_postfix(acc=f"{float(rows[-1]['accuracy']):.3f}")
@@ -214,6 +235,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     if it % c.train.checkpoint_every == 0 or it == total:
       ckpt.save(it, tree(state, k_rl, ref_params),
                 _extra(c, eval_before, warmup_info, it, host_task))
+    if it < total and preemption.stop_requested(it):   # SIGTERM: save this iteration, stop
+      bar.close()
+      writer.close()
+      preemption.checkpoint_and_raise(it, ckpt, tree(state, k_rl, ref_params),
+                                      _extra(c, eval_before, warmup_info, it, host_task))
     if stop_at_iteration is not None and stop_at_iteration <= it < total:
       bar.close()
       ckpt.close()
@@ -230,13 +256,20 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   summary = {"eval_before_rl": eval_before, "eval_after_rl": eval_after,
              "warmup": warmup_info, "iterations": total,
              "nonfinite_skipped": int(state.nonfinite_total),
-             "median_seconds_per_iteration": float(np.median(times)) if times else None}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  rows = metrics_lib.read_jsonl(writer.path)
-  metrics_lib.plot_curves(rows, CURVES, os.path.join(workdir, "curves.png"),
-                          title=f"{c.algo.advantage} ({c.algo.variant})")
+             "median_seconds_per_iteration": float(np.median(times)) if times else None,
+             "process_share": share}
+  if distributed.is_metrics_writer():
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    rows = metrics_lib.read_jsonl(writer.path)
+    metrics_lib.plot_curves(rows, CURVES, os.path.join(workdir, "curves.png"),
+                            title=f"{c.algo.advantage} ({c.algo.variant})")
   return summary
+
+
+def _on_mesh(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+  """The train state placed on the mesh: params and AdamW moments sharded alike."""
+  return distributed.put(state, distributed.state_shardings(state, mesh))
 
 
 def _validate(params, k_eval, exp: Experiment, c: ml_collections.ConfigDict,
@@ -280,6 +313,10 @@ def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,
   ref = {"ref": params} if c.loss.kl_coef else {}
   abstract = jax.eval_shape(lambda p: {"train": TrainState.create(p, opt.init(p)),
                                        "rng": jax.random.PRNGKey(0), **ref}, params)
+  # Onto this process's first device, whatever mesh and process count wrote it.
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                          abstract)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     if step is None:

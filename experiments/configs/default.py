@@ -97,4 +97,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_prompts = 256       # validation prompts (x4 samples), a fixed set
   c.train.eval_every = 20          # validation (accuracy, calibration) every N iterations
   c.train.tensorboard = True
+
+  # Devices: a (data, fsdp, tensor) mesh over every device of every process; -1 = the
+  # rest. See docs/LAUNCHING.md for what each axis splits and how to launch on many hosts.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  # Multi-process runs: "auto" joins when num_processes > 1; "on" also lets JAX detect a
+  # Cloud TPU pod slice, SLURM or Open MPI. Empty / 0 / -1 read EGPO_COORDINATOR_ADDRESS,
+  # EGPO_NUM_PROCESSES, EGPO_PROCESS_ID from the environment.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = "auto"      # auto | on | off
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.timeout_s = 300
   return c
