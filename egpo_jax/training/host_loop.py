@@ -50,8 +50,8 @@ def _rollout(params, ids, mask, rng, *, model_config, settings):
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def _group(ids, mask, gen, correct, *, settings):
-  return iteration.group_batch(ids, mask, gen, correct, settings)
+def _group(ids, mask, gen, correct, overlong=None, *, settings):
+  return iteration.group_batch(ids, mask, gen, correct, settings, overlong)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "settings", "optimizer",
@@ -62,7 +62,8 @@ def _prepare_and_update(state, ref_params, groups, algo, rng, *, model_config, s
                                            model_config=model_config, settings=settings)
   state, update_metrics = update_lib.update(state, batch, rng, optimizer=optimizer,
                                             model_config=model_config,
-                                            settings=settings.update)
+                                            settings=settings.update,
+                                            switches=algo.loss_switches())
   if getattr(placement, "state_shardings", None) is not None:
     # The state leaves as it came, so the next iteration's jits see the same shardings.
     state = jax.lax.with_sharding_constraint(state, placement.state_shardings)
@@ -138,7 +139,8 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     counts["process_verified"] += len(correct)
     times["rollout"] += t1 - t0
     times["verify"] += time.perf_counter() - t1
-    groups = _group(ids, mask, gen, place.to_global(correct), settings=settings)
+    groups = _group(ids, mask, gen, place.to_global(correct), algo.overlong,
+                    settings=settings)
     tries += 1
     sampled += b
     if not dynamic:

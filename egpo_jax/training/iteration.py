@@ -42,21 +42,66 @@ class JaxTask(NamedTuple):
   verify: Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
+# Codes of `AlgoArrays.estimator`: index into the stacked outputs of the estimators.
+ESTIMATORS = ("egpo", "grpo", "dr_grpo", "edge_grpo")
+
+
 class AlgoArrays(NamedTuple):
-  """The parts of the advantage estimator that may differ between vmapped runs.
+  """The parts of the algorithm that may differ between vmapped runs, as arrays.
 
   With calibrate=False and nsr=False, EGPO's advantage is GRPO's, so GRPO, EGPO and the
-  C1-C6 variants can share one compiled training loop.
+  C1-C6 variants can share one compiled training loop. The optional switches below
+  extend that to Dr.GRPO, DAPO and EDGE-GRPO; a switch left None keeps the behaviour of
+  the static `IterationSettings` (so `create(...)` runs exactly as before):
+
+    estimator: int32 index into `ESTIMATORS`, the advantage of this run (all four are
+      computed and one is selected; "edge_grpo" needs SamplingSpec.return_entropy).
+    eps_high: float32 upper ratio clip (DAPO's clip-higher: 0.28).
+    seq_sum_norm: bool, Dr.GRPO's "seq-mean-token-sum-norm" loss aggregation instead of
+      `settings.update.aggregation`.
+    overlong: bool, DAPO's soft overlong penalty (needs settings.overlong_buffer > 0).
+    dynamic_sampling: bool, DAPO's dynamic sampling. With
+      settings.dynamic_sampling_oversample = k > 1 every run samples k * B prompts; a run
+      with this switch keeps the first B mixed groups, the others the first B groups.
   """
   variant: adv_lib.EGPOVariant
   calibrate: jax.Array
   nsr: jax.Array
+  estimator: jax.Array | None = None
+  eps_high: jax.Array | None = None
+  seq_sum_norm: jax.Array | None = None
+  overlong: jax.Array | None = None
+  dynamic_sampling: jax.Array | None = None
 
   @classmethod
   def create(cls, variant: str = "egpo", *, lam_min: float = 0.8, lam_max: float = 2.0,
              calibrate: bool = True, nsr: bool = True) -> "AlgoArrays":
     v = adv_lib.egpo_variant(variant, lam_min=lam_min, lam_max=lam_max)
     return cls(v, jnp.asarray(calibrate), jnp.asarray(nsr))
+
+  @classmethod
+  def create_switched(cls, variant: str = "egpo", *, estimator: str = "egpo",
+                      lam_min: float = 0.8, lam_max: float = 2.0, calibrate: bool = True,
+                      nsr: bool = True, eps_high: float = 0.2, seq_sum_norm: bool = False,
+                      overlong: bool = False, dynamic_sampling: bool = False
+                      ) -> "AlgoArrays":
+    """Every switch set, so that runs of different algorithms stack and vmap together."""
+    if estimator not in ESTIMATORS:
+      raise ValueError(f"AlgoArrays.estimator={estimator!r}: use one of {ESTIMATORS}")
+    if eps_high < 0:
+      raise ValueError(f"AlgoArrays.eps_high={eps_high} must be >= 0")
+    base = cls.create(variant, lam_min=lam_min, lam_max=lam_max, calibrate=calibrate,
+                      nsr=nsr)
+    return base._replace(
+        estimator=jnp.int32(ESTIMATORS.index(estimator)),
+        eps_high=jnp.float32(eps_high), seq_sum_norm=jnp.asarray(seq_sum_norm),
+        overlong=jnp.asarray(overlong), dynamic_sampling=jnp.asarray(dynamic_sampling))
+
+  def loss_switches(self) -> update_lib.LossSwitches | None:
+    """The switches the update reads (None when neither is set)."""
+    if self.eps_high is None and self.seq_sum_norm is None:
+      return None
+    return update_lib.LossSwitches(self.eps_high, self.seq_sum_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +146,38 @@ class IterationSettings:
 def compute_advantages(rewards_BxG, correct_BxG, valid_BxG, entropy_BxG, shannon_BxG,
                        algo: AlgoArrays, settings: IterationSettings
                        ) -> adv_lib.AdvantageOutput:
-  """Dispatches to the registered estimator; EGPO reads its variant from `algo`."""
-  if settings.advantage == "egpo":
+  """Dispatches to the registered estimator; EGPO reads its variant from `algo`.
+
+  With `algo.estimator` set, the estimators of `ESTIMATORS` are all evaluated (each is
+  [B, G] arithmetic) and the run's is selected, so the choice can be traced.
+  """
+  if algo.estimator is not None:
+    if shannon_BxG is None:
+      raise ValueError("AlgoArrays.estimator may select edge_grpo, which needs the "
+                       "sampler's Shannon entropy: build the SamplingSpec with "
+                       "return_entropy=True")
+    outs = [_static_advantages(name, rewards_BxG, correct_BxG, valid_BxG, entropy_BxG,
+                               shannon_BxG, algo, settings) for name in ESTIMATORS]
+    return jax.tree.map(lambda *x: jnp.stack(x)[algo.estimator], *outs)
+  return _static_advantages(settings.advantage, rewards_BxG, correct_BxG, valid_BxG,
+                            entropy_BxG, shannon_BxG, algo, settings)
+
+
+def _static_advantages(name, rewards_BxG, correct_BxG, valid_BxG, entropy_BxG, shannon_BxG,
+                       algo: AlgoArrays, settings: IterationSettings
+                       ) -> adv_lib.AdvantageOutput:
+  if name == "egpo":
     return adv_lib.egpo_advantages(
         rewards_BxG, entropy_BxG, correct_BxG=correct_BxG, valid_BxG=valid_BxG,
         eps_h=settings.eps_h, variant=algo.variant, nsr=algo.nsr,
         nsr_advantage=settings.nsr_advantage, calibrate=algo.calibrate,
         ddof=settings.ddof, std_eps=settings.std_eps)
-  fn = registry.advantage_estimators.get(settings.advantage)
+  fn = registry.advantage_estimators.get(name)
   kwargs: dict[str, Any] = {"correct_BxG": correct_BxG, "valid_BxG": valid_BxG,
                             "entropy_BxG": entropy_BxG, "shannon_BxG": shannon_BxG}
-  if settings.advantage in ("grpo", "edge_grpo"):
+  if name in ("grpo", "edge_grpo"):
     kwargs.update(ddof=settings.ddof, std_eps=settings.std_eps)
-  if settings.advantage == "edge_grpo":
+  if name == "edge_grpo":
     kwargs.update(clamp=settings.edge_clamp)
   return fn(rewards_BxG, **kwargs)
 
@@ -129,23 +193,31 @@ class GroupBatch(NamedTuple):
 
 
 def shaped_rewards(correct_N: jax.Array, lengths_N: jax.Array,
-                   settings: IterationSettings) -> jax.Array:
-  """+1/-1 by correctness (Eq. 1), plus DAPO's soft overlong penalty when enabled."""
+                   settings: IterationSettings, overlong: jax.Array | None = None
+                   ) -> jax.Array:
+  """+1/-1 by correctness (Eq. 1), plus DAPO's soft overlong penalty when enabled.
+
+  `overlong` (a traced bool, `AlgoArrays.overlong`) switches the penalty off per run.
+  """
   rewards_N = jnp.where(correct_N, settings.reward_correct, settings.reward_wrong)
   if settings.overlong_buffer > 0:
-    rewards_N = rewards_N + losses.overlong_penalty(
+    penalty_N = losses.overlong_penalty(
         lengths_N, max_len=settings.sampling.max_new_tokens,
         cache_len=settings.overlong_buffer)
+    if overlong is not None:
+      penalty_N = jnp.where(overlong, penalty_N, 0.0)
+    rewards_N = rewards_N + penalty_N
   return rewards_N
 
 
 def group_batch(prompt_ids_BxP, prompt_mask_BxP, gen: engine.Generation, correct_N,
-                settings: IterationSettings) -> GroupBatch:
+                settings: IterationSettings, overlong: jax.Array | None = None
+                ) -> GroupBatch:
   """Rewards and the [B, G] layout of a rollout (rows of `gen` are b * G + g)."""
   g = settings.group_size
   b = prompt_ids_BxP.shape[0]
   fields = _fields(gen)
-  rewards_N = shaped_rewards(correct_N, fields["lengths_N"], settings)
+  rewards_N = shaped_rewards(correct_N, fields["lengths_N"], settings, overlong)
   return GroupBatch(
       prompt_ids=jnp.repeat(prompt_ids_BxP, g, 0).reshape(b, g, -1),
       prompt_mask=jnp.repeat(prompt_mask_BxP, g, 0).reshape(b, g, -1),
@@ -254,19 +326,28 @@ def rl_iteration(state: TrainState, rng: jax.Array, algo: AlgoArrays, *, task: J
   # 2. Verify and reward.
   answers_N = jax.tree.map(lambda a: jnp.repeat(a, settings.group_size, axis=0), answers_B)
   correct_N = task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT, answers_N)
-  groups = group_batch(prompt_ids_BxP, prompt_mask_BxP, gen, correct_N, settings)
+  groups = group_batch(prompt_ids_BxP, prompt_mask_BxP, gen, correct_N, settings,
+                       algo.overlong)
 
   # 3. DAPO dynamic sampling (jitted: a fixed over-sampling factor and masks).
   fill_rate = jnp.ones((), jnp.float32)
   if settings.dynamic_sampling_oversample > 1:
-    groups, fill_rate = select_mixed_groups(groups, b)
+    mixed, fill_rate = select_mixed_groups(groups, b)
+    if algo.dynamic_sampling is None:
+      groups = mixed
+    else:   # per run: the mixed groups, or the first B groups as sampled
+      first = jax.tree.map(lambda x: x[:b], groups)
+      groups = jax.tree.map(lambda m, f: jnp.where(algo.dynamic_sampling, m, f), mixed,
+                            first)
+      fill_rate = jnp.where(algo.dynamic_sampling, fill_rate, 1.0)
 
   # 4. Old log-probs, entropy proxy, advantages; 5. the update.
   batch, metrics = prepare_batch(state.params, ref_params, groups, algo,
                                  model_config=model_config, settings=settings)
   state, update_metrics = update_lib.update(state, batch, k_update, optimizer=optimizer,
                                             model_config=model_config,
-                                            settings=settings.update)
+                                            settings=settings.update,
+                                            switches=algo.loss_switches())
   return state, {**metrics, **update_metrics, "dynamic_sampling_fill_rate": fill_rate}
 
 

@@ -165,7 +165,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(c.to_json_best_effort(indent=2))
   total = int(c.train.iterations)
-  rl_opt = _rl_optimizer(c, total)
+  rl_opt = rl_optimizer(c, total)
   k_init, k_warm, k_eval, k_rl = jax.random.split(jax.random.PRNGKey(c.seed), 4)
   if c.model.preset == "hf":
     params = hf_io.load_hf_params(c.model.path, exp.model_config, mesh=mesh)
@@ -194,7 +194,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   else:
     start, warmup_info = 0, {}
     if c.warmup.steps > 0:
-      state, warmup_info = _warm_up(state, k_warm, exp, c)
+      state, warmup_info = warm_up(state, k_warm, exp, c)
       state = _on_mesh(TrainState.create(state.params, rl_opt.init(state.params)), mesh)
     # A copy: the RL loop donates the train state's buffers.
     ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
@@ -289,7 +289,8 @@ def _extra(c, eval_before, warmup_info, iteration_, host_task) -> dict[str, Any]
   return extra
 
 
-def _rl_optimizer(c: ml_collections.ConfigDict, total: int):
+def rl_optimizer(c: ml_collections.ConfigDict, total: int):
+  """The RL optimizer of config `c` for a run of `total` iterations (its schedule length)."""
   return make_optimizer(lr=c.optim.lr, schedule=c.optim.schedule,
                         warmup_steps=c.optim.warmup_steps,
                         total_steps=max(1, total * c.ppo.epochs * c.ppo.minibatches),
@@ -309,7 +310,7 @@ def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,
   exp = build(c)
   params = jax.eval_shape(lambda: transformer.init_params(exp.model_config,
                                                           jax.random.PRNGKey(0)))
-  opt = _rl_optimizer(c, int(c.train.iterations))
+  opt = rl_optimizer(c, int(c.train.iterations))
   ref = {"ref": params} if c.loss.kl_coef else {}
   abstract = jax.eval_shape(lambda p: {"train": TrainState.create(p, opt.init(p)),
                                        "rng": jax.random.PRNGKey(0), **ref}, params)
@@ -331,8 +332,9 @@ def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,
   return step, tree["train"], extra
 
 
-def _warm_up(state: TrainState, rng: jax.Array, exp: Experiment,
-             c: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, Any]]:
+def warm_up(state: TrainState, rng: jax.Array, exp: Experiment,
+            c: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, Any]]:
+  """Supervised warm-up on the synthetic task (`c.warmup`); returns the state and its losses."""
   opt = make_optimizer(lr=c.warmup.lr, schedule="cosine", warmup_steps=min(50, c.warmup.steps),
                        total_steps=c.warmup.steps, grad_clip=1.0)
   state = TrainState.create(state.params, opt.init(state.params))

@@ -8,7 +8,8 @@ so one update with 1 or k micro-batches is the same update.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -47,6 +48,19 @@ class UpdateSettings:
         raise ValueError(f"update.{field}={getattr(self, field)} must be >= 1")
 
 
+class LossSwitches(NamedTuple):
+  """Per-run (traced) overrides of the loss, so that runs of DAPO (clip-higher) and
+  Dr.GRPO (its aggregation) vmap with the others; None keeps `UpdateSettings`.
+
+  Attributes:
+    eps_high: float32 upper ratio clip, replacing settings.eps_high.
+    seq_sum_norm: bool; True aggregates with "seq-mean-token-sum-norm" (Dr.GRPO),
+      False with settings.aggregation. Both losses are computed and one is selected.
+  """
+  eps_high: jax.Array | None = None
+  seq_sum_norm: jax.Array | None = None
+
+
 def response_logprobs(params: Any, prompt_ids_NxP: jax.Array, prompt_mask_NxP: jax.Array,
                       completion_ids_NxT: jax.Array, completion_mask_NxT: jax.Array, *,
                       model_config: ModelConfig, temperature: float = 1.0,
@@ -69,19 +83,28 @@ def response_logprobs(params: Any, prompt_ids_NxP: jax.Array, prompt_mask_NxP: j
 
 
 def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_config,
-                settings: UpdateSettings):
+                settings: UpdateSettings, switches: LossSwitches | None = None):
   logps = response_logprobs(params, batch.prompt_ids_NxP, batch.prompt_mask_NxP,
                             batch.completion_ids_NxT, batch.completion_mask_NxT,
                             model_config=model_config, temperature=settings.temperature,
                             chunk_size=settings.logprob_chunk)
-  return registry.policy_losses.get(settings.loss)(
+  switches = switches or LossSwitches()
+  loss_fn = functools.partial(
+      registry.policy_losses.get(settings.loss),
       logps, batch.old_logps_NxT, batch.adv_N, batch.completion_mask_NxT,
-      eps_low=settings.eps_low, eps_high=settings.eps_high, dual_clip=settings.dual_clip,
-      agg=settings.aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+      eps_low=settings.eps_low,
+      eps_high=settings.eps_high if switches.eps_high is None else switches.eps_high,
+      dual_clip=settings.dual_clip, num_tokens=num_tokens, num_seqs=num_seqs,
       max_len=batch.completion_ids_NxT.shape[1],
       ref_logps_NxT=batch.ref_logps_NxT if settings.kl_coef else None,
       kl_coef=settings.kl_coef, kl_estimator=settings.kl_estimator,
       is_weights_NxT=batch.is_weights_NxT)
+  if switches.seq_sum_norm is None:
+    return loss_fn(agg=settings.aggregation)
+  # A select, not a branch: the unselected loss contributes an exact zero gradient.
+  return jax.tree.map(lambda norm, base: jnp.where(switches.seq_sum_norm, norm, base),
+                      loss_fn(agg="seq-mean-token-sum-norm"),
+                      loss_fn(agg=settings.aggregation))
 
 
 def _split(tree: Any, parts: int) -> Any:
@@ -90,7 +113,8 @@ def _split(tree: Any, parts: int) -> Any:
 
 def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
                    optimizer: optax.GradientTransformation, model_config: ModelConfig,
-                   settings: UpdateSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+                   settings: UpdateSettings, switches: LossSwitches | None = None
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a minibatch, its gradient accumulated over micro-batches."""
   mask = minibatch.completion_mask_NxT.astype(jnp.float32)
   num_tokens = jnp.maximum(mask.sum(), 1.0)
@@ -100,7 +124,8 @@ def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
   def micro(carry, mb):
     loss_acc, grad_acc = carry
     (loss, aux), grads = grad_fn(state.params, mb, num_tokens, num_seqs,
-                                 model_config=model_config, settings=settings)
+                                 model_config=model_config, settings=settings,
+                                 switches=switches)
     return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), aux
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -114,8 +139,11 @@ def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
 
 def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
            optimizer: optax.GradientTransformation, model_config: ModelConfig,
-           settings: UpdateSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+           settings: UpdateSettings, switches: LossSwitches | None = None
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
   """PPO epochs x minibatches as one `lax.scan`; returns metrics averaged over steps.
+
+  `switches` are per-run traced overrides of the loss (`LossSwitches`).
 
   Each epoch shuffles the responses; within a minibatch they are ordered by length so
   that micro-batches hold responses of similar length (`padding_fraction` reports the
@@ -138,7 +166,8 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
         return jax.tree.map(lambda x: x[jnp.argsort(-lengths, stable=True)], mb)
       minis = jax.vmap(order)(minis)
     step = lambda s, mb: minibatch_step(s, mb, optimizer=optimizer,
-                                        model_config=model_config, settings=settings)
+                                        model_config=model_config, settings=settings,
+                                        switches=switches)
     return jax.lax.scan(step, state, minis)
 
   state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, settings.ppo_epochs))

@@ -25,13 +25,13 @@ def test_warmup_band_and_rl_lift():
   c = default.get_config()
   exp = train_lib.build(c)
   params = transformer.init_params(exp.model_config, jax.random.PRNGKey(0))
-  warm, info = train_lib._warm_up(TrainState.create(params, None), jax.random.PRNGKey(1),
+  warm, info = train_lib.warm_up(TrainState.create(params, None), jax.random.PRNGKey(1),
                                   exp, c)
   eval_key = jax.random.PRNGKey(2)
   before = train_lib.evaluate(warm.params, eval_key, exp, num_prompts=256)["accuracy"]
   assert WARMUP_BAND[0] <= before <= WARMUP_BAND[1], (before, info)
 
-  opt = train_lib._rl_optimizer(c, ITERATIONS)
+  opt = train_lib.rl_optimizer(c, ITERATIONS)
   state = TrainState.create(warm.params, opt.init(warm.params))
   algos = {"egpo": iteration.AlgoArrays.create("egpo"),
            "grpo": iteration.AlgoArrays.create("egpo", calibrate=False, nsr=False)}

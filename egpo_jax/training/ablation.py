@@ -1,0 +1,391 @@
+"""Ablations as one compiled program: algorithms x seeds vmapped through the jitted loop.
+
+    setup = ablation.setup(config)                 # build + supervised warm start, once
+    algos = ablation.algorithms()                   # {"grpo": AlgoArrays, ..., "c6": ...}
+    result = ablation.run(setup, algos, seeds=(0, 1, 2), num_iterations=40, eval_every=10)
+    stats = ablation.summarize(result["val"]["accuracy"][:, :, -1], result["names"])
+
+Every algorithm is an `iteration.AlgoArrays` with all switches set, so GRPO, Dr.GRPO,
+DAPO, EDGE-GRPO, EGPO and C1-C6 (paper Table 2) differ only in array values and train
+in ONE compiled `lax.scan`, vmapped over runs = algorithms x seeds. What each name means
+here (EGPO_METHOD.md, "Baselines"), on top of the config's shared settings (token-mean
+aggregation, clip 0.2/0.2, +1/-1 rewards, no KL):
+
+  grpo       GRPO z-score (Eq. 2); degenerate groups get 0.
+  dr_grpo    r - mean(r) (no std division) and the seq-mean-token-sum-norm loss.
+  dapo       GRPO z-score + clip-higher (eps_high 0.28) + soft overlong shaping (buffer
+             `overlong_buffer`) + dynamic sampling: with `oversample` k > 1 EVERY run
+             samples k * B prompts (one static shape); DAPO keeps the first B mixed groups
+             (slots it cannot fill are masked), the others use the first B groups. With
+             k = 1 "dapo" is DAPO without dynamic sampling.
+  edge_grpo  z-score x mean(P) / P_i, P the mean Shannon entropy, clamped to
+             `IterationSettings.edge_clamp` (the EGPO authors' (0.5, 2.0)); without
+             EDGE-GRPO's guided error correction (hint regeneration).
+  egpo, c1..c6  EGPO (Eqs. 6-11) and its Table 2 variants (c3 is "lock_one").
+
+Runs of one seed share the warm-started model, the RL random stream (prompts and
+sampling keys) and the validation prompts, so differences between algorithms at one
+seed are paired; `summarize` reports means with t-distribution 95% confidence intervals
+over seeds and paired t-tests against reference algorithms, Holm-corrected per metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from scipy import stats as scipy_stats
+
+from egpo_jax.core import entropy as entropy_lib
+from egpo_jax.evaluation import calibration
+from egpo_jax.models import transformer
+from egpo_jax.models.config import ModelConfig
+from egpo_jax.sampling import engine
+from egpo_jax.training import iteration, train
+from egpo_jax.types import TrainState
+
+ALGORITHMS = ("grpo", "dr_grpo", "dapo", "edge_grpo", "egpo", "c1", "c2", "c3", "c4", "c5",
+              "c6")
+DAPO_EPS_HIGH = 0.28
+VALIDATION_METRICS = ("accuracy", "auroc", "entropy_gap", "mean_entropy_correct",
+                      "mean_entropy_wrong", "ece")
+
+
+def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
+              eps_high: float = 0.2, dapo_eps_high: float = DAPO_EPS_HIGH
+              ) -> iteration.AlgoArrays:
+  """The named algorithm (see the module doc) as fully switched `AlgoArrays`.
+
+  Args:
+    name: one of `ALGORITHMS` (or "lock_one" for c3); case-insensitive.
+    lam_min, lam_max: EGPO's clamp bounds (Eq. 8) for egpo and c1-c6.
+    eps_high: the upper ratio clip of every algorithm but DAPO (the config's 0.2).
+    dapo_eps_high: DAPO's clip-higher.
+  """
+  key = name.lower()
+  key = "c3" if key == "lock_one" else key
+  create = functools.partial(iteration.AlgoArrays.create_switched, lam_min=lam_min,
+                             lam_max=lam_max, eps_high=eps_high)
+  if key == "grpo":
+    return create(estimator="grpo", calibrate=False, nsr=False)
+  if key == "dr_grpo":
+    return create(estimator="dr_grpo", calibrate=False, nsr=False, seq_sum_norm=True)
+  if key == "dapo":
+    return create(estimator="grpo", calibrate=False, nsr=False, eps_high=dapo_eps_high,
+                  overlong=True, dynamic_sampling=True)
+  if key == "edge_grpo":
+    return create(estimator="edge_grpo", calibrate=False, nsr=False)
+  if key == "egpo" or key in ("c1", "c2", "c3", "c4", "c5", "c6"):
+    return create(key, estimator="egpo")
+  raise ValueError(f"unknown algorithm {name!r}; known: {list(ALGORITHMS)} (or 'lock_one')")
+
+
+def algorithms(names: Sequence[str] = ALGORITHMS, **kwargs) -> dict[str, iteration.AlgoArrays]:
+  """{name: algorithm(name, **kwargs)}, in the given order."""
+  if len(set(names)) != len(names):
+    raise ValueError(f"algorithm names must be unique, got {list(names)}")
+  return {n: algorithm(n, **kwargs) for n in names}
+
+
+def stack(algos: Sequence[iteration.AlgoArrays]) -> iteration.AlgoArrays:
+  """Stacks fully switched AlgoArrays along a new leading (run) axis."""
+  if not algos:
+    raise ValueError("stack needs at least one AlgoArrays")
+  for a in algos:
+    if any(x is None for x in a):
+      raise ValueError("every AlgoArrays of an ablation needs all switches set; build "
+                       "them with ablation.algorithm(...) or AlgoArrays.create_switched")
+  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *algos)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every run of an ablation shares: the experiment, the warm-started state, the
+  optimizer, the shared iteration settings and the validation settings."""
+  experiment: train.Experiment
+  settings: iteration.IterationSettings
+  optimizer: optax.GradientTransformation
+  state: TrainState
+  warmup: dict[str, Any]
+  eval_spec: engine.SamplingSpec
+  eval_prompts: int
+  eval_rng: jax.Array
+
+
+def setup(c: ml_collections.ConfigDict, *, oversample: int = 2,
+          overlong_buffer: int | None = None, eval_prompts: int | None = None,
+          eval_samples: int = 4) -> Setup:
+  """Builds the experiment of config `c` (synthetic task) and warm-starts its model once.
+
+  Args:
+    c: a trainer config (e.g. experiments/configs/default.py); its model, task, rollout,
+      loss and optimizer settings are shared by all runs; its algo fields are ignored
+      (each run's algorithm is an AlgoArrays).
+    oversample: prompts sampled per iteration = oversample x rollout.prompts_per_batch,
+      for DAPO's dynamic sampling (1: DAPO without it).
+    overlong_buffer: DAPO's soft overlong buffer in tokens; default a quarter of
+      rollout.max_new_tokens.
+    eval_prompts: fixed validation prompts (default config.train.eval_prompts).
+    eval_samples: samples per validation prompt.
+  """
+  if c.task.name != "synthetic":
+    raise ValueError(f"config.task.name={c.task.name!r}: ablations run the jitted loop, "
+                     "which needs the synthetic (jnp) task")
+  if oversample < 1:
+    raise ValueError(f"oversample={oversample} must be >= 1")
+  if overlong_buffer is None:
+    overlong_buffer = max(1, c.rollout.max_new_tokens // 4)
+  if not 0 < overlong_buffer <= c.rollout.max_new_tokens:
+    raise ValueError(f"overlong_buffer={overlong_buffer} must be in [1, "
+                     f"rollout.max_new_tokens={c.rollout.max_new_tokens}]")
+  exp = train.build(c)
+  sampling = dataclasses.replace(exp.settings.sampling, return_entropy=True)
+  settings = dataclasses.replace(exp.settings, sampling=sampling, advantage="egpo",
+                                 dynamic_sampling_oversample=oversample,
+                                 overlong_buffer=overlong_buffer)
+  optimizer = train.rl_optimizer(c, int(c.train.iterations))
+  # The trainer's key split, so the warm start is the one `train.train` makes.
+  k_init, k_warm, k_eval, _ = jax.random.split(jax.random.PRNGKey(c.seed), 4)
+  params = transformer.init_params(exp.model_config, k_init)
+  state = TrainState.create(params, optimizer.init(params))
+  info: dict[str, Any] = {}
+  if c.warmup.steps > 0:
+    state, info = train.warm_up(state, k_warm, exp, c)
+    state = TrainState.create(state.params, optimizer.init(state.params))
+  eval_spec = dataclasses.replace(sampling, group_size=eval_samples, return_entropy=False)
+  return Setup(exp, settings, optimizer, state, info, eval_spec,
+               int(eval_prompts or c.train.eval_prompts), k_eval)
+
+
+def validation_metrics(params: Any, rng: jax.Array, *, task: iteration.JaxTask,
+                       model_config: ModelConfig, spec: engine.SamplingSpec,
+                       num_prompts: int) -> dict[str, jax.Array]:
+  """Sampled accuracy and calibration of exp(-H~) on `num_prompts` prompts; pure.
+
+  The same quantities as `evaluation.calibration` (AUROC of confidence for correct, the
+  entropy gap wrong - correct of the Eq. 5 proxy); NaN where a class is empty.
+  """
+  k_prompts, k_sample = jax.random.split(rng)
+  ids, mask, answers = task.sample_prompts(k_prompts, num_prompts)
+  gen = engine.rollout(params, ids, mask, k_sample, jnp.arange(num_prompts),
+                       config=model_config, spec=spec)
+  answers_n = jax.tree.map(lambda a: jnp.repeat(a, spec.group_size, axis=0), answers)
+  correct_n = task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT, answers_n)
+  h_n = entropy_lib.entropy_proxy(gen.logps_NxT, gen.completion_mask_NxT)
+  out = calibration.calibration_stats(jnp.exp(-h_n), correct_n.astype(bool), h_n)
+  return {k: out[k] for k in VALIDATION_METRICS}
+
+
+def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int], *,
+        num_iterations: int, eval_every: int, progress: bool = True) -> dict[str, Any]:
+  """Trains every algorithm x seed from the warm start as one vmapped, jitted program.
+
+  Validation on the fixed prompts runs before RL and after every `eval_every` iterations
+  (also vmapped). One compilation serves all runs; a chunk is `eval_every` iterations.
+
+  Returns:
+    {"names": [A], "seeds": [S], "iterations": int array [I] (1..I),
+     "eval_iterations": [E] (0, eval_every, ...), "train": {metric: float [A, S, I]},
+     "val": {metric: float [A, S, E]}, "seconds": wall time, "warmup": s.warmup}.
+  """
+  names = list(algos)
+  if not names or not seeds:
+    raise ValueError("run needs at least one algorithm and one seed")
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+  if eval_every < 1 or num_iterations < eval_every or num_iterations % eval_every:
+    raise ValueError(f"num_iterations={num_iterations} must be a positive multiple of "
+                     f"eval_every={eval_every}")
+  a, n_s = len(names), len(seeds)
+  algo_r = stack([algos[n] for n in names for _ in seeds])
+  rng_r = jnp.stack([jax.random.PRNGKey(int(seed)) for _ in names for seed in seeds])
+  state_r = jax.tree.map(lambda x: jnp.array(jnp.broadcast_to(x, (a * n_s,) + x.shape)),
+                         s.state)
+  chunk = jax.jit(jax.vmap(functools.partial(
+      iteration.run_iterations, num_iterations=eval_every, task=s.experiment.task,
+      model_config=s.experiment.model_config, optimizer=s.optimizer,
+      settings=s.settings)), donate_argnums=(0,))
+  validate = jax.jit(jax.vmap(functools.partial(
+      validation_metrics, task=s.experiment.task, model_config=s.experiment.model_config,
+      spec=s.eval_spec, num_prompts=s.eval_prompts), in_axes=(0, None)))
+
+  t0 = time.perf_counter()
+  val = [jax.device_get(validate(state_r.params, s.eval_rng))]
+  train_rows = []
+  for done in range(eval_every, num_iterations + 1, eval_every):
+    state_r, rng_r, metrics = chunk(state_r, rng_r, algo_r)
+    train_rows.append(jax.device_get(metrics))
+    val.append(jax.device_get(validate(state_r.params, s.eval_rng)))
+    if progress:
+      acc = np.asarray(val[-1]["accuracy"]).reshape(a, n_s).mean(1)
+      best = names[int(np.nanargmax(acc))]
+      print(f"iteration {done}/{num_iterations}: {time.perf_counter() - t0:.0f}s, "
+            f"val accuracy mean {np.nanmean(acc):.3f} (best {best} {np.nanmax(acc):.3f})",
+            flush=True)
+
+  def shape(x, axis_len):
+    return np.asarray(x, np.float64).reshape(a, n_s, axis_len)
+
+  train_metrics = {k: shape(np.concatenate([r[k] for r in train_rows], axis=1),
+                            num_iterations)
+                   for k in train_rows[0] if np.ndim(train_rows[0][k]) == 2}
+  val_metrics = {k: shape(np.stack([v[k] for v in val], axis=1), len(val)) for k in val[0]}
+  return {"names": names, "seeds": [int(x) for x in seeds],
+          "iterations": np.arange(1, num_iterations + 1),
+          "eval_iterations": np.arange(0, num_iterations + 1, eval_every),
+          "train": train_metrics, "val": val_metrics,
+          "seconds": time.perf_counter() - t0, "warmup": s.warmup}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mean_ci(values_S: Any, confidence: float = 0.95) -> tuple[float, float, float, int]:
+  """Mean and two-sided t-distribution confidence interval over seeds (NaNs dropped).
+
+  Returns (mean, low, high, n); the interval is NaN with fewer than 2 values.
+  """
+  x = np.asarray(values_S, np.float64).ravel()
+  x = x[np.isfinite(x)]
+  n = x.size
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence={confidence} must be in (0, 1)")
+  if n == 0:
+    return math.nan, math.nan, math.nan, 0
+  mean = float(x.mean())
+  if n < 2:
+    return mean, math.nan, math.nan, n
+  half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+  return mean, mean - half, mean + half, n
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+  """Holm's step-down adjusted p-values (family-wise error); NaNs stay NaN, outside
+  the family."""
+  p = np.asarray(pvalues, np.float64)
+  out = np.full(p.shape, np.nan)
+  idx = np.flatnonzero(np.isfinite(p))
+  m = idx.size
+  if m == 0:
+    return out
+  order = idx[np.argsort(p[idx], kind="stable")]
+  adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+  out[order] = adjusted
+  return out
+
+
+def paired_test(a_S: Any, b_S: Any) -> dict[str, float]:
+  """Two-sided paired t-test of a - b over seeds (pairs with a NaN dropped).
+
+  Returns diff (mean of a - b), its 95% t-interval (diff_low, diff_high), p and n. p is
+  NaN (no test) with fewer than 2 pairs or when every pair differs by the same amount:
+  the t statistic is then undefined, and a discrete metric (e.g. one group in 160)
+  repeating across few seeds is no evidence of an effect.
+  """
+  a, b = np.asarray(a_S, np.float64).ravel(), np.asarray(b_S, np.float64).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f"paired_test needs one value per seed on both sides, got {a.shape} "
+                     f"and {b.shape}")
+  ok = np.isfinite(a) & np.isfinite(b)
+  d = a[ok] - b[ok]
+  mean, low, high, n = mean_ci(d)
+  if n < 2 or np.allclose(d, d[0], rtol=0.0, atol=1e-12):
+    p = math.nan
+  else:
+    p = float(scipy_stats.ttest_rel(a[ok], b[ok]).pvalue)
+  return {"diff": mean, "diff_low": low, "diff_high": high, "p": p, "n": n}
+
+
+def summarize(values_AxS: Any, names: Sequence[str], *,
+              references: Sequence[str] = ("egpo", "grpo"), alpha: float = 0.05,
+              confidence: float = 0.95) -> dict[str, Any]:
+  """Per algorithm mean and CI over seeds; paired tests of every algorithm against each
+  reference, with Holm's correction over all tests of this metric.
+
+  Args:
+    values_AxS: one metric, [algorithms, seeds] (e.g. final validation accuracy).
+    names: the A algorithm names, in the order of the rows.
+    references: algorithms everything else is compared with (those present are used).
+    alpha: family-wise significance level of the Holm-corrected tests.
+    confidence: level of the intervals.
+
+  Returns:
+    {"rows": [{"name", "mean", "low", "high", "n"}], "tests": [{"name", "reference",
+     "diff", "diff_low", "diff_high", "p", "p_holm", "significant", "n"}]}
+  """
+  x = np.asarray(values_AxS, np.float64)
+  chex.assert_rank(x, 2)
+  if x.shape[0] != len(names):
+    raise ValueError(f"values_AxS has {x.shape[0]} rows but {len(names)} names were given")
+  rows = []
+  for name, row in zip(names, x):
+    mean, low, high, n = mean_ci(row, confidence)
+    rows.append({"name": name, "mean": mean, "low": low, "high": high, "n": n})
+  tests, seen = [], set()
+  index = {n: i for i, n in enumerate(names)}
+  for ref in references:
+    if ref not in index:
+      continue
+    for name in names:
+      if name == ref or frozenset((name, ref)) in seen:
+        continue   # each pair once (egpo vs grpo)
+      seen.add(frozenset((name, ref)))
+      tests.append({"name": name, "reference": ref,
+                    **paired_test(x[index[name]], x[index[ref]])})
+  for t, p_holm in zip(tests, holm([t["p"] for t in tests])):
+    t["p_holm"] = float(p_holm)
+    t["significant"] = bool(np.isfinite(p_holm) and p_holm < alpha)
+  return {"rows": rows, "tests": tests}
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+  return "-" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def markdown_table(summaries: Mapping[str, Mapping[str, Any]], *, digits: int = 3) -> str:
+  """One row per algorithm, one column per metric: mean [95% CI]; a metric's marks:
+  * significantly different from EGPO, + from GRPO (paired t-test, Holm, see summarize)."""
+  metrics = list(summaries)
+  names = [r["name"] for r in summaries[metrics[0]]["rows"]]
+  marks: dict[tuple[str, str], str] = {}
+  for m, summ in summaries.items():
+    for t in summ["tests"]:
+      if t["significant"]:
+        for who in (t["name"], t["reference"]):
+          other = t["reference"] if who == t["name"] else t["name"]
+          sym = {"egpo": "*", "grpo": "+"}.get(other, "")
+          marks[(m, who)] = "".join(sorted(set(marks.get((m, who), "") + sym)))
+  lines = ["| algorithm | " + " | ".join(metrics) + " |",
+           "|---|" + "---|" * len(metrics)]
+  for i, name in enumerate(names):
+    cells = []
+    for m in metrics:
+      r = summaries[m]["rows"][i]
+      cells.append(f"{_fmt(r['mean'], digits)} [{_fmt(r['low'], digits)}, "
+                   f"{_fmt(r['high'], digits)}]{marks.get((m, name), '')}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def tests_table(summaries: Mapping[str, Mapping[str, Any]], *, digits: int = 3) -> str:
+  """Every paired test: metric, algorithm, reference, difference [95% CI], p, Holm p."""
+  lines = ["| metric | algorithm | vs | diff [95% CI] | p | p (Holm) | significant |",
+           "|---|---|---|---|---|---|---|"]
+  for m, summ in summaries.items():
+    for t in summ["tests"]:
+      lines.append(
+          f"| {m} | {t['name']} | {t['reference']} | {_fmt(t['diff'], digits)} "
+          f"[{_fmt(t['diff_low'], digits)}, {_fmt(t['diff_high'], digits)}] | "
+          f"{_fmt(t['p'], 4)} | {_fmt(t['p_holm'], 4)} | "
+          f"{'yes' if t['significant'] else 'no'} |")
+  return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""The ablation's traced algorithm switches and its statistics.
+
+Switched AlgoArrays (one compilation for GRPO, Dr.GRPO, DAPO, EDGE-GRPO, EGPO, C1-C6)
+must reproduce the static estimators and settings they stand for, and the statistics
+(t intervals, paired t-tests, Holm) must match hand computations.
+"""
+
+import functools
+import math
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from egpo_jax.core import advantages
+from egpo_jax.models import transformer
+from egpo_jax.models.config import get_config
+from egpo_jax.sampling import engine
+from egpo_jax.training import ablation, iteration, update
+from egpo_jax.training.optimizer import make_optimizer
+from egpo_jax.types import TrainState
+
+CFG = get_config("tiny")
+OPT = make_optimizer(lr=1e-3)
+# EOS on every third token id: lengths vary, so DAPO's overlong penalty varies.
+SPEC = engine.SamplingSpec(group_size=4, max_new_tokens=6, eos_ids=tuple(range(0, 512, 3)),
+                           return_entropy=True)
+
+
+def _sample_prompts(rng, b):
+  toks = jax.random.randint(rng, (b, 4), 10, 300)
+  return toks, jnp.ones((b, 4), bool), toks[:, 0]
+
+
+def _verify(ids, mask, answer):
+  """Correct iff the first response token is even: about half, so groups are mixed."""
+  del answer
+  return (ids[:, 0] % 2 == 0) & mask[:, 0]
+
+
+TASK = iteration.JaxTask(_sample_prompts, _verify)
+
+
+def _settings(**kw):
+  upd = kw.pop("update", update.UpdateSettings())
+  return iteration.IterationSettings(prompts_per_batch=4, sampling=SPEC, update=upd, **kw)
+
+
+# Hand-made groups: mixed, all wrong, all correct, and one with an invalid response.
+REWARDS = jnp.array([[1., -1., -1., 1.], [-1., -1., -1., -1.], [1., 1., 1., 1.],
+                     [1., -1., 1., -1.]])
+CORRECT = REWARDS > 0
+VALID = jnp.ones((4, 4), bool).at[3, 3].set(False)
+H = jnp.array([[0.1, 0.4, 0.2, 0.5], [0.3, 0.2, 0.1, 0.9], [0.2, 0.2, 0.3, 0.1],
+               [0.5, 0.1, 0.3, 0.4]])
+SHANNON = jnp.array([[1.0, 2.0, 0.5, 1.5], [0.3, 0.6, 0.9, 1.2], [1., 1., 2., 2.],
+                     [0.7, 0.7, 1.4, 0.2]])
+
+
+def _expected(name):
+  """The static estimator each named algorithm stands for, on the hand-made groups."""
+  if name in ("grpo", "dapo"):
+    return advantages.grpo_advantages(REWARDS, valid_BxG=VALID)
+  if name == "dr_grpo":
+    return advantages.dr_grpo_advantages(REWARDS, valid_BxG=VALID)
+  if name == "edge_grpo":
+    return advantages.edge_grpo_advantages(REWARDS, valid_BxG=VALID, shannon_BxG=SHANNON,
+                                           clamp=(0.5, 2.0))
+  return advantages.egpo_advantages(REWARDS, H, correct_BxG=CORRECT, valid_BxG=VALID,
+                                    variant=name)
+
+
+class SwitchedAdvantagesTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_each_algorithm_equals_its_registered_estimator(self):
+    settings = _settings(edge_clamp=(0.5, 2.0))
+    fn = self.variant(lambda a: iteration.compute_advantages(
+        REWARDS, CORRECT, VALID, H, SHANNON, a, settings))
+    for name in ablation.ALGORITHMS:   # arrays: one compilation for all of them
+      got, want = fn(ablation.algorithm(name)), _expected(name)
+      np.testing.assert_allclose(got.advantages, want.advantages, rtol=1e-6, atol=1e-7,
+                                 err_msg=name)
+      np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6, err_msg=name)
+
+  def test_the_algorithms_really_differ(self):
+    settings = _settings(edge_clamp=(0.5, 2.0))
+    out = {n: np.asarray(iteration.compute_advantages(
+        REWARDS, CORRECT, VALID, H, SHANNON, ablation.algorithm(n), settings).advantages)
+           for n in ablation.ALGORITHMS}
+    # Every distinct estimator (dapo shares GRPO's) differs from the others somewhere.
+    distinct = [n for n in ablation.ALGORITHMS if n != "dapo"]
+    for i, a in enumerate(distinct):
+      for b in distinct[i + 1:]:
+        assert not np.allclose(out[a], out[b]), (a, b)
+    # NSR: all-wrong group (row 1) gets signal only from EGPO-family algorithms.
+    assert np.all(out["grpo"][1] == 0) and np.all(out["dr_grpo"][1] == 0)
+    assert np.all(out["egpo"][1] < 0)
+
+  def test_dr_grpo_and_dapo_arrays(self):
+    dr = ablation.algorithm("dr_grpo")
+    assert int(dr.estimator) == iteration.ESTIMATORS.index("dr_grpo")
+    assert bool(dr.seq_sum_norm) and not bool(dr.dynamic_sampling)
+    dapo = ablation.algorithm("dapo")
+    assert float(dapo.eps_high) == pytest.approx(0.28)
+    assert bool(dapo.overlong) and bool(dapo.dynamic_sampling)
+    assert float(ablation.algorithm("egpo").eps_high) == pytest.approx(0.2)
+    chex.assert_trees_all_equal(ablation.algorithm("lock_one"), ablation.algorithm("c3"))
+
+
+def test_bad_algorithms_raise_clearly():
+  with pytest.raises(ValueError, match="unknown algorithm"):
+    ablation.algorithm("ppo")
+  with pytest.raises(ValueError, match="all switches"):
+    ablation.stack([ablation.algorithm("egpo"), iteration.AlgoArrays.create("egpo")])
+  with pytest.raises(ValueError, match="estimator"):
+    iteration.AlgoArrays.create_switched(estimator="rloo")
+  with pytest.raises(ValueError, match="unique"):
+    ablation.algorithms(["egpo", "egpo"])
+  with pytest.raises(ValueError, match="multiple of eval_every"):
+    ablation.run(None, ablation.algorithms(["egpo"]), seeds=(0,), num_iterations=5,
+                 eval_every=2)
+  with pytest.raises(ValueError, match="return_entropy"):
+    iteration.compute_advantages(REWARDS, CORRECT, VALID, H, None,
+                                 ablation.algorithm("grpo"), _settings())
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def state():
+  params = transformer.init_params(CFG, jax.random.PRNGKey(0))
+  return TrainState.create(params, OPT.init(params))
+
+
+def _run_static(state, rng, settings, algo=None):
+  f = jax.jit(functools.partial(iteration.run_iterations, task=TASK, model_config=CFG,
+                                optimizer=OPT, settings=settings, num_iterations=2))
+  return f(state, rng, algo or iteration.AlgoArrays.create("egpo"))
+
+
+def _run_vmapped(state, rngs, names, settings):
+  f = jax.jit(jax.vmap(functools.partial(
+      iteration.run_iterations, task=TASK, model_config=CFG, optimizer=OPT,
+      settings=settings, num_iterations=2), in_axes=(None, 0, 0)))
+  return f(state, rngs, ablation.stack([ablation.algorithm(n) for n in names]))
+
+
+def _assert_same_run(vmapped, i, static, name):
+  s_v, _, m_v = vmapped
+  s_i, _, m_i = static
+  # vmapped and plain reductions round differently; Adam turns float noise into a
+  # fraction of one step (lr = 1e-3) where a gradient is ~0. A wrong switch moves most
+  # parameters by about a whole step.
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], s_v.params), s_i.params,
+                              atol=2e-4, rtol=1e-5, custom_message=name)
+  for key in ("accuracy", "reward", "frac_mixed", "pg_loss", "clipfrac_high",
+              "dynamic_sampling_fill_rate"):
+    np.testing.assert_allclose(m_v[key][i], m_i[key], rtol=1e-4, atol=1e-6,
+                               err_msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_switched_runs_equal_static_runs(state):
+  """One vmapped program trains Dr.GRPO and EDGE-GRPO; each equals the run that the
+  static settings of that algorithm give (advantage, aggregation, Shannon entropy).
+  (GRPO and EGPO through the switches are checked on the advantages above; their
+  update path is the one EDGE-GRPO takes here.)"""
+  rng = jax.random.PRNGKey(3)
+  names = ("dr_grpo", "edge_grpo")
+  shared = _settings(overlong_buffer=2)   # only DAPO switches the penalty on
+  vm = _run_vmapped(state, jnp.stack([rng] * len(names)), names, shared)
+  static = {
+      "dr_grpo": _settings(advantage="dr_grpo", update=update.UpdateSettings(
+          aggregation="seq-mean-token-sum-norm")),
+      "edge_grpo": _settings(advantage="edge_grpo"),
+  }
+  for i, name in enumerate(names):
+    _assert_same_run(vm, i, _run_static(state, rng, static[name]), name)
+  # Same rollouts, different updates.
+  p0 = jax.tree.leaves(vm[0].params)[0]
+  assert not np.allclose(p0[0], p0[1])
+
+
+@pytest.mark.slow
+def test_switched_dapo_equals_static_dapo(state):
+  """DAPO's clip-higher, overlong shaping and dynamic sampling as switches equal DAPO's
+  static settings; GRPO in the same over-sampled program uses the first B groups."""
+  rng = jax.random.PRNGKey(4)
+  shared = _settings(overlong_buffer=3, dynamic_sampling_oversample=2)
+  vm = _run_vmapped(state, jnp.stack([rng, rng]), ("dapo", "grpo"), shared)
+  dapo = _settings(advantage="grpo", overlong_buffer=3, dynamic_sampling_oversample=2,
+                   update=update.UpdateSettings(eps_high=0.28))
+  _assert_same_run(vm, 0, _run_static(state, rng, dapo), "dapo")
+  m = vm[2]
+  assert float(m["dynamic_sampling_fill_rate"][1].min()) == 1.0   # grpo: no filtering
+  # Without the overlong switch GRPO's rewards are exactly +-1.
+  np.testing.assert_allclose(np.abs(m["reward"][1]) <= 1.0, True)
+  assert not np.allclose(m["reward"][0], m["reward"][1])
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_mean_ci_by_hand():
+  mean, low, high, n = ablation.mean_ci([1.0, 2.0, 3.0])
+  half = 4.302652729911275 * 1.0 / math.sqrt(3)   # t_{0.975, 2} * sd / sqrt(n)
+  assert (mean, n) == (2.0, 3)
+  np.testing.assert_allclose([low, high], [2.0 - half, 2.0 + half], rtol=1e-9)
+  # NaNs (undefined metrics) are dropped; one value has no interval.
+  mean, low, high, n = ablation.mean_ci([np.nan, 5.0])
+  assert mean == 5.0 and n == 1 and math.isnan(low) and math.isnan(high)
+  with pytest.raises(ValueError, match="confidence"):
+    ablation.mean_ci([1.0, 2.0], confidence=1.5)
+
+
+def test_paired_test_by_hand():
+  # d = [1, 2, 2]: mean 5/3, sd 1/sqrt(3), t = 5; df = 2 has the closed-form CDF
+  # 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2).
+  out = ablation.paired_test([1.0, 2.0, 3.0], [0.0, 0.0, 1.0])
+  np.testing.assert_allclose(out["diff"], 5 / 3)
+  np.testing.assert_allclose(out["p"], 1 - 5 / math.sqrt(27), rtol=1e-9)
+  assert out["n"] == 3 and out["diff_low"] < 5 / 3 < out["diff_high"]
+  assert math.isnan(ablation.paired_test([1., 2.], [0., 1.])["p"])   # constant d: no test
+  assert math.isnan(ablation.paired_test([1., 2.], [1., 2.])["p"])
+  assert math.isnan(ablation.paired_test([1., np.nan], [0., 0.])["p"])
+  with pytest.raises(ValueError, match="one value per seed"):
+    ablation.paired_test([1., 2.], [1.])
+
+
+def test_holm_by_hand():
+  # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(., 2 * 0.03), max(., 1 * 0.04)
+  np.testing.assert_allclose(ablation.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+  np.testing.assert_allclose(ablation.holm([0.2, np.nan, 0.3]), [0.4, np.nan, 0.4])
+
+
+@hypothesis.given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12))
+def test_holm_properties(p):
+  adj = ablation.holm(p)
+  p = np.asarray(p)
+  assert np.all(adj >= p - 1e-15) and np.all(adj <= 1.0)
+  order = np.argsort(p, kind="stable")
+  assert np.all(np.diff(adj[order]) >= 0)   # monotone in the raw p-values
+  assert adj.min() == pytest.approx(min(1.0, len(p) * p.min()))
+
+
+def test_summarize_and_tables():
+  names = ["grpo", "egpo", "c1"]
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=5)
+  values = np.stack([base, base + 1.0 + 0.01 * rng.normal(size=5),
+                     base + 0.5 * rng.normal(size=5)])
+  out = ablation.summarize(values, names)
+  assert [r["name"] for r in out["rows"]] == names
+  np.testing.assert_allclose(out["rows"][1]["mean"], values[1].mean())
+  pairs = {(t["name"], t["reference"]) for t in out["tests"]}
+  assert pairs == {("grpo", "egpo"), ("c1", "egpo"), ("c1", "grpo")}   # each pair once
+  sig = {(t["name"], t["reference"]): t["significant"] for t in out["tests"]}
+  assert sig == {("grpo", "egpo"): True, ("c1", "egpo"): True, ("c1", "grpo"): False}
+  for t in out["tests"]:
+    assert t["p_holm"] >= t["p"]
+  table = ablation.markdown_table({"accuracy": out})
+  assert table.splitlines()[0] == "| algorithm | accuracy |"
+  grpo_row, egpo_row, c1_row = table.splitlines()[2:]
+  assert grpo_row.endswith("]* |") and egpo_row.endswith("]+ |") and c1_row.endswith("]* |")
+  assert "| accuracy | c1 | grpo |" in ablation.tests_table({"accuracy": out})
+  with pytest.raises(ValueError, match="names"):
+    ablation.summarize(values, names[:2])
