@@ -11,7 +11,6 @@ do not add to its time. "rollout": `sampling.generate` (KV cache) for the B x G 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
@@ -26,10 +25,7 @@ def _time(fn) -> float:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--model", choices=sorted(spec.MODELS), required=True)
-  parser.add_argument("--scenario", choices=spec.SCENARIOS, required=True)
-  parser.add_argument("--quick", action="store_true")
+  parser = spec.worker_parser(__doc__)
   args = parser.parse_args()
 
   import importlib.metadata as md

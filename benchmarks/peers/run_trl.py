@@ -15,7 +15,6 @@ advantages), "update" the rest of the step (forward, backward, optimizer).
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
@@ -146,10 +145,7 @@ def _iteration_worker(model_dir: str, w: spec.Workload, threads: int | None, ste
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--model", choices=sorted(spec.MODELS), required=True)
-  parser.add_argument("--scenario", choices=spec.SCENARIOS, required=True)
-  parser.add_argument("--quick", action="store_true")
+  parser = spec.worker_parser(__doc__)
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
   parser.add_argument("--max-steps", type=int, default=64,
                       help="upper bound on warm-up + timed repeats")

@@ -15,7 +15,6 @@ id is one the model cannot sample (outside the vocabulary).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -122,10 +121,7 @@ def _iteration_worker(cluster, w: spec.Workload):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--model", choices=sorted(spec.MODELS), required=True)
-  parser.add_argument("--scenario", choices=spec.SCENARIOS, required=True)
-  parser.add_argument("--quick", action="store_true")
+  parser = spec.worker_parser(__doc__)
   args = parser.parse_args()
   w = spec.workload(args.quick)
   cluster = _cluster(spec.model_dir(args.model), w)

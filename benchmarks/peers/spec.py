@@ -11,6 +11,7 @@ it prints goes to stderr, so stdout stays parseable.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -27,6 +28,15 @@ MODELS = {
 VOCAB_SIZE = 512
 SCENARIOS = ("rollout", "iteration")
 SYSTEMS = ("ours", "trl", "tunix")
+
+
+def worker_parser(description: str | None) -> argparse.ArgumentParser:
+  """The command line every runner takes (--model, --scenario, --quick); add your own."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--model", choices=sorted(MODELS), required=True)
+  parser.add_argument("--scenario", choices=SCENARIOS, required=True)
+  parser.add_argument("--quick", action="store_true")
+  return parser
 
 
 @dataclasses.dataclass(frozen=True)
