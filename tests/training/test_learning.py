@@ -1,5 +1,12 @@
 """Learning: the warm-up lands the synthetic task in a useful band, and short EGPO and
-GRPO runs raise the accuracy, averaged over two seeds (one vmapped, compiled call)."""
+GRPO runs raise the accuracy, averaged over two seeds (one vmapped, compiled call).
+
+The lift after 40 iterations is 1-3 points, the same order as the sampling noise of a
+1,024-response validation set (one standard error ~1.5 points), so "after" is the policy's
+accuracy on the fresh prompts of its last 10 iterations (5,120 responses from the same
+prompt distribution and sampling temperature as the validation), compared with the warm
+model's validation accuracy on 4,096 responses.
+"""
 
 import functools
 
@@ -28,7 +35,7 @@ def test_warmup_band_and_rl_lift():
   warm, info = train_lib.warm_up(TrainState.create(params, None), jax.random.PRNGKey(1),
                                   exp, c)
   eval_key = jax.random.PRNGKey(2)
-  before = train_lib.evaluate(warm.params, eval_key, exp, num_prompts=256)["accuracy"]
+  before = train_lib.evaluate(warm.params, eval_key, exp, num_prompts=1024)["accuracy"]
   assert WARMUP_BAND[0] <= before <= WARMUP_BAND[1], (before, info)
 
   opt = train_lib.rl_optimizer(c, ITERATIONS)
@@ -42,12 +49,12 @@ def test_warmup_band_and_rl_lift():
       iteration.run_iterations, task=exp.task, model_config=exp.model_config,
       optimizer=opt, settings=exp.settings, num_iterations=ITERATIONS),
       in_axes=(None, 0, 0)))
-  trained, _, _ = train_all(state, rngs, stacked)
+  _, _, metrics = train_all(state, rngs, stacked)
 
+  last_accuracy = np.asarray(metrics["accuracy"])[:, -10:].mean(axis=1)
   after = {name: [] for name in algos}
   for i, (_, name) in enumerate(runs):
-    p = jax.tree.map(lambda x: x[i], trained.params)
-    after[name].append(train_lib.evaluate(p, eval_key, exp, num_prompts=256)["accuracy"])
+    after[name].append(float(last_accuracy[i]))
   for name, accs in after.items():
     lift = float(np.mean(accs)) - before
     assert lift >= MIN_MEAN_LIFT, (name, before, accs)
