@@ -46,3 +46,29 @@ def num_devices():
   n = jax.device_count()
   assert n == 8, f"tests expect 8 fake CPU devices, got {n}: XLA_FLAGS was set too late"
   return n
+
+
+@pytest.fixture(scope="session")
+def write_user_files():
+  """write(root, num_problems) -> (model_dir, train_file): a tiny random Qwen2 saved as a
+  Hugging Face folder with the byte tokenizer, and a synthetic-arithmetic training JSONL
+  (the files a user brings to the host-verified trainer)."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from egpo_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from egpo_jax.models import hf_io, transformer  # pylint: disable=import-outside-toplevel
+  from egpo_jax.models.byte_tokenizer import ByteTokenizer  # pylint: disable=import-outside-toplevel
+  from egpo_jax.models.config import get_config  # pylint: disable=import-outside-toplevel
+
+  def write(root, num_problems):
+    model_dir = str(root / "model")
+    cfg = get_config("tiny")
+    hf_io.save_hf_checkpoint(transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg,
+                             model_dir, dtype="float32")
+    ByteTokenizer().save_hf(model_dir)
+    train_file = root / "train.jsonl"
+    with open(train_file, "w") as f:
+      for rec in synthetic.host_problems(jax.random.PRNGKey(1), num_problems, difficulty=1):
+        f.write(json.dumps({"problem": rec["problem"], "answer": rec["answer"]}) + "\n")
+    return model_dir, str(train_file)
+  return write

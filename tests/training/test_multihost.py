@@ -14,13 +14,8 @@ import subprocess
 import sys
 
 import chex
-import jax
 import pytest
 
-from egpo_jax.data import synthetic
-from egpo_jax.models import hf_io, transformer
-from egpo_jax.models.byte_tokenizer import ByteTokenizer
-from egpo_jax.models.config import get_config
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
 
@@ -70,18 +65,10 @@ def _wait(tmp, launched):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, write_user_files):
   tmp = tmp_path_factory.mktemp("multihost")
-  model_dir = str(tmp / "model")
-  cfg = get_config("tiny")
-  hf_io.save_hf_checkpoint(transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg,
-                           model_dir, dtype="float32")
-  ByteTokenizer().save_hf(model_dir)
-  train_file = tmp / "train.jsonl"
-  with open(train_file, "w") as f:
-    for rec in synthetic.host_problems(jax.random.PRNGKey(1), 16, difficulty=1):
-      f.write(json.dumps({"problem": rec["problem"], "answer": rec["answer"]}) + "\n")
-  common = {"model_dir": model_dir, "train_file": str(train_file)}
+  model_dir, train_file = write_user_files(tmp, 16)
+  common = {"model_dir": model_dir, "train_file": train_file}
   port = _free_port()
   launched = [
       _launch(tmp, "single", devices=8, num_processes=1, process_id=0, port=0,

@@ -6,13 +6,8 @@ import json
 import os
 
 import chex
-import jax
 import pytest
 
-from egpo_jax.data import synthetic
-from egpo_jax.models import hf_io, transformer
-from egpo_jax.models.byte_tokenizer import ByteTokenizer
-from egpo_jax.models.config import get_config
 from egpo_jax.training import config as config_lib
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
@@ -22,20 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def user_files(tmp_path_factory):
+def user_files(tmp_path_factory, write_user_files):
   root = tmp_path_factory.mktemp("user")
-  model_dir = str(root / "model")
-  cfg = get_config("tiny")
-  hf_io.save_hf_checkpoint(transformer.init_params(cfg, jax.random.PRNGKey(0)), cfg,
-                           model_dir, dtype="float32")
-  ByteTokenizer().save_hf(model_dir)
-  train_file = root / "train.jsonl"
-  with open(train_file, "w") as f:
-    for rec in synthetic.host_problems(jax.random.PRNGKey(1), 24, difficulty=1):
-      f.write(json.dumps({"problem": rec["problem"], "answer": rec["answer"]}) + "\n")
+  model_dir, train_file = write_user_files(root, 24)
+  with open(train_file, "a") as f:
     f.write("{not json\n")                        # a bad record: skipped and counted
     f.write(json.dumps({"problem": "1+1="}) + "\n")  # no answer: skipped and counted
-  return model_dir, str(train_file)
+  return model_dir, train_file
 
 
 def host_config(model_dir, train_file, **overrides):
