@@ -5,8 +5,9 @@ prefill over the B distinct prompts (the cache is then repeated G times, so a pr
 encoded once, not G times), then one jitted `lax.while_loop` that decodes a token per
 row and stops as soon as every row has emitted an EOS token (or after max_new_tokens).
 The decode state (cache and buffers) is donated to the loop, so it is updated in place.
-Before the loop the layer weights are unstacked and the cache is laid out per layer
-(`transformer.unstack_layers`, `transformer.decode_layout`), so that a step copies neither;
+Before the loop the layer weights are unstacked (q/k/v and gate/up fused) and the cache is
+laid out per layer (`transformer.decode_params`, `transformer.decode_layout`), so that a
+step copies neither;
 each step samples its token and scores it in one pass over the logits
 (`filters.sample_with_logps`).
 
@@ -199,12 +200,13 @@ def _constrain(state: DecodeState) -> DecodeState:
 
 def _cache_specs(cache: transformer.KVCache, mesh) -> transformer.KVCache:
   """`sharding.cache_partition_specs` for a cache in `transformer.decode_layout`."""
-  num_layers, (batch, heads, slots, head_dim) = len(cache.k), cache.k[0].shape
-  stacked = jax.ShapeDtypeStruct((num_layers, batch, slots, heads, head_dim), cache.k[0].dtype)
+  num_layers, (batch, heads, slots, head_dim) = len(cache.v), cache.v[0].shape
+  stacked = jax.ShapeDtypeStruct((num_layers, batch, slots, heads, head_dim), cache.v[0].dtype)
   specs = sharding.cache_partition_specs(cache.replace(k=stacked, v=stacked), mesh)
   _, rows, _, kv_heads, dims = tuple(specs.k) + (None,) * (5 - len(specs.k))
-  per_layer = (jax.sharding.PartitionSpec(rows, kv_heads, None, dims),) * num_layers
-  return specs.replace(k=per_layer, v=per_layer)
+  pspec = jax.sharding.PartitionSpec
+  return specs.replace(k=(pspec(rows, kv_heads, dims, None),) * num_layers,
+                       v=(pspec(rows, kv_heads, None, dims),) * num_layers)
 
 
 def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
@@ -241,9 +243,11 @@ def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
                      ) -> DecodeState:
   """Decodes until every row is done or max_new_tokens tokens have been sampled."""
 
-  # Sliced once here: slicing the stacked layer weights inside the loop copies them on
-  # every step.
-  params = transformer.unstack_layers(params)
+  # Sliced (and q/k/v, gate/up fused) once here: slicing the stacked layer weights inside
+  # the loop copies them on every step.
+  mesh = jax.sharding.get_abstract_mesh()
+  tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+  params = transformer.decode_params(params, fuse=not tensor_parallel)
 
   def cond(s):
     return (s.step < spec.max_new_tokens) & ~jnp.all(s.done_N)

@@ -241,7 +241,8 @@ def test_decode_loop_copies_no_weights_or_cache_and_its_layouts_are_exact(params
   """Layer weights enter the decode loop unstacked and the cache in decode_layout (both
   converted once, before it): slices of the stacked weights, or the stacked cache's
   keys/values in attention's order, are copied on every step on CPU."""
-  # Sizes that no activation shares: a [24, 40] or [40, 24] array is a layer kernel.
+  # Sizes that no activation shares: a [24, 48] (fused q/k/v), [24, 80] (fused gate/up) or
+  # [40, 24] (down) array is a layer kernel.
   config = model_config.ModelConfig(vocab_size=64, hidden_size=24, intermediate_size=40,
                                     num_layers=2, num_heads=4, num_kv_heads=2,
                                     max_position_embeddings=64)
@@ -254,10 +255,11 @@ def test_decode_loop_copies_no_weights_or_cache_and_its_layouts_are_exact(params
   hlo = jax.jit(functools.partial(sampling.continue_rollout, config=config, spec=spec)
                 ).lower(abstract, state).compile().as_text()
   (body,) = _while_bodies(hlo)
-  made = re.findall(r"= f32\[(?:24,40|40,24)\]\{[^}]*\} (\S+?)\(", body)
+  made = re.findall(r"= f32\[(?:24,48|24,80|40,24)\]\{[^}]*\} (\S+?)\(", body)
+  assert re.search(r"f32\[24,80\]", body) and re.search(r"f32\[24,48\]", body)
   assert set(made) <= {"get-tuple-element", "parameter"}, made
   # A layer's cache [N=6, G=2, S=16+4-1, head_dim=6] is only written in place.
-  assert state.cache.k[0].shape == (6, 2, 19, 6)
+  assert state.cache.k[0].shape == (6, 2, 6, 19) and state.cache.v[0].shape == (6, 2, 19, 6)
   made = re.findall(r"%(\S+) = f32\[(?:6,2,19,6|6,2,6,19)\]\{", body)
   assert made and all(n.startswith("get-tuple-element") or "dynamic-update-slice" in n
                       for n in made), made
@@ -267,18 +269,23 @@ def test_decode_loop_copies_no_weights_or_cache_and_its_layouts_are_exact(params
                                       jnp.ones((2, 3), jnp.int32), cache, config=CONFIG)
   tokens = jnp.array([9, 10], jnp.int32)
   stacked = transformer.decode(params, tokens, cache, config=CONFIG)
-  unstacked_params = transformer.unstack_layers(params)
+  unstacked_params = transformer.decode_params(params)
   assert len(unstacked_params["layers"]) == CONFIG.num_layers
-  assert transformer.unstack_layers(unstacked_params) is unstacked_params
+  assert transformer.decode_params(unstacked_params) is unstacked_params
   unstacked = transformer.decode(unstacked_params, tokens, cache, config=CONFIG)
   for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(unstacked)):
     np.testing.assert_array_equal(a, b)
+  # Fusing q/k/v and gate/up changes only the matmul blocking.
+  separate = transformer.decode(transformer.decode_params(params, fuse=False), tokens, cache,
+                                config=CONFIG)
+  for a, b in zip(jax.tree.leaves(separate), jax.tree.leaves(stacked)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   laid = transformer.decode_layout(cache)
   assert transformer.decode_layout(laid) is laid and laid.max_len == cache.max_len
   logits, out = transformer.decode(unstacked_params, tokens, laid, config=CONFIG)
   np.testing.assert_allclose(logits, stacked[0], atol=1e-5, rtol=0)
   for i in range(CONFIG.num_layers):
-    np.testing.assert_array_equal(out.k[i], np.swapaxes(stacked[1].k[i], 1, 2))
+    np.testing.assert_array_equal(out.k[i], np.transpose(stacked[1].k[i], (0, 2, 3, 1)))
     np.testing.assert_array_equal(out.v[i], np.swapaxes(stacked[1].v[i], 1, 2))
   np.testing.assert_array_equal(out.mask_BxS, stacked[1].mask_BxS)
 
