@@ -132,7 +132,7 @@ def build(name: str, w: spec.Workload, *, advantage: str = "grpo"
     batch, _ = iteration.prepare_batch(state.params, None, groups, algo,
                                        model_config=config, settings=settings)
     return update_lib.update(state, batch, rng, optimizer=optimizer, model_config=config,
-                             settings=settings.update)[0].params
+                             settings=settings.update, group_size=w.group_size)[0].params
 
   fixed_state = TrainState.create(params, optimizer.init(params))
   logps, mask = gen.logps_NxT, gen.completion_mask_NxT

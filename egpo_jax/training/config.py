@@ -97,7 +97,7 @@ def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
       dual_clip=c.loss.dual_clip if c.loss.dual_clip > 0 else None,
       aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
       kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk,
-      loss=c.loss.name)
+      loss=c.loss.name, share_prompts=c.ppo.share_prompts)
 
 
 def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...], pad_id: int,

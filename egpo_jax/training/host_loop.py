@@ -63,7 +63,8 @@ def _prepare_and_update(state, ref_params, groups, algo, rng, *, model_config, s
   state, update_metrics = update_lib.update(state, batch, rng, optimizer=optimizer,
                                             model_config=model_config,
                                             settings=settings.update,
-                                            switches=algo.loss_switches())
+                                            switches=algo.loss_switches(),
+                                            group_size=settings.group_size)
   if getattr(placement, "state_shardings", None) is not None:
     # The state leaves as it came, so the next iteration's jits see the same shardings.
     state = jax.lax.with_sharding_constraint(state, placement.state_shardings)

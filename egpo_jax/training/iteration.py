@@ -258,7 +258,8 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
       prompt_mask_NxP=prompt_mask_NxP, completion_ids_NxT=ids_NxT,
       completion_mask_NxT=mask_NxT, model_config=model_config,
       temperature=settings.sampling.logp_temperature,
-      chunk_size=settings.update.logprob_chunk)
+      chunk_size=settings.update.logprob_chunk,
+      group_size=g if settings.update.share_prompts else 1)
 
   # Old log-probs: free from the sampler, or recomputed by the trainer's forward pass.
   sampler_logps_NxT = gen_n["logps_NxT"]
@@ -347,7 +348,8 @@ def rl_iteration(state: TrainState, rng: jax.Array, algo: AlgoArrays, *, task: J
   state, update_metrics = update_lib.update(state, batch, k_update, optimizer=optimizer,
                                             model_config=model_config,
                                             settings=settings.update,
-                                            switches=algo.loss_switches())
+                                            switches=algo.loss_switches(),
+                                            group_size=settings.group_size)
   return state, {**metrics, **update_metrics, "dynamic_sampling_fill_rate": fill_rate}
 
 

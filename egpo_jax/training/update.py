@@ -41,6 +41,9 @@ class UpdateSettings:
   logprob_chunk: int = 1024
   loss: str = "ppo_clip"   # a name in egpo_jax.core.registry.policy_losses
   sort_by_length: bool = True
+  # Run each prompt once per micro-batch for its G responses (`transformer.response_hidden`)
+  # when `update` is given group_size > 1 and micro-batches hold whole groups.
+  share_prompts: bool = True
 
   def __post_init__(self):
     for field in ("ppo_epochs", "minibatches", "micro_batches", "logprob_chunk"):
@@ -64,30 +67,39 @@ class LossSwitches(NamedTuple):
 def response_logprobs(params: Any, prompt_ids_NxP: jax.Array, prompt_mask_NxP: jax.Array,
                       completion_ids_NxT: jax.Array, completion_mask_NxT: jax.Array, *,
                       model_config: ModelConfig, temperature: float = 1.0,
-                      chunk_size: int = 1024) -> jax.Array:
+                      chunk_size: int = 1024, group_size: int = 1) -> jax.Array:
   """log softmax(logits / temperature) of each completion token, teacher-forced (float32).
 
   The hidden state at position P-1+t predicts completion token t; logits are computed in
-  chunks from the hidden states, so [N, T, V] float32 logits never exist at once.
+  chunks from the hidden states, so [N, T, V] float32 logits never exist at once. With
+  group_size G > 1, rows b*G .. b*G+G-1 must share their prompt, which then runs once
+  (`transformer.response_hidden`): the same values up to float rounding.
   """
   chex.assert_rank([prompt_ids_NxP, completion_ids_NxT], 2)
   p = prompt_ids_NxP.shape[1]
   t = completion_ids_NxT.shape[1]
-  ids = jnp.concatenate([prompt_ids_NxP, completion_ids_NxT], axis=1)
-  mask = jnp.concatenate([prompt_mask_NxP.astype(bool), completion_mask_NxT.astype(bool)], 1)
-  hidden = transformer.forward(params, ids, mask, config=model_config, return_hidden=True)
-  hidden_NxTxD = hidden[:, p - 1:p - 1 + t]
+  if group_size > 1:
+    hidden_NxTxD = transformer.response_hidden(
+        params, prompt_ids_NxP[::group_size], prompt_mask_NxP[::group_size],
+        completion_ids_NxT, completion_mask_NxT, config=model_config)
+  else:
+    ids = jnp.concatenate([prompt_ids_NxP, completion_ids_NxT], axis=1)
+    mask = jnp.concatenate([prompt_mask_NxP.astype(bool), completion_mask_NxT.astype(bool)],
+                           1)
+    hidden = transformer.forward(params, ids, mask, config=model_config, return_hidden=True)
+    hidden_NxTxD = hidden[:, p - 1:p - 1 + t]
   return logprobs_lib.token_logprobs(
       hidden_NxTxD, transformer.output_embedding(params, model_config), completion_ids_NxT,
       temperature=temperature, chunk_size=chunk_size)
 
 
 def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_config,
-                settings: UpdateSettings, switches: LossSwitches | None = None):
+                settings: UpdateSettings, switches: LossSwitches | None = None,
+                group_size: int = 1):
   logps = response_logprobs(params, batch.prompt_ids_NxP, batch.prompt_mask_NxP,
                             batch.completion_ids_NxT, batch.completion_mask_NxT,
                             model_config=model_config, temperature=settings.temperature,
-                            chunk_size=settings.logprob_chunk)
+                            chunk_size=settings.logprob_chunk, group_size=group_size)
   switches = switches or LossSwitches()
   loss_fn = functools.partial(
       registry.policy_losses.get(settings.loss),
@@ -113,9 +125,12 @@ def _split(tree: Any, parts: int) -> Any:
 
 def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
                    optimizer: optax.GradientTransformation, model_config: ModelConfig,
-                   settings: UpdateSettings, switches: LossSwitches | None = None
-                   ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a minibatch, its gradient accumulated over micro-batches."""
+                   settings: UpdateSettings, switches: LossSwitches | None = None,
+                   group_size: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a minibatch, its gradient accumulated over micro-batches.
+
+  group_size > 1: each micro-batch holds whole groups, rows b*G+g (see `update`).
+  """
   mask = minibatch.completion_mask_NxT.astype(jnp.float32)
   num_tokens = jnp.maximum(mask.sum(), 1.0)
   num_seqs = jnp.maximum((mask.sum(-1) > 0).sum().astype(jnp.float32), 1.0)
@@ -125,7 +140,7 @@ def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
     loss_acc, grad_acc = carry
     (loss, aux), grads = grad_fn(state.params, mb, num_tokens, num_seqs,
                                  model_config=model_config, settings=settings,
-                                 switches=switches)
+                                 switches=switches, group_size=group_size)
     return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), aux
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -139,8 +154,8 @@ def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
 
 def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
            optimizer: optax.GradientTransformation, model_config: ModelConfig,
-           settings: UpdateSettings, switches: LossSwitches | None = None
-           ) -> tuple[TrainState, dict[str, jax.Array]]:
+           settings: UpdateSettings, switches: LossSwitches | None = None,
+           group_size: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """PPO epochs x minibatches as one `lax.scan`; returns metrics averaged over steps.
 
   `switches` are per-run traced overrides of the loss (`LossSwitches`).
@@ -148,6 +163,12 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   Each epoch shuffles the responses; within a minibatch they are ordered by length so
   that micro-batches hold responses of similar length (`padding_fraction` reports the
   share of padded response slots).
+
+  group_size: G when the batch's rows are b*G+g, G responses to each prompt. With
+  settings.share_prompts and micro-batches of whole groups (rows per micro-batch a
+  multiple of G), epochs shuffle whole groups, keep each group's rows together (no
+  length sort), and each prompt runs once per micro-batch instead of G times
+  (`response_logprobs`).
   """
   n = batch.num_responses
   per_step = settings.minibatches * settings.micro_batches
@@ -155,19 +176,26 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
     raise ValueError(f"{n} responses do not split into update.minibatches="
                      f"{settings.minibatches} x update.micro_batches={settings.micro_batches}"
                      "; make prompts_per_batch * group_size divisible by their product")
+  share = (settings.share_prompts and group_size > 1 and (n // per_step) % group_size == 0)
+  group_size = group_size if share else 1
 
   def epoch(state, key):
-    perm = jax.random.permutation(key, n)
+    if share:
+      # A permutation of the groups, each group's rows kept in order.
+      groups = jax.random.permutation(key, n // group_size)
+      perm = (groups[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
+    else:
+      perm = jax.random.permutation(key, n)
     shuffled = jax.tree.map(lambda x: x[perm], batch)
     minis = _split(shuffled, settings.minibatches)
-    if settings.sort_by_length:
+    if settings.sort_by_length and not share:
       def order(mb):
         lengths = mb.completion_mask_NxT.sum(-1)
         return jax.tree.map(lambda x: x[jnp.argsort(-lengths, stable=True)], mb)
       minis = jax.vmap(order)(minis)
     step = lambda s, mb: minibatch_step(s, mb, optimizer=optimizer,
                                         model_config=model_config, settings=settings,
-                                        switches=switches)
+                                        switches=switches, group_size=group_size)
     return jax.lax.scan(step, state, minis)
 
   state, metrics = jax.lax.scan(epoch, state, jax.random.split(rng, settings.ppo_epochs))

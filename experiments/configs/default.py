@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.ppo.epochs = 1
   c.ppo.minibatches = 1
   c.ppo.micro_batches = 1
+  # Each prompt's forward/backward runs once for its G responses (the same update up to
+  # float rounding) when micro-batches hold whole groups; False runs it per response.
+  c.ppo.share_prompts = True
 
   c.warmup = ml_collections.ConfigDict()
   c.warmup.steps = 500             # lands the tiny model at ~45% sampled accuracy

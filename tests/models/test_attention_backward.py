@@ -93,3 +93,33 @@ def test_forward_gradient_matches_reference_attention(monkeypatch):
   monkeypatch.setattr(tr, "_attend_recompute", _reference)
   ref = jax.jit(jax.value_and_grad(loss))(params)
   chex.assert_trees_all_close(mine, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_response_hidden_runs_each_prompt_once_and_equals_forward():
+  # G completions per left-padded prompt: the prefill + "extend" path against the full
+  # forward over each row's prompt + completion, values and parameter gradients.
+  config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                       num_heads=H, num_kv_heads=G)
+  params = tr.init_params(config, jax.random.key(0))
+  b, g, p, t = 3, 4, 6, 5
+  prompts = jax.random.randint(jax.random.key(1), (b, p), 1, 64)
+  prompt_mask = jnp.arange(p)[None] >= jnp.array([0, 2, 5])[:, None]
+  ids = jax.random.randint(jax.random.key(2), (b * g, t), 1, 64)
+  mask = jnp.arange(t)[None] < jax.random.randint(jax.random.key(3), (b * g, 1), 1, t + 1)
+  w = jax.random.normal(jax.random.key(4), (b * g, t, config.hidden_size)) * mask[..., None]
+
+  def full(params):
+    whole = jnp.concatenate([jnp.repeat(prompts, g, 0), ids], 1)
+    whole_mask = jnp.concatenate([jnp.repeat(prompt_mask, g, 0), mask], 1)
+    return tr.forward(params, whole, whole_mask, config=config,
+                      return_hidden=True)[:, p - 1:p - 1 + t]
+
+  def shared(params):
+    return tr.response_hidden(params, prompts, prompt_mask, ids, mask, config=config)
+
+  np.testing.assert_allclose(shared(params), full(params), atol=2e-6, rtol=0)
+  grads = [jax.jit(jax.grad(lambda q, f=f: jnp.sum(f(q) * w)))(params) for f in (full, shared)]
+  chex.assert_trees_all_close(grads[1], grads[0], atol=1e-4, rtol=1e-5)
+  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads[0]))
+  with np.testing.assert_raises_regex(ValueError, "not G per each of 3 prompts"):
+    tr.response_hidden(params, prompts, prompt_mask, ids[:-1], mask[:-1], config=config)
