@@ -10,8 +10,10 @@ the shared random Qwen2 safetensors (`benchmarks.peers.model`), "tiny" (107k par
 per call, jitted whole (the jnp verifier runs inside); "rollout" and "update" are its
 phases jitted alone. GFLOP/s counts the matmul FLOPs of the phase (rollout as in the
 rollout scenario; update = forward + backward over prompt + response, attention as run,
-plus the chunked head's recompute), next to this run's jnp.dot rate (1024^3 float32);
-"x FLOP floor" is the time over FLOPs / dot rate. "EGPO calibration" is the entropy proxy
+plus the chunked head's recompute), next to the jnp.dot rate (1024^3 float32 calls,
+timed round-robin with the rows); "x FLOP floor" is the time over FLOPs / dot rate. The
+FLOPs are the workload's, as the peers run it: egpo_jax's update runs each prompt once
+per group (`ppo.share_prompts`), about 17% fewer FLOPs than counted here. "EGPO calibration" is the entropy proxy
 (Eq. 5) + weights (Eqs. 6-9) + triage (Eq. 10) minus GRPO's advantage, timed alone on
 the iteration's shapes, as a fraction of the GRPO iteration.
 """
@@ -36,9 +38,9 @@ from egpo_jax.training import optimizer as optimizer_lib
 from egpo_jax.training import update as update_lib
 from egpo_jax.types import TrainState
 
-NOTES = """No GPU was lent to this session: CPU times on 2 cores shared with other jobs
-(the load changed during the run, so "% of dot" against the dot rate measured at the start
-can exceed 100%). The whole-iteration row is one jitted call; its phases are separate
+NOTES = """No GPU was lent to this session: CPU times on 2 cores (quiet in this run,
+load ~1.5; the machine's speed still drifted by 10-20% between minutes, hence the
+round-robin dot rate). The whole-iteration row is one jitted call; its phases are separate
 jitted calls, so they add up to about the iteration (the iteration also verifies and
 computes advantages, which the calibration row shows to be microseconds). EGPO's
 calibration is far below the 1% target. --quick keeps tiny at the full workload and
@@ -147,18 +149,20 @@ def build(name: str, w: spec.Workload, *, advantage: str = "grpo"
   return fns, config
 
 
-def _model_rows(name: str, w: spec.Workload, gflops: float, repeats: int
-                ) -> list[harness.Row]:
+def _model_rows(name: str, w: spec.Workload, repeats: int) -> list[harness.Row]:
   fns, config = build(name, w)
   egpo_fns, _ = build(name, w, advantage="egpo")
   tag = f"{name}: "
   base = tag + "GRPO iteration (rollout + reward + update)"
+  dots, dot_flops = harness.matmul_calls()
   rows = harness.alternate_rows({
       base: fns["iteration"],
       tag + "EGPO iteration": egpo_fns["iteration"],
       tag + "rollout phase": fns["rollout"],
       tag + "update phase": fns["update"],
+      "dot": dots,
   }, warmup=2, repeats=repeats)
+  gflops = dot_flops / rows.pop().seconds / 1e9
   calib = harness.alternate_rows({"grpo": fns["grpo advantage"],
                                   "egpo": fns["egpo advantage"]}, warmup=3, repeats=50)
   flops = iteration_flops(config, w)
@@ -177,19 +181,18 @@ def _model_rows(name: str, w: spec.Workload, gflops: float, repeats: int
                           extra={"GRPO advantage ms": round(1e3 * calib[0].seconds, 4)}))
   for r in rows[2:]:
     r.ratio = "fraction"
+  rows.append(harness.Row(name=f"{tag}jnp.dot rate (1024^3 float32, timed with the rows "
+                          f"above): {gflops:.1f} GFLOP/s", seconds=None))
   return rows
 
 
 def run(quick: bool) -> list[harness.Row]:
-  gflops = harness.matmul_gflops()
   rows = []
   # --quick keeps tiny at the full workload (about a second per iteration) and shrinks
   # only the small model's.
   for name in ("tiny", "small"):
     w = spec.workload(quick and name == "small")
-    rows += _model_rows(name, w, gflops, repeats=3 if quick else (9 if name == "tiny" else 3))
+    rows += _model_rows(name, w, repeats=3 if quick else (9 if name == "tiny" else 3))
     rows.append(harness.Row(name=f"{name}: B={w.num_prompts} G={w.group_size} "
                             f"P={w.prompt_len} T={w.new_tokens}", seconds=None))
-  rows.append(harness.Row(name=f"jnp.dot rate (1024^3 float32): {gflops:.1f} GFLOP/s",
-                          seconds=None))
   return rows

@@ -28,34 +28,35 @@ from egpo_jax.models import config as model_config
 from egpo_jax.models import hf_io, transformer
 from egpo_jax.sampling import filters
 
-NOTES = """No GPU was lent to this session: all numbers are CPU times on a machine shared
-with other jobs (2 cores; load average 2 to 14 across the runs while this was tuned), so
-absolute rates are noisy and only ratios within one run mean much: rows are timed
-round-robin in one process, except the 1024^3 jnp.dot rate, measured once at the start.
-transformers runs with the faster of torch's default thread count and one thread, picked
-by a short probe; on a quiet machine it takes 2 threads and is about 3x faster than under
-load, which moves the "vs transformers" ratios more than anything on our side. The naive
-sampler (same keys and law; "same tokens as ours"
-checks the KV-cache path against it) is quadratic in length and is timed on tiny only.
-"model decode + argmax" runs the model's `decode` T - 1 times with the argmax fed back (no
-sampling, no prefill); the earlier "decode only" row dropped the logits, so XLA skipped the
-last layer's MLP and the output head and it bounded nothing. "decode's weight matmuls
-only" runs just the decode step's weight matmuls at their exact shapes (64 rows x D):
-"x floor at decode shapes" divides by the rollout's FLOPs at that rate.
+NOTES = """No GPU was lent to this session: all numbers are CPU times on 2 cores, quiet in
+this run (load ~1.5) but drifting by 10-20% from minute to minute (the same 1024^3 dot ran
+at 80-180 GFLOP/s across this session), so only ratios within one run mean much: rows
+are timed round-robin in one process, the dot rate included. transformers runs with the
+faster of torch's default thread count and one thread, picked by a short probe. The naive
+sampler (same keys and law; "same tokens as ours" checks the KV-cache path against it) is
+quadratic in length and is timed on tiny only. "model decode + argmax" runs the model's
+`decode` T - 1 times with the argmax fed back (no sampling, no prefill); "decode's weight
+matmuls only" runs just the decode step's weight matmuls at their exact shapes (64 rows x
+D): "x floor at decode shapes" divides by the rollout's FLOPs at that rate.
 
-Where the time went (jax.profiler trace with xla_cpu_enable_xprof_traceme, per XLA thunk)
-before this version: on small, 60% of op time in weight matmuls, 25% in copies of each
-layer's weights sliced out of the stacked [L, ...] params inside the loop body, 8% in
-transposed copies of each layer's K/V for attention; on tiny the same copies plus the Linen
-layer's length-1 token axis relayouts, and the sampling step computed softmax/log-softmax
-twice. Now: decode is plain jnp (1.6x less CPU per step on tiny), the layer weights are
-unstacked and the cache laid out per layer [B, G, S, head_dim] once before the loop (a test
-checks the compiled loop body copies neither), and a step samples and scores its token with
-one exp over V (no sort unless top-k/top-p is on; the uniforms are drawn before the loop).
-CPU time per tiny rollout fell from about 120 ms to about 57 ms; on small, weight matmuls
-are now 86% of op time and attention about 14%. XLA:CPU flags (Eigen multi-threading off,
-XNNPACK/YNNPACK fusion types, concurrency-optimised scheduler) gave nothing beyond noise,
-and float32 dots on CPU already run at full float32 precision."""
+Targets: tiny >= 5x transformers: 4.7-5.8x across this session's quiet runs (it moves
+with torch's speed on tiny shapes more than with ours); small <= 1.5x the FLOP floor:
+1.55-1.72x, missed by 5-15%. Even the decode's weight matmuls alone run at 1.2-1.3x the
+floor: 64-row matmuls reach ~75% of the 1024^3 rate on this CPU.
+
+Where the small model's time goes (jax.profiler trace, per XLA thunk, decode loop): weight
+matmuls ~73%, attention ~17% (batched [4 x 64] @ [64 x 79] products over 128 (row, kv
+head) pairs, at 3-5x its memory-bandwidth time; an elementwise formulation and Eigen
+instead of YNNPACK were slower), the per-call copies that unstack and fuse the layer
+weights and lay out the cache ~2%, prefill ~2%, sampling ~2%. This version (vs the
+previous one, same run conditions): q/k/v and gate/up run as one matmul each
+(`transformer.decode_params`; 14% less time in the decode-shaped matmuls), keys are cached
+with the slots last so the score matmul needs no transpose (2x faster scores), and RoPE's
+sin/cos come from a table built with the cache (XLA:CPU had fused sin/cos into every
+layer's q and k and recomputed them per element: 7% of the step). Earlier: decode in
+plain jnp with unrolled layers, weights unstacked and cache laid out once before the
+loop (a test checks the compiled loop body copies neither), one exp over V per step to
+sample and score."""
 
 NUM_PROMPTS, GROUP, PROMPT_LEN = 8, 8, 16
 
