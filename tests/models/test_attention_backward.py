@@ -117,9 +117,14 @@ def test_response_hidden_runs_each_prompt_once_and_equals_forward():
   def shared(params):
     return tr.response_hidden(params, prompts, prompt_mask, ids, mask, config=config)
 
-  np.testing.assert_allclose(shared(params), full(params), atol=2e-6, rtol=0)
-  grads = [jax.jit(jax.grad(lambda q, f=f: jnp.sum(f(q) * w)))(params) for f in (full, shared)]
-  chex.assert_trees_all_close(grads[1], grads[0], atol=1e-4, rtol=1e-5)
-  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(grads[0]))
+  @jax.jit
+  def values_and_grads(params):
+    return [jax.value_and_grad(lambda q, f=f: jnp.sum(f(q) * w))(params)
+            for f in (full, shared)] + [(full(params), shared(params))]
+
+  (_, g_full), (_, g_shared), (h_full, h_shared) = values_and_grads(params)
+  np.testing.assert_allclose(h_shared, h_full, atol=2e-6, rtol=0)
+  chex.assert_trees_all_close(g_shared, g_full, atol=1e-4, rtol=1e-5)
+  assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g_full))
   with np.testing.assert_raises_regex(ValueError, "not G per each of 3 prompts"):
     tr.response_hidden(params, prompts, prompt_mask, ids[:-1], mask[:-1], config=config)

@@ -102,25 +102,29 @@ def _grouped_batch(groups=4, g=4, p=5, t=6, seed=1):
                        prompt_mask_NxP=jnp.repeat(mask, g, 0))
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_shared_prompt_update_equals_per_row_prompts(state, micro_batches):
+def test_shared_prompt_update_equals_per_row_prompts(state):
   """group_size=G runs each prompt once (transformer.response_hidden); the update is the
-  per-row one up to float rounding, with micro-batches of whole groups too."""
+  per-row one up to float rounding, here with two micro-batches of two whole groups."""
   batch = _grouped_batch()
   sgd_state = TrainState.create(state.params, SGD.init(state.params))
-  settings = update.UpdateSettings(micro_batches=micro_batches)
-  run = lambda g: jax.jit(functools.partial(
-      update.update, optimizer=SGD, model_config=CFG, settings=settings, group_size=g))(
-          sgd_state, batch, jax.random.PRNGKey(3))
-  (s1, m1), (s4, m4) = run(1), run(4)
+  settings = update.UpdateSettings(micro_batches=2)
+
+  @jax.jit
+  def both(sgd_state, batch):
+    runs = [update.update(sgd_state, batch, jax.random.PRNGKey(3), optimizer=SGD,
+                          model_config=CFG, settings=settings, group_size=g) for g in (1, 4)]
+    logps = [update.response_logprobs(
+        sgd_state.params, batch.prompt_ids_NxP, batch.prompt_mask_NxP,
+        batch.completion_ids_NxT, batch.completion_mask_NxT, model_config=CFG,
+        group_size=g) for g in (1, 4)]
+    return runs, logps
+
+  ((s1, m1), (s4, m4)), logps = both(sgd_state, batch)
   chex.assert_trees_all_close(s1.params, s4.params, atol=1e-6, rtol=1e-5)
   for key in ("loss", "pg_loss", "ratio_mean", "grad_norm"):
     np.testing.assert_allclose(m1[key], m4[key], rtol=1e-5, atol=1e-6, err_msg=key)
-  logps = [update.response_logprobs(state.params, batch.prompt_ids_NxP, batch.prompt_mask_NxP,
-                                    batch.completion_ids_NxT, batch.completion_mask_NxT,
-                                    model_config=CFG, group_size=g) for g in (1, 4)]
   np.testing.assert_allclose(logps[0], logps[1], atol=2e-5, rtol=0)
-  # The shared path really differs from the per-row one (one prompt pass per group).
+  # The shared path really differs from the per-row one: one prompt pass per group.
   jaxpr = lambda g: str(jax.make_jaxpr(functools.partial(
       update.response_logprobs, model_config=CFG, group_size=g))(
           state.params, batch.prompt_ids_NxP, batch.prompt_mask_NxP,
