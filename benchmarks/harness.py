@@ -72,12 +72,8 @@ def alternate_rows(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat
 
 def matmul_gflops(n: int = 1024, dtype=None, repeats: int = 5) -> float:
   """This machine's float32 (or `dtype`) jnp.dot rate in GFLOP/s, for FLOP-floor ratios."""
-  import jax.numpy as jnp
-  dtype = dtype or jnp.float32
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  t = statistics.median(time_fn(lambda: f(a), repeats=repeats))
-  return 2 * n**3 / t / 1e9
+  fn, flops = matmul_calls(n, calls=1, dtype=dtype)
+  return flops / statistics.median(time_fn(fn, repeats=repeats)) / 1e9
 
 
 def matmul_calls(n: int = 1024, calls: int = 16, dtype=None

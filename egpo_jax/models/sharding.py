@@ -139,8 +139,7 @@ def cache_partition_specs(cache: Any, mesh: Mesh) -> Any:
   kv = _fit(P(None, BATCH, None, "tensor", None), tuple(cache.k.shape), mesh)
   return KVCache(k=kv, v=kv, mask_BxS=_fit(P(BATCH, None), tuple(cache.mask_BxS.shape), mesh),
                  positions_B=_fit(P(BATCH), tuple(cache.positions_B.shape), mesh), index=P(),
-                 rope_cos_SxF=None if cache.rope_cos_SxF is None else P(),
-                 rope_sin_SxF=None if cache.rope_sin_SxF is None else P())
+                 rope_cos_SxF=P(), rope_sin_SxF=P())
 
 
 def batch_spec(shape: tuple[int, ...], mesh: Mesh) -> P:

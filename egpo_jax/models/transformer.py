@@ -62,15 +62,15 @@ class KVCache(flax.struct.PyTreeNode):
     rope_cos_SxF, rope_sin_SxF: float32 RoPE tables for positions 0..S (the most a row of
       this cache reaches), so that `decode` gathers its rows instead of computing sin and
       cos: XLA:CPU fused that into every layer's q and k and recomputed it per element
-      (about 7% of the small model's decode step). None: computed in `decode`.
+      (about 7% of the small model's decode step).
   """
   k: jax.Array
   v: jax.Array
   mask_BxS: jax.Array
   positions_B: jax.Array
   index: jax.Array
-  rope_cos_SxF: jax.Array | None = None
-  rope_sin_SxF: jax.Array | None = None
+  rope_cos_SxF: jax.Array
+  rope_sin_SxF: jax.Array
 
   @property
   def mask(self) -> jax.Array:
@@ -349,25 +349,21 @@ def response_hidden(params: Params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: 
   """
   _check_ids_mask(prompt_ids_BxP, prompt_mask_BxP, "response_hidden")
   _check_ids_mask(completion_ids_NxT, completion_mask_NxT, "response_hidden")
-  (b, p), (n, t) = prompt_ids_BxP.shape, completion_ids_NxT.shape
+  (b, p), n = prompt_ids_BxP.shape, completion_ids_NxT.shape[0]
   if n % b:
     raise ValueError(f"response_hidden: {n} completions are not G per each of {b} prompts")
   group = n // b
   prompt_mask = prompt_mask_BxP.astype(jnp.bool_)
-  completion_mask = completion_mask_NxT.astype(jnp.bool_)
   prompt_hidden, past_kv = Decoder(config, mode="prefill").apply(
       {"params": params}, prompt_ids_BxP, padded_positions(prompt_mask),
       _causal_allowed(prompt_mask), logits=False)
-  # As `forward` numbers them: cumsum of the whole row's mask - 1.
-  prompt_len_N = jnp.repeat(jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32), group)
-  positions_NxT = jnp.maximum(
-      prompt_len_N[:, None] + jnp.cumsum(completion_mask.astype(jnp.int32), axis=-1) - 1, 0)
-  allowed_NxTxS = jnp.concatenate([
-      jnp.broadcast_to(jnp.repeat(prompt_mask, group, 0)[:, None, :], (n, t, p)),
-      _causal_allowed(completion_mask)], axis=-1)
+  # Positions and attention mask of the completions as `forward` makes them for each
+  # row's prompt + completion: its last T positions (query rows) over all P + T slots.
+  mask_NxL = jnp.concatenate([jnp.repeat(prompt_mask, group, 0),
+                              completion_mask_NxT.astype(jnp.bool_)], axis=1)
   hidden_NxTxD, _ = Decoder(config, mode="extend").apply(
-      {"params": params}, completion_ids_NxT, positions_NxT, allowed_NxTxS, logits=False,
-      past_kv=past_kv)
+      {"params": params}, completion_ids_NxT, padded_positions(mask_NxL)[:, p:],
+      _causal_allowed(mask_NxL)[:, p:], logits=False, past_kv=past_kv)
   # Left-padded prompts: slot P - 1 holds each prompt's last token.
   last_NxD = jnp.repeat(prompt_hidden[:, -1], group, 0)
   return jnp.concatenate([last_NxD[:, None], hidden_NxTxD[:, :-1]], axis=1)
@@ -448,11 +444,8 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   mask_BxS = jax.lax.dynamic_update_slice_in_dim(
       cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
   x_BxD = jnp.take(params["embed"]["embedding"].astype(dtype), tokens_B, axis=0)
-  if cache.rope_cos_SxF is None:
-    cos_Bx1xF, sin_Bx1xF = _rope_tables(cache.positions_B[:, None], c)
-  else:
-    cos_Bx1xF, sin_Bx1xF = (jnp.take(table, cache.positions_B[:, None], axis=0)
-                            for table in (cache.rope_cos_SxF, cache.rope_sin_SxF))
+  cos_Bx1xF, sin_Bx1xF = (jnp.take(table, cache.positions_B[:, None], axis=0)
+                          for table in (cache.rope_cos_SxF, cache.rope_sin_SxF))
   per_layer = isinstance(cache.k, tuple)
   k_cache, v_cache = (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v)
   for i, p in enumerate(decode_params(params)["layers"]):

@@ -76,13 +76,12 @@ def response_logprobs(params: Any, prompt_ids_NxP: jax.Array, prompt_mask_NxP: j
   (`transformer.response_hidden`): the same values up to float rounding.
   """
   chex.assert_rank([prompt_ids_NxP, completion_ids_NxT], 2)
-  p = prompt_ids_NxP.shape[1]
-  t = completion_ids_NxT.shape[1]
   if group_size > 1:
     hidden_NxTxD = transformer.response_hidden(
         params, prompt_ids_NxP[::group_size], prompt_mask_NxP[::group_size],
         completion_ids_NxT, completion_mask_NxT, config=model_config)
   else:
+    p, t = prompt_ids_NxP.shape[1], completion_ids_NxT.shape[1]
     ids = jnp.concatenate([prompt_ids_NxP, completion_ids_NxT], axis=1)
     mask = jnp.concatenate([prompt_mask_NxP.astype(bool), completion_mask_NxT.astype(bool)],
                            1)
