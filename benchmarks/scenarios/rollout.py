@@ -79,11 +79,14 @@ def rollout_flops(config: model_config.ModelConfig, num_prompts: int, group: int
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps"))
-def decode_only(params, tokens_N, cache, *, config, steps):
+def decode_only(params, tokens_N, cache, *, config, steps,
+                phases=sampling.SamplingSpec.cache_phases):
   """The model's decode `steps` times, greedy (argmax fed back): the sampler's lower bound.
 
-  The argmax keeps the logits live; a loop that drops them lets XLA skip the last layer's
-  MLP and the output head, which is not a bound on anything.
+  Decodes in the sampler's phases (`sampling.cache_plan`) on a cache that holds the
+  prompt's slots and grows as the engine's does. The argmax keeps the logits live; a
+  loop that drops them lets XLA skip the last layer's MLP and the output head, which is
+  not a bound on anything.
   """
   # Converted once, as the engine does before its decode loop.
   params = transformer.decode_params(params)
@@ -93,7 +96,13 @@ def decode_only(params, tokens_N, cache, *, config, steps):
     tokens_N, cache = carry
     logits_NxV, cache = transformer.decode(params, tokens_N, cache, config=config)
     return jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32), cache
-  return jax.lax.fori_loop(0, steps, body, (tokens_N, cache))
+  carry, done = (tokens_N, cache), 0
+  prompt_len = cache.capacity - steps
+  for slots in sampling.cache_plan(prompt_len, steps + 1, phases):
+    carry = (carry[0], transformer.grow_cache(carry[1], slots))
+    carry = jax.lax.fori_loop(done, slots - prompt_len, body, carry)
+    done = slots - prompt_len
+  return carry
 
 
 def decode_matmul_shapes(config: model_config.ModelConfig, rows: int
@@ -190,8 +199,11 @@ def _model_rows(name: str, config, new_tokens: int, *, repeats: int,
   hf_label, hf = _hf_generate_fn(params, config, prompt_ids, new_tokens)
 
   n = NUM_PROMPTS * GROUP
-  # The cache generate decodes on: prompt bucket + new tokens - 1 slots, prompt filled.
-  cache = transformer.init_cache(config, n, sampling.bucket_length(PROMPT_LEN) + new_tokens - 1)
+  # The cache generate decodes on: room for prompt bucket + new tokens - 1 slots, holding
+  # the first phase's, prompt filled.
+  bucket = sampling.bucket_length(PROMPT_LEN)
+  plan = sampling.cache_plan(bucket, new_tokens, sampling.SamplingSpec.cache_phases)
+  cache = transformer.init_cache(config, n, plan[-1], slots=plan[0])
   cache = cache.replace(mask_BxS=cache.mask_BxS.at[:, :PROMPT_LEN].set(True),
                         positions_B=cache.positions_B + PROMPT_LEN,
                         index=jnp.asarray(PROMPT_LEN, jnp.int32))

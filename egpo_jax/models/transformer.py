@@ -59,10 +59,14 @@ class KVCache(flax.struct.PyTreeNode):
     mask_BxS: bool, slot s of row b holds a valid key.
     positions_B: int32, position id of the next token of each row.
     index: int32 scalar, the next slot to write (the same for all rows).
-    rope_cos_SxF, rope_sin_SxF: float32 RoPE tables for positions 0..S (the most a row of
-      this cache reaches), so that `decode` gathers its rows instead of computing sin and
-      cos: XLA:CPU fused that into every layer's q and k and recomputed it per element
-      (about 7% of the small model's decode step).
+    rope_cos_SxF, rope_sin_SxF: float32 RoPE tables for positions 0..capacity (the most a
+      row of this cache reaches), so that `decode` gathers its rows instead of computing
+      sin and cos: XLA:CPU fused that into every layer's q and k and recomputed it per
+      element (about 7% of the small model's decode step).
+
+  A cache may hold fewer slots (`max_len`) than its `capacity`, and `grow_cache` adds
+  empty ones as decoding reaches them: attention reads every slot the cache holds, so a
+  decode loop run in phases of growing caches reads fewer (see `sampling.engine`).
   """
   k: jax.Array
   v: jax.Array
@@ -82,7 +86,13 @@ class KVCache(flax.struct.PyTreeNode):
 
   @property
   def max_len(self) -> int:
+    """The slots the cache holds now."""
     return self.mask_BxS.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    """The slots it may grow to (its RoPE tables cover their positions)."""
+    return self.rope_cos_SxF.shape[0] - 1
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -376,15 +386,22 @@ def output_embedding(params: Params, config: ModelConfig) -> jax.Array:
   return params["lm_head"]
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
-  """An empty cache of max_len slots per row (dtype defaults to the compute dtype)."""
-  if batch_size <= 0 or max_len <= 0:
-    raise ValueError(f"init_cache: batch_size={batch_size} and max_len={max_len} must be > 0")
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None, *,
+               slots: int | None = None) -> KVCache:
+  """An empty cache for max_len slots per row (dtype defaults to the compute dtype).
+
+  slots: hold only the first `slots` of them for now (`grow_cache` adds the others);
+  default all max_len.
+  """
+  slots = max_len if slots is None else slots
+  if batch_size <= 0 or max_len <= 0 or not 0 < slots <= max_len:
+    raise ValueError(f"init_cache: batch_size={batch_size} and max_len={max_len} must be > 0 "
+                     f"and slots={slots} in [1, max_len]")
   dtype = to_dtype(config.dtype) if dtype is None else dtype
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_size)
+  shape = (config.num_layers, batch_size, slots, config.num_kv_heads, config.head_size)
   cos_SxF, sin_SxF = _rope_tables(jnp.arange(max_len + 1), config)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                 mask_BxS=jnp.zeros((batch_size, max_len), jnp.bool_),
+                 mask_BxS=jnp.zeros((batch_size, slots), jnp.bool_),
                  positions_B=jnp.zeros((batch_size,), jnp.int32),
                  index=jnp.zeros((), jnp.int32), rope_cos_SxF=cos_SxF, rope_sin_SxF=sin_SxF)
 
@@ -404,8 +421,8 @@ def prefill(params: Params, input_ids_BxP: jax.Array, mask_BxP: jax.Array, cache
   b, p = input_ids_BxP.shape
   chex.assert_shape(cache.mask_BxS, (b, None))
   if p > cache.max_len:
-    raise ValueError(f"prefill: prompt length {p} exceeds the cache's max_len "
-                     f"{cache.max_len}; build the cache with a larger max_len")
+    raise ValueError(f"prefill: prompt length {p} exceeds the cache's {cache.max_len} "
+                     "slots; build it with more (init_cache's max_len and slots)")
   positions = padded_positions(mask_BxP)
   logits_BxV, (k, v) = Decoder(config, mode="prefill").apply(
       {"params": params}, input_ids_BxP, positions, _causal_allowed(mask_BxP),
@@ -506,6 +523,30 @@ def decode_layout(cache: KVCache) -> KVCache:
     return cache
   return cache.replace(k=tuple(jnp.transpose(layer, (0, 2, 3, 1)) for layer in cache.k),
                        v=tuple(jnp.swapaxes(layer, 1, 2) for layer in cache.v))
+
+
+def grow_cache(cache: KVCache, slots: int) -> KVCache:
+  """The cache with `slots` slots (<= its capacity): the added ones are empty and masked
+  out, so decoding continues exactly as in a cache built with them. Works on the stacked
+  layout and on `decode_layout`; copies the cache once (grow between decode loops)."""
+  if not cache.max_len <= slots <= cache.capacity:
+    raise ValueError(f"grow_cache: slots={slots} must be in [max_len={cache.max_len}, "
+                     f"capacity={cache.capacity}]")
+  extra = slots - cache.max_len
+  if extra == 0:
+    return cache
+
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+  if isinstance(cache.k, tuple):   # decode_layout: keys [B, G, K, S], values [B, G, S, K]
+    k = tuple(pad(layer, 3) for layer in cache.k)
+    v = tuple(pad(layer, 2) for layer in cache.v)
+  else:
+    k, v = pad(cache.k, 2), pad(cache.v, 2)
+  return cache.replace(k=k, v=v, mask_BxS=pad(cache.mask_BxS, 1))
 
 
 def _write_slot(buf, new, start):

@@ -1,7 +1,7 @@
 """The rollout engine: KV-cache group sampling with the old policy's log-probs."""
 
 from egpo_jax.sampling.engine import (DecodeState, Generation, SamplingSpec, bucket_length,
-                                      compilation_counts, continue_rollout, finish_rollout,
+                                      cache_plan, compilation_counts, continue_rollout, finish_rollout,
                                       generate, response_keys, rollout, start_rollout,
                                       step_uniforms)
 from egpo_jax.sampling.filters import (check_sampling_args, filter_logits, sample_tokens,
@@ -10,7 +10,8 @@ from egpo_jax.sampling.filters import (check_sampling_args, filter_logits, sampl
                                        top_p_keep_mask, truncate_logits)
 
 __all__ = [
-    "DecodeState", "Generation", "SamplingSpec", "bucket_length", "check_sampling_args",
+    "DecodeState", "Generation", "SamplingSpec", "bucket_length", "cache_plan",
+    "check_sampling_args",
     "compilation_counts", "continue_rollout", "filter_logits", "finish_rollout", "generate",
     "response_keys", "rollout", "sample_tokens", "sample_tokens_from_uniforms", "sample_with_logps",
     "start_rollout", "step_uniforms", "token_logps_and_entropy", "top_p_keep_mask",

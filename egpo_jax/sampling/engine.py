@@ -28,6 +28,14 @@ Recompiles. Prompts are left-padded to a power-of-two length bucket; the samplin
 settings, group size, max_new_tokens and EOS ids are static. `compilation_counts()` says
 how many times each jitted stage has been traced (= compiled) in this process.
 
+Cache phases. Attention reads every slot of the cache, most of them still empty early in
+a response, and on CPU that read was a quarter of the small model's decode time. So the
+loop runs in up to `SamplingSpec.cache_phases` phases (each at least `MIN_PHASE_STEPS`
+steps), each a `lax.while_loop` on a cache that holds only the slots its steps reach;
+between phases the cache grows (`transformer.grow_cache`, one copy). Masked slots add
+exact zeros, so the tokens and log-probs are those of one loop on the whole cache up to
+float rounding. Each phase is one more loop body to compile.
+
 `rollout` is the same computation as one pure function, without host checks or
 bucketing, for callers that jit a whole RL iteration themselves.
 """
@@ -86,9 +94,10 @@ class SamplingSpec:
   top_p: float = 1.0
   greedy: bool = False
   return_entropy: bool = False
+  cache_phases: int = 4
 
   def __post_init__(self):
-    for name in ("group_size", "max_new_tokens"):
+    for name in ("group_size", "max_new_tokens", "cache_phases"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"SamplingSpec.{name} must be an int >= 1, got {value!r}")
@@ -175,6 +184,19 @@ def _sample_into(state: DecodeState, logits_NxV: jax.Array, spec: SamplingSpec
       step=state.step + 1)
 
 
+# A phase shorter than this saves less attention time than its loop body costs to compile.
+MIN_PHASE_STEPS = 16
+
+
+def cache_plan(prompt_len: int, max_new_tokens: int, phases: int) -> tuple[int, ...]:
+  """The cache's slots in each decode phase; the last holds prompt_len + max_new_tokens - 1
+  (the last sampled token is never fed back). Phases split the decode steps evenly, at
+  most `phases` of them and none shorter than MIN_PHASE_STEPS steps."""
+  steps = max_new_tokens - 1
+  k = max(1, min(phases, steps // MIN_PHASE_STEPS))
+  return tuple(prompt_len + -(-steps * (j + 1) // k) for j in range(k))
+
+
 def _repeat_cache(cache: transformer.KVCache, group_size: int) -> transformer.KVCache:
   """Repeats each prompt's cache rows G times: row b -> rows b*G .. b*G+G-1."""
   return cache.replace(k=jnp.repeat(cache.k, group_size, axis=1),
@@ -217,8 +239,9 @@ def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
   chex.assert_equal_shape([prompt_ids_BxP, prompt_mask_BxP])
   batch, prompt_len = prompt_ids_BxP.shape
   group, steps = spec.group_size, spec.max_new_tokens
-  # The last sampled token is never fed back, so P + T - 1 slots suffice.
-  cache = transformer.init_cache(config, batch, prompt_len + steps - 1, dtype=cache_dtype)
+  # Room for P + T - 1 slots (`cache_plan`), holding only the first phase's for now.
+  plan = cache_plan(prompt_len, steps, spec.cache_phases)
+  cache = transformer.init_cache(config, batch, plan[-1], dtype=cache_dtype, slots=plan[0])
   logits_BxV, cache = transformer.prefill(params, prompt_ids_BxP, prompt_mask_BxP, cache,
                                           config=config)
   # Repeated G times, then laid out per layer for the decode loop (one copy, here).
@@ -241,7 +264,8 @@ def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
 
 def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
                      ) -> DecodeState:
-  """Decodes until every row is done or max_new_tokens tokens have been sampled."""
+  """Decodes until every row is done or max_new_tokens tokens have been sampled: one
+  `lax.while_loop` per phase of `cache_plan` that the state's cache has not passed."""
 
   # Sliced (and q/k/v, gate/up fused) once here: slicing the stacked layer weights inside
   # the loop copies them on every step.
@@ -249,14 +273,22 @@ def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
   tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
   params = transformer.decode_params(params, fuse=not tensor_parallel)
 
-  def cond(s):
-    return (s.step < spec.max_new_tokens) & ~jnp.all(s.done_N)
-
   def body(s):
     logits_NxV, cache = transformer.decode(params, s.last_tokens_N, s.cache, config=config)
     return _constrain(_sample_into(s.replace(cache=cache), logits_NxV, spec))
 
-  return jax.lax.while_loop(cond, body, state)
+  # The cache's capacity is P + T - 1 slots, so it tells the prompt length.
+  steps = state.completion_ids_NxT.shape[1]
+  plan = cache_plan(state.cache.capacity - steps + 1, steps, spec.cache_phases)
+  for slots in plan:
+    if slots < state.cache.max_len:
+      continue
+    state = _constrain(state.replace(cache=transformer.grow_cache(state.cache, slots)))
+    # The next slot to write must exist: cache.index < slots.
+    cond = lambda s, slots=slots: ((s.step < spec.max_new_tokens) & ~jnp.all(s.done_N)
+                                   & (s.cache.index < slots))
+    state = jax.lax.while_loop(cond, body, state)
+  return state
 
 
 def finish_rollout(state: DecodeState) -> Generation:
@@ -297,10 +329,16 @@ def _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B, *, co
                        config=config, spec=spec, cache_dtype=cache_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("state",))
-def _continue_jit(params, state, *, config, spec):
+def _continue(params, state, cache, *, config, spec):
   _TRACES["decode"] += 1
-  return continue_rollout(params, state, config=config, spec=spec)
+  return continue_rollout(params, state.replace(cache=cache), config=config, spec=spec)
+
+
+_continue_jit = jax.jit(_continue, static_argnames=("config", "spec"),
+                        donate_argnames=("state", "cache"))
+# A cache that the decode grows (several phases) cannot hold the result: donate the rest.
+_continue_growing_jit = jax.jit(_continue, static_argnames=("config", "spec"),
+                                donate_argnames=("state",))
 
 
 @jax.jit
@@ -319,7 +357,7 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, pad_id: int = 0, prompt_ids_B=None,
              return_entropy: bool = False, min_prompt_bucket: int = 16,
-             cache_dtype=None) -> Generation:
+             cache_dtype=None, cache_phases: int = 4) -> Generation:
   """Samples `group_size` responses per prompt with the KV cache.
 
   Args:
@@ -340,6 +378,8 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     return_entropy: also return the per-token Shannon entropy (EDGE-GRPO's quantity).
     min_prompt_bucket: prompts are left-padded to max(this, next power of two of P).
     cache_dtype: KV-cache dtype (default: the model's compute dtype).
+    cache_phases: decode in up to this many loops on a growing cache (`cache_plan`); 1
+      decodes in one loop on the whole cache (one compilation of the loop body).
 
   Returns:
     a `Generation` with N = B * G rows.
@@ -353,7 +393,8 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
                       # Greedy ignores these: one compilation for every greedy call.
                       temperature=1.0 if greedy else float(temperature),
                       top_k=0 if greedy else int(top_k), top_p=1.0 if greedy else float(top_p),
-                      greedy=greedy, return_entropy=bool(return_entropy))
+                      greedy=greedy, return_entropy=bool(return_entropy),
+                      cache_phases=int(cache_phases))
   batch, prompt_len = prompt_ids_BxP.shape
   if prompt_ids_B is None:
     prompt_ids_B = jnp.arange(batch, dtype=jnp.int32)
@@ -376,7 +417,9 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     prompt_mask_BxP = xp.pad(prompt_mask_BxP, pad)
   state = _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
                      config=config, spec=spec, cache_dtype=cache_dtype)
-  state = _continue_jit(params, state, config=config, spec=spec)
+  grows = len(cache_plan(bucket, spec.max_new_tokens, spec.cache_phases)) > 1
+  state = (_continue_growing_jit if grows else _continue_jit)(
+      params, state.replace(cache=None), state.cache, config=config, spec=spec)
   return _finish_jit(state)
 
 

@@ -153,7 +153,7 @@ def test_cache_layout_and_bad_prompt_length(params):
   chex.assert_shape(cache.k, (TINY.num_layers, 2, 5, TINY.num_kv_heads, TINY.head_size))
   assert cache.k.dtype == jnp.float32 and cache.mask_BxS.dtype == jnp.bool_
   ids = jnp.ones((2, 6), jnp.int32)
-  with pytest.raises(ValueError, match="exceeds the cache's max_len 5"):
+  with pytest.raises(ValueError, match="exceeds the cache.s 5 slots"):
     tr.prefill(params[TINY], ids, ids > 0, cache, config=TINY)
   with pytest.raises(ValueError, match="batch_size=0"):
     tr.init_cache(TINY, 0, 4)

@@ -228,6 +228,57 @@ def test_pure_rollout_under_jit_equals_generate(params, prompts, sampled_run):
   np.testing.assert_allclose(pure.logps_NxT, out.logps_NxT, atol=1e-6)
 
 
+def test_cache_plan():
+  assert sampling.cache_plan(16, 64, 4) == (37, 58, 79)   # 63 steps: 3 phases of >= 16
+  assert sampling.cache_plan(16, 64, 1) == (79,)
+  assert sampling.cache_plan(8, 40, 4) == (28, 47)
+  assert sampling.cache_plan(16, 16, 4) == (31,)           # too short to split
+  assert sampling.cache_plan(16, 1, 4) == (16,)            # no decode step at all
+  assert sampling.cache_plan(100, 1001, 4) == (350, 600, 850, 1100)
+
+
+def test_phased_decode_equals_one_loop_on_the_whole_cache(params, prompts):
+  """Decoding in phases on a growing cache gives one loop's tokens and log-probs, with rows
+  ending in either phase, and both match a teacher-forced forward pass."""
+  ids, mask = prompts
+  t = 40   # 39 decode steps: phases of 20 and 19 (cache_plan)
+  run = lambda phases: jax.device_get(sampling.generate(
+      params, ids, mask, jax.random.key(3), config=CONFIG, group_size=8, max_new_tokens=t,
+      eos_ids=EOS, prompt_ids_B=PROMPT_IDS_B, cache_phases=phases, **SAMPLED))
+  before = sampling.compilation_counts()
+  phased, whole = run(4), run(1)
+  assert sampling.compilation_counts()["decode"] - before["decode"] == 2
+  lengths = phased.lengths_N
+  assert (lengths <= 20).any() and ((lengths > 21) & ~phased.truncated_N).any()
+  assert phased.truncated_N.any() and int(phased.num_steps) == t
+  for name in ("completion_ids_NxT", "completion_mask_NxT", "lengths_N", "truncated_N"):
+    np.testing.assert_array_equal(getattr(phased, name), getattr(whole, name))
+  np.testing.assert_allclose(phased.logps_NxT, whole.logps_NxT, atol=1e-6, rtol=0)
+  want, _ = _teacher_forced(params, np.asarray(ids), np.asarray(mask), phased, 8,
+                            SAMPLED["temperature"])
+  np.testing.assert_allclose(phased.logps_NxT, want * phased.completion_mask_NxT,
+                             atol=LOGP_ATOL)
+
+
+def test_grow_cache_adds_empty_slots_in_both_layouts():
+  cache = transformer.init_cache(CONFIG, 2, 10, slots=4)
+  assert (cache.max_len, cache.capacity, cache.k.shape[2]) == (4, 10, 4)
+  cache = cache.replace(mask_BxS=jnp.ones((2, 4), bool), k=cache.k + 1.0)
+  grown = transformer.grow_cache(cache, 7)
+  assert grown.k.shape[2] == 7 and grown.mask_BxS.shape == (2, 7)
+  np.testing.assert_array_equal(grown.k[:, :, :4], cache.k)
+  assert not grown.k[:, :, 4:].any() and not grown.mask_BxS[:, 4:].any()
+  laid = transformer.grow_cache(transformer.decode_layout(cache), 10)
+  assert laid.k[0].shape[-1] == 10 and laid.v[0].shape[2] == 10
+  np.testing.assert_array_equal(laid.k[0][..., :4], np.transpose(cache.k[0], (0, 2, 3, 1)))
+  assert transformer.grow_cache(cache, 4) is cache
+  for slots in (3, 11):
+    with pytest.raises(ValueError, match="grow_cache: slots"):
+      transformer.grow_cache(cache, slots)
+  with pytest.raises(ValueError, match="slots"):
+    transformer.init_cache(CONFIG, 2, 10, slots=11)
+
+
 def _while_bodies(hlo: str) -> list[str]:
   """The text of every while-loop body computation of a compiled HLO module."""
   bodies = []
