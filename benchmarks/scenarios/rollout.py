@@ -39,24 +39,36 @@ quadratic in length and is timed on tiny only. "model decode + argmax" runs the 
 matmuls only" runs just the decode step's weight matmuls at their exact shapes (64 rows x
 D): "x floor at decode shapes" divides by the rollout's FLOPs at that rate.
 
-Targets: tiny >= 5x transformers: 4.7-5.8x across this session's quiet runs (it moves
-with torch's speed on tiny shapes more than with ours); small <= 1.5x the FLOP floor:
-1.55-1.72x, missed by 5-15%. Even the decode's weight matmuls alone run at 1.2-1.3x the
-floor: 64-row matmuls reach ~75% of the 1024^3 rate on this CPU.
+Targets: tiny >= 5x transformers: 5.0x and 5.2x in this session's two runs (4.7-6.1x in
+the previous session's; it moves with torch's speed on tiny shapes more than with ours);
+small <= 1.5x the FLOP floor: 1.48x and 1.66x in two runs minutes apart, with the same
+generate time (1.86 s, 1.89 s) and the dot rate at 154 and 170 GFLOP/s, so met in one
+and missed by 11% in the other. The decode's weight matmuls alone run at 1.13-1.29x the
+floor: 64-row matmuls reach ~75-80% of the 1024^3 rate on this CPU.
 
-Where the small model's time goes (jax.profiler trace, per XLA thunk, decode loop): weight
-matmuls ~73%, attention ~17% (batched [4 x 64] @ [64 x 79] products over 128 (row, kv
-head) pairs, at 3-5x its memory-bandwidth time; an elementwise formulation and Eigen
-instead of YNNPACK were slower), the per-call copies that unstack and fuse the layer
-weights and lay out the cache ~2%, prefill ~2%, sampling ~2%. This version (vs the
-previous one, same run conditions): q/k/v and gate/up run as one matmul each
-(`transformer.decode_params`; 14% less time in the decode-shaped matmuls), keys are cached
-with the slots last so the score matmul needs no transpose (2x faster scores), and RoPE's
-sin/cos come from a table built with the cache (XLA:CPU had fused sin/cos into every
-layer's q and k and recomputed them per element: 7% of the step). Earlier: decode in
-plain jnp with unrolled layers, weights unstacked and cache laid out once before the
-loop (a test checks the compiled loop body copies neither), one exp over V per step to
-sample and score."""
+This version: the decode runs in up to `SamplingSpec.cache_phases` loops (3 here: 21 steps
+each) on a cache that holds only the slots each loop reaches (37, 58, 79), so attention
+reads 58 slots per step on average instead of 79; tokens and log-probs are identical. A/B
+in one process, round-robin: 5-12% less time for the small rollout, tiny unchanged.
+Growing the cache by 40 empty slots had cost 400-600 ms of the small model's 2.4 s
+rollout: attention is memory-bound there (the 8 layers' cache, 41 MB at 79 slots, does
+not fit the 32 MB L3 next to 90 MB of weights streamed every step). "model decode +
+argmax" runs the same phases. Tried and dropped: activations laid out [D, B] with [out,
+in] kernels, so the weight matmuls are kernel @ x (8-25% faster in a chain of bare
+decode-shaped matmuls, as XLA:CPU then does not repack the weights): inside generate no
+gain, because transposing the 90 MB of weights once per call costs as much; 7 phases
+instead of 3: no further gain, 2x the loop compilations.
+
+Where the small model's time went before phases (jax.profiler trace, per XLA thunk,
+decode loop): weight matmuls ~73%, attention ~17-25% (batched [4 x 64] @ [64 x 79]
+products over 128 (row, kv head) pairs; an elementwise formulation and Eigen instead of
+YNNPACK were slower), the per-call copies that unstack and fuse the layer weights and lay
+out the cache ~2%, prefill ~2%, sampling ~2%. Earlier versions: q/k/v and gate/up as one
+matmul each (`transformer.decode_params`; 14% less time in the decode-shaped matmuls),
+keys cached slots-last (2x faster scores), RoPE sin/cos from a table built with the
+cache (7% of the step), decode in plain jnp with unrolled layers, weights unstacked and
+cache laid out once before the loop (a test checks the compiled loop body copies
+neither), one exp over V per step to sample and score."""
 
 NUM_PROMPTS, GROUP, PROMPT_LEN = 8, 8, 16
 
