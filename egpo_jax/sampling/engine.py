@@ -417,7 +417,7 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     prompt_mask_BxP = xp.pad(prompt_mask_BxP, pad)
   state = _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
                      config=config, spec=spec, cache_dtype=cache_dtype)
-  grows = len(cache_plan(bucket, spec.max_new_tokens, spec.cache_phases)) > 1
+  grows = state.cache.max_len < state.cache.capacity
   state = (_continue_growing_jit if grows else _continue_jit)(
       params, state.replace(cache=None), state.cache, config=config, spec=spec)
   return _finish_jit(state)
