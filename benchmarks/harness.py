@@ -70,19 +70,32 @@ def alternate_rows(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, repeat
           for k, v in times.items()]
 
 
-def matmul_gflops(n: int = 1024, dtype=None, repeats: int = 5) -> float:
+def on_accelerator() -> bool:
+  """Whether JAX runs on a GPU or TPU (peaks and floors are then the card's)."""
+  return jax.default_backend() != "cpu"
+
+
+def dot_size() -> int:
+  """n of the n^3 jnp.dot whose rate stands for the machine's matmul peak: 1024 on CPU
+  (larger is no faster there), 8192 on an accelerator (1024 is launch-bound)."""
+  return 8192 if on_accelerator() else 1024
+
+
+def matmul_gflops(n: int | None = None, dtype=None, repeats: int = 5) -> float:
   """This machine's float32 (or `dtype`) jnp.dot rate in GFLOP/s, for FLOP-floor ratios."""
   fn, flops = matmul_calls(n, calls=1, dtype=dtype)
   return flops / statistics.median(time_fn(fn, repeats=repeats)) / 1e9
 
 
-def matmul_calls(n: int = 1024, calls: int = 16, dtype=None
+def matmul_calls(n: int | None = None, calls: int = 16, dtype=None
                  ) -> tuple[Callable[[], Any], float]:
-  """(fn, flops): `calls` separate jitted n^3 jnp.dot calls, the rate `matmul_gflops`
-  measures, packaged to be timed round-robin with the rows it is the floor of
-  (`alternate_rows`): on a shared CPU a rate measured once, before them, moved by 1.5x.
-  (A chain of dots inside one jitted loop runs ~15% faster than separate calls here.)"""
+  """(fn, flops): `calls` separate jitted n^3 jnp.dot calls (n: `dot_size()`), the rate
+  `matmul_gflops` measures, packaged to be timed round-robin with the rows it is the
+  floor of (`alternate_rows`): on a shared CPU a rate measured once, before them, moved
+  by 1.5x. (A chain of dots inside one jitted loop runs ~15% faster than separate calls
+  here.)"""
   import jax.numpy as jnp
+  n = n or dot_size()
   dtype = dtype or jnp.float32
   a = jnp.full((n, n), 1.0 / n, dtype)
   f = jax.jit(lambda x: x @ x)
@@ -90,6 +103,35 @@ def matmul_calls(n: int = 1024, calls: int = 16, dtype=None
   def fn():
     return [f(a) for _ in range(calls)]
   return fn, 2.0 * calls * n**3
+
+
+def copy_calls(nbytes: int | None = None, calls: int = 4
+               ) -> tuple[Callable[[], Any], float]:
+  """(fn, bytes): `calls` jitted in-place `x + 1` passes over a float32 array of `nbytes`
+  (256 MiB on CPU, far past its caches; 2 GiB on an accelerator), each reading and
+  writing it once: the memory bandwidth a bandwidth floor is measured against, timed
+  round-robin with its rows like `matmul_calls`.
+
+  The array is donated, so every pass writes where it read: with a fresh output buffer
+  per call, XLA:CPU's first touch of 256 MiB of new pages (the kernel faults and zeroes
+  each one) made the same loop ~8x slower here.
+  """
+  import jax.numpy as jnp
+  nbytes = nbytes or (2 << 30 if on_accelerator() else 256 << 20)
+  state = [jnp.zeros((nbytes // 4,), jnp.float32)]
+  f = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+
+  def fn():
+    for _ in range(calls):
+      state[0] = f(state[0])
+    return state[0]
+  return fn, 2.0 * calls * (nbytes // 4) * 4
+
+
+def copy_gbps(nbytes: int | None = None, repeats: int = 5) -> float:
+  """This machine's memory bandwidth in GB/s (read + write of a large array)."""
+  fn, moved = copy_calls(nbytes, calls=1)
+  return moved / statistics.median(time_fn(fn, repeats=repeats)) / 1e9
 
 
 def machine_info() -> dict[str, str]:

@@ -11,7 +11,10 @@ per call, jitted whole (the jnp verifier runs inside); "rollout" and "update" ar
 phases jitted alone. GFLOP/s counts the matmul FLOPs of the phase (rollout as in the
 rollout scenario; update = forward + backward over prompt + response, attention as run,
 plus the chunked head's recompute), next to the jnp.dot rate (1024^3 float32 calls,
-timed round-robin with the rows); "x FLOP floor" is the time over FLOPs / dot rate. The
+8192^3 on an accelerator, timed round-robin with the rows); "x FLOP floor" is the time
+over FLOPs / dot rate, so "% of dot" is the model FLOPs utilisation against the measured
+peak. The rollout phase's "GB/s" and "x bandwidth floor" are as in the rollout scenario
+(bytes it must move; in-place copy rate, timed alike). The
 FLOPs are the workload's, as the peers run it: egpo_jax's update runs each prompt once
 per group (`ppo.share_prompts`), about 17% fewer FLOPs than counted here. "EGPO calibration" is the entropy proxy
 (Eq. 5) + weights (Eqs. 6-9) + triage (Eq. 10) minus GRPO's advantage, timed alone on
@@ -155,13 +158,16 @@ def _model_rows(name: str, w: spec.Workload, repeats: int) -> list[harness.Row]:
   tag = f"{name}: "
   base = tag + "GRPO iteration (rollout + reward + update)"
   dots, dot_flops = harness.matmul_calls()
+  copies, copy_bytes = harness.copy_calls()
   rows = harness.alternate_rows({
       base: fns["iteration"],
       tag + "EGPO iteration": egpo_fns["iteration"],
       tag + "rollout phase": fns["rollout"],
       tag + "update phase": fns["update"],
       "dot": dots,
+      "copy": copies,
   }, warmup=2, repeats=repeats)
+  gbps = copy_bytes / rows.pop().seconds / 1e9
   gflops = dot_flops / rows.pop().seconds / 1e9
   calib = harness.alternate_rows({"grpo": fns["grpo advantage"],
                                   "egpo": fns["egpo advantage"]}, warmup=3, repeats=50)
@@ -174,6 +180,10 @@ def _model_rows(name: str, w: spec.Workload, repeats: int) -> list[harness.Row]:
     r.extra["x FLOP floor"] = round(r.seconds * gflops * 1e9 / flops[key], 2)
   rows[1].baseline, rows[1].ratio = base, "fraction"
   rows[2].extra["new tokens/s"] = round(w.num_responses * w.new_tokens / rows[2].seconds)
+  moved = rollout.rollout_bytes(config, w.num_prompts, w.group_size, w.prompt_len,
+                                w.new_tokens)
+  rows[2].extra["GB/s"] = round(moved / rows[2].seconds / 1e9, 2)
+  rows[2].extra["x bandwidth floor"] = round(rows[2].seconds * gbps * 1e9 / moved, 2)
   calib_s = max(calib[1].seconds - calib[0].seconds, 0.0)
   rows.append(harness.Row(name=tag + "EGPO calibration (EGPO - GRPO advantage)",
                           seconds=calib_s, baseline=base, ratio="fraction",
@@ -181,8 +191,9 @@ def _model_rows(name: str, w: spec.Workload, repeats: int) -> list[harness.Row]:
                           extra={"GRPO advantage ms": round(1e3 * calib[0].seconds, 4)}))
   for r in rows[2:]:
     r.ratio = "fraction"
-  rows.append(harness.Row(name=f"{tag}jnp.dot rate (1024^3 float32, timed with the rows "
-                          f"above): {gflops:.1f} GFLOP/s", seconds=None))
+  rows.append(harness.Row(name=f"{tag}jnp.dot rate ({harness.dot_size()}^3 float32, timed "
+                          f"with the rows above): {gflops:.1f} GFLOP/s; copy rate: "
+                          f"{gbps:.1f} GB/s", seconds=None))
   return rows
 
 

@@ -11,6 +11,11 @@ through every layer, attention over the real context) at this run's jnp.dot rate
 (harness.matmul_calls: 1024^3 float32 jnp.dot calls, timed round-robin with the model's
 rows); "x floor at decode shapes" uses instead the rate jnp.dot reaches on the decode
 step's own thin matmuls (q/k/v and gate/up fused, as the sampler runs them), timed alike.
+"x bandwidth floor" is the time over the bytes the rollout must move (weights and output
+head once per step, each row's keys and values over its real context; `rollout_bytes`)
+at the copy rate of a large array (harness.copy_calls), timed alike; "GB/s" is those
+bytes over the time. On an accelerator the dot is 8192^3, the copy 2 GiB, transformers
+(a CPU baseline) is left out, and the section is written as "rollout-<backend>".
 """
 
 from __future__ import annotations
@@ -29,22 +34,37 @@ from egpo_jax.models import hf_io, transformer
 from egpo_jax.sampling import filters
 
 NOTES = """No GPU was lent to this session: all numbers are CPU times on 2 cores, quiet in
-this run (load ~1.5) but drifting by 10-20% from minute to minute (the same 1024^3 dot ran
-at 80-180 GFLOP/s across this session), so only ratios within one run mean much: rows
-are timed round-robin in one process, the dot rate included. transformers runs with the
-faster of torch's default thread count and one thread, picked by a short probe. The naive
-sampler (same keys and law; "same tokens as ours" checks the KV-cache path against it) is
-quadratic in length and is timed on tiny only. "model decode + argmax" runs the model's
-`decode` T - 1 times with the argmax fed back (no sampling, no prefill); "decode's weight
-matmuls only" runs just the decode step's weight matmuls at their exact shapes (64 rows x
-D): "x floor at decode shapes" divides by the rollout's FLOPs at that rate.
+this run (load ~1) but drifting by 10-20% from minute to minute (the same 1024^3 dot ran
+at 80-180 GFLOP/s across the last sessions), so only ratios within one run mean much: rows
+are timed round-robin in one process, the dot and copy rates included. transformers runs
+with the faster of torch's default thread count and one thread, picked by a short probe.
+The naive sampler (same keys and law; "same tokens as ours" checks the KV-cache path
+against it) is quadratic in length and is timed on tiny only. "model decode + argmax"
+runs the model's `decode` T - 1 times with the argmax fed back (no sampling, no prefill);
+"decode's weight matmuls only" runs just the decode step's weight matmuls at their exact
+shapes (64 rows x D): "x floor at decode shapes" divides by the rollout's FLOPs at that
+rate.
 
-Targets: tiny >= 5x transformers: 5.0x and 5.2x in this session's two runs (4.7-6.1x in
-the previous session's; it moves with torch's speed on tiny shapes more than with ours);
-small <= 1.5x the FLOP floor: 1.48x and 1.66x in two runs minutes apart, with the same
-generate time (1.86 s, 1.89 s) and the dot rate at 154 and 170 GFLOP/s, so met in one
-and missed by 11% in the other. The decode's weight matmuls alone run at 1.13-1.29x the
-floor: 64-row matmuls reach ~75-80% of the 1024^3 rate on this CPU.
+Targets: tiny >= 5x transformers: 4.72x in this run (2026-11-28 11:19 UTC; transformers
+took 185 ms against 214 ms in the morning's run, ours 39 ms against 43 ms), 5.0x and 5.2x
+in the morning's two, 4.7-6.1x the session before: it straddles the target and moves
+with torch's speed on tiny shapes more than with ours. Small <= 1.5x the FLOP floor: met,
+1.39x here (1.48x and 1.66x in the morning's runs, with the dot at 154 and 170 GFLOP/s).
+The decode's weight matmuls alone run at 1.09-1.29x the floor: 64-row matmuls reach
+~75-90% of the 1024^3 rate on this CPU. On an accelerator the issue's target is the
+bandwidth floor (within 2x): the columns are there, the run is not (no GPU lent).
+
+Bandwidth: the copy rate is an in-place `x + 1` over 256 MiB (read + write counted),
+46-47 GB/s here. The small rollout moves 7.5 GB at least (the 90 MB of weights 64 times),
+so its bandwidth floor is ~0.16 s and the CPU run is ~11x above it: compute-bound, as
+the FLOP columns say. Page faults: with a fresh output buffer per call the same copy ran
+at 5.3 GB/s, as XLA:CPU maps each call's large temporaries afresh (glibc mmaps blocks
+over 32 MB) and the kernel faults and zeroes them page by page (counted with getrusage:
+~33,000 faults per small rollout, 17,800 per tiny update, 500,000 per small update).
+glibc's transparent-huge-page tunable (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) cuts the
+faults 40-500x, but in interleaved A/B runs (two worker processes, alternate calls) the
+wall time moved within noise: tiny iteration 0.105 s default vs 0.107 s, small 8.01 s vs
+7.76 s; not adopted.
 
 This version: the decode runs in up to `SamplingSpec.cache_phases` loops (3 here: 21 steps
 each) on a cache that holds only the slots each loop reaches (37, 58, 79), so attention
@@ -88,6 +108,28 @@ def rollout_flops(config: model_config.ModelConfig, num_prompts: int, group: int
   ctx = sum(prompt_len + t for t in range(1, new_tokens))
   decode = n * ((new_tokens - 1) * (per_token + head) + attn_per_ctx * ctx)
   return prefill + decode
+
+
+def rollout_bytes(config: model_config.ModelConfig, num_prompts: int, group: int,
+                  prompt_len: int, new_tokens: int, dtype_bytes: int = 4) -> float:
+  """Bytes a rollout must move through memory at the least: the matmul weights and the
+  output head read once by the prefill and once per decode step, each row's keys and
+  values read over its real context at every step, and every slot written once.
+
+  Its time at the machine's copy rate is the rollout's bandwidth floor: where a decode
+  step is bound by streaming the weights (an accelerator, few rows), it is the floor
+  that counts; on this CPU the FLOP floor is the higher one.
+  """
+  d, hd, inter = config.hidden_size, config.head_size, config.intermediate_size
+  q, kv = config.num_heads * hd, config.num_kv_heads * hd
+  weights = config.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)
+  weights += d * config.vocab_size
+  slot = 2 * kv * config.num_layers  # one position's keys and values, every layer
+  n = num_prompts * group
+  ctx = sum(prompt_len + t for t in range(1, new_tokens))
+  reads = new_tokens * weights + n * ctx * slot
+  writes = (num_prompts * prompt_len + n * prompt_len + n * (new_tokens - 1)) * slot
+  return float(dtype_bytes * (reads + writes))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps"))
@@ -208,7 +250,6 @@ def _model_rows(name: str, config, new_tokens: int, *, repeats: int,
                            group_size=GROUP, max_new_tokens=new_tokens, eos_ids=())
   out = jax.device_get(ours())
   assert (out.lengths_N == new_tokens).all() and int(out.num_steps) == new_tokens
-  hf_label, hf = _hf_generate_fn(params, config, prompt_ids, new_tokens)
 
   n = NUM_PROMPTS * GROUP
   # The cache generate decodes on: room for prompt bucket + new tokens - 1 slots, holding
@@ -230,17 +271,26 @@ def _model_rows(name: str, config, new_tokens: int, *, repeats: int,
   matmuls = functools.partial(matmuls_only, weights, x_MxK, steps=new_tokens - 1)
 
   tag = f"{name}: "
-  base = tag + hf_label
+  ours_row = tag + "egpo_jax generate (KV cache)"
+  fns = {ours_row: ours}
+  # transformers runs on the CPU: a baseline only where JAX does too.
+  base = ours_row
+  if not harness.on_accelerator():
+    hf_label, fns[tag + hf_label] = _hf_generate_fn(params, config, prompt_ids, new_tokens)
+    base = tag + hf_label
   matmul_row = tag + "decode's weight matmuls only (same shapes)"
-  dot_row = tag + "jnp.dot 1024^3 float32 (x16)"
+  dot_row, copy_row = tag + "jnp.dot", tag + "copy"
   dots, dot_flops = harness.matmul_calls()
-  rows = harness.alternate_rows({tag + "egpo_jax generate (KV cache)": ours, base: hf,
-                                 tag + "model decode + argmax (no sampling)": decode,
-                                 matmul_row: matmuls, dot_row: dots},
-                                warmup=1, repeats=repeats)
+  copies, copy_bytes = harness.copy_calls()
+  fns.update({tag + "model decode + argmax (no sampling)": decode, matmul_row: matmuls,
+              dot_row: dots, copy_row: copies})
+  rows = harness.alternate_rows(fns, warmup=1, repeats=repeats)
   dot = next(r for r in rows if r.name == dot_row)
+  copy = next(r for r in rows if r.name == copy_row)
   rows.remove(dot)
+  rows.remove(copy)
   gflops = dot_flops / dot.seconds / 1e9
+  gbps = copy_bytes / copy.seconds / 1e9
   if with_naive:
     naive = functools.partial(naive_generate, params, prompt_ids, rng, config=config,
                               group=GROUP, new_tokens=new_tokens)
@@ -257,14 +307,24 @@ def _model_rows(name: str, config, new_tokens: int, *, repeats: int,
   shape_gflops = (new_tokens - 1) * sum(2 * m * k * m_n for m, k, m_n in shapes) / (
       matmul.seconds * 1e9)
   shape_floor_s = total_flops / (shape_gflops * 1e9)
+  total_bytes = rollout_bytes(config, NUM_PROMPTS, GROUP, PROMPT_LEN, new_tokens)
+  bandwidth_floor_s = total_bytes / (gbps * 1e9)
   for r in rows:
     r.baseline = base
     r.extra["new tokens/s"] = round(tokens / r.seconds)
     r.extra["x FLOP floor"] = round(r.seconds / floor_s, 2)
     r.extra["x floor at decode shapes"] = round(r.seconds / shape_floor_s, 2)
+    if r.name != matmul_row:
+      r.extra["GB/s"] = round(total_bytes / r.seconds / 1e9, 2)
+      r.extra["x bandwidth floor"] = round(r.seconds / bandwidth_floor_s, 2)
   matmul.extra["dot GFLOP/s"] = round(shape_gflops, 1)
-  rows.append(harness.Row(name=f"{tag}jnp.dot rate (1024^3 float32, timed with the rows above)",
-                          seconds=None, extra={"dot GFLOP/s": round(gflops, 1)}))
+  n_dot = harness.dot_size()
+  rows.append(harness.Row(
+      name=f"{tag}jnp.dot rate ({n_dot}^3 float32) and copy rate, timed with the rows above",
+      seconds=None, extra={"dot GFLOP/s": round(gflops, 1), "GB/s": round(gbps, 2)}))
+  rows.append(harness.Row(
+      name=f"{tag}rollout: {total_flops / 1e9:.3g} GFLOP, {total_bytes / 1e9:.3g} GB moved",
+      seconds=None))
   return rows
 
 
