@@ -267,3 +267,69 @@ def test_inverse_cdf_never_draws_zero_weight_tokens():
   u = jnp.array([0.0, 0.4999, 0.5, 0.7499, 0.75, np.nextafter(1.0, 0.0)], jnp.float32)
   tokens = filters._inverse_cdf(u, weights)
   np.testing.assert_array_equal(tokens, [1, 1, 4, 4, 6, 6])
+
+
+def test_two_level_search_hand_computed():
+  # K = 200 > 64: blocks of 16 (13 blocks, the last padded with 8 zeros). Weight 1 at
+  # token 20 (block 1, after 4 zeros in its block), 2 at 37 (block 2), 1 at 191 (the
+  # padded last block); every other block is all zeros. Total 4: u in [0, .25) -> 20,
+  # [.25, .75) -> 37, [.75, 1) -> 191.
+  assert filters._cdf_block(200) == 16 and filters._cdf_block(64) == 64
+  weights = np.zeros((8, 200), np.float32)
+  weights[:, 20], weights[:, 37], weights[:, 191] = 1.0, 2.0, 1.0
+  u = jnp.array([0.0, 0.1, 0.2499, 0.25, 0.7499, 0.75, 0.9, np.nextafter(1.0, 0.0)],
+                jnp.float32)
+  tokens = filters._inverse_cdf(u, jnp.asarray(weights))
+  np.testing.assert_array_equal(tokens, [20, 20, 20, 37, 37, 191, 191, 191])
+  # One token of weight > 0 in the whole row: every u draws it.
+  one = np.zeros((3, 4096), np.float32)
+  one[:, 4095] = 0.5
+  np.testing.assert_array_equal(
+      filters._inverse_cdf(jnp.array([0.0, 0.5, np.nextafter(1.0, 0.0)], jnp.float32),
+                           jnp.asarray(one)), [4095] * 3)
+
+
+@hypothesis.settings(deadline=None, max_examples=40)
+@hypothesis.given(
+    k=st.sampled_from([65, 100, 512, 1000, 4099]),
+    zero_frac=st.sampled_from([0.0, 0.5, 0.95]),
+    seed=st.integers(0, 2**31 - 1))
+def test_two_level_search_draws_where_the_flat_cdf_says(k, zero_frac, seed):
+  """Up to float32 rounding, the drawn index is the one the float64 CDF gives, and it
+  always has weight > 0."""
+  rng = np.random.default_rng(seed)
+  weights = rng.exponential(size=(16, k)).astype(np.float32) * (rng.random((16, k)) >= zero_frac)
+  weights[:, rng.integers(k)] += 1.0  # every row has some weight
+  u = rng.random(16).astype(np.float32)
+  u[0], u[1] = 0.0, np.nextafter(np.float32(1.0), np.float32(0.0))
+  tokens = np.asarray(filters._inverse_cdf(jnp.asarray(u), jnp.asarray(weights)))
+  rows = np.arange(16)
+  assert (weights[rows, tokens] > 0).all()
+  cdf = np.cumsum(weights.astype(np.float64), axis=-1)
+  target = u.astype(np.float64) * cdf[:, -1]
+  slack = 1e-5 * cdf[:, -1]
+  before = np.where(tokens > 0, cdf[rows, np.maximum(tokens - 1, 0)], 0.0)
+  assert (before <= target + slack).all()
+  assert (cdf[rows, tokens] >= target - slack).all()
+
+
+def test_two_level_search_law_over_a_long_vocabulary():
+  """Chi-square over V = 300 (the two-level path), with zero-probability tokens."""
+  rng = np.random.default_rng(3)
+  probs = rng.dirichlet(np.ones(300) * 0.5)
+  probs[rng.choice(300, 60, replace=False)] = 0.0
+  probs /= probs.sum()
+  n = 60_000
+  u = jax.random.uniform(jax.random.key(11), (n,))
+  weights = jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (n, 300))
+  tokens = np.asarray(jax.jit(filters._inverse_cdf)(u, weights))
+  counts = np.bincount(tokens, minlength=300)
+  # Pool the rarest tokens so every expected count is >= 5.
+  order = np.argsort(probs)
+  support = order[probs[order] > 0]
+  rare = support[np.cumsum(probs[support]) * n < 50]
+  keep = np.setdiff1d(support, rare)
+  observed = np.append(counts[keep], counts[rare].sum())
+  expected = np.append(probs[keep], probs[rare].sum()) * n
+  assert counts[probs == 0].sum() == 0
+  assert stats.chisquare(observed, expected).pvalue > 1e-3
