@@ -134,6 +134,14 @@ def copy_gbps(nbytes: int | None = None, repeats: int = 5) -> float:
   return moved / statistics.median(time_fn(fn, repeats=repeats)) / 1e9
 
 
+def matmul_params(config) -> int:
+  """Weights in every layer's matmuls (q, k, v, o, gate, up, down), summed over the
+  layers of a `ModelConfig`: the per-token FLOPs of the layers are twice this."""
+  d, inter = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_size, config.num_kv_heads * config.head_size
+  return config.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)
+
+
 def machine_info() -> dict[str, str]:
   import importlib.metadata as md
   versions = {}

@@ -56,10 +56,9 @@ def update_flops(config: model_config.ModelConfig, n: int, prompt_len: int,
   """Matmul FLOPs of one optimizer step over n responses: forward + backward (2x) over
   prompt + response with full L x L attention scores (as run), and the log-prob head
   on the response positions run 4 times (forward, recompute, two backward matmuls)."""
-  d, hd, inter = config.hidden_size, config.head_size, config.intermediate_size
-  q, kv = config.num_heads * hd, config.num_kv_heads * hd
+  d, q = config.hidden_size, config.num_heads * config.head_size
   length = prompt_len + new_tokens
-  per_token = 2 * config.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)
+  per_token = 2 * harness.matmul_params(config)
   attention = 2 * 2 * config.num_layers * q * length * length
   head = 2 * d * config.vocab_size
   return n * (3 * (length * per_token + attention) + 4 * new_tokens * head)

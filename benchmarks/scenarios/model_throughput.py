@@ -51,9 +51,8 @@ need remat or a fused (flash) attention, which this model does not have yet."""
 
 def forward_flops(config: config_lib.ModelConfig, length: int) -> float:
   """Matmul FLOPs of one forward pass over `length` tokens (batch 1), logits included."""
-  d, hd, inter = config.hidden_size, config.head_size, config.intermediate_size
-  q, kv = config.num_heads * hd, config.num_kv_heads * hd
-  per_token = 2 * config.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)
+  d, q = config.hidden_size, config.num_heads * config.head_size
+  per_token = 2 * harness.matmul_params(config)
   attention = 2 * 2 * config.num_layers * q * length * length
   head = 2 * d * config.vocab_size
   return length * (per_token + head) + attention

@@ -106,9 +106,8 @@ NUM_PROMPTS, GROUP, PROMPT_LEN = 8, 8, 16
 def rollout_flops(config: model_config.ModelConfig, num_prompts: int, group: int,
                   prompt_len: int, new_tokens: int) -> float:
   """Matmul FLOPs of a rollout: the prompt once, each new token through every layer."""
-  d, hd, inter = config.hidden_size, config.head_size, config.intermediate_size
-  q, kv = config.num_heads * hd, config.num_kv_heads * hd
-  per_token = 2 * config.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)
+  d, q = config.hidden_size, config.num_heads * config.head_size
+  per_token = 2 * harness.matmul_params(config)
   attn_per_ctx = 2 * 2 * config.num_layers * q  # scores + weighted values per context slot
   head = 2 * d * config.vocab_size
   n = num_prompts * group
@@ -130,10 +129,8 @@ def rollout_bytes(config: model_config.ModelConfig, num_prompts: int, group: int
   step is bound by streaming the weights (an accelerator, few rows), it is the floor
   that counts; on this CPU the FLOP floor is the higher one.
   """
-  d, hd, inter = config.hidden_size, config.head_size, config.intermediate_size
-  q, kv = config.num_heads * hd, config.num_kv_heads * hd
-  weights = config.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * inter)
-  weights += d * config.vocab_size
+  kv = config.num_kv_heads * config.head_size
+  weights = harness.matmul_params(config) + config.hidden_size * config.vocab_size
   slot = 2 * kv * config.num_layers  # one position's keys and values, every layer
   n = num_prompts * group
   ctx = sum(prompt_len + t for t in range(1, new_tokens))
