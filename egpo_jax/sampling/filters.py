@@ -190,23 +190,26 @@ def _inverse_cdf(uniforms_N: jax.Array, weights_NxK: jax.Array) -> jax.Array:
 
   u * total can round up to the total: each level caps the index at the first position
   where its cumulative weight reaches its total, which holds weight > 0 (a float
-  cumulative sum of non-negative terms never decreases), and floors it at the first
-  position with weight > 0, so a zero-weight index is never returned.
+  cumulative sum of non-negative terms never decreases), so a zero-weight index is never
+  returned. The second level searches target minus the blocks' cumulative weight the
+  first level compared it with, so its target is never negative.
   """
   n, k = weights_NxK.shape
   size = _cdf_block(k)
   if size == k:
-    return _search(uniforms_N * jnp.sum(weights_NxK, axis=-1), weights_NxK)
+    cdf_NxK = jnp.cumsum(weights_NxK, axis=-1)
+    return _search(uniforms_N * cdf_NxK[:, -1], cdf_NxK)
   blocks = -(-k // size)
   padded_NxBxS = jnp.pad(weights_NxK, ((0, 0), (0, blocks * size - k))).reshape(
       n, blocks, size)
-  block_NxB = jnp.sum(padded_NxBxS, axis=-1)
-  target_N = uniforms_N * jnp.sum(block_NxB, axis=-1)
-  block_N = _search(target_N, block_NxB)
-  before_N = jnp.sum(jnp.where(jnp.arange(blocks) < block_N[:, None], block_NxB, 0.0),
-                     axis=-1)
+  block_cdf_NxB = jnp.cumsum(jnp.sum(padded_NxBxS, axis=-1), axis=-1)
+  target_N = uniforms_N * block_cdf_NxB[:, -1]
+  block_N = _search(target_N, block_cdf_NxB)
+  previous_N = jnp.maximum(block_N - 1, 0)[:, None]
+  before_N = jnp.where(block_N > 0,
+                       jnp.take_along_axis(block_cdf_NxB, previous_N, axis=-1)[:, 0], 0.0)
   inner_NxS = jnp.take_along_axis(padded_NxBxS, block_N[:, None, None], axis=1)[:, 0]
-  return block_N * size + _search(target_N - before_N, inner_NxS)
+  return block_N * size + _search(target_N - before_N, jnp.cumsum(inner_NxS, axis=-1))
 
 
 def _cdf_block(k: int) -> int:
@@ -214,13 +217,12 @@ def _cdf_block(k: int) -> int:
   return k if k <= 64 else 1 << math.ceil(math.log2(math.sqrt(k)))
 
 
-def _search(target_N: jax.Array, weights_NxK: jax.Array) -> jax.Array:
-  """First index whose cumulative weight exceeds target, within [first, last] weight > 0."""
-  cdf_NxK = jnp.cumsum(weights_NxK, axis=-1)
+def _search(target_N: jax.Array, cdf_NxK: jax.Array) -> jax.Array:
+  """First index whose cumulative weight exceeds target (>= 0), capped at the first
+  index where the cumulative weight reaches its total."""
   index_N = jnp.sum(cdf_NxK <= target_N[:, None], axis=-1, dtype=jnp.int32)
-  first_N = jnp.sum(cdf_NxK <= 0.0, axis=-1, dtype=jnp.int32)
   last_N = jnp.sum(cdf_NxK < cdf_NxK[:, -1:], axis=-1, dtype=jnp.int32)
-  return jnp.clip(index_N, first_N, last_N)
+  return jnp.minimum(index_N, last_N)
 
 
 def token_logps_and_entropy(logits_NxV: jax.Array, tokens_N: jax.Array, *,
