@@ -122,8 +122,9 @@ def rollout_flops(config: model_config.ModelConfig, num_prompts: int, group: int
 def rollout_bytes(config: model_config.ModelConfig, num_prompts: int, group: int,
                   prompt_len: int, new_tokens: int, dtype_bytes: int = 4) -> float:
   """Bytes a rollout must move through memory at the least: the matmul weights and the
-  output head read once by the prefill and once per decode step, each row's keys and
-  values read over its real context at every step, and every slot written once.
+  output head read once by the prefill and once per decode step, at every step each
+  prompt's keys and values read once for its group (`transformer.share_prefix`) and each
+  row's own over its response so far, and every slot written once.
 
   Its time at the machine's copy rate is the rollout's bandwidth floor: where a decode
   step is bound by streaming the weights (an accelerator, few rows), it is the floor
@@ -133,9 +134,10 @@ def rollout_bytes(config: model_config.ModelConfig, num_prompts: int, group: int
   weights = harness.matmul_params(config) + config.hidden_size * config.vocab_size
   slot = 2 * kv * config.num_layers  # one position's keys and values, every layer
   n = num_prompts * group
-  ctx = sum(prompt_len + t for t in range(1, new_tokens))
-  reads = new_tokens * weights + n * ctx * slot
-  writes = (num_prompts * prompt_len + n * prompt_len + n * (new_tokens - 1)) * slot
+  steps = new_tokens - 1
+  own = steps * (steps + 1) // 2  # a row's own slots read, summed over the decode steps
+  reads = new_tokens * weights + (num_prompts * prompt_len * steps + n * own) * slot
+  writes = (num_prompts * prompt_len + n * steps) * slot
   return float(dtype_bytes * (reads + writes))
 
 
@@ -145,7 +147,7 @@ def decode_only(params, tokens_N, cache, *, config, steps,
   """The model's decode `steps` times, greedy (argmax fed back): the sampler's lower bound.
 
   Decodes in the sampler's phases (`sampling.cache_plan`) on a cache that holds the
-  prompt's slots and grows as the engine's does. The argmax keeps the logits live; a
+  prompt's slots as the engine's does (shared or per row) and grows as it does. The argmax keeps the logits live; a
   loop that drops them lets XLA skip the last layer's MLP and the output head, which is
   not a bound on anything.
   """
@@ -260,13 +262,18 @@ def _model_rows(name: str, config, new_tokens: int, *, repeats: int,
 
   n = NUM_PROMPTS * GROUP
   # The cache generate decodes on: room for prompt bucket + new tokens - 1 slots, holding
-  # the first phase's, prompt filled.
+  # the first phase's, the prompt's filled (once per group where generate shares it).
+  spec = sampling.SamplingSpec(group_size=GROUP, max_new_tokens=new_tokens, eos_ids=())
   bucket = sampling.bucket_length(PROMPT_LEN)
-  plan = sampling.cache_plan(bucket, new_tokens, sampling.SamplingSpec.cache_phases)
-  cache = transformer.init_cache(config, n, plan[-1], slots=plan[0])
-  cache = cache.replace(mask_BxS=cache.mask_BxS.at[:, :PROMPT_LEN].set(True),
+  plan = sampling.cache_plan(bucket, new_tokens, spec.cache_phases)
+  share = spec.shares_prompt(bucket)
+  cache = transformer.init_cache(config, NUM_PROMPTS if share else n, plan[-1],
+                                 slots=bucket if share else plan[0])
+  cache = cache.replace(mask_BxS=cache.mask_BxS.at[:, bucket - PROMPT_LEN:bucket].set(True),
                         positions_B=cache.positions_B + PROMPT_LEN,
-                        index=jnp.asarray(PROMPT_LEN, jnp.int32))
+                        index=jnp.asarray(bucket, jnp.int32))
+  if share:
+    cache = transformer.share_prefix(cache, GROUP, plan[0])
   tokens_N = jnp.repeat(prompt_ids[:, -1], GROUP)
   decode = functools.partial(decode_only, params, tokens_N, cache, config=config,
                              steps=new_tokens - 1)

@@ -64,6 +64,13 @@ class KVCache(flax.struct.PyTreeNode):
       sin and cos: XLA:CPU fused that into every layer's q and k and recomputed it per
       element (about 7% of the small model's decode step).
 
+    prefix_k, prefix_v, prefix_mask_BpxP: an optional shared prefix (`share_prefix`): P
+      slots held once per group of N / Bp consecutive rows (row n reads prefix row
+      n // (N / Bp)), laid out like `decode_layout`'s keys [Bp, kv heads, head_dim, P] and
+      values [Bp, kv heads, P, head_dim]. Slot indices (`index`, `max_len`, `capacity`)
+      count the prefix's P slots first, then the rows' own; `k`, `v` and `mask_BxS` hold
+      only the rows' own slots.
+
   A cache may hold fewer slots (`max_len`) than its `capacity`, and `grow_cache` adds
   empty ones as decoding reaches them: attention reads every slot the cache holds, so a
   decode loop run in phases of growing caches reads fewer (see `sampling.engine`).
@@ -75,10 +82,23 @@ class KVCache(flax.struct.PyTreeNode):
   index: jax.Array
   rope_cos_SxF: jax.Array
   rope_sin_SxF: jax.Array
+  prefix_k: tuple[jax.Array, ...] | None = None
+  prefix_v: tuple[jax.Array, ...] | None = None
+  prefix_mask_BpxP: jax.Array | None = None
+
+  @property
+  def prefix_len(self) -> int:
+    """Slots in the shared prefix (0 without one)."""
+    return 0 if self.prefix_mask_BpxP is None else self.prefix_mask_BpxP.shape[1]
 
   @property
   def mask(self) -> jax.Array:
-    return self.mask_BxS
+    """[B, max_len]: slot s of row b holds a valid key (shared prefix slots first)."""
+    if self.prefix_mask_BpxP is None:
+      return self.mask_BxS
+    group = self.mask_BxS.shape[0] // self.prefix_mask_BpxP.shape[0]
+    return jnp.concatenate([jnp.repeat(self.prefix_mask_BpxP, group, axis=0), self.mask_BxS],
+                           axis=1)
 
   @property
   def positions(self) -> jax.Array:
@@ -86,8 +106,8 @@ class KVCache(flax.struct.PyTreeNode):
 
   @property
   def max_len(self) -> int:
-    """The slots the cache holds now."""
-    return self.mask_BxS.shape[1]
+    """The slots the cache holds now (a shared prefix's included)."""
+    return self.prefix_len + self.mask_BxS.shape[1]
 
   @property
   def capacity(self) -> int:
@@ -457,13 +477,16 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   chex.assert_shape(cache.mask_BxS, (tokens_B.shape[0], None))
   c = config
   dtype = to_dtype(c.dtype)
-  index = cache.index
+  # The rows' own slots come after a shared prefix's.
+  index = cache.index - cache.prefix_len
   mask_BxS = jax.lax.dynamic_update_slice_in_dim(
       cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
   x_BxD = jnp.take(params["embed"]["embedding"].astype(dtype), tokens_B, axis=0)
   cos_Bx1xF, sin_Bx1xF = (jnp.take(table, cache.positions_B[:, None], axis=0)
                           for table in (cache.rope_cos_SxF, cache.rope_sin_SxF))
   per_layer = isinstance(cache.k, tuple)
+  if cache.prefix_mask_BpxP is not None and not per_layer:
+    raise ValueError("decode: a cache with a shared prefix must be in decode_layout")
   k_cache, v_cache = (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v)
   for i, p in enumerate(decode_params(params)["layers"]):
     h_BxD = _rms_norm(x_BxD, p["input_norm"]["scale"], c.rms_norm_eps, dtype)
@@ -488,8 +511,12 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
       # Transposed copies of the layer's keys and values (see decode_layout).
       k_BxGxKxS = jnp.transpose(k_cache[i], (0, 2, 3, 1))
       v_BxGxSxK = jnp.swapaxes(v_cache[i], 1, 2)
+    prefix = None
+    if cache.prefix_mask_BpxP is not None:
+      prefix = (cache.prefix_k[i].astype(dtype), cache.prefix_v[i].astype(dtype),
+                cache.prefix_mask_BpxP)
     attn_BxHxK = _attend_one(q_BxHxK, k_BxGxKxS.astype(dtype), v_BxGxSxK.astype(dtype),
-                             mask_BxS)
+                             mask_BxS, prefix)
     x_BxD = x_BxD + jnp.einsum("bhk,hkd->bd", attn_BxHxK, p["o_proj"]["kernel"].astype(dtype))
     h_BxD = _rms_norm(x_BxD, p["post_attn_norm"]["scale"], c.rms_norm_eps, dtype)
     if "gate_up_proj" in p:
@@ -504,7 +531,7 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   if per_layer:
     k_cache, v_cache = tuple(k_cache), tuple(v_cache)
   cache = cache.replace(k=k_cache, v=v_cache, mask_BxS=mask_BxS,
-                        positions_B=cache.positions_B + 1, index=index + 1)
+                        positions_B=cache.positions_B + 1, index=cache.index + 1)
   return logits_BxV, cache
 
 
@@ -547,6 +574,33 @@ def grow_cache(cache: KVCache, slots: int) -> KVCache:
   else:
     k, v = pad(cache.k, 2), pad(cache.v, 2)
   return cache.replace(k=k, v=v, mask_BxS=pad(cache.mask_BxS, 1))
+
+
+def share_prefix(cache: KVCache, group_size: int, slots: int) -> KVCache:
+  """A prefilled cache of B prompts as a cache of B * G rows that share each prompt's slots.
+
+  Every slot the prefilled cache holds (its `max_len`, the prompt) becomes the shared
+  prefix, stored once per prompt in `decode_layout`; row b * G + g reads prompt b's. The
+  rows get `slots - max_len` empty slots of their own (`grow_cache` adds more), and the
+  prompt's next position. Decoding then gives the tokens and logits of a cache that
+  repeats the prompt G times (up to float rounding) while holding, and reading, the prompt's
+  keys and values once per group instead of G times.
+  """
+  if cache.prefix_mask_BpxP is not None:
+    raise ValueError("share_prefix: the cache already has a shared prefix")
+  if group_size < 1 or not cache.max_len <= slots <= cache.capacity:
+    raise ValueError(f"share_prefix: group_size={group_size} must be >= 1 and "
+                     f"slots={slots} in [max_len={cache.max_len}, capacity={cache.capacity}]")
+  laid = decode_layout(cache)
+  rows, own = cache.mask_BxS.shape[0] * group_size, slots - cache.max_len
+  k0, v0 = laid.k[0], laid.v[0]
+  batch, kv_heads, head_dim = k0.shape[0], k0.shape[1], k0.shape[2]
+  return laid.replace(
+      k=tuple(jnp.zeros((rows, kv_heads, head_dim, own), k0.dtype) for _ in laid.k),
+      v=tuple(jnp.zeros((rows, kv_heads, own, head_dim), v0.dtype) for _ in laid.v),
+      mask_BxS=jnp.zeros((rows, own), jnp.bool_),
+      positions_B=jnp.repeat(cache.positions_B, group_size, axis=0),
+      prefix_k=laid.k, prefix_v=laid.v, prefix_mask_BpxP=cache.mask_BxS)
 
 
 def _write_slot(buf, new, start):
@@ -596,14 +650,42 @@ def _project(h_BxD, layer_params, dtype):
   return out
 
 
-def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS):
+def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix=None):
   """`_attend` for one query token per row, keys [B, kv heads, head_dim, S] and values
-  [B, kv heads, S, head_dim]."""
+  [B, kv heads, S, head_dim].
+
+  prefix: optional (keys [Bp, kv heads, head_dim, P], values [Bp, kv heads, P, head_dim],
+  mask [Bp, P]) shared by groups of B / Bp consecutive rows (`share_prefix`). The group's
+  queries are stacked along the rows, so the prefix is read once per group in one
+  [C * r, head_dim] @ [head_dim, P] product per (prompt, kv head), C = B / Bp; its scores
+  join the rows' own in one softmax.
+  """
   b, h, hd = q_BxHxK.shape
   g = k_BxGxKxS.shape[1]
-  q = q_BxHxK.reshape(b, g, h // g, hd)
+  r = h // g
+  q = q_BxHxK.reshape(b, g, r, hd)
   scores = jnp.einsum("bgrk,bgks->bgrs", q, k_BxGxKxS,
                       preferred_element_type=jnp.float32) / math.sqrt(hd)
   scores = jnp.where(mask_BxS[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
-  return jnp.einsum("bgrs,bgsk->bgrk", probs, v_BxGxSxK).reshape(b, h, hd)
+  if prefix is None:
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
+    return jnp.einsum("bgrs,bgsk->bgrk", probs, v_BxGxSxK).reshape(b, h, hd)
+  k_BpxGxKxP, v_BpxGxPxK, mask_BpxP = prefix
+  bp, p = mask_BpxP.shape
+  c = b // bp
+  # [B, g, r, K] -> [Bp, g, C * r, K]: row b * C + j's query heads under prompt b.
+  q_grouped = q.reshape(bp, c, g, r, hd).transpose(0, 2, 1, 3, 4).reshape(bp, g, c * r, hd)
+  prefix_scores = jnp.einsum("bgqk,bgkp->bgqp", q_grouped, k_BpxGxKxP,
+                             preferred_element_type=jnp.float32) / math.sqrt(hd)
+  prefix_scores = jnp.where(mask_BpxP[:, None, None], prefix_scores, _MASK_VALUE)
+  prefix_scores = prefix_scores.reshape(bp, g, c, r, p).transpose(0, 2, 1, 3, 4).reshape(
+      b, g, r, p)
+  probs = jax.nn.softmax(jnp.concatenate([prefix_scores, scores], axis=-1), axis=-1)
+  probs = probs.astype(v_BxGxSxK.dtype)
+  prefix_probs = probs[..., :p].reshape(bp, c, g, r, p).transpose(0, 2, 1, 3, 4).reshape(
+      bp, g, c * r, p)
+  prefix_out = jnp.einsum("bgqp,bgpk->bgqk", prefix_probs, v_BpxGxPxK)
+  prefix_out = prefix_out.reshape(bp, g, c, r, hd).transpose(0, 2, 1, 3, 4).reshape(
+      b, g, r, hd)
+  out = jnp.einsum("bgrs,bgsk->bgrk", probs[..., p:], v_BxGxSxK) + prefix_out
+  return out.reshape(b, h, hd)

@@ -1,9 +1,18 @@
 """KV-cache rollout engine: G responses per prompt, with the old policy's log-probs.
 
 `generate` repeats each prompt G times and decodes with the model's KV cache: one jitted
-prefill over the B distinct prompts (the cache is then repeated G times, so a prompt is
-encoded once, not G times), then one jitted `lax.while_loop` that decodes a token per
-row and stops as soon as every row has emitted an EOS token (or after max_new_tokens).
+prefill over the B distinct prompts, then one jitted `lax.while_loop` that decodes a token
+per row and stops as soon as every row has emitted an EOS token (or after
+max_new_tokens). A prompt is encoded once, not G times.
+
+Shared prompt cache. From `SamplingSpec.shared_prompt_min_len` prompt slots (the
+bucket) on, a prompt's keys and values stay in the cache once per group
+(`transformer.share_prefix`) instead of G times: the cache holds (G - 1) * P fewer slots
+per prompt, and each step's attention reads them once for the G rows in one wider
+product. Shorter prompts are repeated per row, because the grouped product's extra
+reshapes cost more than the reads they save: on a 2-core CPU, attention for 64 rows with
+8/2 heads of 64 was 1.1-1.4x slower shared at P = 16, and 1.25-1.35x faster at P = 64,
+256 and 512.
 The decode state (cache and buffers) is donated to the loop, so it is updated in place.
 Before the loop the layer weights are unstacked (q/k/v and gate/up fused) and the cache is
 laid out per layer (`transformer.decode_params`, `transformer.decode_layout`), so that a
@@ -95,12 +104,17 @@ class SamplingSpec:
   greedy: bool = False
   return_entropy: bool = False
   cache_phases: int = 4
+  shared_prompt_min_len: int = 64
 
   def __post_init__(self):
     for name in ("group_size", "max_new_tokens", "cache_phases"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"SamplingSpec.{name} must be an int >= 1, got {value!r}")
+    value = self.shared_prompt_min_len
+    if not isinstance(value, numbers.Integral) or value < 0:
+      raise ValueError(f"SamplingSpec.shared_prompt_min_len must be an int >= 0 (0: always "
+                       f"share the prompt's cache), got {value!r}")
     eos = (self.eos_ids,) if isinstance(self.eos_ids, numbers.Integral) else self.eos_ids
     if not all(isinstance(i, numbers.Integral) and i >= 0 for i in eos):
       raise ValueError(f"SamplingSpec.eos_ids must be token ids >= 0, got {self.eos_ids!r}")
@@ -116,6 +130,10 @@ class SamplingSpec:
   @property
   def logp_temperature(self) -> float:
     return 1.0 if self.is_greedy else self.temperature
+
+  def shares_prompt(self, prompt_len: int) -> bool:
+    """Whether a prompt (bucket) of this length is kept once per group in the cache."""
+    return self.group_size > 1 and prompt_len >= self.shared_prompt_min_len
 
 
 class DecodeState(flax.struct.PyTreeNode):
@@ -221,31 +239,50 @@ def _constrain(state: DecodeState) -> DecodeState:
 
 
 def _cache_specs(cache: transformer.KVCache, mesh) -> transformer.KVCache:
-  """`sharding.cache_partition_specs` for a cache in `transformer.decode_layout`."""
-  num_layers, (batch, heads, slots, head_dim) = len(cache.v), cache.v[0].shape
-  stacked = jax.ShapeDtypeStruct((num_layers, batch, slots, heads, head_dim), cache.v[0].dtype)
-  specs = sharding.cache_partition_specs(cache.replace(k=stacked, v=stacked), mesh)
-  _, rows, _, kv_heads, dims = tuple(specs.k) + (None,) * (5 - len(specs.k))
-  pspec = jax.sharding.PartitionSpec
-  return specs.replace(k=(pspec(rows, kv_heads, dims, None),) * num_layers,
-                       v=(pspec(rows, kv_heads, None, dims),) * num_layers)
+  """`sharding.cache_partition_specs` for a cache in `transformer.decode_layout` (and its
+  shared prefix, whose prompts split like rows)."""
+
+  def laid_out(values):
+    num_layers, (batch, heads, slots, head_dim) = len(values), values[0].shape
+    stacked = jax.ShapeDtypeStruct((num_layers, batch, slots, heads, head_dim),
+                                   values[0].dtype)
+    spec = sharding.cache_partition_specs(
+        cache.replace(k=stacked, v=stacked,
+                      mask_BxS=jax.ShapeDtypeStruct((batch, slots), jnp.bool_)), mesh)
+    _, rows, _, kv_heads, dims = tuple(spec.k) + (None,) * (5 - len(spec.k))
+    pspec = jax.sharding.PartitionSpec
+    return (spec, (pspec(rows, kv_heads, dims, None),) * num_layers,
+            (pspec(rows, kv_heads, None, dims),) * num_layers)
+
+  specs, k, v = laid_out(cache.v)
+  specs = specs.replace(k=k, v=v)
+  if cache.prefix_v is not None:
+    prefix, k, v = laid_out(cache.prefix_v)
+    specs = specs.replace(prefix_k=k, prefix_v=v, prefix_mask_BpxP=prefix.mask_BxS)
+  return specs
 
 
 def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
                   rng: jax.Array, prompt_ids_B: jax.Array, *, config, spec: SamplingSpec,
                   cache_dtype=None) -> DecodeState:
-  """Prefills the B prompts, repeats the cache G times and samples the first tokens."""
+  """Prefills the B prompts, gives each one's cache slots to its G rows (shared or
+  repeated, `SamplingSpec.shares_prompt`) and samples the first tokens."""
   chex.assert_rank([prompt_ids_BxP, prompt_mask_BxP, prompt_ids_B], [2, 2, 1])
   chex.assert_equal_shape([prompt_ids_BxP, prompt_mask_BxP])
   batch, prompt_len = prompt_ids_BxP.shape
   group, steps = spec.group_size, spec.max_new_tokens
   # Room for P + T - 1 slots (`cache_plan`), holding only the first phase's for now.
   plan = cache_plan(prompt_len, steps, spec.cache_phases)
-  cache = transformer.init_cache(config, batch, plan[-1], dtype=cache_dtype, slots=plan[0])
+  share = spec.shares_prompt(prompt_len)
+  cache = transformer.init_cache(config, batch, plan[-1], dtype=cache_dtype,
+                                 slots=prompt_len if share else plan[0])
   logits_BxV, cache = transformer.prefill(params, prompt_ids_BxP, prompt_mask_BxP, cache,
                                           config=config)
-  # Repeated G times, then laid out per layer for the decode loop (one copy, here).
-  cache = transformer.decode_layout(_repeat_cache(cache, group))
+  # Laid out per layer for the decode loop (one copy, here).
+  if share:
+    cache = transformer.share_prefix(cache, group, plan[0])
+  else:
+    cache = transformer.decode_layout(_repeat_cache(cache, group))
   logits_NxV = jnp.repeat(logits_BxV, group, axis=0)
   n = batch * group
   state = DecodeState(
@@ -357,7 +394,8 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              greedy: bool = False, pad_id: int = 0, prompt_ids_B=None,
              return_entropy: bool = False, min_prompt_bucket: int = 16,
-             cache_dtype=None, cache_phases: int = 4) -> Generation:
+             cache_dtype=None, cache_phases: int = 4,
+             shared_prompt_min_len: int = 64) -> Generation:
   """Samples `group_size` responses per prompt with the KV cache.
 
   Args:
@@ -380,6 +418,8 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     cache_dtype: KV-cache dtype (default: the model's compute dtype).
     cache_phases: decode in up to this many loops on a growing cache (`cache_plan`); 1
       decodes in one loop on the whole cache (one compilation of the loop body).
+    shared_prompt_min_len: keep a prompt's cache slots once per group (not G times) when
+      its length bucket is at least this (0: always); see the module docstring.
 
   Returns:
     a `Generation` with N = B * G rows.
@@ -394,7 +434,8 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
                       temperature=1.0 if greedy else float(temperature),
                       top_k=0 if greedy else int(top_k), top_p=1.0 if greedy else float(top_p),
                       greedy=greedy, return_entropy=bool(return_entropy),
-                      cache_phases=int(cache_phases))
+                      cache_phases=int(cache_phases),
+                      shared_prompt_min_len=int(shared_prompt_min_len))
   batch, prompt_len = prompt_ids_BxP.shape
   if prompt_ids_B is None:
     prompt_ids_B = jnp.arange(batch, dtype=jnp.int32)

@@ -45,6 +45,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _need(r.top_k >= 0, "rollout.top_k", r.top_k, "use >= 0 (0 = off)")
   _need(r.cache_phases >= 1, "rollout.cache_phases", r.cache_phases,
         "use >= 1 (1 = one decode loop on the whole cache)")
+  _need(r.shared_prompt_min_len >= 0, "rollout.shared_prompt_min_len",
+        r.shared_prompt_min_len, "use >= 0 (0 = always share the prompt's cache slots)")
   _need(a.advantage in registry.advantage_estimators, "algo.advantage", a.advantage,
         f"use one of {registry.advantage_estimators.names()}")
   _need(0 < a.lam_min <= 1 <= a.lam_max, "algo.lam_min/lam_max", (a.lam_min, a.lam_max),
@@ -108,6 +110,7 @@ def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...]
       group_size=c.rollout.group_size, max_new_tokens=c.rollout.max_new_tokens,
       eos_ids=tuple(eos_ids), pad_id=pad_id, temperature=c.rollout.temperature,
       top_k=c.rollout.top_k, top_p=c.rollout.top_p, cache_phases=c.rollout.cache_phases,
+      shared_prompt_min_len=c.rollout.shared_prompt_min_len,
       return_entropy=c.algo.advantage == "edge_grpo")
   oversample = c.dynamic_sampling.oversample if c.dynamic_sampling.enabled else 1
   return iteration.IterationSettings(

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Decode loops, each on a cache holding only the slots it reaches (engine docstring):
   # less attention read per token, one more loop body to compile per phase.
   c.rollout.cache_phases = 4
+  # Prompts of at least this many tokens (their length bucket) keep their KV-cache slots
+  # once per group instead of G times (engine docstring); 0 = always.
+  c.rollout.shared_prompt_min_len = 64
 
   c.algo = ml_collections.ConfigDict()
   c.algo.advantage = "egpo"        # grpo | drgrpo | rloo | edge_grpo | egpo (registry names)

@@ -13,10 +13,11 @@ def test_rollout_bytes_by_hand():
   config = model_config.get_config("tiny")
   weights = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 64 * 512  # 106,496
   slot = 2 * 32 * 2  # keys + values of 2 kv heads x 16, 2 layers
-  ctx = sum(16 + t for t in range(1, 64))  # 3,024 slots read per row over the decode
-  reads = 64 * weights + 64 * ctx * slot
-  writes = (8 * 16 + 64 * 16 + 64 * 63) * slot
-  assert rollout.rollout_bytes(config, 8, 8, 16, 64) == 4 * (reads + writes) == 129_007_616
+  # Over the 63 decode steps each prompt's 16 slots are read once per group of 8 rows and
+  # each row's own 1..63 (2,016 in all).
+  reads = 64 * weights + (8 * 16 * 63 + 64 * 2016) * slot
+  writes = (8 * 16 + 64 * 63) * slot  # the prefill's slots, then one per row and step
+  assert rollout.rollout_bytes(config, 8, 8, 16, 64) == 4 * (reads + writes) == 99_581_952
 
 
 def test_copy_calls_moves_what_it_counts():
