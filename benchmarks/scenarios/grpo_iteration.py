@@ -10,15 +10,15 @@ the shared random Qwen2 safetensors (`benchmarks.peers.model`), "tiny" (107k par
 per call, jitted whole (the jnp verifier runs inside); "rollout" and "update" are its
 phases jitted alone. GFLOP/s counts the matmul FLOPs of the phase (rollout as in the
 rollout scenario; update = forward + backward over prompt + response, attention as run,
-plus the chunked head's recompute), next to the jnp.dot rate (1024^3 float32 calls,
-8192^3 on an accelerator, timed round-robin with the rows); "x FLOP floor" is the time
-over FLOPs / dot rate, so "% of dot" is the model FLOPs utilisation against the measured
-peak. The rollout phase's "GB/s" and "x bandwidth floor" are as in the rollout scenario
-(bytes it must move; in-place copy rate, timed alike). The
-FLOPs are the workload's, as the peers run it: egpo_jax's update runs each prompt once
-per group (`ppo.share_prompts`), about 17% fewer FLOPs than counted here. "EGPO calibration" is the entropy proxy
-(Eq. 5) + weights (Eqs. 6-9) + triage (Eq. 10) minus GRPO's advantage, timed alone on
-the iteration's shapes, as a fraction of the GRPO iteration.
+plus the chunked head's recompute), next to the jnp.dot rate (1024^3 float32 calls, 8192^3
+on an accelerator, timed round-robin with the rows); "x FLOP floor" is the time over FLOPs
+/ dot rate, so "% of dot" is the model FLOPs utilisation against the measured peak. The
+rollout phase's "GB/s" and "x bandwidth floor" are as in the rollout scenario (bytes it
+must move; in-place copy rate, timed alike). The FLOPs are the workload's, as the peers
+run it: egpo_jax's update runs each prompt once per group (`ppo.share_prompts`), about 17%
+fewer FLOPs than counted here. "EGPO calibration" is the entropy proxy (Eq. 5) + weights
+(Eqs. 6-9) + triage (Eq. 10) minus GRPO's advantage, timed alone on the iteration's
+shapes, as a fraction of the GRPO iteration.
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ from egpo_jax.training import optimizer as optimizer_lib
 from egpo_jax.training import update as update_lib
 from egpo_jax.types import TrainState
 
-NOTES = """No GPU was lent to this session: CPU times on 2 cores (quiet in this run,
-load ~1.5; the machine's speed still drifted by 10-20% between minutes, hence the
-round-robin dot rate). The whole-iteration row is one jitted call; its phases are separate
-jitted calls, so they add up to about the iteration (the iteration also verifies and
-computes advantages, which the calibration row shows to be microseconds). EGPO's
-calibration is far below the 1% target. --quick keeps tiny at the full workload and
-shrinks small's. Comparisons with TRL and Tunix on the same workload and weights are in
-the "peers" section; where the update's time goes is in its notes."""
+NOTES = """No GPU was lent to this session: CPU times on 2 cores of an Intel Xeon
+(earlier runs: an AMD EPYC, whose 1024^3 dot ran at 80-180 GFLOP/s against 170-280 here);
+the machine's speed drifts by 10-20% between minutes, hence the round-robin dot rate. The
+whole-iteration row is one jitted call; its phases are separate jitted calls, so they add
+up to about the iteration (the iteration also verifies and computes advantages, which the
+calibration row shows to be microseconds). EGPO's calibration is far below the 1% target.
+--quick keeps tiny at the full workload and shrinks small's. Comparisons with TRL and
+Tunix on the same workload and weights are in the "peers" section; where the update's time
+goes is in its notes."""
 
 
 def update_flops(config: model_config.ModelConfig, n: int, prompt_len: int,

@@ -12,7 +12,8 @@ through every layer, attention over the real context) at this run's jnp.dot rate
 rows); "x floor at decode shapes" uses instead the rate jnp.dot reaches on the decode
 step's own thin matmuls (q/k/v and gate/up fused, as the sampler runs them), timed alike.
 "x bandwidth floor" is the time over the bytes the rollout must move (weights and output
-head once per step, each row's keys and values over its real context; `rollout_bytes`)
+head once per step, each prompt's keys and values once per group and each row's own over
+its response so far; `rollout_bytes`)
 at the copy rate of a large array (harness.copy_calls), timed alike; "GB/s" is those
 bytes over the time. On an accelerator the dot is 8192^3, the copy 2 GiB, transformers
 (a CPU baseline) is left out, and the section is written as "rollout-<backend>".
@@ -33,10 +34,12 @@ from egpo_jax.models import config as model_config
 from egpo_jax.models import hf_io, transformer
 from egpo_jax.sampling import filters
 
-NOTES = """No GPU was lent to this session: all numbers are CPU times on 2 cores, quiet in
-this run (load ~1) but drifting by 10-20% from minute to minute (the same 1024^3 dot ran
-at 80-180 GFLOP/s across the last sessions), so only ratios within one run mean much: rows
-are timed round-robin in one process, the dot and copy rates included. transformers runs
+NOTES = """No GPU was lent to this session: all numbers are CPU times on 2 cores, drifting
+by 10-20% from minute to minute, so only ratios within one run mean much: rows are timed
+round-robin in one process, the dot and copy rates included. This run is on an Intel Xeon
+(AVX-512), the sessions before it on an AMD EPYC: the 1024^3 dot runs at 200-280 GFLOP/s
+here against 80-180 there, and transformers' generate is 2.3x (tiny) and 2.5x (small)
+faster than the issue's AMD figures. transformers runs
 with the faster of torch's default thread count and one thread, picked by a short probe.
 The naive sampler (same keys and law; "same tokens as ours" checks the KV-cache path
 against it) is quadratic in length and is timed on tiny only. "model decode + argmax"
@@ -45,28 +48,42 @@ runs the model's `decode` T - 1 times with the argmax fed back (no sampling, no 
 shapes (64 rows x D): "x floor at decode shapes" divides by the rollout's FLOPs at that
 rate.
 
-Targets: tiny >= 5x transformers: met, 8.14x in this run (2026-11-28 11:43 UTC) and
-7.06x ten minutes earlier, since the sampler's inverse-CDF search runs in two levels
-(below); before it 4.72x, 5.0x and 5.2x in the day's three runs, straddling the target.
-Small <= 1.5x the FLOP floor: 1.62x here and 1.60x at 11:34 (missed, by 8% and 7%),
-1.39x at 11:19 (met), with generate at 1.87, 2.21 and 1.79 s and the dot at 166, 139 and
-150 GFLOP/s: the ratio moves with the machine's minute-to-minute speed more than with
-the code. At the decode's own matmul shapes the small rollout is 1.28x its floor; the
-decode's weight matmuls alone run at 1.09-1.29x the 1024^3 floor (64-row matmuls reach
-~75-90% of the 1024^3 rate on this CPU), so what is left above 1.5x is attention (~0.45 s
-of 1.87 s). On an accelerator the issue's target is the bandwidth floor (within 2x): the
-columns are there, the run is not (no GPU lent).
+Targets: tiny >= 5x transformers: met, 5.74x in this run (2026-12-05 11:23 UTC, Intel);
+7.06x and 8.14x on the AMD machine (2026-11-28). Small <= 1.5x the FLOP floor: missed
+here, 1.99x (generate 1.37 s, the dot at 279 GFLOP/s), where the AMD runs gave 1.39x,
+1.60x and 1.62x. On this CPU the target is out of reach of a decode of 64 rows: the
+decode step's weight matmuls alone, at their own shapes, take 1.44x the rollout's floor,
+because 64-row matmuls reach 185 GFLOP/s against the 1024^3 dot's 279 (66%; 75-90% on
+the AMD). At those shapes the small rollout is 1.31x its floor; what is left above the
+weight matmuls (~0.37 s of 1.37 s) is attention, the norms, RoPE and sampling. On an
+accelerator the issue's target is the bandwidth floor (within 2x): the columns are there,
+the run is not (no GPU lent).
 
-Sampling: generate now costs the same as "model decode + argmax" (31 vs 32 ms tiny,
-1.87 vs 1.86 s small). A jax.profiler trace of the tiny generate had XLA:CPU's cumulative
+Shared prompt cache (this version; `SamplingSpec.shared_prompt_min_len`): a prompt's
+keys and values can stay once per group instead of G times, so decode reads them once
+for the G rows in one [G * 4, 64] @ [64, P] product per (prompt, kv head). Attention
+alone (64 rows, 8/2 heads of 64, jitted, medians of 7 x 100 calls, Intel): P = 16 with 42
+own slots 386-484 us repeated vs 517-544 us shared (slower: the grouping's reshapes of
+queries, scores and outputs cost more than 16 slots' reads); P = 64: 689 vs 517 us;
+P = 256 with 64 own: 1,510-1,620 vs 1,185-1,266 us; P = 512 with 128: 2,560 vs
+1,930-2,060 us. The whole small rollout shared at P = 16 was 12-14% slower (1,954 vs
+1,714 ms and 2,076 vs 1,834 ms, separate processes alternated). So the engine shares from
+a 64-token prompt bucket on (the default threshold) and this 16-token benchmark repeats
+the prompt per row as before; the cache memory a shared prompt saves is (G - 1) * P
+slots per prompt (7/8 of it at G = 8), whatever the speed.
+
+Sampling (AMD, 2026-11-28): generate costs the same as "model decode + argmax" (31 vs
+32 ms tiny, 1.87 vs 1.86 s small; on the Intel 31 vs 37 ms and 1.37 vs 1.36 s). A
+jax.profiler trace of the tiny generate had XLA:CPU's cumulative
 sum over the 512-token vocabulary (a reduce-window) at ~18% of the rollout's op time;
 `filters._inverse_cdf` now finds the block of ~sqrt(V) weights first, then the token in
 it (two cumulative sums of 16 and 32; same law, never a zero-weight token). 63 steps of
 [64, 512] sampling: 13.7 -> 2.9 ms; [8, 151,936] (Qwen's vocabulary): 317 -> 55 ms.
 
-Bandwidth: the copy rate is an in-place `x + 1` over 256 MiB (read + write counted),
-46-47 GB/s here. The small rollout moves 7.5 GB at least (the 90 MB of weights 64 times),
-so its bandwidth floor is ~0.16 s and the CPU run is ~11x above it: compute-bound, as
+Bandwidth (AMD; the Intel copies at 41-51 GB/s): the copy rate is an in-place `x + 1`
+over 256 MiB (read + write counted), 46-47 GB/s there. The small rollout moves 7 GB at
+least (the 90 MB of weights 64 times), so its bandwidth floor is ~0.15 s and the CPU run
+is ~10x above it: compute-bound, as
 the FLOP columns say. Page faults: with a fresh output buffer per call the same copy ran
 at 5.3 GB/s, as XLA:CPU maps each call's large temporaries afresh (glibc mmaps blocks
 over 32 MB) and the kernel faults and zeroes them page by page (counted with getrusage:
@@ -76,15 +93,15 @@ faults 40-500x, but in interleaved A/B runs (two worker processes, alternate cal
 wall time moved within noise: tiny iteration 0.105 s default vs 0.107 s, small 8.01 s vs
 7.76 s; not adopted.
 
-This version: the decode runs in up to `SamplingSpec.cache_phases` loops (3 here: 21 steps
-each) on a cache that holds only the slots each loop reaches (37, 58, 79), so attention
-reads 58 slots per step on average instead of 79; tokens and log-probs are identical. A/B
-in one process, round-robin: 5-12% less time for the small rollout, tiny unchanged.
-Growing the cache by 40 empty slots had cost 400-600 ms of the small model's 2.4 s
-rollout: attention is memory-bound there (the 8 layers' cache, 41 MB at 79 slots, does
-not fit the 32 MB L3 next to 90 MB of weights streamed every step). "model decode +
-argmax" runs the same phases. Tried and dropped: activations laid out [D, B] with [out,
-in] kernels, so the weight matmuls are kernel @ x (8-25% faster in a chain of bare
+Cache phases (AMD, 2026-11-27): the decode runs in up to `SamplingSpec.cache_phases` loops
+(3 here: 21 steps each) on a cache that holds only the slots each loop reaches (37, 58,
+79), so attention reads 58 slots per step on average instead of 79; tokens and log-probs
+are identical. A/B in one process, round-robin: 5-12% less time for the small rollout,
+tiny unchanged. Growing the cache by 40 empty slots had cost 400-600 ms of the small
+model's 2.4 s rollout: attention is memory-bound there (the 8 layers' cache, 41 MB at 79
+slots, does not fit the 32 MB L3 next to 90 MB of weights streamed every step). "model
+decode + argmax" runs the same phases. Tried and dropped: activations laid out [D, B] with
+[out, in] kernels, so the weight matmuls are kernel @ x (8-25% faster in a chain of bare
 decode-shaped matmuls, as XLA:CPU then does not repack the weights): inside generate no
 gain, because transposing the 90 MB of weights once per call costs as much; 7 phases
 instead of 3: no further gain, 2x the loop compilations.
@@ -147,9 +164,9 @@ def decode_only(params, tokens_N, cache, *, config, steps,
   """The model's decode `steps` times, greedy (argmax fed back): the sampler's lower bound.
 
   Decodes in the sampler's phases (`sampling.cache_plan`) on a cache that holds the
-  prompt's slots as the engine's does (shared or per row) and grows as it does. The argmax keeps the logits live; a
-  loop that drops them lets XLA skip the last layer's MLP and the output head, which is
-  not a bound on anything.
+  prompt's slots as the engine's does (shared or per row) and grows as it does. The argmax
+  keeps the logits live; a loop that drops them lets XLA skip the last layer's MLP and the
+  output head, which is not a bound on anything.
   """
   # Converted once, as the engine does before its decode loop.
   params = transformer.decode_params(params)

@@ -17,6 +17,9 @@ keyword argument:
                                 config=config)
     logits_BxV, cache = decode(params, tokens_B, cache, config=config)
 
+For group rollouts, `share_prefix` turns a prefilled cache of B prompts into one of B * G
+rows that hold each prompt's keys and values once (decode reads them once per group).
+
 Padding is on the left; position ids are cumsum(mask) - 1, as transformers' generate
 computes them, so a left-padded row gets the same logits as the unpadded one.
 
