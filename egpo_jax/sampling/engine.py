@@ -13,6 +13,7 @@ product. Shorter prompts are repeated per row, because the grouped product's ext
 reshapes cost more than the reads they save: on a 2-core CPU, attention for 64 rows with
 8/2 heads of 64 was 1.1-1.4x slower shared at P = 16, and 1.25-1.35x faster at P = 64,
 256 and 512.
+
 The decode state (cache and buffers) is donated to the loop, so it is updated in place.
 Before the loop the layer weights are unstacked (q/k/v and gate/up fused) and the cache is
 laid out per layer (`transformer.decode_params`, `transformer.decode_layout`), so that a
