@@ -20,10 +20,15 @@ is deleted: a quarantined folder can be inspected or moved back by hand.
 A checkpoint whose stored tree differs from the one the job restores (another config or
 code version) is not corrupt: `restore` raises `CheckpointMismatchError` naming the first
 differing leaf, and `restore_latest` lets it propagate rather than discarding progress.
+Nor is a failure of the machine or the storage around a checkpoint (permission denied,
+out of memory, disk or file handles, a storage service unavailable or timing out:
+`is_environment_error`): it propagates unchanged from both, nothing is quarantined, and
+the same restore can be retried once the cause is fixed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -109,6 +114,31 @@ def _fingerprint_mismatches(saved: dict[str, list], restored: dict[str, list]) -
           if k in restored and restored[k][0] == v[0] and restored[k] != v]
 
 
+# OS errors that say the machine or the storage failed, not the checkpoint's bytes.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOMEM,
+                                 errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ETIMEDOUT,
+                                 errno.EROFS, errno.EDQUOT})
+# TensorStore (orbax's array store) raises ValueErrors that start with an absl status.
+_ENVIRONMENT_STATUSES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                         "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
+
+
+def is_environment_error(err: BaseException) -> bool:
+  """Whether `err` (or an error it was raised from) is a failure of the machine or the
+  storage, which retrying may fix, rather than damage to the checkpoint's contents."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, (MemoryError, PermissionError, TimeoutError, ConnectionError)):
+      return True
+    if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
+      return True
+    if str(err).lstrip().startswith(_ENVIRONMENT_STATUSES):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with a fixed (state, extra) layout."""
 
@@ -175,6 +205,8 @@ class Checkpointer:
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                         extra=ocp.args.JsonRestore()))
     except Exception as err:  # noqa: BLE001 - classified just below
+      if is_environment_error(err):
+        raise
       mismatch = self._tree_mismatch(step, target)
       if mismatch:
         raise CheckpointMismatchError(

@@ -1,6 +1,7 @@
 """In-process checks of checkpoint integrity, quarantine, the SIGTERM guard and the
 fault-injection parser (the subprocess kill tests are in test_faults.py)."""
 
+import errno
 import glob
 import logging
 import os
@@ -104,6 +105,55 @@ def test_a_different_tree_is_a_mismatch_not_corruption(tmp_path):
     ckpt.restore_latest(other)
   assert ckpt.all_steps() == [0]   # nothing quarantined
   ckpt.close()
+
+
+def _raised_from(cause):
+  try:
+    raise cause
+  except Exception as err:  # noqa: BLE001 - rewrapped as orbax's async readers do
+    try:
+      raise RuntimeError("restore of item 'state' failed") from err
+    except RuntimeError as wrapped:
+      return wrapped
+
+
+ENVIRONMENT_ERRORS = {
+    "permission denied": PermissionError(errno.EACCES, "Permission denied"),
+    "out of memory": MemoryError(),
+    "disk full": OSError(errno.ENOSPC, "No space left on device"),
+    "tensorstore permission status": ValueError(
+        "PERMISSION_DENIED: Error opening \"zarr3\" driver: [source locations='...']"),
+    "storage service unavailable": ValueError("UNAVAILABLE: GCS request failed"),
+    "wrapped timeout": _raised_from(TimeoutError("read timed out")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENVIRONMENT_ERRORS))
+def test_an_environment_failure_propagates_and_quarantines_nothing(tmp_path, monkeypatch,
+                                                                   name):
+  """Permission, memory, disk or storage-service failures are not the checkpoint's fault:
+  restore and restore_latest re-raise them, and every step stays where it is."""
+  ckpt = _saved(tmp_path / "ckpt", steps=(0, 1))
+  error = ENVIRONMENT_ERRORS[name]
+  assert checkpointing.is_environment_error(error)
+
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(ckpt._manager, "restore", fail)
+  with pytest.raises(type(error)) as raised:
+    ckpt.restore_latest(_tree())
+  assert raised.value is error and not isinstance(raised.value, CorruptCheckpointError)
+  assert ckpt.all_steps() == [0, 1] and not os.path.exists(ckpt.quarantine_directory)
+  monkeypatch.undo()   # the storage is back: the newest step restores
+  assert ckpt.restore_latest(_tree())[0] == 1
+  ckpt.close()
+
+
+def test_content_errors_are_not_environment_errors():
+  for err in (ValueError("DATA_LOSS: checksum"), FileNotFoundError(errno.ENOENT, "gone"),
+              ValueError("NOT_FOUND: Error opening"), _raised_from(KeyError("params")),
+              OSError(errno.EIO, "Input/output error")):
+    assert not checkpointing.is_environment_error(err), err
 
 
 def test_a_save_killed_midway_leaves_only_a_temporary_folder_that_is_cleaned(tmp_path):
