@@ -163,10 +163,10 @@ def decode_only(params, tokens_N, cache, *, config, steps,
                 phases=sampling.SamplingSpec.cache_phases):
   """The model's decode `steps` times, greedy (argmax fed back): the sampler's lower bound.
 
-  Decodes in the sampler's phases (`sampling.cache_plan`) on a cache that holds the
-  prompt's slots as the engine's does (shared or per row) and grows as it does. The argmax
-  keeps the logits live; a loop that drops them lets XLA skip the last layer's MLP and the
-  output head, which is not a bound on anything.
+  Decodes in the sampler's phases (`sampling.cache_plan`) on the cache of
+  `sampling.start_rollout`, growing it as the engine does. The argmax keeps the logits
+  live; a loop that drops them lets XLA skip the last layer's MLP and the output head,
+  which is not a bound on anything.
   """
   # Converted once, as the engine does before its decode loop.
   params = transformer.decode_params(params)
@@ -278,20 +278,14 @@ def _model_rows(name: str, config, new_tokens: int, *, repeats: int,
   assert (out.lengths_N == new_tokens).all() and int(out.num_steps) == new_tokens
 
   n = NUM_PROMPTS * GROUP
-  # The cache generate decodes on: room for prompt bucket + new tokens - 1 slots, holding
-  # the first phase's, the prompt's filled (once per group where generate shares it).
+  # The cache and first tokens generate decodes from: its own first stage, on the prompts
+  # padded to their bucket as generate pads them.
   spec = sampling.SamplingSpec(group_size=GROUP, max_new_tokens=new_tokens, eos_ids=())
-  bucket = sampling.bucket_length(PROMPT_LEN)
-  plan = sampling.cache_plan(bucket, new_tokens, spec.cache_phases)
-  share = spec.shares_prompt(bucket)
-  cache = transformer.init_cache(config, NUM_PROMPTS if share else n, plan[-1],
-                                 slots=bucket if share else plan[0])
-  cache = cache.replace(mask_BxS=cache.mask_BxS.at[:, bucket - PROMPT_LEN:bucket].set(True),
-                        positions_B=cache.positions_B + PROMPT_LEN,
-                        index=jnp.asarray(bucket, jnp.int32))
-  if share:
-    cache = transformer.share_prefix(cache, GROUP, plan[0])
-  tokens_N = jnp.repeat(prompt_ids[:, -1], GROUP)
+  pad = ((0, 0), (sampling.bucket_length(PROMPT_LEN) - PROMPT_LEN, 0))
+  start = jax.jit(functools.partial(sampling.start_rollout, config=config, spec=spec))(
+      params, jnp.pad(prompt_ids, pad), jnp.pad(mask, pad), rng,
+      jnp.arange(NUM_PROMPTS, dtype=jnp.int32))
+  cache, tokens_N = start.cache, start.last_tokens_N
   decode = functools.partial(decode_only, params, tokens_N, cache, config=config,
                              steps=new_tokens - 1)
   shapes = decode_matmul_shapes(config, n)
