@@ -23,6 +23,15 @@ whole batch, gradients included. Dr.GRPO's mode is the mean over sequences of th
 sum divided by a constant max_len, as in the Dr.GRPO reference code; verl's mode of that
 name omits the division by num_seqs.
 
+Overflow. exp(log-ratio) overflows float32 beyond ~88.7, and 0 * inf is NaN in the
+backward pass even at a padded token, so a single garbage log-prob (e.g. -inf from a
+sampler that gave a token zero probability) would NaN the whole update. `policy_loss`
+therefore sets the log-ratio of padded tokens to 0 BEFORE `exp` (`jnp.where`, whose
+unselected branch gets an exactly-zero gradient) and clamps the log-ratio of valid tokens
+to +-LOG_RATIO_CLAMP = 20 as verl does (exp(20) ~ 4.9e8 is finite, and the clamp's
+gradient beyond it is zero). Below the clamp the loss and its gradient are bit-identical
+to the unclamped formula.
+
 Also here: Schulman's KL estimators k1/k2/k3, DAPO's overlong length penalty and
 truncation mask (arXiv 2503.14476, Eq. 13) and its dynamic-sampling group filter.
 
@@ -43,6 +52,8 @@ from egpo_jax.core import registry
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# |log rho_t| is clamped to this before exp (verl's value): see "Overflow" above.
+LOG_RATIO_CLAMP = 20.0
 
 Scalar = float | jax.Array
 
@@ -120,7 +131,8 @@ def clipped_surrogate(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax
   """Per-token clipped objective J_t (to MAXIMISE; Eqs. 3-4, 12) and the ratio rho_t.
 
   J_t = min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), and with dual_clip = c > 1,
-  J_t = max(J_t, c A) for A < 0 (standard dual-clip PPO).
+  J_t = max(J_t, c A) for A < 0 (standard dual-clip PPO). log rho_t is clamped to
+  +-LOG_RATIO_CLAMP before exp so that rho_t stays finite (zero gradient beyond it).
   Returns (objective_NxT, ratio_NxT), float32.
   """
   chex.assert_rank([logps_NxT, adv_N], [2, 1])
@@ -129,7 +141,8 @@ def clipped_surrogate(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax
   _check_number("eps_low", eps_low, low=0)
   _check_number("eps_high", eps_high, low=0)
   _check_number("dual_clip", dual_clip, low=1, strict=True, allow_none=True)
-  ratio_NxT = jnp.exp(logps_NxT.astype(jnp.float32) - old_logps_NxT.astype(jnp.float32))
+  log_ratio_NxT = logps_NxT.astype(jnp.float32) - old_logps_NxT.astype(jnp.float32)
+  ratio_NxT = jnp.exp(jnp.clip(log_ratio_NxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
   a_Nx1 = adv_N.astype(jnp.float32)[:, None]
   clipped_NxT = jnp.clip(ratio_NxT, 1.0 - eps_low, 1.0 + eps_high)
   objective_NxT = jnp.minimum(ratio_NxT * a_Nx1, clipped_NxT * a_Nx1)
@@ -217,6 +230,8 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
     old), and kl_ref, kl_loss, is_weight_mean, entropy when their inputs are given.
     Token metrics are sums over valid tokens divided by num_tokens (default: this
     batch's count), so with the global count they too add up across parts of a batch.
+    Padded tokens get a log-ratio of 0 before exp and valid ones a clamped one (module
+    doc, "Overflow"): any value at padding, inf included, leaves loss and gradient finite.
   """
   _check_token_arrays(mask_NxT, logps_NxT, old_logps_NxT)
   chex.assert_shape(adv_N, mask_NxT.shape[:1])
@@ -225,7 +240,13 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
   if ref_logps_NxT is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
     raise ValueError("kl_coef is non-zero but ref_logps_NxT is None: pass the reference "
                      "policy's log-probs or set kl_coef=0")
-  old_logps_NxT = jax.lax.stop_gradient(old_logps_NxT)
+  # Masked before exp (module doc, "Overflow"): padding holds 0 - 0, whatever it held.
+  valid_NxT = _as_weights(mask_NxT) > 0
+  logps_NxT = jnp.where(valid_NxT, logps_NxT.astype(jnp.float32), 0.0)
+  old_logps_NxT = jnp.where(valid_NxT, jax.lax.stop_gradient(old_logps_NxT).astype(jnp.float32),
+                            0.0)
+  if ref_logps_NxT is not None:
+    ref_logps_NxT = jnp.where(valid_NxT, ref_logps_NxT.astype(jnp.float32), 0.0)
   adv_N = jax.lax.stop_gradient(adv_N.astype(jnp.float32))
   agg_fn = functools.partial(aggregate, mask_NxT=mask_NxT, agg=agg, num_tokens=num_tokens,
                              num_seqs=num_seqs, max_len=max_len)
@@ -251,8 +272,10 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
   aux.update(_clip_metrics(ratio_sg_NxT, adv_N, mask_NxT, num_tokens, eps_low, eps_high,
                            dual_clip))
   aux["ratio_mean"] = token_mean(ratio_sg_NxT)
-  aux["approx_kl"] = token_mean(
-      kl_penalty(jax.lax.stop_gradient(logps_NxT), old_logps_NxT, "k3"))
+  # From the clamped ratio: exp of an unclamped log-ratio could overflow here too.
+  log_ratio_NxT = jnp.clip(jax.lax.stop_gradient(logps_NxT) - old_logps_NxT,
+                           -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+  aux["approx_kl"] = token_mean(kl_penalty(log_ratio_NxT, jnp.zeros_like(log_ratio_NxT), "k3"))
   if entropy_NxT is not None:
     chex.assert_shape(entropy_NxT, mask_NxT.shape)
     aux["entropy"] = token_mean(jax.lax.stop_gradient(entropy_NxT))

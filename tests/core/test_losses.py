@@ -490,3 +490,59 @@ def test_bad_shapes_and_dapo_arguments(batch):
 
 def test_registered_by_name():
   assert registry.policy_losses.get("ppo_clip") is losses.policy_loss
+
+
+# --- overflow: masked before exp, log-ratio clamped (verl's +-20) ----------------------
+
+def _unclamped_loss(logps, old, adv, mask, agg):
+  """The loss as it was before the clamp: exp of the raw log-ratio, no masking first."""
+  ratio = jnp.exp(logps - old)
+  a = adv[:, None]
+  obj = jnp.minimum(ratio * a, jnp.clip(ratio, 0.8, 1.2) * a)
+  return aggregate(-obj, mask, agg, **_agg_kwargs(agg))
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_below_the_clamp_loss_and_gradient_are_bit_identical(batch, agg):
+  b = batch
+  args = (b["old"], b["adv"], b["mask"])
+  new, g_new = jax.value_and_grad(
+      lambda lp: policy_loss(lp, *args, agg=agg, **_agg_kwargs(agg))[0])(b["logps"])
+  old, g_old = jax.value_and_grad(lambda lp: _unclamped_loss(lp, *args, agg))(b["logps"])
+  assert np.asarray(new).tobytes() == np.asarray(old).tobytes()
+  # Exactly equal (padding may hold 0.0 where the old formula gave -0.0).
+  np.testing.assert_array_equal(np.asarray(g_new), np.asarray(g_old))
+  valid = np.asarray(b["mask"]) > 0
+  assert np.asarray(g_new)[valid].tobytes() == np.asarray(g_old)[valid].tobytes()
+
+
+@pytest.mark.parametrize("log_ratio", [100.0, 1000.0, np.inf])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_extreme_log_ratios_at_padding_leave_loss_and_gradient_finite(batch, agg, log_ratio):
+  b = batch
+  pad = b["mask"] == 0
+  # old = -inf at padding makes the log-ratio inf there; finite cases shift old down.
+  old = jnp.where(pad, b["logps"] - log_ratio, b["old"])
+  ref = jnp.where(pad, -jnp.inf, b["ref"])
+  kw = dict(agg=agg, ref_logps_NxT=ref, kl_coef=0.1, dual_clip=3.0, **_agg_kwargs(agg))
+  (loss, aux), g = jax.value_and_grad(
+      lambda lp: policy_loss(lp, old, b["adv"], b["mask"], **kw), has_aux=True)(b["logps"])
+  clean = jax.grad(lambda lp: policy_loss(lp, b["old"], b["adv"], b["mask"],
+                                          **{**kw, "ref_logps_NxT": b["ref"]})[0])(b["logps"])
+  assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in aux.values())
+  assert np.all(np.asarray(g)[np.asarray(pad)] == 0.0)
+  # Padding's garbage does not change the valid tokens' gradient at all.
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(clean))
+
+
+@pytest.mark.parametrize("log_ratio", [100.0, 1000.0])
+def test_extreme_log_ratio_at_a_valid_token_is_clamped(log_ratio):
+  logps = jnp.array([[0.0, -1.0]])
+  old = logps - jnp.array([[log_ratio, 0.0]])
+  mask = jnp.ones((1, 2))
+  for adv in (1.0, -1.0):
+    (loss, aux), g = jax.value_and_grad(
+        lambda lp: policy_loss(lp, old, jnp.array([adv]), mask), has_aux=True)(logps)
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g)))
+    assert float(aux["ratio_mean"]) == pytest.approx((np.exp(20.0) + 1.0) / 2, rel=1e-6)
+    assert float(g[0, 0]) == 0.0   # beyond the clamp (and the clip): no gradient
