@@ -12,8 +12,10 @@ workdir/default; --step picks a checkpoint, default the newest), or a Hugging Fa
 (temperature 0.6, top-p 0.95, top-k 20, 8 samples, 3072 new tokens, prompts up to 1024
 tokens); --limit evaluates the first N problems of each benchmark that fit.
 
-Writes to --out (default <workdir>/eval/step_<step>, or eval/<folder name> for a Hugging
-Face folder): results.json, results.md, <benchmark>_reliability.png,
+The workdir is only read: a damaged checkpoint step is an error (exit 2) that names the
+other steps, never skipped or moved; only the params are restored, not the optimizer.
+Writes only to --out (default <workdir>/eval/step_<step>, or eval/<folder name> for a
+Hugging Face folder): results.json, results.md, <benchmark>_reliability.png,
 <benchmark>_entropy.png and responses_<benchmark>.jsonl (one line per response).
 """
 
@@ -177,9 +179,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  from egpo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   try:
     results, out = run(args)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, checkpointing.CorruptCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from egpo_jax.evaluation import report  # pylint: disable=g-import-not-at-top

@@ -1,22 +1,29 @@
 """Exports a trained checkpoint of this project as a Hugging Face folder.
 
-    python -m experiments.export_hf --checkpoint WORKDIR/checkpoints --model tiny \\
-        --tokenizer byte --out exported/
-    python -m experiments.export_hf --checkpoint WORKDIR/checkpoints --step 700 \\
-        --hf-config /models/Qwen2.5-Math-1.5B --tokenizer /models/Qwen2.5-Math-1.5B \\
-        --out exported/ --dtype bfloat16
+    python -m experiments.export_hf --checkpoint WORKDIR --out exported/
+    python -m experiments.export_hf --checkpoint WORKDIR --step 700 --dtype bfloat16 \\
+        --out exported/
+    python -m experiments.export_hf --checkpoint ROOT/checkpoints --model tiny \\
+        --tokenizer byte --byte-special-tokens '<think>,</think>' --out exported/
 
-Expected checkpoint layout (what egpo_jax.training.checkpointing writes): an orbax
-CheckpointManager directory `<root>/<step>/<item>/`, where `<item>` (default "state") was
-saved with `ocp.args.StandardSave(tree)` and `tree` has a "params" entry (a dict, or a
-pytree node such as TrainState with a `params` field) holding the params pytree of
-`egpo_jax.models.transformer`. `--checkpoint` may point at the root (the newest step is
-used unless --step is given), at one step folder, or at the item folder itself. Only
-"params" is read (partial restore), so the optimizer state never enters memory.
+--checkpoint is a training workdir (config.json + checkpoints/, or its checkpoints/ or
+one step folder): the model preset and the tokenizer (the byte tokenizer with the
+trainer's special tokens, or the Hugging Face model's own) come from its config.json.
+Or it is a bare orbax checkpoint root, step or `state` item folder in the layout
+egpo_jax.training.checkpointing writes (`<root>/<step>/{state,extra}`, the params at
+`train.params` or `params`); then --model or --hf-config and --tokenizer say what it is.
+
+The checkpoint is only read, and verified before anything is written (commit markers,
+save-time fingerprints of every params array; `checkpointing.read_params`): a damaged
+step exits 2 with one line naming it and the other steps, exports nothing and changes
+nothing. Only the params are read, never the optimizer state. --step picks a step
+(default: the newest). The weights keep the dtype they were trained in unless --dtype
+says otherwise; the dtype used is printed.
 
 The output folder holds config.json, model*.safetensors (+ index when sharded),
-generation_config.json and the tokenizer files, and loads with transformers'
-AutoModelForCausalLM.from_pretrained and PreTrainedTokenizerFast.
+generation_config.json and the tokenizer files (all mode 0644 under the usual umask),
+and loads with transformers' AutoModelForCausalLM.from_pretrained and
+PreTrainedTokenizerFast.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ import shutil
 import sys
 
 import jax
-import orbax.checkpoint as ocp
 
+from egpo_jax.evaluation import loading
 from egpo_jax.models import config as config_lib
 from egpo_jax.models import hf_io, sharding
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import ModelConfig
+from egpo_jax.training import checkpointing
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
@@ -59,30 +67,23 @@ def resolve_item_dir(path: str, step: int | None = None, item: str = "state") ->
   return path
 
 
-def restore_params(item_dir: str, config: ModelConfig, mesh=None) -> dict:
-  """Restores only the params of a StandardSave item, checked against `config`.
+def read_bare(path: str, step: int | None, config: ModelConfig) -> tuple[str, dict]:
+  """(step folder, params) of a bare orbax root, step or item folder, read-only and
+  verified (`checkpointing.read_params`), on this process's first device."""
+  item_dir = resolve_item_dir(path, step)
+  step_dir = os.path.dirname(item_dir) if os.path.basename(item_dir) == "state" else item_dir
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                          sharding.abstract_params(config))
+  params, _ = checkpointing.read_params(step_dir, abstract)
+  return step_dir, params
 
-  The trainer's layout ({"train": TrainState, "rng": ...}) and a plain {"params": ...}
-  tree are both read.
-  """
-  params = sharding.abstract_params(config, mesh)
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          params)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    saved = ckptr.metadata(item_dir).item_metadata.tree
-    trainer_layout = isinstance(saved, dict) and "train" in saved
-    target = {"train": {"params": params}} if trainer_layout else {"params": params}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    try:
-      out = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=True))
-    except (ValueError, KeyError, FileNotFoundError) as err:
-      raise ValueError(f"{item_dir}: cannot restore a 'params' tree matching the model config "
-                       f"({type(err).__name__}: {err}); check --model/--hf-config and that "
-                       "the checkpoint item holds a 'params' entry") from err
-  return out["train"]["params"] if trainer_layout else out["params"]
+
+def check_tokenizer(spec: str) -> None:
+  """Raises FileNotFoundError unless `spec` is 'byte' or a folder with tokenizer.json."""
+  if spec != "byte" and not os.path.isfile(os.path.join(spec, "tokenizer.json")):
+    raise FileNotFoundError(f"--tokenizer {spec}: no tokenizer.json there; pass a Hugging Face "
+                            "checkpoint folder or 'byte'")
 
 
 def write_tokenizer(spec: str, out: str, config: ModelConfig, byte_special_tokens=()):
@@ -95,9 +96,7 @@ def write_tokenizer(spec: str, out: str, config: ModelConfig, byte_special_token
     with open(os.path.join(out, "generation_config.json"), "w") as f:
       json.dump(generation, f, indent=2)
     return written + ["generation_config.json"]
-  if not os.path.isfile(os.path.join(spec, "tokenizer.json")):
-    raise FileNotFoundError(f"--tokenizer {spec}: no tokenizer.json there; pass a Hugging Face "
-                            "checkpoint folder or 'byte'")
+  check_tokenizer(spec)
   written = []
   for name in TOKENIZER_FILES:
     src = os.path.join(spec, name)
@@ -107,37 +106,89 @@ def write_tokenizer(spec: str, out: str, config: ModelConfig, byte_special_token
   return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="orbax root, step or item folder")
+  parser.add_argument("--checkpoint", required=True,
+                      help="training workdir (or its checkpoints/ or a step folder), or a "
+                           "bare orbax root, step or item folder")
   parser.add_argument("--step", type=int, default=None, help="step to export (default: newest)")
-  parser.add_argument("--item", default="state", help="orbax item name holding 'params'")
-  model = parser.add_mutually_exclusive_group(required=True)
-  model.add_argument("--model", help=f"named config: {sorted(config_lib.NAMED_CONFIGS)}")
-  model.add_argument("--hf-config", help="config.json (or its folder) of the base checkpoint")
+  model = parser.add_mutually_exclusive_group()
+  model.add_argument("--model", help="bare checkpoints only: named config "
+                                     f"{sorted(config_lib.NAMED_CONFIGS)}")
+  model.add_argument("--hf-config", help="bare checkpoints only: config.json (or its folder) "
+                                         "of the base checkpoint")
   parser.add_argument("--param-dtype", default="float32",
-                      help="dtype the params were trained in (float32 | bfloat16)")
-  parser.add_argument("--tokenizer", required=True, help="'byte' or a tokenizer folder")
-  parser.add_argument("--byte-special-tokens", default="",
-                      help="comma-separated extra special tokens of the byte tokenizer")
+                      help="bare checkpoints only: the model config's param dtype")
+  parser.add_argument("--tokenizer", default=None,
+                      help="'byte' or a tokenizer folder (default for a workdir: its own; "
+                           "required for a bare checkpoint)")
+  parser.add_argument("--byte-special-tokens", default=None,
+                      help="comma-separated extra special tokens of the byte tokenizer "
+                           "(default for a workdir: the trainer's <think>,</think>)")
   parser.add_argument("--out", required=True, help="output folder (created)")
-  parser.add_argument("--dtype", default="bfloat16", help="safetensors dtype of the export")
+  parser.add_argument("--dtype", default=None, choices=sorted(hf_io.EXPORT_DTYPES),
+                      help="safetensors dtype (default: the dtype the params were trained "
+                           "in, which is printed)")
   parser.add_argument("--max-shard-gb", type=float, default=5.0)
-  args = parser.parse_args(argv)
+  return parser
 
-  if args.model:
-    config = config_lib.get_config(args.model, param_dtype=args.param_dtype)
+
+def _workdir(path: str, step: int | None) -> tuple[str, int | None] | None:
+  """(workdir, step) when `path` is a training workdir (or inside one), else None."""
+  try:
+    kind, folder, step = loading.resolve(path, step)
+  except FileNotFoundError:
+    return None
+  return (folder, step) if kind == "workdir" else None
+
+
+def export(args: argparse.Namespace) -> tuple[str, list[str]]:
+  """Reads and verifies the checkpoint, then writes the HF folder; (source, files)."""
+  workdir = _workdir(args.checkpoint, args.step)
+  if workdir is not None:
+    if args.model or args.hf_config:
+      raise ValueError("--model/--hf-config: the model comes from the workdir's config.json "
+                       "for a workdir; drop the flag")
+    from egpo_jax.training import train  # pylint: disable=g-import-not-at-top
+    step, params, _, c, exp = loading.read_workdir(*workdir)
+    config = exp.model_config
+    source = os.path.join(workdir[0], "checkpoints", str(step), "state")
+    hf_model = c.model.preset == "hf"
+    tokenizer = args.tokenizer or (c.model.path if hf_model else "byte")
+    specials = (() if hf_model else train.BYTE_SPECIAL_TOKENS)
   else:
-    config = config_lib.load_hf_config(args.hf_config, param_dtype=args.param_dtype)
-  item_dir = resolve_item_dir(args.checkpoint, args.step, args.item)
-  params = restore_params(item_dir, config)
+    if not (args.model or args.hf_config) or not args.tokenizer:
+      raise ValueError(f"--checkpoint={args.checkpoint} is no training workdir (no "
+                       "config.json), so give --model or --hf-config, and --tokenizer")
+    if args.model:
+      config = config_lib.get_config(args.model, param_dtype=args.param_dtype)
+    else:
+      config = config_lib.load_hf_config(args.hf_config, param_dtype=args.param_dtype)
+    step_dir, params = read_bare(args.checkpoint, args.step, config)
+    source = os.path.join(step_dir, "state")
+    tokenizer, specials = args.tokenizer, ()
+  if args.byte_special_tokens is not None:
+    specials = tuple(t for t in args.byte_special_tokens.split(",") if t)
+  check_tokenizer(tokenizer)   # before anything is written
+  trained = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
+  dtype = args.dtype or trained[0]
+  print(f"dtype: {dtype} ({'as trained' if [dtype] == trained else 'trained in ' + '/'.join(trained)})")
   os.makedirs(args.out, exist_ok=True)
-  files = hf_io.save_hf_checkpoint(params, config, args.out, dtype=args.dtype,
+  files = hf_io.save_hf_checkpoint(params, config, args.out, dtype=dtype,
                                    max_shard_bytes=int(args.max_shard_gb * 2**30))
-  specials = tuple(t for t in args.byte_special_tokens.split(",") if t)
-  files += write_tokenizer(args.tokenizer, args.out, config, specials)
-  print(f"exported {item_dir} -> {args.out}: {', '.join(files)}")
+  files += write_tokenizer(tokenizer, args.out, config, specials)
+  return source, files
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    source, files = export(args)
+  except (FileNotFoundError, ValueError, checkpointing.CorruptCheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"exported {source} -> {args.out}: {', '.join(files)}")
   return 0
 
 

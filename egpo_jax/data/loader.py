@@ -17,7 +17,9 @@ run) do not depend on the number of hosts; a host still reads only its own rows.
 Every record is checked once, before the first batch: records whose prompt is longer
 than `max_prompt_len` tokens, or that cannot be decoded or encoded, are skipped with a
 counted warning (`on_bad_record="skip"`) or rejected (`"raise"`) up front, so nothing
-fails mid-epoch.
+fails mid-epoch. Given the read report of the source's file (`source_report`, from
+`records.read_jsonl`), they are named by their file line and join that report, so the
+file's bad lines and its bad prompts make one message.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class PromptIterator:
       i reads its block of rows of each global batch; needs drop_remainder).
     on_bad_record: "skip" (warn and count) or "raise".
     pad_id: the padding token id.
+    source_report: the `records.ReadReport` that read `source` from a file (its
+      `lines[i]` is record i's file line); the scan adds its bad records to it and
+      `self.report` is it. Default: a new report naming records by index or id.
 
   Batches are dicts: prompt_ids [B, P] int32, prompt_mask [B, P] bool, answer, id,
   verifier (str arrays [B]) and index [B] int64 (the record's position in source).
@@ -86,7 +91,7 @@ class PromptIterator:
                shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
                drop_remainder: bool = True, on_bad_record: str = "skip", pad_id: int = 0,
-               shard_by: str = "record"):
+               shard_by: str = "record", source_report: records_lib.ReadReport | None = None):
     for name, value in (("batch_size", batch_size), ("max_prompt_len", max_prompt_len)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -105,13 +110,16 @@ class PromptIterator:
                        "drop_remainder=True")
     if on_bad_record not in records_lib.ON_BAD_RECORD:
       raise ValueError(f"on_bad_record={on_bad_record!r}; use one of {records_lib.ON_BAD_RECORD}")
+    if source_report is not None and len(source_report.lines) != len(source):
+      raise ValueError(f"source_report has {len(source_report.lines)} lines for "
+                       f"{len(source)} records; pass the report that read this source")
     self._source = source
     self._encode = encode
     self._batch_size = batch_size
     self._max_prompt_len = max_prompt_len
     self._pad_id = pad_id
 
-    good, self.report = self._scan(on_bad_record)
+    good, self.report = self._scan(on_bad_record, source_report)
     if shard_by == "batch":
       mine, per_host = good, batch_size * shard_count
     else:
@@ -138,11 +146,16 @@ class PromptIterator:
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     self._iter = iter(iter_ds.batch(batch_size, drop_remainder=drop_remainder))
 
-  def _scan(self, on_bad_record: str) -> tuple[list[int], records_lib.ReadReport]:
-    report = records_lib.ReadReport(source=f"{type(self._source).__name__}")
+  def _scan(self, on_bad_record: str, report: records_lib.ReadReport | None
+            ) -> tuple[list[int], records_lib.ReadReport]:
+    lines = report.lines if report is not None else None
+    if report is None:
+      report = records_lib.ReadReport(source=f"{type(self._source).__name__}")
     good = []
     for i in range(len(self._source)):
-      report.total += 1
+      if lines is None:   # a file's report counted its records already
+        report.total += 1
+      line = None if lines is None else lines[i]
       rid = f"index {i}"
       try:
         raw = self._source[i]
@@ -158,9 +171,10 @@ class PromptIterator:
               f"prompt has {n} tokens, over max_prompt_len={self._max_prompt_len}")
         good.append(i)
       except records_lib.RecordError as e:
-        report.bad.append(records_lib.BadRecord(rid, str(e)))
+        report.bad.append(records_lib.BadRecord(rid, str(e), line=line))
       except (KeyError, TypeError, ValueError) as e:
-        report.bad.append(records_lib.BadRecord(rid, f"{type(e).__name__}: {e}"))
+        report.bad.append(records_lib.BadRecord(rid, f"{type(e).__name__}: {e}",
+                                                line=line))
     with warnings.catch_warnings():
       warnings.simplefilter("always", records_lib.BadRecordWarning)
       records_lib.apply_policy(report, on_bad_record)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import warnings
@@ -24,8 +23,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from egpo_jax.rewards import verifiers
-
-log = logging.getLogger(__name__)
 
 ON_BAD_RECORD = ("skip", "raise")
 NO_LEVEL = -1
@@ -43,27 +40,37 @@ class BadRecordWarning(UserWarning):
 class BadRecord:
   record_id: str
   reason: str
+  line: int | None = None   # 1-based line of the file, when read from one
+
+  def where(self) -> str:
+    """'line 7 (id x)', 'line 7' for a line without an id, or the id alone."""
+    if self.line is None or self.record_id == f"line {self.line}":
+      return self.record_id
+    return f"line {self.line} (id {self.record_id})"
 
 
 @dataclasses.dataclass
 class ReadReport:
-  """What a read kept and what it dropped."""
+  """What a read kept and what it dropped (`lines`: the file line of each kept record)."""
   source: str
   total: int = 0
   bad: list[BadRecord] = dataclasses.field(default_factory=list)
+  lines: list[int] = dataclasses.field(default_factory=list)
 
   @property
   def num_bad(self) -> int:
     return len(self.bad)
 
   def summary(self, limit: int = 10) -> str:
-    shown = "; ".join(f"{b.record_id}: {b.reason}" for b in self.bad[:limit])
+    shown = "; ".join(f"{b.where()}: {b.reason}" for b in self.bad[:limit])
     more = f"; ... and {self.num_bad - limit} more" if self.num_bad > limit else ""
     return f"{self.source}: {self.num_bad} of {self.total} records are bad ({shown}{more})"
 
   def to_json(self, limit: int = 100) -> dict[str, Any]:
+    """The counts, and the first `limit` bad records as [id, reason] (+ their lines)."""
     return {"source": self.source, "total": self.total, "num_bad": self.num_bad,
-            "bad": [[b.record_id, b.reason] for b in self.bad[:limit]]}
+            "bad": [[b.record_id, b.reason] for b in self.bad[:limit]],
+            "bad_lines": [b.line for b in self.bad[:limit]]}
 
 
 def _text(raw: Mapping[str, Any], field: str, *, required: bool = True) -> str:
@@ -189,17 +196,17 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], int], dict[str, Any]]] = {
 DEFAULT_ID_FIELDS = ("id", "unique_id", "idx")
 
 
-def _guess_id(line: str, index: int, id_fields: tuple[str, ...] = DEFAULT_ID_FIELDS) -> str:
+def _guess_id(line: str, lineno: int, id_fields: tuple[str, ...] = DEFAULT_ID_FIELDS) -> str:
   """An id for the report of a line that failed to parse as a whole."""
   try:
     raw = json.loads(line)
   except ValueError:
-    return f"line {index + 1}"
+    return f"line {lineno}"
   if isinstance(raw, dict):
     for key in id_fields:
       if isinstance(raw.get(key), (str, int)) and not isinstance(raw.get(key), bool):
         return str(raw[key])
-  return f"line {index + 1}"
+  return f"line {lineno}"
 
 
 def read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any], int], dict],
@@ -208,31 +215,34 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any], int]
                ) -> tuple[list[dict[str, Any]], ReadReport]:
   """Parses every line of a JSONL file; bad lines go to the report, not an exception.
 
-  A bad line is reported under the first of `id_fields` it has, else "line <n>".
+  A bad line is reported with its file line number (1-based, counting blank lines; a
+  CRLF ending is one line) and the first of `id_fields` it has. `parse` gets the index
+  of the record among the non-blank lines; `report.lines[i]` is the file line of the
+  i-th returned record.
   """
   report = ReadReport(source=os.fspath(path))
   records: list[dict[str, Any]] = []
   with open(path, "rb") as f:
     lines = f.read().split(b"\n")
   index = 0
-  for raw_line in lines:
+  for lineno, raw_line in enumerate(lines, start=1):
     if not raw_line.strip():
       continue
     report.total += 1
+    rid = f"line {lineno}"
     try:
       try:
         line = raw_line.decode("utf-8")
       except UnicodeDecodeError as e:
-        rid = _guess_id(raw_line.decode("utf-8", errors="replace"), index, id_fields)
+        rid = _guess_id(raw_line.decode("utf-8", errors="replace"), lineno, id_fields)
         raise RecordError(f"invalid UTF-8 at byte {e.start}") from None
-      rid = f"line {index + 1}"
       try:
         raw = json.loads(line)
       except ValueError as e:
         raise RecordError(f"invalid JSON ({e.msg})") from None
       if not isinstance(raw, dict):
         raise RecordError(f"a line must hold a JSON object, got {type(raw).__name__}")
-      rid = _guess_id(line, index, id_fields)
+      rid = _guess_id(line, lineno, id_fields)
       rec = parse(raw, index)
       rid = rec["id"]
       if not rec["problem"].strip():
@@ -243,8 +253,9 @@ def read_jsonl(path: str | os.PathLike, parse: Callable[[Mapping[str, Any], int]
         raise RecordError(f"problem has {len(rec['problem'])} characters, over "
                           f"max_problem_chars={max_problem_chars}")
       records.append(rec)
+      report.lines.append(lineno)
     except RecordError as e:
-      report.bad.append(BadRecord(rid, str(e)))
+      report.bad.append(BadRecord(rid, str(e), line=lineno))
     index += 1
   # Ids must be unique (they key results): a repeated id gets "#2", "#3", ... appended.
   counts: dict[str, int] = {}
@@ -263,5 +274,5 @@ def apply_policy(report: ReadReport, on_bad_record: str) -> None:
     return
   if on_bad_record == "raise":
     raise RecordError(report.summary() + ". Fix the file or pass on_bad_record='skip'.")
+  # One message: a log line as well would print every report twice.
   warnings.warn(report.summary() + "; they were skipped.", BadRecordWarning, stacklevel=3)
-  log.warning("%s; they were skipped.", report.summary())

@@ -8,6 +8,11 @@ Accepted:
     LlamaForCausalLM) + *.safetensors + tokenizer.json (e.g. `experiments.export_hf`'s
     output).
 Nothing is unpickled: orbax reads array files, the HF loader safetensors, configs JSON.
+
+A workdir is read read-only (`read_workdir`, also export's reader): only the params of
+one step, checked by `checkpointing.read_params` (commit markers, fingerprints); a
+damaged step is an error naming it and the other steps, never a silent fallback, and
+nothing in the workdir is moved, deleted or written.
 """
 
 from __future__ import annotations
@@ -23,6 +28,45 @@ import jax
 from egpo_jax.evaluation.runner import Model
 
 KINDS = ("workdir", "hf")
+
+
+def read_workdir(folder: str, step: int | None = None, *, mesh=None
+                 ) -> tuple[int, Any, dict[str, Any], Any, Any]:
+  """(step, params, extra, config, experiment) of a training workdir, read-only.
+
+  Args:
+    folder: the workdir (config.json + checkpoints/).
+    step: the checkpoint to read; default the newest step folder. A damaged step raises
+      CorruptCheckpointError naming the other steps (pass one of them as `step`).
+    mesh: shard the params on this mesh; default this process's first device.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from egpo_jax.models import sharding  # pylint: disable=g-import-not-at-top
+  from egpo_jax.training import checkpointing, train  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(_read_json(os.path.join(folder, "config.json")))
+  exp = train.build(c)
+  directory = os.path.join(folder, "checkpoints")
+  steps = checkpointing.step_folders(directory)
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no checkpoint step folder")
+  chosen = steps[-1] if step is None else step
+  if chosen not in steps:
+    raise FileNotFoundError(f"--step={step}: no such checkpoint under {directory}; "
+                            f"found steps {steps}")
+  abstract = sharding.abstract_params(exp.model_config, mesh)
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                            abstract)
+  try:
+    params, extra = checkpointing.read_params(os.path.join(directory, str(chosen)), abstract)
+  except checkpointing.CorruptCheckpointError as err:
+    others = [s for s in steps if s != chosen]
+    raise checkpointing.CorruptCheckpointError(
+        err.path, f"{err.reason}. Nothing was changed; "
+        + (f"pass --step with one of {others} to read another checkpoint" if others
+           else "no other checkpoint to read")) from err
+  return chosen, params, extra, c, exp
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -64,23 +108,20 @@ def load(path: str, *, step: int | None = None, dtype: str = "float32",
 
   Args:
     path: a workdir (or its checkpoints/ or a step folder), or a Hugging Face folder.
-    step: the checkpoint step of a workdir (default: the newest that restores).
+    step: the checkpoint step of a workdir (default: the newest; a damaged one is an
+      error, see `read_workdir`).
     dtype: compute dtype of a Hugging Face model (float32 | bfloat16).
     param_dtype: parameter dtype of a Hugging Face model.
   """
   kind, folder, step = resolve(path, step)
   if kind == "workdir":
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    from egpo_jax.training import train  # pylint: disable=g-import-not-at-top
-    c = ml_collections.ConfigDict(_read_json(os.path.join(folder, "config.json")))
-    exp = train.build(c)
-    restored_step, state, extra = train.load_checkpoint(folder, c, step=step)
+    restored_step, params, extra, c, exp = read_workdir(folder, step)
     info = {"kind": kind, "path": folder, "step": int(restored_step),
             "model": c.model.preset, "algo": c.algo.advantage, "variant": c.algo.variant,
             "task": c.task.name, "synthetic_difficulty": int(c.task.difficulty),
             "template": c.task.template, "segment_delimiter": c.algo.segment_delimiter,
             "rl_iteration": extra.get("iteration")}
-    return Model(state.params, exp.model_config, exp.tokenizer, info)
+    return Model(params, exp.model_config, exp.tokenizer, info)
   from egpo_jax.models import hf_io, tokenizer  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
     raise FileNotFoundError(f"{folder}: no tokenizer.json; the evaluation needs the model's "

@@ -35,6 +35,7 @@ SINGLE_FILE = "model.safetensors"
 # Buffers some checkpoints carry that this model recomputes.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+EXPORT_DTYPES = tuple(_NP_DTYPES)
 
 
 def _layer_tensors(config: ModelConfig):
@@ -288,6 +289,14 @@ def _export_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, Ca
           lambda x, j, f: np.ascontiguousarray(f(_host(x[j]))), leaf, i, to_hf)
 
 
+def _mode_like_open(path: str) -> None:
+  """Gives `path` the mode `open(path, "w")` would (0644 under umask 022): safetensors
+  creates its files 0600, unreadable to the other users of a shared model folder."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def save_hf_checkpoint(params: dict, config: ModelConfig, path: str, *,
                        dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30,
                        extra_config: dict | None = None) -> list[str]:
@@ -340,7 +349,9 @@ def save_hf_checkpoint(params: dict, config: ModelConfig, path: str, *,
   for group in groups:
     tensors = {n: thunks[n]().astype(np_dtype) for n in group}
     if writer:
-      save_file(tensors, os.path.join(path, file_of[group[0]]), metadata={"format": "pt"})
+      file = os.path.join(path, file_of[group[0]])
+      save_file(tensors, file, metadata={"format": "pt"})
+      _mode_like_open(file)
       written.append(file_of[group[0]])
     del tensors
   if writer:

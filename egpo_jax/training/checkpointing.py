@@ -17,6 +17,13 @@ step past such checkpoints, warns with each bad path, and moves each one aside i
 again and the retention policy never counts a bad step as one of the kept ones. Nothing
 is deleted: a quarantined folder can be inspected or moved back by hand.
 
+Read-only reading. `read_params` is the reader of evaluation and export: it opens one
+step folder directly (no CheckpointManager, which would delete temporary folders of a
+run still saving), applies the same checks as `restore` (commit markers, then the
+save-time fingerprint of every array it restores), restores only the params (never the
+optimizer state) onto the given shardings, and raises CorruptCheckpointError without
+moving, deleting or writing anything. `step_folders` lists a folder's steps likewise.
+
 A checkpoint whose stored tree differs from the one the job restores (another config or
 code version) is not corrupt: `restore` raises `CheckpointMismatchError` naming the first
 differing leaf, and `restore_latest` lets it propagate rather than discarding progress.
@@ -29,6 +36,7 @@ the same restore can be retried once the cause is fixed.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -139,6 +147,110 @@ def is_environment_error(err: BaseException) -> bool:
   return False
 
 
+def check_complete(path: str) -> None:
+  """Raises CorruptCheckpointError if the step folder `path` lacks a commit marker."""
+  for sub in ("", *ITEMS):
+    if not os.path.isfile(os.path.join(path, sub, COMMIT_MARKER)):
+      raise CorruptCheckpointError(
+          path, f"{os.path.join(sub, COMMIT_MARKER) if sub else COMMIT_MARKER} is missing "
+          "(the save never committed)")
+
+
+def verify_fingerprint(path: str, integrity: dict[str, Any] | None, tree: Any) -> None:
+  """Raises CorruptCheckpointError if the restored `tree` (all of the saved state or a
+  subtree with the same leaf paths) differs from the save-time fingerprint."""
+  if integrity is None:
+    return
+  saved = integrity["fingerprint"]
+  restored = fingerprint(tree)
+  unknown = sorted(set(restored) - set(saved))
+  if unknown:
+    raise CorruptCheckpointError(path, f"no save-time fingerprint for {unknown[:3]}")
+  bad = _fingerprint_mismatches(saved, restored)
+  if bad:
+    raise CorruptCheckpointError(
+        path, f"restored values differ from their save-time fingerprint in "
+        f"{len(bad)} array(s), e.g. {', '.join(bad[:3])}")
+
+
+def step_folders(directory: str) -> list[int]:
+  """The numbered step folders under `directory`, ascending, committed or not
+  (read-only: orbax's temporary folders are neither listed nor touched)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def read_extra(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """(extra, integrity) of the step folder `path`: its JSON item, read-only."""
+  file = os.path.join(path, "extra", "metadata")
+  try:
+    with open(file) as f:
+      extra = json.load(f)
+  except (OSError, ValueError) as err:
+    if is_environment_error(err):
+      raise
+    raise CorruptCheckpointError(path, f"extra/metadata is unreadable ({err})") from err
+  if not isinstance(extra, dict):
+    raise CorruptCheckpointError(path, "extra/metadata does not hold a JSON object")
+  return extra, extra.pop(_INTEGRITY_KEY, None)
+
+
+def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
+  """Restores only the params of the step folder `path`, read-only; returns (params, extra).
+
+  `abstract_params`: ShapeDtypeStructs with shardings (the current mesh, or one device);
+  the params come back in the dtype they were saved in. They are found at `train.params` (the trainer's layout) or `params`. Raises
+  CorruptCheckpointError (incomplete, unreadable or garbled: commit markers, then the
+  save-time fingerprint of every restored array) and CheckpointMismatchError (a sound
+  step whose params have other shapes); nothing on disk is changed either way.
+  """
+  check_complete(path)
+  extra, integrity = read_extra(path)
+  item = os.path.join(path, "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    try:
+      stored = ckptr.metadata(item).item_metadata.tree
+    except Exception as err:  # noqa: BLE001 - classified just below
+      if is_environment_error(err):
+        raise
+      raise CorruptCheckpointError(path, f"state/_METADATA is unreadable ({type(err).__name__})"
+                                   ) from err
+    trainer_layout = isinstance(stored, dict) and "train" in stored
+    stored_params = (stored["train"] if trainer_layout else stored).get("params") \
+        if isinstance(stored, dict) else None
+    if not isinstance(stored_params, dict):
+      raise CheckpointMismatchError(f"checkpoint {path} holds no 'params' tree (its top "
+                                    f"keys: {sorted(stored) if isinstance(stored, dict) else stored})")
+    have = {_path_key(p): tuple(m.shape)
+            for p, m in jax.tree_util.tree_flatten_with_path(stored_params)[0]}
+    want = {_path_key(p): tuple(s.shape)
+            for p, s in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    if have != want:
+      key = next(k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+      raise CheckpointMismatchError(
+          f"checkpoint {path}: cannot restore a 'params' tree matching the model config "
+          f"(leaf {key}: stored {have.get(key, 'absent')}, expected "
+          f"{want.get(key, 'absent')}); check the model config")
+    # In the stored (trained) dtype, so that every array is checked bit for bit.
+    target = {"params": jax.tree.map(
+        lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=a.sharding),
+        abstract_params, stored_params)}
+    target = {"train": target} if trainer_layout else target
+    try:
+      out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+    except Exception as err:  # noqa: BLE001 - classified just below
+      if is_environment_error(err):
+        raise
+      first_line = (str(err).splitlines() or [""])[0][:300]
+      raise CorruptCheckpointError(path, f"{type(err).__name__}: {first_line}") from err
+  verify_fingerprint(path, integrity, out)
+  return (out["train"] if trainer_layout else out)["params"], extra
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with a fixed (state, extra) layout."""
 
@@ -183,12 +295,7 @@ class Checkpointer:
 
   def check_complete(self, step: int) -> None:
     """Raises CorruptCheckpointError if `step` lacks a commit marker."""
-    path = self.step_path(step)
-    for sub in ("", *ITEMS):
-      if not os.path.isfile(os.path.join(path, sub, COMMIT_MARKER)):
-        raise CorruptCheckpointError(
-            path, f"{os.path.join(sub, COMMIT_MARKER) if sub else COMMIT_MARKER} is missing "
-            "(the save never committed)")
+    check_complete(self.step_path(step))
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` onto the structure, dtypes and shardings of `abstract_state`.
@@ -216,13 +323,7 @@ class Checkpointer:
       first_line = (str(err).splitlines() or [""])[0][:300]   # TensorStore dumps its spec
       raise CorruptCheckpointError(path, f"{type(err).__name__}: {first_line}") from err
     state, extra = out["state"], dict(out["extra"])
-    integrity = extra.pop(_INTEGRITY_KEY, None)
-    if integrity is not None:
-      bad = _fingerprint_mismatches(integrity["fingerprint"], fingerprint(state))
-      if bad:
-        raise CorruptCheckpointError(
-            path, f"restored values differ from their save-time fingerprint in "
-            f"{len(bad)} array(s), e.g. {', '.join(bad[:3])}")
+    verify_fingerprint(path, extra.pop(_INTEGRITY_KEY, None), state)
     return state, extra
 
   def _tree_mismatch(self, step: int, target: Any) -> str | None:

@@ -3,6 +3,8 @@ math problems (prompts through the grain iterator, answers verified on the host)
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -19,6 +21,9 @@ def synthetic_task(c: ml_collections.ConfigDict) -> JaxTask:
   return JaxTask(t.sample_prompts, t.verify)
 
 
+DATA_REPORT = "data_report.json"
+
+
 class JsonlTask:
   """Prompts from a JSONL file (shuffled epochs, this host's shard, exact resume) and
   rewards from `egpo_jax.rewards` (math-verify in worker processes, hard timeouts).
@@ -26,6 +31,10 @@ class JsonlTask:
   With several processes, process i reads (and later verifies) rows
   [i B / n, (i + 1) B / n) of every global batch of B prompts, so the global batches are
   the same for any number of processes.
+
+  Bad records (unparsable lines, missing fields, prompts over task.max_prompt_len) are
+  reported once, with their file line, and skipped or refused (`task.on_bad_record`);
+  `read_report` says what was kept, and `save_report` writes it into the workdir.
   """
 
   def __init__(self, c: ml_collections.ConfigDict, tokenizer: Any, *, seed: int,
@@ -37,8 +46,6 @@ class JsonlTask:
                                            answer_field=c.task.answer_field,
                                            verifier=c.task.reward)
     recs, report = records.read_jsonl(c.task.train_file, parse)
-    records.apply_policy(report, "skip")
-    self.read_report = report
     self.tokenizer = tokenizer
     self.reward_kind = c.task.reward
     if shard_index is None or shard_count is None:
@@ -53,7 +60,20 @@ class JsonlTask:
         encode=templates.encoder(tokenizer, c.task.template,
                                  chat=getattr(tokenizer, "chat_template", None) is not None),
         seed=seed, pad_id=tokenizer.pad_id, shard_index=shard_index,
-        shard_count=shard_count, shard_by="batch")
+        shard_count=shard_count, shard_by="batch", on_bad_record=c.task.on_bad_record,
+        source_report=report)
+    self.read_report = self.iterator.report
+
+  def report_json(self) -> dict[str, Any]:
+    """The read report for summary.json: source, total, num_bad, kept and bad records."""
+    return {**self.read_report.to_json(), "kept": self.read_report.total - self.read_report.num_bad}
+
+  def save_report(self, workdir: str) -> str:
+    """Writes `report_json()` to <workdir>/data_report.json; returns its path."""
+    path = os.path.join(workdir, DATA_REPORT)
+    with open(path, "w") as f:
+      json.dump(self.report_json(), f, indent=2)
+    return path
 
   def sample_prompts(self, rng, batch_size: int):
     del rng  # the data iterator decides the order (and resumes exactly)
