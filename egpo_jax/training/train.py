@@ -69,14 +69,21 @@ class Experiment:
 BYTE_SPECIAL_TOKENS = ("<think>", "</think>")
 
 
+def _loads_hf_checkpoint(c: ml_collections.ConfigDict) -> bool:
+  return c.model.preset == "hf" and bool(c.model.path)
+
+
 def build(c: ml_collections.ConfigDict) -> Experiment:
-  config_lib.validate(c)
-  if c.model.preset == "hf":
+  c = config_lib.checked(c)
+  if _loads_hf_checkpoint(c):
     model_config = load_hf_config(c.model.path, dtype=c.model.dtype, remat=c.model.remat)
     tokenizer = HFTokenizer.from_pretrained(c.model.path)
   else:
+    # A named preset; or "hf" without a checkpoint folder: model.name's shapes, random
+    # weights and the byte tokenizer (a dry run of a paper config on its real shapes).
+    name = c.model.name if c.model.preset == "hf" else c.model.preset
     tokenizer = ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS)
-    model_config = get_config(c.model.preset, dtype=c.model.dtype, remat=c.model.remat)
+    model_config = get_config(name, dtype=c.model.dtype, remat=c.model.remat)
   if tokenizer.vocab_size > model_config.vocab_size:
     raise config_lib.ConfigError(
         f"config.model: the model's vocabulary ({model_config.vocab_size}) is smaller than "
@@ -155,8 +162,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   `stop_at_iteration` ends the run early after the checkpoint at that iteration (as a
   kill would, minus the lost work) and returns None; the next call resumes.
   """
-  # Join the other processes (before anything touches a device); build the model,
-  # tokenizer, task, optimizer; the device mesh.
+  # Check every field before anything is written; join the other processes (before
+  # anything touches a device); build the model, tokenizer, task, optimizer; the mesh.
+  c = config_lib.checked(c)
   distributed.initialize(distributed.spec_from_config(c))
   exp = build(c)
   mesh = distributed.mesh_from_config(c)
@@ -167,9 +175,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   total = int(c.train.iterations)
   rl_opt = rl_optimizer(c, total)
   k_init, k_warm, k_eval, k_rl = jax.random.split(jax.random.PRNGKey(c.seed), 4)
-  if c.model.preset == "hf":
+  if _loads_hf_checkpoint(c):
     params = hf_io.load_hf_params(c.model.path, exp.model_config, mesh=mesh)
   else:
+    if c.model.preset == "hf":
+      log.warning("model.path is empty: %s's shapes with random weights (a dry run, not "
+                  "fine-tuning)", c.model.name)
     params = transformer.init_params(exp.model_config, k_init)
   state = _on_mesh(TrainState.create(params, rl_opt.init(params)), mesh)
   params, k_rl = state.params, distributed.put(k_rl, distributed.replicated(mesh))
