@@ -49,7 +49,7 @@ def test_bad_records_are_reported_once_with_their_file_lines(train_file, tmp_pat
   assert "line 3: invalid JSON" in message
   assert "line 5: missing field 'answer'" in message
   # The over-long prompt is named by its file line, not its position in a list.
-  assert "line 7 (id 4): prompt has 45 tokens, over max_prompt_len=16" in message
+  assert "line 7 (id 4): prompt has 43 tokens, over max_prompt_len=16" in message
   assert message.count("line ") == 3
   report = task.report_json()
   assert (report["total"], report["num_bad"], report["kept"]) == (9, 3, 6)
@@ -64,7 +64,7 @@ def test_strict_mode_refuses_the_file_naming_every_bad_line(train_file):
   with pytest.raises(records.RecordError) as err:
     _task(train_file, **{"task.on_bad_record": "raise"})
   for text in ("3 of 9 records are bad", "line 3: invalid JSON", "line 5: missing",
-               "line 7 (id 4): prompt has 45 tokens"):
+               "line 7 (id 4): prompt has 43 tokens"):
     assert text in str(err.value)
 
 
