@@ -8,9 +8,14 @@ newest eval/step_<N>/results.json that `experiments.evaluate` wrote there, if an
 evaluation folder holding results.json, or a results.json file.
 
 Writes to --out: report.md (a training table and an evaluation table, runs side by side),
-curves.png (training curves overlaid, validation metrics "val_*" included),
+curves.png (training curves overlaid, validation metrics "val_*" included, each run's
+before-RL evaluation from summary.json drawn as the validation point at iteration 0;
+panels that are flat or repeat an earlier panel are left out and listed),
 eval_pass1.png and eval_auroc.png (per benchmark and run), reliability.png (reliability
 diagrams overlaid per benchmark) and comparison.json (the numbers of the tables).
+A run without training metrics or without evaluation results is left out of those
+tables and figures, and report.md and the output say which and why. Nothing is written
+outside --out.
 """
 
 from __future__ import annotations
@@ -94,6 +99,33 @@ def load_run(path: str, label: str | None = None) -> dict[str, Any]:
   return run
 
 
+def curve_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
+  """The run's metric rows, preceded by its before-RL evaluation as the validation
+  point at iteration 0 (the trainer validates only after RL iterations)."""
+  before = (run["summary"] or {}).get("eval_before_rl") or {}
+  point = {f"val_{k}": v for k, v in before.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  if not run["rows"] or not point:
+    return list(run["rows"])
+  return [{"step": 0, **point}] + list(run["rows"])
+
+
+def left_out(runs: list[dict[str, Any]]) -> list[str]:
+  """One line per run and part of the report it is missing from, with the reason."""
+  lines = []
+  for r in runs:
+    if not r["rows"]:
+      lines.append(f"{r['label']}: left out of the training table and curves (no "
+                   f"metrics.jsonl in {r['path']})")
+    if r["eval"] is None:
+      lines.append(f"{r['label']}: left out of the evaluation table and figures (no "
+                   f"results.json; run python -m experiments.evaluate --checkpoint={r['path']})")
+    elif not any("pass@k" in b for b in (r["eval"].get("benchmarks") or {}).values()):
+      lines.append(f"{r['label']}: left out of the evaluation table ({r['eval_path']} has "
+                   "no benchmark with results)")
+  return lines
+
+
 def _tail_mean(rows: list[dict[str, Any]], key: str, n: int = 5) -> float | None:
   values = [r[key] for r in rows if isinstance(r.get(key), (int, float))][-n:]
   values = [v for v in values if math.isfinite(v)]
@@ -171,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   train_rows = training_rows(runs)
   eval_rows = evaluation_rows(runs)
+  curves = {r["label"]: curve_rows(r) for r in runs if r["rows"]}
   keys = [k for k in args.keys.split(",") if k]
-  keys += sorted({k for r in runs for row in r["rows"] for k in row
+  keys += sorted({k for rows in curves.values() for row in rows for k in row
                   if k.startswith(VALIDATION_PREFIXES) and k not in keys})
+  keys, dropped_curves = plots.informative_keys(curves, keys)
+  missing = left_out(runs)
+  for line in missing:
+    print(f"note: {line}", file=sys.stderr)
   figures = {
-      "curves": plots.overlay_curves({r["label"]: r["rows"] for r in runs if r["rows"]}, keys,
-                                     os.path.join(args.out, "curves.png"),
+      "curves": plots.overlay_curves(curves, keys, os.path.join(args.out, "curves.png"),
                                      title="training curves"),
       "pass@1": plots.grouped_bars(
           {r["label"]: {e["benchmark"]: e["pass@1"] for e in eval_rows if e["run"] == r["label"]}
@@ -197,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
   md += [f"- {r['label']}: {r['path']} (algo {r['algo']}"
          + (f"; evaluation {r['eval_path']}" if r["eval_path"] else "") + ")" for r in runs]
   md.append("")
+  if missing:
+    md += ["## Left out", ""] + [f"- {line}" for line in missing] + [""]
   if any(r["rows"] for r in runs):
     header = list(train_rows[0])
     md += ["## Training", "",
@@ -215,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
   made = {name: os.path.basename(p) for name, p in figures.items() if p}
   if made:
     md += ["## Figures", ""] + [f"- {name}: ![{name}]({p})" for name, p in made.items()] + [""]
+  if dropped_curves:
+    md += ["Curves without a panel: " + "; ".join(f"{k} ({why})" for k, why in
+                                                   dropped_curves.items()), ""]
   with open(os.path.join(args.out, "report.md"), "w") as f:
     f.write("\n".join(md))
   with open(os.path.join(args.out, "comparison.json"), "w") as f:
     json.dump({"runs": [{k: r[k] for k in ("label", "path", "algo", "eval_path")} for r in runs],
-               "training": train_rows, "evaluation": eval_rows, "figures": made}, f, indent=2)
+               "training": train_rows, "evaluation": eval_rows, "figures": made,
+               "left_out": missing, "curves_left_out": dropped_curves}, f, indent=2)
   print("\n".join(md))
   print(f"report: {os.path.abspath(args.out)}")
   return 0

@@ -21,7 +21,8 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
-  fig.tight_layout()
+  if fig.get_layout_engine() is None:   # a constrained layout already fits its titles
+    fig.tight_layout()
   fig.savefig(path, dpi=110)
   _pyplot().close(fig)
   return path
@@ -86,16 +87,50 @@ def entropy_histogram(entropy_N: np.ndarray, correct_N: np.ndarray, path: str, *
   return _save(fig, path)
 
 
+def _series(runs: Mapping[str, Sequence[Mapping[str, Any]]], key: str) -> tuple:
+  """Each run's (step, value) points of `key`, values to 6 significant digits (so that
+  e.g. an ECE equal to the mean confidence up to float rounding counts as a repeat)."""
+  return tuple((label, tuple((r["step"], float(f"{r[key]:.6g}")) for r in rows
+                             if r.get(key) is not None and r.get("step") is not None))
+               for label, rows in runs.items())
+
+
+def informative_keys(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str]
+                     ) -> tuple[list[str], dict[str, str]]:
+  """(keys worth a panel, {left-out key: why}): a key is left out when it has one value
+  in every row of every run (a flat line says nothing) or when every run's series
+  equals that of an earlier kept key; keys no run has are dropped without a reason."""
+  kept, left_out, seen = [], {}, {}
+  for key in keys:
+    series = _series(runs, key)
+    values = {v for _, pts in series for _, v in pts}
+    if not values:
+      continue
+    if len(values) == 1:
+      left_out[key] = f"constant {next(iter(values))}"
+    elif series in seen:
+      left_out[key] = f"same values as {seen[series]}"
+    else:
+      seen[series] = key
+      kept.append(key)
+  return kept, left_out
+
+
 def overlay_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str],
                    path: str, *, title: str = "") -> str | None:
-  """One panel per metric key, one line per run, against the row's `step`."""
+  """One panel per metric key, one line per run, against the row's `step`.
+
+  The title is the figure's suptitle under a constrained layout, which reserves room
+  for it above the first row of panels.
+  """
   keys = [k for k in keys if any(r.get(k) is not None for rows in runs.values() for r in rows)]
   if not keys:
     return None
   plt = _pyplot()
   cols = min(3, len(keys))
   nrows = math.ceil(len(keys) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.0 * nrows), squeeze=False)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.0 * nrows), squeeze=False,
+                           layout="constrained")
   for ax, key in zip(axes.flat, keys):
     for label, rows in runs.items():
       pts = [(r["step"], r[key]) for r in rows
@@ -104,6 +139,7 @@ def overlay_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequen
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1, label=label)
     ax.set_title(key, fontsize=9)
     ax.set_xlabel("iteration", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
   axes.flat[0].legend(fontsize=8)
   for ax in list(axes.flat)[len(keys):]:
