@@ -164,7 +164,8 @@ def delimiter_start(completion_ids_NxT: jax.Array, mask_NxT: jax.Array,
 
 def segment_mask(completion_ids_NxT: jax.Array, mask_NxT: jax.Array, *,
                  segment: str = "joint",
-                 delimiter: Sequence[int] | jax.Array | None = None) -> Segment:
+                 delimiter: Sequence[int] | jax.Array | None = None,
+                 span_Nx2: jax.Array | None = None) -> Segment:
   """Token mask of one segment of each response, with the whole-response fallback.
 
   "joint": the valid tokens. "thinking": valid tokens before the first delimiter.
@@ -177,7 +178,11 @@ def segment_mask(completion_ids_NxT: jax.Array, mask_NxT: jax.Array, *,
     completion_ids_NxT: response token ids in response coordinates, [N, T].
     mask_NxT: valid response tokens (padding after EOS is False), [N, T].
     segment: "joint", "thinking" or "answer" (static).
-    delimiter: token ids of the reasoning delimiter; required unless segment="joint".
+    delimiter: token ids of the reasoning delimiter; required unless segment="joint"
+      and no `span_Nx2` is given.
+    span_Nx2: instead of matching `delimiter`, each response's delimiter tokens
+      [start, end) found elsewhere (host mode finds them on the decoded text), with
+      start < 0 where it is absent.
 
   Returns:
     Segment(mask_NxT bool, fallback_N bool); the fallback count is fallback_N.sum().
@@ -190,13 +195,18 @@ def segment_mask(completion_ids_NxT: jax.Array, mask_NxT: jax.Array, *,
   valid_NxT = _as_bool_mask(mask_NxT)
   if segment == "joint":
     return Segment(valid_NxT, jnp.zeros(valid_NxT.shape[:1], jnp.bool_))
-  delim_len = _delimiter_array(delimiter).shape[0]
-  start_N, found_N = delimiter_start(completion_ids_NxT, valid_NxT, delimiter)
+  if span_Nx2 is None:
+    start_N, found_N = delimiter_start(completion_ids_NxT, valid_NxT, delimiter)
+    end_N = start_N + _delimiter_array(delimiter).shape[0]
+  else:
+    chex.assert_shape(span_Nx2, (valid_NxT.shape[0], 2))
+    found_N = span_Nx2[:, 0] >= 0
+    start_N, end_N = span_Nx2[:, 0], span_Nx2[:, 1]
   pos_T = jnp.arange(valid_NxT.shape[1])
   if segment == "thinking":
     seg_NxT = pos_T[None, :] < start_N[:, None]
   else:
-    seg_NxT = pos_T[None, :] >= start_N[:, None] + delim_len
+    seg_NxT = pos_T[None, :] >= end_N[:, None]
   seg_NxT = seg_NxT & valid_NxT & found_N[:, None]
   fallback_N = jnp.any(valid_NxT, axis=-1) & ~jnp.any(seg_NxT, axis=-1)
   return Segment(jnp.where(fallback_N[:, None], valid_NxT, seg_NxT), fallback_N)

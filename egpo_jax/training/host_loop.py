@@ -7,12 +7,26 @@ only mixed groups (bounded tries).
 Across processes (`placement` = `distributed.BatchPlacement`), each process samples its
 own block of the global batch's prompts, the rollout and update run on the global,
 mesh-sharded arrays, and each process decodes and verifies only its own responses.
+
+Text on the host. A task that gives a `decode` function gets two things the token-level
+jitted loop cannot do. Stop strings: a response ends after the first token whose
+decoded prefix contains one of `stop_strings`; its later tokens are masked (padded,
+log-prob 0) before it is verified and trained on, as if it had stopped there. The
+reasoning delimiter (`delimiter_text`, e.g. "</think>") is located on the decoded text,
+so that a BPE tokenisation other than the delimiter's own encoding (merged with a
+neighbouring character, say) still splits thinking from answer; the tokens that spell
+it are excluded from both segments, as in the token match. A delimiter that is one
+token (a special token) keeps the token match, since decoding skips special tokens.
+When more than half of an iteration's responses have no delimiter, their entropy proxy
+falls back to the whole response (`segment_fallbacks`) and a warning says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -38,9 +52,78 @@ class HostTask(NamedTuple):
   of batch_size / process_count prompts.
   score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool numpy):
   decodes and verifies; answers_N repeats each prompt's reference G times.
+  decode(ids) -> str (optional): the tokenizer's decoding of one response's token ids,
+  special tokens kept; needed for `stop_strings` and `delimiter_text` (module doc).
   """
   sample_prompts: Callable[[jax.Array, int], tuple[Any, Any, Sequence[Any]]]
   score: Callable[[np.ndarray, np.ndarray, Sequence[Any]], np.ndarray]
+  decode: Callable[[Sequence[int]], str] | None = None
+  stop_strings: tuple[str, ...] = ()
+  delimiter_text: str | None = None
+
+
+class SegmentFallbackWarning(UserWarning):
+  """Most responses of an iteration have no reasoning delimiter."""
+
+
+# Above this fraction of responses without a delimiter, the segment is mostly a fallback.
+FALLBACK_WARN_RATE = 0.5
+
+
+def _first_prefix(n: int, contains: Callable[[int], bool]) -> int:
+  """The smallest L in [1, n] with contains(L), given contains(n) (monotone: binary search)."""
+  lo, hi = 1, n
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if contains(mid):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+def stop_lengths(ids_NxT: np.ndarray, lengths_N: np.ndarray, decode: Callable,
+                 stop_strings: Sequence[str]) -> np.ndarray:
+  """Each response's length after cutting it at the end of the first stop string in its
+  decoded text (the token that completes it is kept); unchanged where none occurs."""
+  out = np.asarray(lengths_N).copy()
+  for i, (ids, n) in enumerate(zip(ids_NxT, lengths_N)):
+    n = int(n)
+    if n and any(s in decode(ids[:n]) for s in stop_strings):
+      out[i] = _first_prefix(n, lambda m, ids=ids: any(s in decode(ids[:m]) for s in stop_strings))
+  return out
+
+
+def delimiter_spans(ids_NxT: np.ndarray, lengths_N: np.ndarray, decode: Callable,
+                    text: str) -> np.ndarray:
+  """int32 [N, 2]: the token span [start, end) of the first `text` in each decoded
+  response: end is the shortest prefix that contains it, start the last token from
+  which the tokens up to end still spell it; [-1, -1] where it does not occur."""
+  out = np.full((len(lengths_N), 2), -1, np.int32)
+  for i, (ids, n) in enumerate(zip(ids_NxT, lengths_N)):
+    n = int(n)
+    if not n or text not in decode(ids[:n]):
+      continue
+    end = _first_prefix(n, lambda m, ids=ids: text in decode(ids[:m]))
+    # The largest start with text in decode(ids[start:end]): search on end - start.
+    width = _first_prefix(end, lambda w, ids=ids, end=end: text in decode(ids[end - w:end]))
+    out[i] = (end - width, end)
+  return out
+
+
+@jax.jit
+def _cut(gen: engine.Generation, lengths_N: jax.Array, pad_id: jax.Array) -> engine.Generation:
+  """`gen` with each row cut to lengths_N tokens (masked, padded, log-prob 0)."""
+  keep_NxT = jnp.arange(gen.completion_mask_NxT.shape[1])[None, :] < lengths_N[:, None]
+  keep_NxT = keep_NxT & gen.completion_mask_NxT
+  cut_N = lengths_N < gen.lengths_N
+  return dataclasses.replace(
+      gen, completion_ids_NxT=jnp.where(keep_NxT, gen.completion_ids_NxT, pad_id),
+      completion_mask_NxT=keep_NxT, logps_NxT=jnp.where(keep_NxT, gen.logps_NxT, 0.0),
+      entropy_NxT=(None if gen.entropy_NxT is None
+                   else jnp.where(keep_NxT, gen.entropy_NxT, 0.0)),
+      lengths_N=jnp.minimum(lengths_N, gen.lengths_N).astype(gen.lengths_N.dtype),
+      truncated_N=gen.truncated_N & ~cut_N)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "settings"))
@@ -112,6 +195,8 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
   process's share. `donate` lets the update reuse the buffers of `state`.
   """
   place = _OneProcess() if placement is None else placement
+  if (task.stop_strings or task.delimiter_text) and task.decode is None:
+    raise ValueError("HostTask.stop_strings/delimiter_text need HostTask.decode")
   b = settings.prompts_per_batch
   b_local = b // place.num_processes
   g = settings.group_size
@@ -132,6 +217,10 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
                                          model_config=model_config, settings=settings))
     t1 = time.perf_counter()
     answers_n = [a for a in answers for _ in range(g)]
+    if task.stop_strings:
+      lengths = stop_lengths(place.local_rows(gen.completion_ids_NxT),
+                             place.local_rows(gen.lengths_N), task.decode, task.stop_strings)
+      gen = _cut(gen, place.to_global(lengths), jnp.int32(settings.sampling.pad_id))
     ids_local = place.local_rows(gen.completion_ids_NxT)
     correct = np.asarray(task.score(ids_local, place.local_rows(gen.completion_mask_NxT),
                                     answers_n), bool)
@@ -142,6 +231,11 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     times["verify"] += time.perf_counter() - t1
     groups = _group(ids, mask, gen, place.to_global(correct), algo.overlong,
                     settings=settings)
+    if task.delimiter_text:
+      spans = delimiter_spans(ids_local, place.local_rows(gen.lengths_N), task.decode,
+                              task.delimiter_text)
+      span_BxGx2 = place.to_global(spans).reshape(-1, g, 2)
+      groups = groups._replace(gen={**groups.gen, "delimiter_span_Nx2": span_BxGx2})
     tries += 1
     sampled += b
     if not dynamic:
@@ -179,4 +273,11 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
   metrics.update(counts)
   metrics["rollout_tokens_per_s"] = float(metrics["rollout_tokens"]) / max(times["rollout"],
                                                                            1e-9)
+  if (settings.entropy_segment != "joint"
+      and float(metrics["segment_fallbacks"]) > FALLBACK_WARN_RATE * b * g):
+    warnings.warn(
+        f"more than {FALLBACK_WARN_RATE:.0%} of an iteration's responses have no reasoning "
+        f"delimiter ({task.delimiter_text or settings.segment_delimiter}): their entropy "
+        "proxy falls back to the whole response (metric segment_fallbacks)",
+        SegmentFallbackWarning, stacklevel=2)
   return state, metrics

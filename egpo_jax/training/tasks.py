@@ -48,6 +48,12 @@ class JsonlTask:
     recs, report = records.read_jsonl(c.task.train_file, parse)
     self.tokenizer = tokenizer
     self.reward_kind = c.task.reward
+    self.stop_strings = tuple(c.rollout.stop_strings)
+    # Found on the decoded text unless it is one token (a special token, which decoding
+    # would skip, stays a token match: host_loop's module doc).
+    delimiter = c.algo.segment_delimiter
+    self.delimiter_text = (delimiter if c.algo.entropy_segment != "joint" and delimiter
+                           and len(tokenizer.encode(delimiter)) > 1 else None)
     if shard_index is None or shard_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       shard_index, shard_count = jax.process_index(), jax.process_count()
@@ -88,8 +94,13 @@ class JsonlTask:
              for ids, m in zip(ids_NxT, mask_NxT)]
     return rewards.verify_batch(texts, list(answers_N), kind=self.reward_kind).correct
 
+  def decode(self, ids) -> str:
+    """One response's text with its special tokens, for stop strings and the delimiter."""
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
   def host_task(self) -> HostTask:
-    return HostTask(self.sample_prompts, self.score)
+    return HostTask(self.sample_prompts, self.score, decode=self.decode,
+                    stop_strings=self.stop_strings, delimiter_text=self.delimiter_text)
 
   def get_state(self) -> dict[str, Any]:
     return self.iterator.get_state()
