@@ -280,7 +280,8 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
 
   # Entropy proxy over the configured segment, with the whole-response fallback.
   seg = entropy_lib.segment_mask(ids_NxT, mask_NxT, segment=settings.entropy_segment,
-                                 delimiter=settings.segment_delimiter)
+                                 delimiter=settings.segment_delimiter,
+                                 span_Nx2=gen_n.get("delimiter_span_Nx2"))
   entropy_BxG = entropy_lib.entropy_proxy(old_logps_NxT, seg.mask_NxT).reshape(b, g)
   shannon_BxG = None
   if "entropy_NxT" in gen_n:
