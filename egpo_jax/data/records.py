@@ -273,6 +273,7 @@ def apply_policy(report: ReadReport, on_bad_record: str) -> None:
   if not report.bad:
     return
   if on_bad_record == "raise":
-    raise RecordError(report.summary() + ". Fix the file or pass on_bad_record='skip'.")
+    raise RecordError(report.summary() + ". Fix those lines, or set on_bad_record='skip' "
+                      "(task.on_bad_record=skip in a training config) to leave them out.")
   # One message: a log line as well would print every report twice.
   warnings.warn(report.summary() + "; they were skipped.", BadRecordWarning, stacklevel=3)

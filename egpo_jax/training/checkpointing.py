@@ -211,12 +211,17 @@ def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   item = os.path.join(path, "state")
   with ocp.PyTreeCheckpointer() as ckptr:
     try:
-      stored = ckptr.metadata(item).item_metadata.tree
+      # orbax answers None (and logs a warning) for metadata it cannot read.
+      stored = getattr(ckptr.metadata(item).item_metadata, "tree", None)
     except Exception as err:  # noqa: BLE001 - classified just below
       if is_environment_error(err):
         raise
-      raise CorruptCheckpointError(path, f"state/_METADATA is unreadable ({type(err).__name__})"
-                                   ) from err
+      stored, cause = None, err
+    else:
+      cause = None
+    if stored is None:
+      raise CorruptCheckpointError(path, "the tree metadata of its state item is unreadable"
+                                   ) from cause
     trainer_layout = isinstance(stored, dict) and "train" in stored
     stored_params = (stored["train"] if trainer_layout else stored).get("params") \
         if isinstance(stored, dict) else None

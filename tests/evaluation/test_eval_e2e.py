@@ -192,15 +192,17 @@ def _writable(workdir):
 
 
 def _garble_params(step_dir):
-  """Flips bytes in every array file of the step's state item (params included)."""
-  for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-      data = bytearray(f.read())
-      mid = len(data) // 2
-      data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
-      f.seek(0)
-      f.write(bytes(data))
+  """Flips 8 bytes in the middle of the step's largest array file (the tiny model's
+  biggest params and their AdamW moments; the params are what the tools read)."""
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+           if os.path.isfile(f)]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    mid = len(data) // 2
+    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+    f.seek(0)
+    f.write(bytes(data))
 
 
 def test_evaluate_export_and_compare_leave_the_workdir_unchanged(demo_workdir, tmp_path,
@@ -249,6 +251,7 @@ def test_a_garbled_step_fails_evaluate_and_export_and_nothing_moves(demo_workdir
   assert export_hf.main(["--checkpoint", workdir, "--out", out]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"checkpoint {step_dir} is incomplete or corrupt" in err
+  assert "differ from their save-time fingerprint" in err and "train/params/" in err
   assert "pass --step with one of [0]" in err and not os.path.exists(out)
   assert evaluate.main(["--checkpoint", workdir, "--benchmarks", "synthetic", "--limit", "4",
                         "--out", str(tmp_path / "ev")] + SMALL) == 2

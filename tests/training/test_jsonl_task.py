@@ -38,12 +38,13 @@ def _task(train_file, **overrides):
   return tasks.JsonlTask(c, ByteTokenizer(), seed=0, shard_index=0, shard_count=1)
 
 
-def test_bad_records_are_reported_once_with_their_file_lines(train_file, tmp_path):
+def test_bad_records_are_reported_once_with_their_file_lines(train_file, tmp_path, caplog):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     task = _task(train_file)
   bad = [w for w in caught if issubclass(w.category, records.BadRecordWarning)]
   assert len(bad) == 1, [str(w.message) for w in caught]
+  assert "records are bad" not in caplog.text   # not logged a second time
   message = str(bad[0].message)
   assert "3 of 9 records are bad" in message
   assert "line 3: invalid JSON" in message
