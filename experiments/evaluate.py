@@ -180,11 +180,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from egpo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  try:
-    results, out = run(args)
-  except (FileNotFoundError, ValueError, checkpointing.CorruptCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  done, code = checkpointing.run_tool(run, args)
+  if code:
+    return code
+  results, out = done
   from egpo_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   print(report.results_markdown(results, brief=True))
   print(f"results: {os.path.abspath(out)} (results.json, results.md, figures, responses)")

@@ -183,13 +183,10 @@ def export(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    source, files = export(args)
-  except (FileNotFoundError, ValueError, checkpointing.CorruptCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"exported {source} -> {args.out}: {', '.join(files)}")
-  return 0
+  done, code = checkpointing.run_tool(export, args)
+  if done:
+    print(f"exported {done[0]} -> {args.out}: {', '.join(done[1])}")
+  return code
 
 
 if __name__ == "__main__":

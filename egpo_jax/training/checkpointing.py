@@ -40,7 +40,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,6 +70,20 @@ class CorruptCheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
   """A sound checkpoint holds a different tree than the one being restored."""
+
+
+# What a read-only tool reports as one line and exit code 2: the user can fix these
+# (another path, step or flag); anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, CorruptCheckpointError)
+
+
+def run_tool(fn: Callable[..., Any], *args) -> tuple[Any, int]:
+  """(fn(*args), 0), or (None, 2) after printing a USER_ERRORS error as one line."""
+  try:
+    return fn(*args), 0
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None, 2
 
 
 def _path_key(path) -> str:
