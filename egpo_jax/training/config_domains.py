@@ -148,7 +148,7 @@ def path(kind: str) -> Domain:
   """'' or an existing file / folder (checked at start-up, before a run writes anything)."""
   exists = os.path.isfile if kind == "file" else os.path.isdir
   return _domain(f"'' or an existing {kind}",
-                lambda v: isinstance(v, str) and (v == "" or exists(os.path.expanduser(v))),
+                lambda v: isinstance(v, str) and (v == "" or exists(v)),
                 "/nonexistent/egpo_jax_input")
 
 
