@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,7 +75,10 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter
       purge = None if resume_after is None else resume_after + 1
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+      # The suffix: tensorboardX names files by the second, and a second writer in the
+      # same second would overwrite the first one's file.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge,
+                               filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **to_python(metrics)}
