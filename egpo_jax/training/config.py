@@ -37,7 +37,7 @@ def _leaves(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _unknown_field_error(name: str) -> ConfigError:
+def unknown_field_error(name: str) -> ConfigError:
   near = difflib.get_close_matches(name, domains.BY_NAME, n=1, cutoff=0.6)
   hint = f"did you mean {near[0]}? " if near else ""
   return ConfigError(f"config.{name}: there is no such field; {hint}"
@@ -52,7 +52,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   leaves = _leaves(c)
   for name in leaves:
     if name not in domains.BY_NAME:
-      raise _unknown_field_error(name)
+      raise unknown_field_error(name)
   for f in domains.FIELDS:
     if f.name not in leaves:
       _need(f.optional, f.name, "<missing>", f"add it (default {f.default!r})")
@@ -180,9 +180,9 @@ def with_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
     *path, leaf = key.split(".")
     for p in path:
       if p not in node:
-        raise _unknown_field_error(key)
+        raise unknown_field_error(key)
       node = node[p]
     if leaf not in node:
-      raise _unknown_field_error(key)
+      raise unknown_field_error(key)
     node[leaf] = value
   return c

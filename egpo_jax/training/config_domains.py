@@ -148,7 +148,7 @@ def path(kind: str) -> Domain:
   """'' or an existing file / folder (checked at start-up, before a run writes anything)."""
   exists = os.path.isfile if kind == "file" else os.path.isdir
   return _domain(f"'' or an existing {kind}",
-                lambda v: isinstance(v, str) and (v == "" or exists(os.path.expanduser(v))),
+                lambda v: isinstance(v, str) and (v == "" or exists(v)),
                 "/nonexistent/egpo_jax_input")
 
 
@@ -383,10 +383,10 @@ def markdown() -> str:
                  f"{'optional' if f.optional else 'yes'} | {f.fix} |")
   lines += ["", "Checks across fields: " + "; ".join(CROSS_CHECKS) + ".", ""]
   lines += ["## What the user sees", "",
-            "Bad input tried, and the one line `experiments.main` prints (exit code 2;",
-            "exit codes of signals: 130 after Ctrl-C, 75 after SIGTERM).", "",
-            "| input | message |", "|---|---|"]
-  lines += [f"| `{cmd}` | `{msg}` |" for cmd, msg in WHAT_THE_USER_SEES]
+            "Bad input tried, or a signal sent, the line `python -m experiments.main` prints",
+            "on stderr, and its exit code. Nothing is written to the workdir on exit 2.", "",
+            "| input | exit | message |", "|---|---|---|"]
+  lines += [f"| `{cmd}` | {code} | `{msg}` |" for cmd, code, msg in WHAT_THE_USER_SEES]
   return "\n".join(lines) + "\n"
 
 
@@ -407,9 +407,55 @@ CROSS_CHECKS = (
     "unknown fields are refused (with the nearest known name)",
 )
 
-# Bad inputs and the exact line experiments.main prints; tests/training/test_config_cli.py
-# runs each of them.
-WHAT_THE_USER_SEES: tuple[tuple[str, str], ...] = ()
+# Bad inputs to `python -m experiments.main` and the exact line it prints, with its exit
+# code. tests/training/test_config_cli.py runs every row that starts with "--".
+WHAT_THE_USER_SEES: tuple[tuple[str, int, str], ...] = (
+    ("--config.train.keep_checkpoints=0", 2,
+     "error: config.train.keep_checkpoints=0: use >= 1: 0 would delete every checkpoint, "
+     "the trained model included (domain: int >= 1)"),
+    ("--config.rollout.temperature=0", 2,
+     "error: config.rollout.temperature=0.0: use > 0: at 0 (greedy) every response of a "
+     "group is the same and nothing is learned (domain: float > 0)"),
+    ("--config.loss.dual_clip=0.5", 2,
+     "error: config.loss.dual_clip=0.5: use 0 (off) or a value > 1 (the dual-clip bound on "
+     "negative advantages) (domain: float > 1, or 0)"),
+    ("--config.optim.schedule=linear", 2,
+     "error: config.optim.schedule='linear': a learning-rate schedule of "
+     "egpo_jax/training/optimizer.py (domain: one of 'constant', 'cosine')"),
+    ("--config.model.dtype=float64", 2,
+     "error: config.model.dtype='float64': the compute dtype (params stay float32) (domain: "
+     "one of 'bfloat16', 'float16', 'float32')"),
+    ("--config.model.preset=hf", 2,
+     "error: config.model.path='': model.preset='hf' needs the Hugging Face checkpoint "
+     "folder (or model.name for its shapes with random weights)"),
+    ("--config=experiments/configs/paper.py:egpo,qwen2.5-math-1.5b", 2,
+     "error: config.task.train_file='': task.name='jsonl' needs the training JSONL, e.g. "
+     "--config.task.train_file=/data/train.jsonl"),
+    ("--config.train.keep_checkpoint=3", 2,
+     "error: config.train.keep_checkpoint: there is no such field; did you mean "
+     "train.keep_checkpoints? docs/CONFIG.md lists every field"),
+    ("--config.train.iterations=ten", 2,
+     "error: flag --config.train.iterations=ten: invalid literal for int() with base 10: "
+     "'ten'"),
+    ("--config=nofile.py", 2,
+     "error: Configuration is not available because of an earlier failure to load: Failed "
+     "loading config file config_config: OSError: [Errno 2] No such file or directory: "
+     "'nofile.py'"),
+    ("Ctrl-C while training", 130,
+     "interrupted (Ctrl-C): stopped after iteration N and saved WORKDIR/checkpoints/N; run "
+     "the same command again to resume"),
+    ("a second Ctrl-C", 130,
+     "second Ctrl-C: aborted; the next run resumes from the newest complete checkpoint"),
+    ("SIGTERM while training", 75,
+     "preempted: stopped after iteration N and saved WORKDIR/checkpoints/N; run the same "
+     "command again to resume"),
+    ("SIGTERM during the supervised warm-up (Ctrl-C: the same, 130)", 75,
+     "preempted: stopped during the supervised warm-up after step S of W; nothing was saved, "
+     "and running the same command again restarts the warm-up from step 0 (it is "
+     "deterministic)"),
+    ("the same command again, after a stop", 0,
+     "resumed at iteration N of T from WORKDIR/checkpoints/N"),
+)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,21 @@ def test_paper_configs_validate_once_their_inputs_are_given(tmp_path):
       with pytest.raises(config_lib.ConfigError, match="config.task.train_file"):
         config_lib.validate(c)
       config_lib.validate(config_lib.with_overrides(c, {"task.train_file": str(data)}))
+
+
+def test_model_name_is_checked_against_the_checkpoint_and_gives_the_shapes_without_one(
+    tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from egpo_jax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
+  from egpo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(model_config_lib.to_hf_dict(model_config_lib.get_config("tiny")), f)
+  c = config_lib.with_overrides(tiny.get_config(), {"model.preset": "hf",
+                                                    "model.path": str(tmp_path)})
+  config_lib.validate(config_lib.with_overrides(c, {"model.name": "tiny"}))
+  config_lib.validate(c)   # no name: nothing to check against
+  with pytest.raises(config_lib.ConfigError, match="model.name='small': .*hidden_size 64 != 512"):
+    config_lib.validate(config_lib.with_overrides(c, {"model.name": "small"}))
+  # No checkpoint folder: model.name gives the shapes (a dry run with random weights).
+  dry = config_lib.with_overrides(c, {"model.path": "", "model.name": "small"})
+  assert train_lib.build(dry).model_config == model_config_lib.get_config("small")
