@@ -173,7 +173,8 @@ def export(args: argparse.Namespace) -> tuple[str, list[str]]:
   check_tokenizer(tokenizer)   # before anything is written
   trained = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
   dtype = args.dtype or trained[0]
-  print(f"dtype: {dtype} ({'as trained' if [dtype] == trained else 'trained in ' + '/'.join(trained)})")
+  how = "as trained" if [dtype] == trained else f"trained in {'/'.join(trained)}"
+  print(f"dtype: {dtype} ({how})")
   os.makedirs(args.out, exist_ok=True)
   files = hf_io.save_hf_checkpoint(params, config, args.out, dtype=dtype,
                                    max_shard_bytes=int(args.max_shard_gb * 2**30))

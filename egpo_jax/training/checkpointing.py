@@ -217,10 +217,11 @@ def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   """Restores only the params of the step folder `path`, read-only; returns (params, extra).
 
   `abstract_params`: ShapeDtypeStructs with shardings (the current mesh, or one device);
-  the params come back in the dtype they were saved in. They are found at `train.params` (the trainer's layout) or `params`. Raises
-  CorruptCheckpointError (incomplete, unreadable or garbled: commit markers, then the
-  save-time fingerprint of every restored array) and CheckpointMismatchError (a sound
-  step whose params have other shapes); nothing on disk is changed either way.
+  the params come back in the dtype they were saved in. They are found at
+  `train.params` (the trainer's layout) or `params`. Raises CorruptCheckpointError
+  (incomplete, unreadable or garbled: commit markers, then the save-time fingerprint of
+  every restored array) and CheckpointMismatchError (a sound step whose params have
+  other shapes); nothing on disk is changed either way.
   """
   check_complete(path)
   extra, integrity = read_extra(path)
@@ -238,12 +239,12 @@ def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
     if stored is None:
       raise CorruptCheckpointError(path, "the tree metadata of its state item is unreadable"
                                    ) from cause
-    trainer_layout = isinstance(stored, dict) and "train" in stored
-    stored_params = (stored["train"] if trainer_layout else stored).get("params") \
-        if isinstance(stored, dict) else None
+    top = stored if isinstance(stored, dict) else {}
+    trainer_layout = "train" in top
+    stored_params = (top["train"] if trainer_layout else top).get("params")
     if not isinstance(stored_params, dict):
       raise CheckpointMismatchError(f"checkpoint {path} holds no 'params' tree (its top "
-                                    f"keys: {sorted(stored) if isinstance(stored, dict) else stored})")
+                                    f"keys: {sorted(top)})")
     have = {_path_key(p): tuple(m.shape)
             for p, m in jax.tree_util.tree_flatten_with_path(stored_params)[0]}
     want = {_path_key(p): tuple(s.shape)

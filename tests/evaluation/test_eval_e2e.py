@@ -183,6 +183,11 @@ def _snapshot(root):
 def _read_only_copy(demo_workdir, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(demo_workdir, workdir, ignore=shutil.ignore_patterns("eval"))
+  # A save in progress (orbax's temporary folder), which a CheckpointManager would delete.
+  saving = os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-1")
+  os.makedirs(saving)
+  with open(os.path.join(saving, "partial"), "w") as f:
+    f.write("being written")
   subprocess.run(["chmod", "-R", "a-w", workdir], check=True)
   return workdir
 
@@ -191,18 +196,30 @@ def _writable(workdir):
   subprocess.run(["chmod", "-R", "u+w", workdir], check=True)
 
 
-def _garble_params(step_dir):
-  """Flips 8 bytes in the middle of the step's largest array file (the tiny model's
-  biggest params and their AdamW moments; the params are what the tools read)."""
+def _garble_params(workdir, step):
+  """Flips 8 bytes of the step's largest array file at the first of a few fixed offsets
+  where that damages params (the file holds params and AdamW moments, compressed, so
+  where a flip lands is found by reading the params back); returns the error's reason."""
+  from egpo_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
+  from egpo_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  step_dir = os.path.join(workdir, "checkpoints", str(step))
   files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
            if os.path.isfile(f)]
   path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    mid = len(data) // 2
-    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
-    f.seek(0)
-    f.write(bytes(data))
+  with open(path, "rb") as f:
+    clean = f.read()
+  for frac in (0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875):
+    data = bytearray(clean)
+    at = int(frac * len(data))
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    with open(path, "wb") as f:
+      f.write(bytes(data))
+    try:
+      loading.read_workdir(workdir, step)
+    except checkpointing.CorruptCheckpointError as err:
+      if "train/params/" in err.reason:
+        return err.reason
+  raise AssertionError("no offset tried damages the params")
 
 
 def test_evaluate_export_and_compare_leave_the_workdir_unchanged(demo_workdir, tmp_path,
@@ -244,14 +261,14 @@ def test_a_garbled_step_fails_evaluate_and_export_and_nothing_moves(demo_workdir
   workdir = str(tmp_path / "run")
   shutil.copytree(demo_workdir, workdir, ignore=shutil.ignore_patterns("eval"))
   step_dir = os.path.join(workdir, "checkpoints", "2")
-  _garble_params(step_dir)
+  reason = _garble_params(workdir, 2)
   files, dirs = _snapshot(workdir)
   out = str(tmp_path / "hf")
   capsys.readouterr()
   assert export_hf.main(["--checkpoint", workdir, "--out", out]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"checkpoint {step_dir} is incomplete or corrupt" in err
-  assert "differ from their save-time fingerprint" in err and "train/params/" in err
+  assert reason in err and "differ from their save-time fingerprint" in err
   assert "pass --step with one of [0]" in err and not os.path.exists(out)
   assert evaluate.main(["--checkpoint", workdir, "--benchmarks", "synthetic", "--limit", "4",
                         "--out", str(tmp_path / "ev")] + SMALL) == 2

@@ -64,7 +64,8 @@ def test_cut_masks_pads_and_zeroes_the_log_probs_after_the_stop():
       completion_mask_NxT=jnp.array([[1] * 6, [1, 1, 1, 0, 0, 0]], bool),
       logps_NxT=-jnp.ones((n, t)), entropy_NxT=None, lengths_N=jnp.array([6, 3], jnp.int32),
       truncated_N=jnp.array([True, False]), num_steps=jnp.int32(6))
-  cut = host_loop._cut(gen, jnp.array([2, 3], jnp.int32), jnp.int32(0))   # pylint: disable=protected-access
+  cut = host_loop._cut(  # pylint: disable=protected-access
+      gen, jnp.array([2, 3], jnp.int32), jnp.int32(0))
   np.testing.assert_array_equal(cut.completion_mask_NxT[0], [1, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(cut.completion_ids_NxT[0], [10, 11, 0, 0, 0, 0])
   np.testing.assert_array_equal(cut.logps_NxT[0], [-1, -1, 0, 0, 0, 0])
