@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from egpo_jax.evaluation import benchmarks, calibration, runner
+from egpo_jax.evaluation import benchmarks, calibration, loading, runner
 from egpo_jax.models import hf_io
 from egpo_jax.training import train as train_lib
 from experiments import compare, evaluate, export_hf
@@ -117,9 +117,9 @@ def test_synthetic_before_and_after_rl_and_from_the_hf_export(demo_workdir, tmp_
   # The HF export of the same step, read through the HF tokenizer and verified on the
   # host, gives the same responses, hence the same numbers.
   hf = str(tmp_path / "hf")
-  _, state, _ = train_lib.load_checkpoint(demo_workdir)
-  model_config = train_lib.build(tiny_config()).model_config
-  hf_io.save_hf_checkpoint(state.params, model_config, hf, dtype="float32")
+  _, params, _, _, exp = loading.read_workdir(demo_workdir)
+  model_config = exp.model_config
+  hf_io.save_hf_checkpoint(params, model_config, hf, dtype="float32")
   export_hf.write_tokenizer("byte", hf, model_config, ("<think>", "</think>"))
   assert evaluate.main(["--checkpoint", hf, "--template", "plain", "--chat", "false",
                         "--synthetic_difficulty", "1", "--out", hf_out, "--no_plots"]
@@ -143,8 +143,8 @@ def test_synthetic_before_and_after_rl_and_from_the_hf_export(demo_workdir, tmp_
 
 def test_validation_hook_for_the_trainer(demo_workdir):
   exp = train_lib.build(tiny_config())
-  _, state, _ = train_lib.load_checkpoint(demo_workdir)
-  out = runner.evaluate_jax_task(state.params, jax.random.PRNGKey(3), task=exp.task,
+  _, params, _, _, _ = loading.read_workdir(demo_workdir)
+  out = runner.evaluate_jax_task(params, jax.random.PRNGKey(3), task=exp.task,
                                  model_config=exp.model_config, spec=exp.settings.sampling,
                                  num_prompts=8, delimiter_ids=(300,))
   assert out["num_responses"] == 32 and 0.0 <= out["accuracy"] <= 1.0
@@ -200,7 +200,6 @@ def _garble_params(workdir, step):
   """Flips 8 bytes of the step's largest array file at the first of a few fixed offsets
   where that damages params (the file holds params and AdamW moments, compressed, so
   where a flip lands is found by reading the params back); returns the error's reason."""
-  from egpo_jax.evaluation import loading  # pylint: disable=import-outside-toplevel
   from egpo_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   step_dir = os.path.join(workdir, "checkpoints", str(step))
   files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
