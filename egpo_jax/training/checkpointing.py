@@ -35,6 +35,7 @@ the same restore can be retried once the cause is fixed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -213,6 +214,20 @@ def read_extra(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
   return extra, extra.pop(_INTEGRITY_KEY, None)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Hides orbax's warnings while a step folder is opened directly: it warns that the
+  manager's _CHECKPOINT_METADATA is absent (no fault) and for metadata it cannot read,
+  which `read_params` reports itself."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_log.setLevel(level)
+
+
 def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   """Restores only the params of the step folder `path`, read-only; returns (params, extra).
 
@@ -226,7 +241,7 @@ def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   check_complete(path)
   extra, integrity = read_extra(path)
   item = os.path.join(path, "state")
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with ocp.PyTreeCheckpointer() as ckptr, _quiet_absl():
     try:
       # orbax answers None (and logs a warning) for metadata it cannot read.
       stored = getattr(ckptr.metadata(item).item_metadata, "tree", None)

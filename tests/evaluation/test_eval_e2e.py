@@ -277,3 +277,19 @@ def test_a_garbled_step_fails_evaluate_and_export_and_nothing_moves(demo_workdir
   assert _snapshot(workdir) == (files, dirs)   # nothing quarantined, moved or written
   # Naming another step reads it.
   assert export_hf.main(["--checkpoint", workdir, "--step", "0", "--out", out]) == 0
+
+
+def test_read_workdir_shards_the_params_on_a_mesh(demo_workdir, num_devices):
+  from egpo_jax.models import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=2, data=-1))
+  step, params, extra, _, exp = loading.read_workdir(demo_workdir, mesh=mesh)
+  _, one, _, _, _ = loading.read_workdir(demo_workdir)
+  assert step == 2 and extra["iteration"] == 2 and "_integrity" not in extra
+  want = sharding.param_shardings(params, mesh)
+  for got, spec, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want),
+                            jax.tree.leaves(one)):
+    assert got.sharding == spec
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert any(len(x.sharding.device_set) == num_devices for x in jax.tree.leaves(params))
+  assert jax.tree.structure(params) == jax.tree.structure(
+      sharding.abstract_params(exp.model_config))
