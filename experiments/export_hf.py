@@ -114,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "bare orbax root, step or item folder")
   parser.add_argument("--step", type=int, default=None, help="step to export (default: newest)")
   model = parser.add_mutually_exclusive_group()
-  model.add_argument("--model", help="bare checkpoints only: named config "
-                                     f"{sorted(config_lib.NAMED_CONFIGS)}")
-  model.add_argument("--hf-config", help="bare checkpoints only: config.json (or its folder) "
-                                         "of the base checkpoint")
+  model.add_argument("--model", help=f"named config {sorted(config_lib.NAMED_CONFIGS)} "
+                                     "(a workdir's own is read from its config.json)")
+  model.add_argument("--hf-config", help="config.json (or its folder) of the base checkpoint "
+                                         "(a workdir's own is read from its config.json)")
   parser.add_argument("--param-dtype", default="float32",
                       help="bare checkpoints only: the model config's param dtype")
   parser.add_argument("--tokenizer", default=None,
@@ -143,15 +143,26 @@ def _workdir(path: str, step: int | None) -> tuple[str, int | None] | None:
   return (folder, step) if kind == "workdir" else None
 
 
+def _check_model_flags(args: argparse.Namespace, c) -> None:
+  """--model/--hf-config may restate a workdir's model, not contradict it."""
+  preset = c.model.preset
+  if args.model and args.model != preset:
+    raise ValueError(f"--model={args.model} contradicts the workdir's model.preset={preset}; "
+                     "drop --model (a workdir's config.json names its model)")
+  if args.hf_config and (preset != "hf" or os.path.realpath(args.hf_config).rstrip("/")
+                         not in (os.path.realpath(c.model.path),
+                                 os.path.join(os.path.realpath(c.model.path), "config.json"))):
+    raise ValueError(f"--hf-config={args.hf_config} contradicts the workdir's model "
+                     f"({preset} {c.model.path}); drop --hf-config")
+
+
 def export(args: argparse.Namespace) -> tuple[str, list[str]]:
   """Reads and verifies the checkpoint, then writes the HF folder; (source, files)."""
   workdir = _workdir(args.checkpoint, args.step)
   if workdir is not None:
-    if args.model or args.hf_config:
-      raise ValueError("--model/--hf-config: the model comes from the workdir's config.json "
-                       "for a workdir; drop the flag")
     from egpo_jax.training import train  # pylint: disable=g-import-not-at-top
     step, params, _, c, exp = loading.read_workdir(*workdir)
+    _check_model_flags(args, c)
     config = exp.model_config
     source = os.path.join(workdir[0], "checkpoints", str(step), "state")
     hf_model = c.model.preset == "hf"

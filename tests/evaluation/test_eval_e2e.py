@@ -236,6 +236,14 @@ def test_evaluate_export_and_compare_leave_the_workdir_unchanged(demo_workdir, t
     assert export_hf.main(["--checkpoint", workdir, "--out", out]) == 0
     printed = capsys.readouterr().out
     assert "dtype: float32 (as trained)" in printed
+    # The README's form (restating the model and tokenizer) works; a contradiction does not.
+    assert export_hf.main(["--checkpoint", os.path.join(workdir, "checkpoints"), "--model",
+                           "tiny", "--tokenizer", "byte", "--byte-special-tokens",
+                           "<think>,</think>", "--out", str(tmp_path / "hf2")]) == 0
+    assert export_hf.main(["--checkpoint", workdir, "--model", "small",
+                           "--out", str(tmp_path / "hf3")]) == 2
+    assert "--model=small contradicts the workdir's model.preset=tiny" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "hf3")
     assert compare.main([workdir, str(tmp_path / "ev0"), "--out", str(tmp_path / "cmp")]) == 0
     after_files, after_dirs = _snapshot(workdir)
   finally:
