@@ -74,8 +74,9 @@ class CheckpointMismatchError(ValueError):
 
 
 # What a read-only tool reports as one line and exit code 2: the user can fix these
-# (another path, step or flag); anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, CorruptCheckpointError)
+# (another path, step or flag; an --out they may write, e.g. for a read-only workdir);
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, PermissionError, ValueError, CorruptCheckpointError)
 
 
 def run_tool(fn: Callable[..., Any], *args) -> tuple[Any, int]:
