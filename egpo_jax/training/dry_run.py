@@ -579,7 +579,7 @@ def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
   """One line naming the first phase whose peak exceeds the device memory, else None."""
   for name, p in report["phases"].items():
     if p["peak_bytes_per_device"] > device_memory_gb * GB:
-      return (f"dry run: phase {name!r} needs {_gb(p['peak_bytes_per_device'])} GB per device"
+      return (f"error: phase {name!r} needs {_gb(p['peak_bytes_per_device'])} GB per device"
               f" > --device_memory_gb={device_memory_gb:g} (estimate +-30%): raise "
               "ppo.micro_batches, add devices or set model.remat")
   return None
@@ -614,14 +614,10 @@ def spec_from_config(c) -> DryRunSpec:
   from egpo_jax.models import config as model_config_lib
   from egpo_jax.training import config as config_lib
   from egpo_jax.training import iteration, train
+  if c.task.name == "jsonl" and not c.task.train_file:
+    c = config_lib.with_overrides(c, {"task.train_file": "(the dry run reads no data)"})
+  c = config_lib.checked(c)
   m = c.model
-  checked = c
-  if m.preset == "hf" and not m.path:
-    if not m.name:
-      raise DryRunError("config.model.path and config.model.name are both empty: the dry "
-                        "run needs a checkpoint folder's config.json or a backbone name")
-    checked = config_lib.with_overrides(c, {"model.preset": m.name})
-  config_lib.validate(checked)
   if m.path:
     model_config = model_config_lib.load_hf_config(m.path, dtype=m.dtype, remat=m.remat)
   else:
@@ -665,8 +661,8 @@ def main(c, *, devices: int = 0, json_path: str = "", device_memory_gb: float = 
       raise DryRunError(f"--device_memory_gb={device_memory_gb:g}: use > 0 (0 = no check)")
     report = run(c, devices=devices,
                  log=lambda msg: print(f"dry run: {msg}", flush=True))
-  except ValueError as err:   # DryRunError, config.ConfigError, a bad config.json
-    print(str(err).splitlines()[0] if str(err) else repr(err), file=sys.stderr)
+  except (ValueError, OSError) as err:   # DryRunError, ConfigError, a missing config.json
+    print("error: " + (str(err).splitlines()[0] if str(err) else repr(err)), file=sys.stderr)
     return 2
   print(format_report(report))
   if json_path:
