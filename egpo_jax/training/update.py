@@ -224,6 +224,10 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   share = (settings.share_prompts and group_size > 1 and (n // per_step) % group_size == 0)
   group_size = group_size if share else 1
 
+  # The shuffle gathers rows from every device: all-gather the (integer and per-token
+  # float) batch once, rather than let GSPMD all-reduce a masked gather per field.
+  whole = jax.tree.map(lambda x: sharding.constrain(x, (None,) * x.ndim), batch)
+
   def epoch(state, key):
     if share:
       # A permutation of the groups, each group's rows kept in order.
@@ -231,13 +235,13 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
       perm = (groups[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
     else:
       perm = jax.random.permutation(key, n)
-    shuffled = jax.tree.map(lambda x: x[perm], batch)
-    minis = _split(shuffled, settings.minibatches)
-    if settings.sort_by_length and not share:
-      def order(mb):
-        lengths = mb.completion_mask_NxT.sum(-1)
-        return jax.tree.map(lambda x: x[jnp.argsort(-lengths, stable=True)], mb)
-      minis = jax.vmap(order)(minis)
+      if settings.sort_by_length:
+        # Longest first within each minibatch, folded into the one gather of the rows.
+        perm_MxR = perm.reshape(settings.minibatches, -1)
+        lengths_MxR = whole.completion_mask_NxT.sum(-1)[perm_MxR]
+        perm = jnp.take_along_axis(perm_MxR, jnp.argsort(-lengths_MxR, axis=-1,
+                                                         stable=True), -1).reshape(-1)
+    minis = _split(jax.tree.map(lambda x: x[perm], whole), settings.minibatches)
     step = lambda s, mb: minibatch_step(s, mb, optimizer=optimizer,
                                         model_config=model_config, settings=settings,
                                         switches=switches, group_size=group_size)
