@@ -526,9 +526,17 @@ def _gb(x: float) -> str:
   return f"{x / GB:.2f}"
 
 
+def _unit(report: dict[str, Any]) -> tuple[float, str]:
+  """GB, or MB for a model whose every phase fits in 1 GB (the tiny test models)."""
+  peak = max(p["peak_bytes_per_device"] for p in report["phases"].values())
+  return (GB, "GB") if peak >= GB else (1e6, "MB")
+
+
 def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
   """The human-readable table `--dry_run` prints."""
   b, m = report["batch"], report["model"]
+  scale, unit = _unit(report)
+  fmt = lambda x: f"{x / scale:.2f}"   # noqa: E731  (in the report's unit)
   mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
   lines = [
       f"Dry run {report['label']}: {m['params'] / 1e9:.2f} B params ({m['dtype']} compute, "
@@ -540,37 +548,37 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
       f"{b['minibatches']} minibatch(es) x {b['micro_batches']} micro-batches; old log-probs "
       f"from the {b['old_logps']}",
       f"Figures are {CAVEAT}.",
-      f"Train state per device: {_gb(report['state_bytes_per_device'])} GB",
+      f"Train state per device: {fmt(report['state_bytes_per_device'])} {unit}",
       "",
-      f"{'phase':10s} {'peak GB':>8s} {'args':>7s} {'temp':>7s} {'out':>7s} {'alias':>7s}"
-      f" {'coll. GB/it':>11s} {'floor GB/it':>11s} {'compile s':>9s}  function"]
+      f"{'phase':10s} {'peak ' + unit:>8s} {'args':>7s} {'temp':>7s} {'out':>7s} {'alias':>7s}"
+      f" {'coll. ' + unit + '/it':>11s} {'floor ' + unit + '/it':>11s} {'compile s':>9s}  function"]
   for name, p in report["phases"].items():
     lines.append(
-        f"{name:10s} {_gb(p['peak_bytes_per_device']):>8s} {_gb(p['argument_bytes']):>7s}"
-        f" {_gb(p['temp_bytes']):>7s} {_gb(p['output_bytes']):>7s} {_gb(p['alias_bytes']):>7s}"
-        f" {_gb(p['collective_bytes_per_iteration']):>11s}"
-        f" {_gb(p['floor_bytes_per_iteration']):>11s} {p['compile_seconds']:>9.1f}"
+        f"{name:10s} {fmt(p['peak_bytes_per_device']):>8s} {fmt(p['argument_bytes']):>7s}"
+        f" {fmt(p['temp_bytes']):>7s} {fmt(p['output_bytes']):>7s} {fmt(p['alias_bytes']):>7s}"
+        f" {fmt(p['collective_bytes_per_iteration']):>11s}"
+        f" {fmt(p['floor_bytes_per_iteration']):>11s} {p['compile_seconds']:>9.1f}"
         f"  {p['function']}")
   c = report["collectives"]
   ratio = (c["update_bytes_per_iteration"] / c["update_floor_bytes_per_iteration"]
            if c["update_floor_bytes_per_iteration"] else float("nan"))
-  lines += ["", f"Collectives per iteration: {_gb(c['bytes_per_iteration'])} GB per device "
-            f"(FSDP floor {_gb(c['floor_bytes_per_iteration'])} GB); update "
-            f"{_gb(c['update_bytes_per_iteration'])} GB = {ratio:.2f} x its floor",
-            "  by kind: " + ", ".join(f"{k} {_gb(v)} GB" for k, v in c["bytes_by_kind"].items()
-                                      if v)]
+  lines += ["", f"Collectives per iteration: {fmt(c['bytes_per_iteration'])} {unit} per "
+            f"device (FSDP floor {fmt(c['floor_bytes_per_iteration'])} {unit}); update "
+            f"{fmt(c['update_bytes_per_iteration'])} {unit} = {ratio:.2f} x its floor",
+            "  by kind: " + ", ".join(f"{k} {fmt(v)} {unit}"
+                                      for k, v in c["bytes_by_kind"].items() if v)]
   for name, p in report["phases"].items():
-    kinds = ", ".join(f"{k} {_gb(v)}" for k, v in p["collective_bytes_by_kind"].items() if v)
+    kinds = ", ".join(f"{k} {fmt(v)}" for k, v in p["collective_bytes_by_kind"].items() if v)
     if kinds:
-      lines.append(f"  {name}: {kinds} GB")
+      lines.append(f"  {name}: {kinds} {unit}")
     if "decode_bytes_per_step" in p:
       lines.append(f"  {name}: {p['decode_loops']} decode loop(s), "
                    f"{p['decode_bytes_per_step'] / 1e6:.1f} MB of collectives per token step")
-  lines += ["", "Largest buffers per device:"]
+  lines += ["", f"Largest buffers per device ({unit}):"]
   for name, p in report["phases"].items():
     for buf in p["largest_buffers"][:top_buffers]:
       runs = f" x{buf['executions']} runs" if buf["executions"] > 1 else ""
-      lines.append(f"  {name:10s} {_gb(buf['bytes']):>7s} GB {buf['shape']:32s} "
+      lines.append(f"  {name:10s} {fmt(buf['bytes']):>7s} {buf['shape']:32s} "
                    f"{buf['opcode']}{runs}  {buf['op_name'][-70:]}")
   return "\n".join(lines)
 
