@@ -287,3 +287,18 @@ def test_command_line_fake_devices_json_and_gate(tmp_path):
   assert math.isfinite(report["collectives"]["bytes_per_iteration"])
   assert "floor_bytes_per_iteration" in report["collectives"]
   assert "CPU-compiled estimates" in done.stdout
+
+
+def test_paper_config_needs_no_weights_data_or_tokenizer(tmp_path):
+  from experiments.configs import paper
+  spec = dry_run.spec_from_config(paper.get_config("egpo,qwen2.5-math-7b"))
+  assert spec.model_config == get_config("qwen2.5-math-7b", dtype="bfloat16", remat=True)
+  assert (spec.settings.prompts_per_batch, spec.settings.group_size) == (64, 16)
+  assert (spec.prompt_len, spec.settings.sampling.max_new_tokens) == (1024, 3072)
+  # model.path: the shapes come from its config.json alone (no safetensors, no tokenizer).
+  from egpo_jax.models import config as model_config
+  (tmp_path / "config.json").write_text(json.dumps(model_config.to_hf_dict(
+      get_config("tiny").replace(num_layers=3))))
+  c = paper.get_config("egpo,qwen2.5-math-1.5b")
+  c.model.path, c.model.name = str(tmp_path), ""
+  assert dry_run.spec_from_config(c).model_config.num_layers == 3
