@@ -462,21 +462,23 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
       return jax.jit(functools.partial(iteration.prepare_batch, model_config=cfg,
                                        settings=pass_settings))
 
-    # A forward pass needs each micro-batch's weights once (the update's micro-batching).
+    # A forward pass gathers each micro-batch's weights once (`update.batch_logprobs` runs
+    # minibatches x micro_batches of them, once per iteration whatever the PPO epochs).
+    pass_floor = floor(gathers=1, gradients=False) * u.minibatches * u.micro_batches
     trainer_pass = settings.old_logps == "recompute" or settings.tis_cap > 0
     no_kl = dataclasses.replace(settings, update=dataclasses.replace(u, kl_coef=0.0))
     log("compiling old_logps")
     phases.append(_compile(
         "old_logps", "iteration.prepare_batch (no KL pass)", prepare(no_kl),
         (params, None, groups, algo),
-        floor=floor(gathers=1, gradients=False) * micro_per_iteration if trainer_pass else 0))
+        floor=pass_floor if trainer_pass else 0))
     if use_ref:
       ref_only = dataclasses.replace(settings, old_logps="sampler", tis_cap=0.0)
       log("compiling ref_logps")
       phases.append(_compile(
           "ref_logps", "iteration.prepare_batch (reference pass only)", prepare(ref_only),
           (params, ref_params, groups, algo),
-          floor=floor(gathers=1, gradients=False) * micro_per_iteration))
+          floor=pass_floor))
     batch = batch_sharded(jax.eval_shape(prepare(settings), params, ref_params, groups,
                                          algo)[0], mesh)
     update = jax.jit(functools.partial(

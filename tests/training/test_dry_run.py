@@ -207,6 +207,12 @@ def test_update_floor_and_collectives_follow_the_micro_batches(tiny_report):
                                        gradients=True)
   update = tiny_report["phases"]["update"]
   assert update["floor_bytes_per_iteration"] == 2 * per_micro
+  # The trainer's forward passes (recomputed old and reference log-probs): one gather per
+  # micro-batch each.
+  forward = dry_run.fsdp_floor_bytes(params, _mesh(1, 8, 1), "float32", gathers=1,
+                                     gradients=False)
+  for name in ("old_logps", "ref_logps"):
+    assert tiny_report["phases"][name]["floor_bytes_per_iteration"] == 2 * forward
   # FSDP: the weights are gathered and the gradients reduced inside the micro-batch scan.
   assert update["collective_bytes_by_kind"]["all-gather"] > 0
   assert update["collective_bytes_per_iteration"] >= update["floor_bytes_per_iteration"] / 2
