@@ -28,7 +28,9 @@ all-reduce, the result of an all-to-all or collective-permute, each times the tr
 of the loops around it. Next to them, the FSDP floor (`fsdp_floor_bytes`).
 
 All figures are CPU-compiled estimates: the CPU backend keeps some bf16 tensors with an
-extra f32 copy and has no TPU tile padding, so treat them as +-30%.
+extra f32 copy and has no TPU tile padding, so treat them as +-30%. XLA:CPU also runs bf16
+collectives in f32 (rounded to bf16, widened around the collective); those count as the
+bf16 a GPU or TPU moves.
 """
 
 from __future__ import annotations
@@ -190,15 +192,34 @@ def _parse_module(hlo: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
   return comps, entry, partitions
 
 
-def _counted_bytes(kind: str, opcode: str, shape: str, group: int) -> int:
-  """Result of an all-gather, operand of a reduce-scatter / all-reduce, result otherwise."""
+def _widened_bf16(comps, defs: dict[str, tuple[str, str]], operand: str) -> bool:
+  """Whether `operand` is bf16 values carried in f32: a fusion that rounds to bf16 and
+  converts back. XLA:CPU runs bf16 collectives that way (its float normalisation), where a
+  GPU or TPU moves the bf16 values themselves."""
+  opcode, rest = defs.get(operand, ("", ""))
+  called = _CALLEES.findall(rest)
+  if opcode != "fusion" or not called:
+    return False
+  body = comps.get(called[0][1], [])
+  rounded = {name for name, shape, op, _ in body if op == "convert" and shape.startswith("bf16")}
+  return any(op == "convert" and shape.startswith("f32")
+             and any(f"%{r})" in tail or f"%{r}," in tail for r in rounded)
+             for _, shape, op, tail in body)
+
+
+def _counted_bytes(kind: str, opcode: str, shape: str, group: int,
+                   widened: Sequence[bool] = ()) -> int:
+  """Result of an all-gather, operand of a reduce-scatter / all-reduce, result otherwise;
+  an f32 part that carries bf16 values (`widened`, per operand) counts 2 bytes a value."""
   parts = _tuple_elements(shape)
   if opcode.endswith("-start"):
     if kind == "all-gather":   # (operands..., results...)
       parts = parts[len(parts) // 2:]
     elif kind == "collective-permute":   # (operand, result, contexts...)
       parts = parts[1:2]
-  nbytes = sum(shape_bytes(p) for p in parts)
+  nbytes = sum(shape_bytes(p) // (2 if i < len(widened) and widened[i] and
+                                  p.startswith("f32") else 1)
+               for i, p in enumerate(parts))
   return nbytes * group if kind == "reduce-scatter" else nbytes
 
 
@@ -209,9 +230,12 @@ def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: in
 
   A `while` loop's trip count is XLA's `known_trip_count`; the i-th loop without one (in
   program order) runs `unknown_trip_counts[i]` times (1 when the list is shorter).
-  Collectives inside fusions or async wrappers count where their caller runs.
+  Collectives inside fusions or async wrappers count where their caller runs. bf16 values
+  that XLA:CPU widens to f32 around a collective count as bf16 (`_widened_bf16`).
   """
   comps, entry, partitions = _parse_module(hlo)
+  defs = {comp: {name: (opcode, rest) for name, _, opcode, rest in insts}
+          for comp, insts in comps.items()}
   collectives: list[Collective] = []
   buffers: dict[tuple[str, str], dict[str, Any]] = {}
   unknown: list[int] = []
@@ -223,7 +247,10 @@ def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: in
       kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
       if kind in COLLECTIVE_KINDS:
         group = replica_group_size(rest, partitions)
-        nbytes = _counted_bytes(kind, opcode, shape, group)
+        operands = re.findall(r"%([^\s,()]+)", rest.split(")", 1)[0])
+        widened = [not opcode.endswith("-start") and _widened_bf16(comps, defs[comp], o)
+                   for o in operands]
+        nbytes = _counted_bytes(kind, opcode, shape, group, widened)
         op = _OP_NAME.search(rest)
         groups = re.search(r"replica_groups=(mesh\[[^\]]*\]\s*\{[^}]*\}|\S+?)(,\s|$)", rest)
         collectives.append(Collective(kind, nbytes, executions, group,

@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # A module as XLA prints it after SPMD partitioning: an all-gather in the entry, a scan of
 # 8 micro-batches holding a reduce-scatter, a nested scan of 3 layers holding an
 # all-reduce of a tuple, a while loop without a known trip count holding an async
-# all-gather, and a fusion (whose internals are no buffers).
+# all-gather, a fusion (whose internals are no buffers), and an all-gather of bf16 values
+# that XLA:CPU widened to f32 (counted as bf16).
 HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
 
 %add (x: f32[], y: f32[]) -> f32[] {
@@ -77,8 +78,18 @@ HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
   ROOT %c = pred[] constant(true)
 }
 
-ENTRY %main (p0: f32[8,32], p1: bf16[2,4]) -> f32[64,32] {
+%round (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %c16 = bf16[4,8]{1,0} convert(%p)
+  ROOT %c32 = f32[4,8]{1,0} convert(%c16)
+}
+
+ENTRY %main (p0: f32[8,32], p1: bf16[2,4], p2: f32[4,8]) -> f32[64,32] {
   %p0 = f32[8,32]{1,0} parameter(0), sharding={devices=[8,1]<=[8]}
+  %p2 = f32[4,8]{1,0} parameter(2)
+  %rnd = f32[4,8]{1,0} fusion(%p2), kind=kLoop, calls=%round
+  %agw = f32[16,8]{1,0} all-gather(%rnd), channel_id=5, replica_groups=[2,4]<=[8], dimensions={0}
+  %agf = f32[16,8]{1,0} all-gather(%p2), channel_id=6, replica_groups=[4,2]<=[8], dimensions={0}
   %ag = f32[64,32]{1,0} all-gather(%p0), channel_id=1, replica_groups={}, dimensions={0}, metadata={op_name="jit(step)/gather"}
   %w1 = (s32[], f32[64,32]{1,0}) while(%t0), condition=%outer_cond, body=%outer_body, backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"8"}}
   %w2 = (s32[], bf16[2,4]{1,0}) while(%t1), condition=%decode_cond, body=%decode_body
@@ -114,9 +125,11 @@ def test_parse_hlo_counts_collectives_times_their_loops():
       ("reduce-scatter", 8, 8): 8 * 32 * 4 * 8,        # the operand = result x group
       ("all-reduce", 24, 4): 16 * 4 + 8 * 2,           # both tuple operands, 8 x 3 runs
       ("all-gather", 5, 4): 16 * 4 * 2,                # async: the gathered half of the tuple
+      ("all-gather", 1, 4): 16 * 8 * 2,                # bf16 values widened to f32 by XLA:CPU
+      ("all-gather", 1, 2): 16 * 8 * 4,                # f32 values
   }
   by_kind = dry_run.bytes_by_kind(hlo.collectives)
-  assert by_kind["all-gather"] == 64 * 32 * 4 + 5 * 128
+  assert by_kind["all-gather"] == 64 * 32 * 4 + 5 * 128 + 256 + 512
   assert by_kind["reduce-scatter"] == 8 * 8192
   assert by_kind["all-reduce"] == 24 * 80
   assert by_kind["all-to-all"] == 0
@@ -124,7 +137,7 @@ def test_parse_hlo_counts_collectives_times_their_loops():
   assert hlo.unknown_loops == (128,)
   # Without a trip count given, it counts once.
   once = dry_run.parse_hlo(HLO)
-  assert dry_run.bytes_by_kind(once.collectives)["all-gather"] == 8192 + 128
+  assert dry_run.bytes_by_kind(once.collectives)["all-gather"] == 8192 + 128 + 256 + 512
 
 
 def test_parse_hlo_largest_buffers_skip_fusion_internals_and_aliases():
