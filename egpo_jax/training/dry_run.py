@@ -66,7 +66,9 @@ COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-                "c128": 16, "s4": 1, "u4": 1, "token": 0}
+                "c128": 16, "s4": 1, "u4": 1, "s2": 1, "u2": 1, "token": 0,
+                **{f"f8{k}": 1 for k in ("e4m3", "e4m3fn", "e4m3fnuz", "e4m3b11fnuz", "e5m2",
+                                         "e5m2fnuz", "e3m4", "e8m0fnu")}}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*)$")
