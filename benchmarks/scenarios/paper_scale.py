@@ -95,11 +95,16 @@ def targets(reports: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, i
   return out
 
 
+# Set to a folder to keep each case's full dry-run report there as <backbone>_<devices>.json.
+JSON_DIR_ENV = "PAPER_SCALE_JSON_DIR"
+
+
 def measure(model: str, devices: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
   """Runs the dry run of the paper config in a fresh process (the device count must be
   set before JAX starts) and returns its JSON report."""
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "report.json")
+    keep = os.environ.get(JSON_DIR_ENV)
+    path = os.path.join(keep or tmp, f"{model}_{devices}.json")
     cmd = [sys.executable, "-m", "experiments.main",
            f"--config=experiments/configs/paper.py:egpo,{model}", "--dry_run",
            f"--dry_run_devices={devices}", f"--dry_run_json={path}", *extra_args]
