@@ -408,7 +408,7 @@ CROSS_CHECKS = (
 )
 
 # Bad inputs to `python -m experiments.main` and the exact line it prints, with its exit
-# code. tests/training/test_config_cli.py runs every row that starts with "--".
+# code. tests/training/test_config_domains.py runs every row that starts with "--".
 WHAT_THE_USER_SEES: tuple[tuple[str, int, str], ...] = (
     ("--config.train.keep_checkpoints=0", 2,
      "error: config.train.keep_checkpoints=0: use >= 1: 0 would delete every checkpoint, "

@@ -86,6 +86,16 @@ def test_chunks_end_at_checkpoints_validations_and_multiples_of_k():
   assert train_lib._chunk_end(3, 20, 4, 10, 0) == 4   # pylint: disable=protected-access
 
 
+@pytest.mark.slow
+def test_validations_run_on_multiples_of_eval_every_that_are_not_chunk_ends(tmp_path):
+  c = config_lib.with_overrides(tiny.get_config(), {
+      "train.iterations": 4, "train.iterations_per_call": 4, "train.checkpoint_every": 4,
+      "train.eval_every": 3, "warmup.steps": 0})
+  train_lib.train(c, str(tmp_path), progress=False)
+  rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["step"] for r in rows if "val_accuracy" in r] == [3, 4]   # 4: the last
+
+
 def _tensorboard_events(logdir):
   """Every event of the TFRecord files under `logdir`, oldest file first."""
   files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")),
