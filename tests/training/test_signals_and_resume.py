@@ -10,6 +10,8 @@ import struct
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
@@ -46,6 +48,24 @@ def test_sigint_saves_and_exits_130_and_sigterm_75(tmp_path, capfd):
   # SIGTERM (with or without a Ctrl-C) is a preemption: run again.
   assert _stop_and_save(tmp_path / "b", signal.SIGINT, signal.SIGTERM).exit_code == 75
   assert _stop_and_save(tmp_path / "c", signal.SIGTERM).exit_code == 75
+
+
+def test_a_stop_at_the_jax_sync_point_is_a_preemption(tmp_path, monkeypatch):
+  """Multi-process: JAX's notifier took SIGTERM, no local flag is set: exit 75, not 130."""
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  monkeypatch.setattr(ocp.multihost, "reached_preemption", lambda step: step >= 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", np.asarray)
+  assert _stop_and_save(tmp_path).exit_code == 75
+
+
+def test_the_second_ctrl_c_aborts_even_after_a_sigterm(monkeypatch, capfd):
+  exits = []
+  monkeypatch.setattr(os, "_exit", exits.append)
+  with preemption.sigterm_guard():
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGINT):
+      os.kill(os.getpid(), s)
+  assert exits == [130]
+  assert "second Ctrl-C: aborted" in capfd.readouterr().err
 
 
 def test_a_signal_in_the_warmup_stops_at_its_next_chunk(monkeypatch):
