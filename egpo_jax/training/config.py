@@ -5,18 +5,16 @@ Everything past this module takes plain arguments or frozen settings dataclasses
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
 
-from egpo_jax.core import registry
+from egpo_jax.data import synthetic
+from egpo_jax.models import config as model_config_lib
 from egpo_jax.sampling import engine
+from egpo_jax.training import config_domains as domains
 from egpo_jax.training import iteration, update
-
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                "seq-mean-token-sum-norm")
-SEGMENTS = ("joint", "thinking", "answer")
-
 
 class ConfigError(ValueError):
   """A config field has a value the trainer cannot use; the message names the field."""
@@ -27,69 +25,116 @@ def _need(cond: bool, field: str, value: Any, fix: str) -> None:
     raise ConfigError(f"config.{field}={value!r}: {fix}")
 
 
+def _leaves(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{'train.iterations': 100, ...}: the config's fields by dotted name."""
+  out = {}
+  for k, v in c.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(_leaves(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def unknown_field_error(name: str) -> ConfigError:
+  near = difflib.get_close_matches(name, domains.BY_NAME, n=1, cutoff=0.6)
+  hint = f"did you mean {near[0]}? " if near else ""
+  return ConfigError(f"config.{name}: there is no such field; {hint}"
+                     "docs/CONFIG.md lists every field")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks every field the trainer reads, with messages that name the field and the fix."""
-  r, a, lo, u, o, t = c.rollout, c.algo, c.loss, c.ppo, c.optim, c.train
-  _need(c.task.name in ("synthetic", "jsonl"), "task.name", c.task.name,
-        "use 'synthetic' (jnp task, jitted loop) or 'jsonl' (host-verified math problems)")
-  _need(c.model.preset != "hf" or bool(c.model.path), "model.path", c.model.path,
-        "model.preset='hf' needs the Hugging Face checkpoint folder")
+  """Checks every field against its domain (config_domains.FIELDS) and the rules that tie
+  fields together; the first problem raises a one-line ConfigError naming the field, the
+  value and the fix. Reads nothing but the config and, for model.preset='hf', the
+  checkpoint's config.json; writes nothing."""
+  leaves = _leaves(c)
+  for name in leaves:
+    if name not in domains.BY_NAME:
+      raise unknown_field_error(name)
+  for f in domains.FIELDS:
+    if f.name not in leaves:
+      _need(f.optional, f.name, "<missing>", f"add it (default {f.default!r})")
+      continue
+    value = leaves[f.name]
+    _need(f.domain.ok(value), f.name, value, f"{f.fix} (domain: {f.domain.text})")
+  _validate_across(c)
+
+
+def _validate_across(c: ml_collections.ConfigDict) -> None:
+  """The rules of docs/CONFIG.md's "Checks across fields"."""
+  m, r, u = c.model, c.rollout, c.ppo
+  if m.preset == domains.HF_PRESET:
+    _need(bool(m.path) or bool(m.name), "model.path", m.path,
+          "model.preset='hf' needs the Hugging Face checkpoint folder (or model.name for "
+          "its shapes with random weights)")
+    if m.path and m.name:
+      _check_shapes(m.name, model_config_lib.load_hf_config(m.path))
+  elif m.name:
+    _need(model_config_lib.get_config(m.name) == model_config_lib.get_config(m.preset),
+          "model.name", m.name, f"it names another model than model.preset={m.preset!r}; "
+          "set it to '' or to the preset")
+  if c.task.name == "jsonl":
+    _need(bool(c.task.train_file), "task.train_file", c.task.train_file,
+          "task.name='jsonl' needs the training JSONL, e.g. "
+          "--config.task.train_file=/data/train.jsonl")
+    _need(c.task.reward != "synthetic", "task.reward", c.task.reward,
+          "the 'synthetic' verifier only checks the synthetic task; use 'math' for JSONL "
+          "problems")
   _need(c.warmup.steps == 0 or c.task.name == "synthetic", "warmup.steps", c.warmup.steps,
         "the supervised warm-up uses the synthetic task's worked solutions; set it to 0")
-  _need(r.prompts_per_batch >= 1, "rollout.prompts_per_batch", r.prompts_per_batch, "use >= 1")
-  _need(r.group_size >= 2, "rollout.group_size", r.group_size,
-        "group statistics need at least 2 responses per prompt")
-  _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "use >= 1")
-  _need(r.temperature >= 0, "rollout.temperature", r.temperature, "use >= 0 (0 = greedy)")
-  _need(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "use a value in (0, 1]")
-  _need(r.top_k >= 0, "rollout.top_k", r.top_k, "use >= 0 (0 = off)")
-  _need(r.cache_phases >= 1, "rollout.cache_phases", r.cache_phases,
-        "use >= 1 (1 = one decode loop on the whole cache)")
-  _need(r.shared_prompt_min_len >= 0, "rollout.shared_prompt_min_len",
-        r.shared_prompt_min_len, "use >= 0 (0 = always share the prompt's cache slots)")
-  _need(a.advantage in registry.advantage_estimators, "algo.advantage", a.advantage,
-        f"use one of {registry.advantage_estimators.names()}")
-  _need(0 < a.lam_min <= 1 <= a.lam_max, "algo.lam_min/lam_max", (a.lam_min, a.lam_max),
-        "EGPO needs 0 < lam_min <= 1 <= lam_max (Eq. 8)")
-  _need(a.entropy_segment in SEGMENTS, "algo.entropy_segment", a.entropy_segment,
-        f"use one of {SEGMENTS}")
-  _need(lo.name in registry.policy_losses, "loss.name", lo.name,
-        f"use one of {registry.policy_losses.names()}")
-  _need(lo.aggregation in AGGREGATIONS, "loss.aggregation", lo.aggregation,
-        f"use one of {AGGREGATIONS}")
-  _need(lo.eps_low >= 0 and lo.eps_high >= 0, "loss.eps_low/eps_high",
-        (lo.eps_low, lo.eps_high), "clip ranges must be >= 0")
-  _need(lo.old_logps in ("sampler", "recompute"), "loss.old_logps", lo.old_logps,
-        "use 'sampler' or 'recompute'")
-  _need(lo.kl_coef >= 0, "loss.kl_coef", lo.kl_coef, "use >= 0 (0 = no KL term)")
-  _need(lo.kl_estimator in ("k1", "k2", "k3"), "loss.kl_estimator", lo.kl_estimator,
-        "use k1, k2 or k3")
+  if c.task.name == "synthetic":
+    need = synthetic.max_prompt_len(c.task.difficulty)
+    _need(c.task.max_prompt_len >= need, "task.max_prompt_len", c.task.max_prompt_len,
+          f"task.difficulty={c.task.difficulty} has prompts of up to {need} tokens; use >= {need}")
+    need = synthetic.max_response_len(c.task.difficulty)
+    _need(c.warmup.steps == 0 or r.max_new_tokens >= need, "rollout.max_new_tokens",
+          r.max_new_tokens, f"the warm-up's worked solutions of task.difficulty="
+          f"{c.task.difficulty} take up to {need} tokens; use >= {need} or warmup.steps=0")
   n = r.prompts_per_batch * r.group_size
   _need(n % (u.minibatches * u.micro_batches) == 0, "ppo.minibatches/micro_batches",
         (u.minibatches, u.micro_batches),
         f"prompts_per_batch * group_size = {n} must divide into minibatches x micro_batches")
-  _need(u.epochs >= 1, "ppo.epochs", u.epochs, "use >= 1")
-  _need(o.lr > 0, "optim.lr", o.lr, "use a positive learning rate")
-  _need(t.iterations >= 0, "train.iterations", t.iterations, "use >= 0")
-  _need(t.iterations_per_call >= 1, "train.iterations_per_call", t.iterations_per_call,
-        "use >= 1")
-  _need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use >= 1")
-  _need(c.dynamic_sampling.oversample >= 1, "dynamic_sampling.oversample",
-        c.dynamic_sampling.oversample, "use >= 1")
   if "mesh" in c:
     sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    _need(all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes)
-          and sizes.count(-1) <= 1, "mesh (data, fsdp, tensor)", sizes,
+    _need(sizes.count(-1) <= 1, "mesh (data, fsdp, tensor)", sizes,
           "use positive sizes, at most one of them -1 (= the remaining devices)")
   if "distributed" in c:
     d = c.distributed
-    _need(d.mode in ("auto", "on", "off"), "distributed.mode", d.mode,
-          "use 'auto' (join when num_processes > 1), 'on' or 'off'")
-    _need(d.num_processes >= 0, "distributed.num_processes", d.num_processes,
-          "use >= 1, or 0 to read $EGPO_NUM_PROCESSES")
-    _need(d.process_id >= -1, "distributed.process_id", d.process_id,
-          "use an id in [0, num_processes), or -1 to read $EGPO_PROCESS_ID")
-    _need(d.timeout_s > 0, "distributed.timeout_s", d.timeout_s, "use a positive timeout")
+    _need(d.num_processes == 0 or d.process_id < d.num_processes, "distributed.process_id",
+          d.process_id, f"use an id in [0, {d.num_processes}), or -1 to read $EGPO_PROCESS_ID")
+
+
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_size", "tie_word_embeddings")
+
+
+def _check_shapes(name: str, loaded: model_config_lib.ModelConfig) -> None:
+  """model.name against the checkpoint it is meant to describe (a wrong folder is caught
+  before any weights are read)."""
+  named = model_config_lib.get_config(name)
+  diff = [f"{k} {getattr(loaded, k)} != {getattr(named, k)}" for k in _SHAPE_FIELDS
+          if getattr(loaded, k) != getattr(named, k)]
+  _need(not diff, "model.name", name, "model.path's config.json is not this model ("
+        + ", ".join(diff) + "); fix model.path or model.name")
+
+
+def checked(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`validate(c)`, then a copy with every missing optional field at its default (so the
+  code past this point reads each field directly)."""
+  validate(c)
+  out = ml_collections.ConfigDict(c.to_dict())
+  for f in domains.FIELDS:
+    section, _, leaf = f.name.rpartition(".")
+    node = out
+    for p in filter(None, section.split(".")):
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    if leaf not in node:
+      node[leaf] = f.default
+  return out
 
 
 def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
@@ -135,9 +180,9 @@ def with_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]
     *path, leaf = key.split(".")
     for p in path:
       if p not in node:
-        raise ConfigError(f"config.{key}: there is no field {p!r} here")
+        raise unknown_field_error(key)
       node = node[p]
     if leaf not in node:
-      raise ConfigError(f"config.{key}: there is no field {leaf!r} here")
+      raise unknown_field_error(key)
     node[leaf] = value
   return c

@@ -12,6 +12,10 @@ comma-separated `point=value` pairs:
                                    "EGPO_FAULT_INJECT waiting at iteration 3" to stdout
                                    and wait (up to 120 s) for a signal, so a test can send
                                    a real SIGTERM at a known point
+    wait_for_signal_in_warmup=50   the same at the supervised warm-up's boundary after
+                                   step 50 ("... waiting at warm-up step 50")
+    wait_for_signal_during_save=4  the same while the checkpoint of iteration 4 is being
+                                   written ("... waiting at the save of 4")
 
 Unset (the normal case), every hook is one dict lookup on an empty dict.
 """
@@ -24,7 +28,8 @@ import sys
 import time
 
 ENV_VAR = "EGPO_FAULT_INJECT"
-POINTS = ("sigkill_after_iteration", "sigkill_during_save", "wait_for_signal_after_iteration")
+POINTS = ("sigkill_after_iteration", "sigkill_during_save", "wait_for_signal_after_iteration",
+          "wait_for_signal_in_warmup", "wait_for_signal_during_save")
 _WAIT_LIMIT_S = 120.0
 
 
@@ -53,20 +58,34 @@ def _kill_now() -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def at_boundary(iteration: int, signalled=lambda: False) -> None:
-  """Called by the training loop once the chunk ending at `iteration` is done."""
+def at_boundary(iteration: int, signalled=lambda: False, *, warmup: bool = False) -> None:
+  """Called by the training loop once the chunk ending at `iteration` is done (`warmup`:
+  a chunk of the supervised warm-up, `iteration` its step)."""
   if not _ACTIVE:
+    return
+  if warmup:
+    if _ACTIVE.get("wait_for_signal_in_warmup") == iteration:
+      _wait_for_signal(f"warm-up step {iteration}", signalled)
     return
   if _ACTIVE.get("sigkill_after_iteration") == iteration:
     _kill_now()
   if _ACTIVE.get("wait_for_signal_after_iteration") == iteration:
-    print(f"{ENV_VAR} waiting at iteration {iteration}", flush=True)
-    deadline = time.monotonic() + _WAIT_LIMIT_S
-    while not signalled() and time.monotonic() < deadline:
-      time.sleep(0.02)
+    _wait_for_signal(f"iteration {iteration}", signalled)
+
+
+def _wait_for_signal(where: str, signalled) -> None:
+  print(f"{ENV_VAR} waiting at {where}", flush=True)
+  deadline = time.monotonic() + _WAIT_LIMIT_S
+  while not signalled() and time.monotonic() < deadline:
+    time.sleep(0.02)
 
 
 def during_save(step: int) -> None:
   """Called by the checkpointer right after an asynchronous save of `step` started."""
-  if _ACTIVE and _ACTIVE.get("sigkill_during_save") == step:
+  if not _ACTIVE:
+    return
+  if _ACTIVE.get("sigkill_during_save") == step:
     _kill_now()
+  if _ACTIVE.get("wait_for_signal_during_save") == step:
+    from egpo_jax.training import preemption  # pylint: disable=g-import-not-at-top
+    _wait_for_signal(f"the save of {step}", preemption.signalled)

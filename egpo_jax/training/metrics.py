@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,27 +50,35 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard event files."""
+  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard event files.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+  `resume_after`: the iteration a resumed run restarts from; the rows after it, which the
+  run recomputes, are dropped from the JSONL file, and TensorBoard is told to hide its
+  events after it (a SessionLog START at `resume_after + 1`, TensorBoard's purge: the
+  event files of the killed run may hold steps the JSONL file lacks, since TensorBoard
+  flushes on its own schedule), so no iteration is shown twice.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, filename: str = "metrics.jsonl",
+               resume_after: int | None = None):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, filename)
     self._tb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    if resume_after is not None and os.path.exists(self.path):
+      rows = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_after]
+      with open(self.path, "w") as f:
+        for r in rows:
+          f.write(json.dumps(r) + "\n")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def truncate_after(self, step: int) -> None:
-    """Drops rows past `step`, so a resumed run does not log an iteration twice."""
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    rows = [r for r in read_jsonl(self.path) if r.get("step", -1) <= step]
-    with open(self.path, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+      purge = None if resume_after is None else resume_after + 1
+      # The suffix: tensorboardX names files by the second, and a second writer in the
+      # same second would overwrite the first one's file.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge,
+                               filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **to_python(metrics)}

@@ -20,6 +20,8 @@ import optax
 
 from egpo_jax.types import TrainState
 
+SCHEDULES = ("constant", "cosine")   # the learning-rate schedules after the linear warm-up
+
 
 def learning_rate_schedule(*, lr: float, schedule: str, warmup_steps: int,
                            total_steps: int) -> optax.Schedule:
@@ -28,7 +30,7 @@ def learning_rate_schedule(*, lr: float, schedule: str, warmup_steps: int,
   elif schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps))
   else:
-    raise ValueError(f"optim.schedule={schedule!r}: use 'constant' or 'cosine'")
+    raise ValueError(f"optim.schedule={schedule!r}: use one of {SCHEDULES}")
   if warmup_steps <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main],

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -69,14 +70,21 @@ class Experiment:
 BYTE_SPECIAL_TOKENS = ("<think>", "</think>")
 
 
+def _loads_hf_checkpoint(c: ml_collections.ConfigDict) -> bool:
+  return c.model.preset == "hf" and bool(c.model.path)
+
+
 def build(c: ml_collections.ConfigDict) -> Experiment:
-  config_lib.validate(c)
-  if c.model.preset == "hf":
+  c = config_lib.checked(c)
+  if _loads_hf_checkpoint(c):
     model_config = load_hf_config(c.model.path, dtype=c.model.dtype, remat=c.model.remat)
     tokenizer = HFTokenizer.from_pretrained(c.model.path)
   else:
+    # A named preset; or "hf" without a checkpoint folder: model.name's shapes, random
+    # weights and the byte tokenizer (a dry run of a paper config on its real shapes).
+    name = c.model.name if c.model.preset == "hf" else c.model.preset
     tokenizer = ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS)
-    model_config = get_config(c.model.preset, dtype=c.model.dtype, remat=c.model.remat)
+    model_config = get_config(name, dtype=c.model.dtype, remat=c.model.remat)
   if tokenizer.vocab_size > model_config.vocab_size:
     raise config_lib.ConfigError(
         f"config.model: the model's vocabulary ({model_config.vocab_size}) is smaller than "
@@ -99,10 +107,10 @@ def evaluate(params, rng: jax.Array, exp: Experiment, *, num_prompts: int,
                                   spec=spec, num_prompts=num_prompts)
 
 
-def _chunk_end(it: int, total: int, per_call: int, every: int) -> int:
-  """The iteration after which the chunk starting at `it` stops (absolute, deterministic)."""
-  nxt = min((it // per_call + 1) * per_call, (it // every + 1) * every, total)
-  return nxt
+def _chunk_end(it: int, total: int, per_call: int, *every: int) -> int:
+  """The iteration after which the chunk starting at `it` stops (absolute, deterministic):
+  the next multiple of `per_call` or of any of `every` (0 = none), or `total`."""
+  return min([(it // n + 1) * n for n in (per_call, *every) if n > 0] + [total])
 
 
 def _run_chunk_fn(exp: Experiment, optimizer, c: ml_collections.ConfigDict, ref_params,
@@ -155,8 +163,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   `stop_at_iteration` ends the run early after the checkpoint at that iteration (as a
   kill would, minus the lost work) and returns None; the next call resumes.
   """
-  # Join the other processes (before anything touches a device); build the model,
-  # tokenizer, task, optimizer; the device mesh.
+  # Check every field before anything is written; join the other processes (before
+  # anything touches a device); build the model, tokenizer, task, optimizer; the mesh.
+  c = config_lib.checked(c)
   distributed.initialize(distributed.spec_from_config(c))
   exp = build(c)
   mesh = distributed.mesh_from_config(c)
@@ -167,16 +176,18 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   total = int(c.train.iterations)
   rl_opt = rl_optimizer(c, total)
   k_init, k_warm, k_eval, k_rl = jax.random.split(jax.random.PRNGKey(c.seed), 4)
-  if c.model.preset == "hf":
+  if _loads_hf_checkpoint(c):
     params = hf_io.load_hf_params(c.model.path, exp.model_config, mesh=mesh)
   else:
+    if c.model.preset == "hf":
+      log.warning("model.path is empty: %s's shapes with random weights (a dry run, not "
+                  "fine-tuning)", c.model.name)
     params = transformer.init_params(exp.model_config, k_init)
   state = _on_mesh(TrainState.create(params, rl_opt.init(params)), mesh)
   params, k_rl = state.params, distributed.put(k_rl, distributed.replicated(mesh))
   host_task = None if exp.jitted else tasks.JsonlTask(c, exp.tokenizer, seed=c.seed)
   use_ref = bool(c.loss.kl_coef)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.keep_checkpoints)
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=c.train.tensorboard)
 
   def tree(state, rng, ref):
     return {"train": state, "rng": rng, **({"ref": ref} if use_ref else {})}
@@ -189,8 +200,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     eval_before, warmup_info = extra["eval_before"], extra.get("warmup", {})
     if host_task is not None:
       host_task.set_state(extra["data"])
-    writer.truncate_after(start)
-    log.info("resumed from %s at iteration %d", ckpt.directory, start)
+    if distributed.is_metrics_writer():
+      print(f"resumed at iteration {start} of {total} from "
+            f"{os.path.join(ckpt.directory, str(start))}", file=sys.stderr, flush=True)
   else:
     start, warmup_info = 0, {}
     if c.warmup.steps > 0:
@@ -202,6 +214,14 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
                    if exp.jitted else {})
     ckpt.save(0, tree(state, k_rl, ref_params),
               _extra(c, eval_before, warmup_info, 0, host_task), force=True)
+    if total > 0 and preemption.stop_requested(0):   # a signal during the first evaluation
+      preemption.checkpoint_and_raise(0, ckpt, tree(state, k_rl, ref_params),
+                                      _extra(c, eval_before, warmup_info, 0, host_task))
+
+  # Metrics after `start` are recomputed: the writer drops them (JSONL) or hides them
+  # (TensorBoard) so that no iteration is logged twice.
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=c.train.tensorboard,
+                                     resume_after=start if restored is not None else None)
 
   # RL: chunks of iterations between host syncs; metrics, checkpoints, non-finite guard.
   run = _run_chunk_fn(exp, rl_opt, c, ref_params, host_task, mesh, state)
@@ -209,7 +229,9 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   bar = tqdm.tqdm(total=total, initial=start, desc="RL", disable=not progress, unit="it")
   eval_after = None
   while it < total:
-    end = _chunk_end(it, total, c.train.iterations_per_call, c.train.checkpoint_every)
+    # Chunks also end at validations, so train.eval_every need not be a multiple of K.
+    end = _chunk_end(it, total, c.train.iterations_per_call, c.train.checkpoint_every,
+                     c.train.eval_every if exp.jitted else 0)
     state, k_rl, rows = run(state, k_rl, end - it)
     streak = int(state.nonfinite_streak)
     if (exp.jitted and c.train.eval_every and streak < c.train.max_consecutive_nonfinite
@@ -235,7 +257,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     if it % c.train.checkpoint_every == 0 or it == total:
       ckpt.save(it, tree(state, k_rl, ref_params),
                 _extra(c, eval_before, warmup_info, it, host_task))
-    if it < total and preemption.stop_requested(it):   # SIGTERM: save this iteration, stop
+    if it < total and preemption.stop_requested(it):   # a signal: save this iteration, stop
       bar.close()
       writer.close()
       preemption.checkpoint_and_raise(it, ckpt, tree(state, k_rl, ref_params),
@@ -332,22 +354,38 @@ def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,
   return step, tree["train"], extra
 
 
+WARMUP_STEPS_PER_CALL = 50   # warm-up steps per jitted call; signals are honoured between
+
+
 def warm_up(state: TrainState, rng: jax.Array, exp: Experiment,
-            c: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, Any]]:
-  """Supervised warm-up on the synthetic task (`c.warmup`); returns the state and its losses."""
-  opt = make_optimizer(lr=c.warmup.lr, schedule="cosine", warmup_steps=min(50, c.warmup.steps),
-                       total_steps=c.warmup.steps, grad_clip=1.0)
+            c: ml_collections.ConfigDict, *, steps_per_call: int = WARMUP_STEPS_PER_CALL
+            ) -> tuple[TrainState, dict[str, Any]]:
+  """Supervised warm-up on the synthetic task (`c.warmup`); returns the state and its losses.
+
+  Runs as jitted chunks of `steps_per_call` steps (bitwise the same as one scan); a
+  SIGTERM or SIGINT stops it at the next chunk boundary (`preemption.raise_in_warmup`:
+  nothing saved, the next run redoes the warm-up exactly).
+  """
+  total = int(c.warmup.steps)
+  opt = make_optimizer(lr=c.warmup.lr, schedule="cosine", warmup_steps=min(50, total),
+                       total_steps=total, grad_clip=1.0)
   state = TrainState.create(state.params, opt.init(state.params))
   batch_fn = functools.partial(synthetic.sft_batch, batch_size=c.warmup.batch_size,
                                difficulty=c.task.difficulty, prompt_len=c.task.max_prompt_len,
                                response_len=c.rollout.max_new_tokens)
-  run = jax.jit(functools.partial(warmup.run_warmup, num_steps=c.warmup.steps,
-                                  batch_fn=batch_fn, optimizer=opt,
+  run = jax.jit(functools.partial(warmup.run_warmup, batch_fn=batch_fn, optimizer=opt,
                                   model_config=exp.model_config))
+  keys = jax.random.split(rng, total)
   t0 = time.perf_counter()
-  state, losses = run(state, rng)
-  losses = np.asarray(losses)
-  return state, {"steps": int(c.warmup.steps), "first_loss": float(losses[0]),
+  losses = []
+  for start in range(0, total, steps_per_call):
+    done = min(start + steps_per_call, total)
+    state, chunk = run(state, keys[start:done])
+    losses.append(np.asarray(chunk))
+    if done < total and preemption.stop_requested(done, warmup=True):
+      preemption.raise_in_warmup(done, total)
+  losses = np.concatenate(losses)
+  return state, {"steps": total, "first_loss": float(losses[0]),
                  "final_loss": float(losses[-10:].mean()),
                  "seconds": time.perf_counter() - t0}
 

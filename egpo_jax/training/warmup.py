@@ -29,14 +29,18 @@ def sft_loss(params, tokens_BxL: jax.Array, attn_mask_BxL: jax.Array, loss_mask_
   return -(logps * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
-def run_warmup(state: TrainState, rng: jax.Array, *, num_steps: int,
+def run_warmup(state: TrainState, keys_S: jax.Array, *,
                batch_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
                optimizer: optax.GradientTransformation, model_config: ModelConfig
                ) -> tuple[TrainState, jax.Array]:
-  """`num_steps` supervised steps as one `lax.scan`; returns the state and the losses.
+  """One supervised step per key of `keys_S` (S steps) as one `lax.scan`; returns the
+  state and the S losses. Running the keys of `jax.random.split(rng, n)` in consecutive
+  slices is the same computation as one call on all of them (the trainer does that to
+  stop between slices).
 
   batch_fn(rng) -> (tokens_BxL, attn_mask_BxL, loss_mask_BxL) must be jnp (it runs in jit).
   """
+  chex.assert_rank(keys_S, 2)
   grad_fn = jax.value_and_grad(sft_loss)
 
   def step(state, key):
@@ -45,4 +49,4 @@ def run_warmup(state: TrainState, rng: jax.Array, *, num_steps: int,
     state, _ = apply_gradients(state, grads, loss, optimizer)
     return state, loss
 
-  return jax.lax.scan(step, state, jax.random.split(rng, num_steps))
+  return jax.lax.scan(step, state, keys_S)

@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"          # a named config (egpo_jax.models.config), or "hf"
-  c.model.name = ""                # for "hf": the backbone's named config, for checks
+  # For "hf": the backbone's named config; its shapes are checked against model.path's
+  # config.json, and with model.path empty they are the shapes (random weights: dry runs).
+  c.model.name = ""
   c.model.path = ""                # for "hf": checkpoint folder (config.json + safetensors)
   c.model.dtype = "float32"        # compute dtype; params stay float32
   c.model.remat = False
@@ -28,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.max_prompt_len = 16
   c.task.reward = "synthetic"      # a name in egpo_jax.core.registry.reward_functions
   c.task.template = "plain"        # prompt template: plain | qwen25_math | r1_distill
+  c.task.on_bad_record = "skip"    # a bad JSONL record: "skip" (warn, go on) or "raise"
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_batch = 64
@@ -42,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Prompts of at least this many tokens (their length bucket) keep their KV-cache slots
   # once per group instead of G times (engine docstring); 0 = always.
   c.rollout.shared_prompt_min_len = 64
+  c.rollout.stop_strings = ()      # host mode: a response ends after the first of these
 
   c.algo = ml_collections.ConfigDict()
   c.algo.advantage = "egpo"        # grpo | drgrpo | rloo | edge_grpo | egpo (registry names)
