@@ -62,8 +62,11 @@ def test_bfloat16_moments_at_lr_1e6_still_move_float32_params(runs):
   # mean difference 2e-8; the largest 3.7e-6, where the moments are rounded near zero.
   diff = np.abs(np.asarray(kernel - runs["float32"][1].params["layers"]["q_proj"]["kernel"]))
   assert diff.mean() < 0.01 * moved.mean() and diff.max() < 5e-6, (diff.mean(), diff.max())
-  # The same steps on bfloat16 weights round away: why the update refuses them.
-  assert (kernel.astype(jnp.bfloat16) == kernel0.astype(jnp.bfloat16)).mean() > 0.95
+  # One such step (a tenth of the move) on bfloat16 weights rounds away: why the update
+  # refuses them.
+  weights = kernel0.astype(jnp.bfloat16)
+  stepped = (weights.astype(jnp.float32) + (kernel - kernel0) / 10).astype(jnp.bfloat16)
+  assert (stepped == weights).mean() > 0.95
 
 
 def test_bfloat16_master_params_are_refused():
