@@ -286,6 +286,8 @@ FIELDS: tuple[Field, ...] = (
     Field("optim.b1", floats(lo=0, hi=1, hi_open=True), 0.9, "use a value in [0, 1)"),
     Field("optim.b2", floats(lo=0, hi=1, hi_open=True), 0.99, "use a value in [0, 1)"),
     Field("optim.grad_clip", floats(lo=0, lo_open=True), 1.0, "use a positive global norm"),
+    Field("optim.moment_dtype", choice(optimizer.MOMENT_DTYPES), "float32",
+          "AdamW's moments' storage; bfloat16 halves it (params stay float32)", optional=True),
     # ppo
     Field("ppo.epochs", ints(lo=1), 1, "use >= 1"),
     Field("ppo.minibatches", ints(lo=1), 1,
@@ -408,7 +410,7 @@ CROSS_CHECKS = (
 )
 
 # Bad inputs to `python -m experiments.main` and the exact line it prints, with its exit
-# code. tests/training/test_config_cli.py runs every row that starts with "--".
+# code. tests/training/test_config_domains.py runs every row that starts with "--".
 WHAT_THE_USER_SEES: tuple[tuple[str, int, str], ...] = (
     ("--config.train.keep_checkpoints=0", 2,
      "error: config.train.keep_checkpoints=0: use >= 1: 0 would delete every checkpoint, "

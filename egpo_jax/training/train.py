@@ -317,7 +317,8 @@ def rl_optimizer(c: ml_collections.ConfigDict, total: int):
                         warmup_steps=c.optim.warmup_steps,
                         total_steps=max(1, total * c.ppo.epochs * c.ppo.minibatches),
                         weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
-                        grad_clip=c.optim.grad_clip)
+                        grad_clip=c.optim.grad_clip,
+                        moment_dtype=c.optim.get("moment_dtype", "float32"))
 
 
 def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,

@@ -215,6 +215,12 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   length sort), and each prompt runs once per micro-batch instead of G times
   (`response_logprobs`).
   """
+  narrow = sorted({str(x.dtype) for x in jax.tree.leaves(state.params)
+                   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if narrow:
+    raise ValueError(f"update: the trained params are {'/'.join(narrow)}; train float32 "
+                     "master params (ModelConfig.param_dtype='float32', model.dtype sets the "
+                     "compute dtype): at lr 1e-6 a bfloat16 param rounds every Adam step away")
   n = batch.num_responses
   per_step = settings.minibatches * settings.micro_batches
   if n % per_step:

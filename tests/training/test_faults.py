@@ -1,4 +1,4 @@
-"""Kill, preemption and corruption tests of the training job, run as subprocesses.
+"""Kill, preemption, Ctrl-C and corruption tests of the training job, run as subprocesses.
 
 `python -m experiments.main` on the tiny config (6 iterations, a chunk per iteration, a
 checkpoint every 2), with seeded kill points from EGPO_FAULT_INJECT
@@ -131,6 +131,100 @@ def test_sigkill_sigkill_mid_save_and_sigterm_then_resume_match_one_run(env, ref
   assert done.returncode == 0, done.stderr[-3000:]
   assert _finalized_steps(workdir) == [0, 2, 4, 5, 6]
   _assert_same_run(workdir, reference)
+
+
+def _signal_at(env, workdir, fault, marker, sig, *extra_flags):
+  """Runs the job with `fault`, sends `sig` when stdout shows `marker`; (code, stderr)."""
+  proc = subprocess.Popen([*_command(workdir), *extra_flags], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env={**env, "EGPO_FAULT_INJECT": fault})
+  try:
+    for line in proc.stdout:
+      if marker in line:
+        proc.send_signal(sig)
+        break
+    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    proc.kill()
+  return proc.returncode, stderr
+
+
+def _assert_no_traceback(stderr):
+  for word in ("Traceback", "KeyboardInterrupt", "Exception"):
+    assert word not in stderr, stderr[-3000:]
+
+
+def test_sigint_mid_save_and_at_a_boundary_exit_130_and_resume_matches_one_run(env, reference,
+                                                                               tmp_path):
+  workdir = tmp_path / "run"
+  ckpts = os.path.join(workdir, "checkpoints")
+  # 1. Ctrl-C while checkpoint 2 is being written: the save completes, the job stops
+  #    there with 130 and one line naming the checkpoint (no orbax shutdown errors).
+  code, stderr = _signal_at(env, workdir, "wait_for_signal_during_save=2",
+                            "waiting at the save of 2", signal.SIGINT)
+  assert code == preemption.INTERRUPTED_EXIT_CODE == 130, stderr[-3000:]
+  assert stderr.rstrip().splitlines()[-1] == (
+      f"interrupted (Ctrl-C): stopped after iteration 2 and saved {ckpts}/2; run the same "
+      "command again to resume")
+  _assert_no_traceback(stderr)
+  assert _finalized_steps(workdir) == [0, 2]
+  # 2. Resume (one line says from where); Ctrl-C at the boundary after iteration 3.
+  code, stderr = _signal_at(env, workdir, "wait_for_signal_after_iteration=3",
+                            "waiting at iteration 3", signal.SIGINT)
+  assert code == 130, stderr[-3000:]
+  assert f"resumed at iteration 2 of 6 from {ckpts}/2\n" in stderr
+  assert f"stopped after iteration 3 and saved {ckpts}/3;" in stderr
+  _assert_no_traceback(stderr)
+  assert _finalized_steps(workdir) == [0, 2, 3]
+  # 3. The same command finishes the run: exactly the uninterrupted one.
+  done = _run(env, workdir)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"resumed at iteration 3 of 6 from {ckpts}/3\n" in done.stderr
+  _assert_same_run(workdir, reference)
+
+
+def test_sigterm_during_the_warmup_is_honoured_at_its_next_chunk(env, tmp_path):
+  workdir = tmp_path / "run"
+  code, stderr = _signal_at(env, workdir, "wait_for_signal_in_warmup=50",
+                            "waiting at warm-up step 50", signal.SIGTERM,
+                            "--config.warmup.steps=100")
+  assert code == preemption.EXIT_CODE == 75, stderr[-3000:]
+  assert stderr.rstrip().splitlines()[-1].startswith(
+      "preempted: stopped during the supervised warm-up after step 50 of 100; nothing was "
+      "saved")
+  _assert_no_traceback(stderr)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not _finalized_steps(
+      workdir)
+
+
+WAIT_FOR_TWO_SIGINTS = """
+import time
+from egpo_jax.training import preemption
+with preemption.sigterm_guard():
+  print("ready", flush=True)
+  while not preemption.signalled():
+    time.sleep(0.01)
+  print("flagged", flush=True)
+  time.sleep(120)   # e.g. a long save: the second Ctrl-C must not wait for it
+print("not aborted", flush=True)
+"""
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_one_line(env):
+  proc = subprocess.Popen([sys.executable, "-c", WAIT_FOR_TWO_SIGINTS], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)[1]
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == "flagged"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130 and "not aborted" not in out
+  assert err.strip().splitlines() == [
+      "Ctrl-C: saving a checkpoint at the next boundary, then stopping (Ctrl-C again aborts)",
+      "second Ctrl-C: aborted; the next run resumes from the newest complete checkpoint"]
 
 
 def _garble_largest_state_file(step_dir):
