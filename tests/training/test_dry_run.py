@@ -264,7 +264,7 @@ def _main(*args, devices=None):
   cmd = [sys.executable, "-m", "experiments.main", "--dry_run", *args]
   if devices:
     cmd.append(f"--dry_run_devices={devices}")
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("args, devices, words", [
