@@ -38,6 +38,15 @@ Read with the dry run's own table (`python -m experiments.main --config=... --dr
 is (peak - train state) of the update on 16 devices over the same on 8 (1/2 when
 activations split with the devices). A target column says "met" or by how much it is
 missed; an empty one has no target for that case.
+
+What misses the floor target (2026-12-07, from the reports' `collectives`): the output
+head's float32 [V, D] gradient is all-reduced inside the log-prob chunk loop, once per
+chunk (3,072 times per iteration): 2,868 GB of the 1.5B update's 3,532 GB (933 MB each)
+and 6,697 GB of 7B's 9,991 GB (2.18 GB each). Accumulated over the chunks and
+reduce-scattered once per micro-batch, the 1.5B update would be near its floor. Next come
+per-layer gradient all-reduces (q/v/up projections; 324 GB for 1.5B) that a
+reduce-scatter would halve. The rollout's decode moves 3.0 GB (1.5B) and 5.7 GB (7B) per
+token step, mostly activation all-reduces (the rollout-engine issue's target).
 """
 
 
