@@ -23,6 +23,13 @@ rows that hold each prompt's keys and values once (decode reads them once per gr
 Padding is on the left; position ids are cumsum(mask) - 1, as transformers' generate
 computes them, so a left-padded row gets the same logits as the unpadded one.
 
+Sharding: under a mesh set with `jax.set_mesh`, the layers constrain their activations by
+logical axis names (`sharding.LOGICAL_RULES`): rows over data x fsdp, heads and MLP
+columns over tensor, so each device computes its own rows and FSDP gathers weights. Without
+a mesh the constraints are the identity. `forward` and `response_hidden` cast the master
+params to the compute dtype first (`compute_params`), so weight all-gathers move bfloat16
+under a bfloat16 config.
+
 Numerics: on GPUs JAX's default matmul precision runs float32 dots as TF32 (measured on
 an H100: 8e-4 max logit difference from transformers at float32, 5e-7 under
 `jax.default_matmul_precision("highest")`); bfloat16 compute differs by ~1e-2. Attention

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from egpo_jax.models import sharding
 from egpo_jax.models.config import get_config
@@ -161,3 +162,22 @@ def test_replica_group_spellings():
   assert _replica_groups(line, 4) == [(0, 2), (1, 3)]
   line = "x = (f32[3,5], bf16[64]) all-reduce(y, z), replica_groups={}, to_apply=add"
   assert collectives(line, 4) == [("all-reduce", [15, 64], [(0, 1, 2, 3)])]
+
+
+def test_constraints_are_the_identity_without_a_mesh():
+  x = jnp.ones((4, 3, 8))
+  assert sharding.constrain(x, ("activation_batch", "activation_length",
+                                "activation_embed")) is x
+
+
+def test_logical_rules_map_to_the_mesh_where_they_divide(num_devices):
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+  axes = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+  assert sharding.logical_spec(axes, (8, 5, 4, 16), mesh) == P(("data", "fsdp"), None,
+                                                                 "tensor")
+  # 2 rows split over data only; 3 heads stay whole.
+  assert sharding.logical_spec(axes, (2, 5, 3, 16), mesh) == P("data")
+  with pytest.raises(KeyError, match="LOGICAL_RULES"):
+    sharding.logical_spec(("activation_rows",), (8,), mesh)
+  with pytest.raises(ValueError, match="rank"):
+    sharding.logical_spec(("activation_batch",), (8, 2), mesh)

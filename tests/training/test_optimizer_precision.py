@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from egpo_jax.core import logprobs
 from egpo_jax.models import transformer
 from egpo_jax.models.config import get_config
 from egpo_jax.training import optimizer as optimizer_lib
@@ -101,3 +102,28 @@ def test_stochastically_rounded_second_moment_follows_float32():
 def test_unknown_moment_dtype_names_the_field():
   with pytest.raises(ValueError, match="optim.moment_dtype"):
     optimizer_lib.make_optimizer(lr=1e-6, moment_dtype="float16")
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+  """Operand dtypes of every dot_general in a jaxpr and its sub-jaxprs (scan, custom_vjp)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _dot_operand_dtypes(inner)
+  return found
+
+
+def test_logprob_head_matmul_runs_in_the_hidden_dtype():
+  """bfloat16 hidden states and float32 master embeddings: bfloat16 matmuls with float32
+  accumulation (as the sampler's decode), forward and backward, not a silent upcast."""
+  hidden = jnp.ones((2, 3, 64), jnp.bfloat16)
+  table = jnp.ones((512, 64), jnp.float32)
+  targets = jnp.zeros((2, 3), jnp.int32)
+  fn = lambda h, e: logprobs.token_logprobs(h, e, targets, chunk_size=4).sum()
+  dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(hidden, table).jaxpr)
+  assert len(dots) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dots), dots
