@@ -392,7 +392,8 @@ def markdown() -> str:
 
 # The rules that tie fields together (config.validate checks them after the table).
 CROSS_CHECKS = (
-    "`model.path` is required when `model.preset='hf'`",
+    "`model.preset='hf'` needs `model.path`, or `model.name` alone for that backbone's "
+    "shapes with random weights and the byte tokenizer (a dry run, with a warning)",
     "`model.name`, when set with `model.preset='hf'`, must match the shapes of the "
     "checkpoint's config.json; with a named preset it must equal the preset",
     "`task.train_file` is required when `task.name='jsonl'`, and `task.reward` must be a "
