@@ -90,6 +90,9 @@ def run(config, workdir: str, *, verbose: bool = False) -> int:
   """Trains (or resumes) `config` in `workdir`; returns the exit code (module docstring)."""
   from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from egpo_jax.training import preemption, train  # pylint: disable=g-import-not-at-top
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    return _usage_error(f"--workdir={workdir}: this is a file; give a folder (new or a run's "
+                        "own, to resume)", verbose)
   try:
     summary = train.train(config, workdir)
   except config_lib.ConfigError as err:   # raised before anything is written

@@ -167,6 +167,13 @@ def test_every_field_out_of_its_domain_exits_2_naming_it_and_writes_nothing(name
   assert not workdir.exists()
 
 
+def test_a_workdir_that_is_a_file_exits_2(tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  assert main_lib.run(default.get_config(), str(tmp_path / "file")) == 2
+  assert capsys.readouterr().err.startswith(f"error: --workdir={tmp_path / 'file'}: ")
+  assert (tmp_path / "file").read_text() == "x"
+
+
 def test_verbose_run_adds_the_traceback(tmp_path, capsys):
   c = with_value(default.get_config(), "train.keep_checkpoints", 0)
   assert main_lib.run(c, str(tmp_path / "run"), verbose=True) == 2
