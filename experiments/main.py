@@ -24,7 +24,6 @@ from ml_collections import config_flags
 USAGE_ERROR = 2
 
 
-
 def _verbose(argv) -> bool:
   """--verbosity >= 1 (absl's flag): show tracebacks of start-up errors."""
   for arg in argv:
@@ -37,7 +36,7 @@ def _verbose(argv) -> bool:
 
 
 def _usage_error(message: str, verbose: bool) -> int:
-  if verbose:
+  if verbose and sys.exc_info()[0] is not None:
     traceback.print_exc()
   print(f"error: {message}", file=sys.stderr, flush=True)
   return USAGE_ERROR
