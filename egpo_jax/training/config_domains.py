@@ -58,6 +58,7 @@ class Domain:
   describe: Callable[[], str]
   ok: Callable[[Any], bool]
   bad: Any
+  input_kind: str | None = None   # "file" / "dir": an input path, which must exist to train
 
   @property
   def text(self) -> str:
@@ -147,9 +148,9 @@ def text(*, allow_empty: bool = True) -> Domain:
 def path(kind: str) -> Domain:
   """'' or an existing file / folder (checked at start-up, before a run writes anything)."""
   exists = os.path.isfile if kind == "file" else os.path.isdir
-  return _domain(f"'' or an existing {kind}",
+  return Domain(lambda: f"'' or an existing {kind}",
                 lambda v: isinstance(v, str) and (v == "" or exists(v)),
-                "/nonexistent/egpo_jax_input")
+                "/nonexistent/egpo_jax_input", input_kind=kind)
 
 
 def strings() -> Domain:

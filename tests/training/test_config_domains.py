@@ -195,3 +195,12 @@ def test_documented_bad_inputs_print_the_documented_line(args, code, message, tm
   assert done.returncode == code, done.stderr[-2000:]
   assert done.stderr.strip().splitlines() == [message]   # one line, no traceback
   assert not workdir.exists()
+
+
+def test_a_finished_runs_config_builds_without_its_training_inputs(tmp_path):
+  from egpo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.with_overrides(tiny.get_config(), {"task.train_file": "/gone/train.jsonl"})
+  with pytest.raises(config_lib.ConfigError, match="config.task.train_file="):
+    config_lib.validate(c)
+  config_lib.validate(c, inputs_exist=False)
+  assert train_lib.build(c).model_config.hidden_size == 64
