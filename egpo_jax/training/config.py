@@ -85,9 +85,6 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
     _need(bool(c.task.train_file), "task.train_file", c.task.train_file,
           "task.name='jsonl' needs the training JSONL, e.g. "
           "--config.task.train_file=/data/train.jsonl")
-    _need(c.task.reward != "synthetic", "task.reward", c.task.reward,
-          "the 'synthetic' verifier only checks the synthetic task; use 'math' for JSONL "
-          "problems")
   _need(c.warmup.steps == 0 or c.task.name == "synthetic", "warmup.steps", c.warmup.steps,
         "the supervised warm-up uses the synthetic task's worked solutions; set it to 0")
   if c.task.name == "synthetic":

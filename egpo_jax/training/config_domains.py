@@ -397,8 +397,7 @@ CROSS_CHECKS = (
     "shapes with random weights and the byte tokenizer (a dry run, with a warning)",
     "`model.name`, when set with `model.preset='hf'`, must match the shapes of the "
     "checkpoint's config.json; with a named preset it must equal the preset",
-    "`task.train_file` is required when `task.name='jsonl'`, and `task.reward` must be a "
-    "host verifier (not 'synthetic')",
+    "`task.train_file` is required when `task.name='jsonl'`",
     "`warmup.steps` must be 0 unless `task.name='synthetic'`",
     "for the synthetic task, `task.max_prompt_len` must hold its longest prompt (and, with "
     "a warm-up, `rollout.max_new_tokens` its longest worked solution)",
