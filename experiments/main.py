@@ -24,7 +24,6 @@ from ml_collections import config_flags
 USAGE_ERROR = 2
 
 
-
 def _verbose(argv) -> bool:
   """--verbosity >= 1 (absl's flag): show tracebacks of start-up errors."""
   for arg in argv:
@@ -37,7 +36,7 @@ def _verbose(argv) -> bool:
 
 
 def _usage_error(message: str, verbose: bool) -> int:
-  if verbose:
+  if verbose and sys.exc_info()[0] is not None:
     traceback.print_exc()
   print(f"error: {message}", file=sys.stderr, flush=True)
   return USAGE_ERROR
@@ -84,12 +83,23 @@ except Exception as _err:  # pylint: disable=broad-except
   sys.exit(_usage_error(_unknown_override(sys.argv) or _one_line(_err), _verbose(sys.argv)))
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default",
                                "Checkpoints, metrics.jsonl, TensorBoard logs and plots.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one iteration's phases from abstract "
+                             "shapes and print per-device memory and collectives; train nothing.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: this many fake "
+                                        "CPU devices stand in for the target (0 = the real ones).")
+_DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", "", "With --dry_run: also write the report "
+                                    "as JSON here.")
+_DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", 0.0, "With --dry_run: exit 1 when a "
+                                       "phase needs more than this per device (0 = no check).")
 
 
 def run(config, workdir: str, *, verbose: bool = False) -> int:
   """Trains (or resumes) `config` in `workdir`; returns the exit code (module docstring)."""
   from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from egpo_jax.training import preemption, train  # pylint: disable=g-import-not-at-top
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    return _usage_error(f"--workdir={workdir}: this is a file; give a folder (new or a run's "
+                        "own, to resume)", verbose)
   try:
     summary = train.train(config, workdir)
   except config_lib.ConfigError as err:   # raised before anything is written
@@ -113,6 +123,10 @@ def main(argv):
     config.to_dict()   # a config file that failed to load raises on first use
   except Exception as err:  # pylint: disable=broad-except
     return _usage_error(_unknown_override(sys.argv) or _one_line(err), verbose)
+  if _DRY_RUN.value:   # before anything starts JAX: --dry_run_devices must come first
+    from egpo_jax.training import dry_run  # pylint: disable=g-import-not-at-top
+    return dry_run.main(config, devices=_DRY_RUN_DEVICES.value, json_path=_DRY_RUN_JSON.value,
+                        device_memory_gb=_DEVICE_MEMORY_GB.value)
   try:
     return run(config, _WORKDIR.value, verbose=verbose)
   except KeyboardInterrupt:   # Ctrl-C before the trainer took over SIGINT

@@ -5,7 +5,8 @@ and 7B backbones, compiled from abstract shapes with the trainer's shardings on 
 CPU devices (`egpo_jax.training.memory.update_memory`); nothing is allocated. "state" is
 params + both AdamW moments + counters (float32); "fraction" is per-device state /
 unsharded state. Activations of the forward/backward pass are not included (they depend
-on batch and sequence sizes).
+on batch and sequence sizes): the whole iteration of the paper's setup, activations and
+collectives included, is the `paper_scale` scenario (`experiments.main --dry_run`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,13 @@ ceil(N*T / chunk_size), with equal chunks (the last rows zero-padded).
 
 Convention (EGPO_METHOD.md section 1, as in verl): logits are float32,
 (hidden @ embedding.T + bias) / temperature, and a log-prob is the log-softmax of these
-logits at the target token, without top-k/top-p truncation. Matmul inputs keep their
-dtype (bfloat16 stays bfloat16) and accumulate in float32.
+logits at the target token, without top-k/top-p truncation. The matmuls run in the
+hidden states' dtype, the model's compute dtype (bfloat16 hidden states with float32
+master embeddings: a bfloat16 matmul, as the sampler's decode computes its logits), and
+accumulate in float32; the embedding's gradient is returned in its own dtype.
+
+Under a mesh set with `jax.set_mesh`, each chunk's positions stay split like the rows
+(data x fsdp) and its logits' vocabulary over tensor (`models.sharding.constrain`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from egpo_jax.models import sharding
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -65,14 +72,19 @@ def _validate(hidden_NxTxD, embedding_VxD, targets_NxT, bias_V, temperature, chu
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+_ROWS_D = ("activation_batch", "activation_embed")
+_ROWS_V = ("activation_batch", "activation_vocab")
+
+
 def _scaled_logits(h_CxD, embedding_VxD, bias_V, temperature):
-  """float32 (h @ embedding.T + bias) / temperature for one chunk."""
-  dtype = jnp.promote_types(h_CxD.dtype, embedding_VxD.dtype)
-  logits_CxV = lax.dot_general(h_CxD.astype(dtype), embedding_VxD.astype(dtype),
+  """float32 (h @ embedding.T + bias) / temperature for one chunk, the matmul in h's
+  dtype (never a silent upcast of bfloat16 hidden states to a float32 matmul)."""
+  h_CxD = sharding.constrain(h_CxD, _ROWS_D)
+  logits_CxV = lax.dot_general(h_CxD, embedding_VxD.astype(h_CxD.dtype),
                                (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   if bias_V is not None:
     logits_CxV = logits_CxV + bias_V.astype(jnp.float32)
-  return logits_CxV / temperature
+  return sharding.constrain(logits_CxV / temperature, _ROWS_V)
 
 
 def _layout(num_rows, chunk_size):
@@ -137,7 +149,7 @@ def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
   g_logp_M, g_ent_M = cotangents
   m, _ = hidden_MxD.shape
   chunk, num_chunks = _layout(m, chunk_size)
-  dtype = jnp.promote_types(hidden_MxD.dtype, embedding_VxD.dtype)
+  dtype = hidden_MxD.dtype
   emb_VxD = embedding_VxD.astype(dtype)
   vocab = embedding_VxD.shape[0]
 
@@ -156,10 +168,11 @@ def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
     # s = z / temperature: ds/dz = 1/temperature, ds/dtemperature = -s/temperature.
     # Rows of g_s sum to zero, so log p may stand in for s (better conditioned).
     g_temp = g_temp - jnp.sum(g_s_CxV * logp_CxV) / temperature
-    g_z_CxV = g_s_CxV / temperature
+    g_z_CxV = sharding.constrain(g_s_CxV / temperature, _ROWS_V)
     g_h_CxD = jnp.dot(g_z_CxV.astype(dtype), emb_VxD, preferred_element_type=jnp.float32)
+    g_h_CxD = sharding.constrain(g_h_CxD, _ROWS_D)
     g_emb_VxD = g_emb_VxD + lax.dot_general(
-        g_z_CxV.astype(dtype), h_CxD.astype(dtype), (((0,), (0,)), ((), ())),
+        g_z_CxV.astype(dtype), h_CxD, (((0,), (0,)), ((), ())),
         preferred_element_type=jnp.float32)
     if bias_V is not None:
       g_bias_V = g_bias_V + jnp.sum(g_z_CxV, axis=0)
@@ -193,7 +206,8 @@ def token_logprobs(hidden_NxTxD: jax.Array, embedding_VxD: jax.Array,
   the custom VJP does not support jax.jvp.
 
   Args:
-    hidden_NxTxD: final hidden states at the positions that predict the targets.
+    hidden_NxTxD: final hidden states at the positions that predict the targets; the
+      matmuls run in their dtype (the embedding is cast to it), accumulating in float32.
     embedding_VxD: output embedding (lm_head weight, or the tied input embedding).
     targets_NxT: token ids in [0, V); masked positions may hold any such id (e.g. pad).
     temperature: sampling temperature T_sample (> 0), a float or a float32 scalar.
@@ -227,9 +241,9 @@ def token_logprobs_unchunked(hidden_NxTxD: jax.Array, embedding_VxD: jax.Array,
   For tests, benchmarks and small vocabularies; same arguments and results.
   """
   _validate(hidden_NxTxD, embedding_VxD, targets_NxT, bias_V, temperature, 1)
-  dtype = jnp.promote_types(hidden_NxTxD.dtype, embedding_VxD.dtype)
-  logits_NxTxV = jnp.einsum("ntd,vd->ntv", hidden_NxTxD.astype(dtype),
-                            embedding_VxD.astype(dtype), preferred_element_type=jnp.float32)
+  logits_NxTxV = jnp.einsum("ntd,vd->ntv", hidden_NxTxD,
+                            embedding_VxD.astype(hidden_NxTxD.dtype),
+                            preferred_element_type=jnp.float32)
   if bias_V is not None:
     logits_NxTxV = logits_NxTxV + bias_V.astype(jnp.float32)
   logp_NxTxV = jax.nn.log_softmax(logits_NxTxV / jnp.asarray(temperature, jnp.float32))

@@ -1,15 +1,26 @@
 """Device mesh and partition specs for the decoder's parameters, KV cache and activations.
 
-The mesh has three named axes (classic `Auto` axis types, so XLA's GSPMD propagates
-shardings through the model without annotations inside it):
+The mesh has three named axes (classic `Auto` axis types; GSPMD propagates shardings
+between the annotations):
 
   data    pure data parallelism: batch split, parameters replicated.
   fsdp    batch split AND parameters split along their model-width (D) dimension
-          (ZeRO-3 style: XLA all-gathers each layer's weights where they are used).
+          (ZeRO-3 style: XLA all-gathers each layer's weights where they are used and
+          reduce-scatters their gradients).
   tensor  Megatron-style: heads / MLP hidden / vocab split; activations exchanged.
 
 Batch dimensions are split over ("data", "fsdp"). A dimension that an axis does not
 divide is left unsplit (replicated) on that axis, so any config runs on any mesh.
+
+Activations carry logical axis names, MaxText-style: the model calls
+`constrain(x, ("activation_batch", "activation_length", "activation_embed"))` and
+`LOGICAL_RULES` maps each name to mesh axes. Without these constraints GSPMD follows
+the embedding's D-over-fsdp split into every layer: each device then computes every row
+of a micro-batch and all-reduces float32 activations after each matmul. With them, each
+device computes only its rows (over data x fsdp) and its heads / MLP columns (over
+tensor), so FSDP moves weights (all-gathers) and gradients (reduce-scatters) only.
+`constrain` is the identity unless a mesh is set with `jax.set_mesh`, so the
+single-device path is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +37,20 @@ from egpo_jax.models.config import ModelConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
+
+# Logical activation axis -> mesh axes (None: replicated). Rows over data x fsdp; heads,
+# MLP columns and vocabulary over tensor; sequence and model width never split.
+LOGICAL_RULES = {
+    "activation_batch": BATCH,
+    "activation_length": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    "activation_head_dim": None,
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
+    "micro_batches": None,   # the scan axis over micro-batches
+}
 
 # Spec per parameter path (leading None = stacked layer axis); see module docstring.
 _PARAM_SPECS = {
@@ -140,6 +165,29 @@ def cache_partition_specs(cache: Any, mesh: Mesh) -> Any:
   return KVCache(k=kv, v=kv, mask_BxS=_fit(P(BATCH, None), tuple(cache.mask_BxS.shape), mesh),
                  positions_B=_fit(P(BATCH), tuple(cache.positions_B.shape), mesh), index=P(),
                  rope_cos_SxF=P(), rope_sin_SxF=P())
+
+
+def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:
+  """The PartitionSpec of `LOGICAL_RULES` for an array of `shape` (non-dividing axes
+  dropped, as `_fit` does); `mesh` may be concrete or abstract."""
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {logical_axes} do not match the array's rank "
+                     f"{len(shape)} (shape {shape})")
+  unknown = [a for a in logical_axes if a is not None and a not in LOGICAL_RULES]
+  if unknown:
+    raise KeyError(f"logical axes {unknown} have no rule; add them to "
+                   "egpo_jax.models.sharding.LOGICAL_RULES")
+  spec = P(*(None if a is None else LOGICAL_RULES[a] for a in logical_axes))
+  return _fit(spec, tuple(shape), mesh)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+  """`x` constrained to the sharding its logical axes name under the mesh of
+  `jax.set_mesh`; the identity without one (or on a mesh without the trainer's axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
 
 
 def batch_spec(shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -23,6 +23,13 @@ rows that hold each prompt's keys and values once (decode reads them once per gr
 Padding is on the left; position ids are cumsum(mask) - 1, as transformers' generate
 computes them, so a left-padded row gets the same logits as the unpadded one.
 
+Sharding: under a mesh set with `jax.set_mesh`, the layers constrain their activations by
+logical axis names (`sharding.LOGICAL_RULES`): rows over data x fsdp, heads and MLP
+columns over tensor, so each device computes its own rows and FSDP gathers weights. Without
+a mesh the constraints are the identity. `forward` and `response_hidden` cast the master
+params to the compute dtype first (`compute_params`), so weight all-gathers move bfloat16
+under a bfloat16 config.
+
 Numerics: on GPUs JAX's default matmul precision runs float32 dots as TF32 (measured on
 an H100: 8e-4 max logit difference from transformers at float32, 5e-7 under
 `jax.default_matmul_precision("highest")`); bfloat16 compute differs by ~1e-2. Attention
@@ -43,12 +50,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from egpo_jax.models import sharding
 from egpo_jax.models.config import ModelConfig, to_dtype
 
 Params = Any
 # Finite, so that a row with no valid key (a left pad) gives a uniform softmax, not NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 _INIT_STD = 0.02  # transformers' initializer_range for these models
+
+# Logical axes of the activations (`sharding.LOGICAL_RULES` maps them to the mesh).
+_BTD = ("activation_batch", "activation_length", "activation_embed")
+_BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_BTGK = ("activation_batch", "activation_length", "activation_kv_heads",
+         "activation_head_dim")
+_BTI = ("activation_batch", "activation_length", "activation_mlp")
+_BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def _constrain_rows(x_MxF, b, t, logical_axes):
+  """`sharding.constrain` of a [B*T, ...] array through its [B, T, ...] view, so that it
+  splits by rows exactly as the [B, T, ...] arrays around it do."""
+  return sharding.constrain(x_MxF.reshape((b, t) + x_MxF.shape[1:]), logical_axes).reshape(
+      x_MxF.shape)
+
+
+def compute_params(params: Params, config: ModelConfig) -> Params:
+  """The params cast to the compute dtype (config.dtype) where it is narrower.
+
+  The layers cast their weights to the compute dtype before every matmul anyway; casting
+  the (sharded) master params first makes FSDP's weight all-gathers move the narrow
+  dtype (bf16: half the bytes), with the same values. Their gradients flow back to the
+  float32 master params through the cast.
+  """
+  dtype = to_dtype(config.dtype)
+  def cast(x):
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits > jnp.finfo(
+        dtype).bits:
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, params)
 
 
 class KVCache(flax.struct.PyTreeNode):
@@ -248,6 +288,9 @@ class DecoderLayer(nn.Module):
     c = self.config
     dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     b, t, d = x_BxTxD.shape
+    # Rows over data x fsdp, heads and MLP columns over tensor (no-ops without a mesh):
+    # the weights are then all-gathered, never the activations all-reduced over fsdp.
+    x_BxTxD = sharding.constrain(x_BxTxD, _BTD)
     # Projections on [B*T, D]: XLA:CPU computes the weight gradient of a dot whose
     # contraction spans two batch axes (B, T) about 3x slower than over one flat axis.
     x_MxD = x_BxTxD.reshape(b * t, d)
@@ -255,22 +298,28 @@ class DecoderLayer(nn.Module):
     q = _dense((c.num_heads, c.head_size), "q_proj", c, use_bias=c.qkv_bias)(h)
     k = _dense((c.num_kv_heads, c.head_size), "k_proj", c, use_bias=c.qkv_bias)(h)
     v = _dense((c.num_kv_heads, c.head_size), "v_proj", c, use_bias=c.qkv_bias)(h)
-    q = _apply_rope(q.reshape(b, t, c.num_heads, c.head_size), cos_BxTxF, sin_BxTxF)
-    k = _apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_size), cos_BxTxF, sin_BxTxF)
-    v = v.reshape(b, t, c.num_kv_heads, c.head_size)
+    q = sharding.constrain(q.reshape(b, t, c.num_heads, c.head_size), _BTHK)
+    k = sharding.constrain(k.reshape(b, t, c.num_kv_heads, c.head_size), _BTGK)
+    v = sharding.constrain(v.reshape(b, t, c.num_kv_heads, c.head_size), _BTGK)
+    q = _apply_rope(q, cos_BxTxF, sin_BxTxF)
+    k = _apply_rope(k, cos_BxTxF, sin_BxTxF)
     new_kv = (k, v)
     if past_kv is not None:
       # mode "extend": the shared prompt's keys/values [B', P, ...], repeated over each
       # prompt's b / B' rows in front of the new ones (their gradients sum back).
-      k, v = (jnp.concatenate([jnp.repeat(past.astype(new.dtype), b // past.shape[0], 0),
-                               new], axis=1) for past, new in zip(past_kv, (k, v)))
-    attn = _attend_recompute(q, k, v, allowed_BxTxS).reshape(b * t, c.num_heads, c.head_size)
+      k, v = (sharding.constrain(
+          jnp.concatenate([jnp.repeat(past.astype(new.dtype), b // past.shape[0], 0), new],
+                          axis=1), _BTGK) for past, new in zip(past_kv, (k, v)))
+    attn = sharding.constrain(_attend_recompute(q, k, v, allowed_BxTxS), _BTHK)
+    attn = attn.reshape(b * t, c.num_heads, c.head_size)
     x_MxD = x_MxD + _dense(c.hidden_size, "o_proj", c, axis=(-2, -1))(attn)
+    x_MxD = _constrain_rows(x_MxD, b, t, _BTD)
     h = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="post_attn_norm")(x_MxD)
-    gate = _dense(c.intermediate_size, "gate_proj", c)(h)
-    up = _dense(c.intermediate_size, "up_proj", c)(h)
+    gate = _constrain_rows(_dense(c.intermediate_size, "gate_proj", c)(h), b, t, _BTI)
+    up = _constrain_rows(_dense(c.intermediate_size, "up_proj", c)(h), b, t, _BTI)
     x_MxD = x_MxD + _dense(c.hidden_size, "down_proj", c)(nn.silu(gate) * up)
-    return x_MxD.reshape(b, t, d), (new_kv if self.mode == "prefill" else None)
+    x_BxTxD = sharding.constrain(x_MxD.reshape(b, t, d), _BTD)
+    return x_BxTxD, (new_kv if self.mode == "prefill" else None)
 
 
 class Decoder(nn.Module):
@@ -285,7 +334,8 @@ class Decoder(nn.Module):
     dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype,
                      embedding_init=nn.initializers.normal(_INIT_STD), name="embed")
-    x = embed(input_ids_BxT)
+    # The table is split over (tensor, fsdp); its rows land on every device's tokens.
+    x = sharding.constrain(embed(input_ids_BxT), _BTD)
     cos, sin = _rope_tables(positions_BxT, c)
     layer_cls = DecoderLayer
     if c.remat:
@@ -296,7 +346,8 @@ class Decoder(nn.Module):
                      out_axes=0, length=c.num_layers)(c, self.mode, name="layers")
     x, new_kv = layers(x, cos, sin, allowed_BxTxS,
                        *(() if past_kv is None else (past_kv,)))
-    x = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
+    x = sharding.constrain(RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x),
+                           _BTD)
     if last_only:
       x = x[:, -1]
     if c.tie_word_embeddings:
@@ -307,6 +358,8 @@ class Decoder(nn.Module):
     if logits or self.is_initializing():
       x = jnp.einsum("...d,vd->...v", x, table.astype(dtype),
                      preferred_element_type=jnp.float32)
+      if not last_only:
+        x = sharding.constrain(x, _BTV)
     return x, new_kv
 
 
@@ -363,6 +416,7 @@ def forward(params: Params, input_ids_BxL: jax.Array, mask_BxL: jax.Array, *,
     float32 logits [B, L, V], or hidden [B, L, D]. Padded positions hold finite garbage.
   """
   _check_ids_mask(input_ids_BxL, mask_BxL, "forward")
+  params = compute_params(params, config)
   out, _ = Decoder(config).apply({"params": params}, input_ids_BxL, padded_positions(mask_BxL),
                                  _causal_allowed(mask_BxL), logits=not return_hidden)
   return out
@@ -386,6 +440,7 @@ def response_hidden(params: Params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: 
   if n % b:
     raise ValueError(f"response_hidden: {n} completions are not G per each of {b} prompts")
   group = n // b
+  params = compute_params(params, config)
   prompt_mask = prompt_mask_BxP.astype(jnp.bool_)
   prompt_hidden, past_kv = Decoder(config, mode="prefill").apply(
       {"params": params}, prompt_ids_BxP, padded_positions(prompt_mask),

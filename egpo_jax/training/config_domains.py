@@ -58,6 +58,7 @@ class Domain:
   describe: Callable[[], str]
   ok: Callable[[Any], bool]
   bad: Any
+  input_kind: str | None = None   # "file" / "dir": an input path, which must exist to train
 
   @property
   def text(self) -> str:
@@ -147,9 +148,9 @@ def text(*, allow_empty: bool = True) -> Domain:
 def path(kind: str) -> Domain:
   """'' or an existing file / folder (checked at start-up, before a run writes anything)."""
   exists = os.path.isfile if kind == "file" else os.path.isdir
-  return _domain(f"'' or an existing {kind}",
+  return Domain(lambda: f"'' or an existing {kind}",
                 lambda v: isinstance(v, str) and (v == "" or exists(v)),
-                "/nonexistent/egpo_jax_input")
+                "/nonexistent/egpo_jax_input", input_kind=kind)
 
 
 def strings() -> Domain:
@@ -286,6 +287,8 @@ FIELDS: tuple[Field, ...] = (
     Field("optim.b1", floats(lo=0, hi=1, hi_open=True), 0.9, "use a value in [0, 1)"),
     Field("optim.b2", floats(lo=0, hi=1, hi_open=True), 0.99, "use a value in [0, 1)"),
     Field("optim.grad_clip", floats(lo=0, lo_open=True), 1.0, "use a positive global norm"),
+    Field("optim.moment_dtype", choice(optimizer.MOMENT_DTYPES), "float32",
+          "AdamW's moments' storage; bfloat16 halves it (params stay float32)", optional=True),
     # ppo
     Field("ppo.epochs", ints(lo=1), 1, "use >= 1"),
     Field("ppo.minibatches", ints(lo=1), 1,
@@ -392,11 +395,11 @@ def markdown() -> str:
 
 # The rules that tie fields together (config.validate checks them after the table).
 CROSS_CHECKS = (
-    "`model.path` is required when `model.preset='hf'`",
+    "`model.preset='hf'` needs `model.path`, or `model.name` alone for that backbone's "
+    "shapes with random weights and the byte tokenizer (a dry run, with a warning)",
     "`model.name`, when set with `model.preset='hf'`, must match the shapes of the "
     "checkpoint's config.json; with a named preset it must equal the preset",
-    "`task.train_file` is required when `task.name='jsonl'`, and `task.reward` must be a "
-    "host verifier (not 'synthetic')",
+    "`task.train_file` is required when `task.name='jsonl'`",
     "`warmup.steps` must be 0 unless `task.name='synthetic'`",
     "for the synthetic task, `task.max_prompt_len` must hold its longest prompt (and, with "
     "a warm-up, `rollout.max_new_tokens` its longest worked solution)",
@@ -408,7 +411,7 @@ CROSS_CHECKS = (
 )
 
 # Bad inputs to `python -m experiments.main` and the exact line it prints, with its exit
-# code. tests/training/test_config_cli.py runs every row that starts with "--".
+# code. tests/training/test_config_domains.py runs every row that starts with "--".
 WHAT_THE_USER_SEES: tuple[tuple[str, int, str], ...] = (
     ("--config.train.keep_checkpoints=0", 2,
      "error: config.train.keep_checkpoints=0: use >= 1: 0 would delete every checkpoint, "

@@ -297,7 +297,8 @@ def jit_iterations(mesh: Mesh, state: Any, ref_params: Any, *, task: iteration.J
   is donated), rng, algo and metrics are replicated; ref_params follow the params.
 
   Returns run(state, rng, algo, ref_params, num_iterations) -> (state, rng, metrics);
-  call it under `jax.set_mesh(mesh)` so the sampler constrains its cache to the mesh.
+  call it under `jax.set_mesh(mesh)` so the sampler constrains its cache, and the model its
+  activations (`models.sharding.constrain`), to the mesh.
   """
   state_sh = state_shardings(state, mesh)
   ref_sh = (sharding.param_shardings(ref_params, mesh) if ref_params is not None

@@ -244,6 +244,8 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
   """Old log-probs, entropy proxy (Eq. 5), advantages (Eqs. 2, 6-11) -> the update's batch.
 
   `ref_params` (a frozen reference policy) is only read when the KL coefficient is set.
+  Trainer passes (old log-probs with `old_logps="recompute"` or TIS, reference
+  log-probs) run in the update's micro-batches (`update.batch_logprobs`).
   """
   b, g = groups.correct.shape
   flat = jax.tree.map(lambda x: x.reshape((b * g,) + x.shape[2:]), groups._asdict())
@@ -253,10 +255,12 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
   valid_BxG = groups.valid
   if settings.mask_truncated:
     valid_BxG = valid_BxG & ~gen_n["truncated_N"].reshape(b, g)
+  # Passes over the whole batch run in the update's micro-batches (same rows per pass).
   logprob_fn = functools.partial(
-      update_lib.response_logprobs, prompt_ids_NxP=prompt_ids_NxP,
+      update_lib.batch_logprobs, prompt_ids_NxP=prompt_ids_NxP,
       prompt_mask_NxP=prompt_mask_NxP, completion_ids_NxT=ids_NxT,
       completion_mask_NxT=mask_NxT, model_config=model_config,
+      micro_batches=settings.update.minibatches * settings.update.micro_batches,
       temperature=settings.sampling.logp_temperature,
       chunk_size=settings.update.logprob_chunk,
       group_size=g if settings.update.share_prompts else 1)
@@ -264,8 +268,7 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
   # Old log-probs: free from the sampler, or recomputed by the trainer's forward pass.
   sampler_logps_NxT = gen_n["logps_NxT"]
   need_trainer = settings.old_logps == "recompute" or settings.tis_cap > 0
-  trainer_logps_NxT = (jax.lax.stop_gradient(logprob_fn(params)) if need_trainer
-                       else sampler_logps_NxT)
+  trainer_logps_NxT = logprob_fn(params) if need_trainer else sampler_logps_NxT
   old_logps_NxT = trainer_logps_NxT if settings.old_logps == "recompute" else sampler_logps_NxT
   maskf = mask_NxT.astype(jnp.float32)
   mismatch = (jnp.abs(trainer_logps_NxT - sampler_logps_NxT) * maskf).sum() / jnp.maximum(
@@ -276,7 +279,7 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
                                                  cap=settings.tis_cap)
   ref_logps_NxT = jnp.zeros_like(old_logps_NxT)
   if settings.update.kl_coef:
-    ref_logps_NxT = jax.lax.stop_gradient(logprob_fn(ref_params))
+    ref_logps_NxT = logprob_fn(ref_params)
 
   # Entropy proxy over the configured segment, with the whole-response fallback.
   seg = entropy_lib.segment_mask(ids_NxT, mask_NxT, segment=settings.entropy_segment,

@@ -13,8 +13,9 @@ a laptop with fake devices:
     print(memory.update_memory(config.get_config('qwen2.5-math-7b'), mesh))"
 
 It covers what persists across steps (params, optimizer state) and the gradients; the
-activations of the forward/backward pass depend on batch and sequence sizes and are not
-part of this figure.
+activations of the forward/backward pass depend on batch and sequence sizes: the whole
+iteration, activations included, is `dry_run` (`python -m experiments.main --dry_run`),
+whose abstract state and buffer accounting this reuses.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from jax.sharding import Mesh
 
 from egpo_jax.models import sharding
 from egpo_jax.models.config import ModelConfig
-from egpo_jax.training import distributed
+from egpo_jax.training import distributed, dry_run
 from egpo_jax.training.optimizer import apply_gradients, make_optimizer
-from egpo_jax.types import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,8 @@ class UpdateMemory:
   @property
   def peak_bytes(self) -> int:
     """Per-device arguments + temporaries + outputs not written in place."""
-    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+    return dry_run.CompiledMemory(self.argument_bytes, self.output_bytes, self.alias_bytes,
+                                  self.temp_bytes).peak_bytes
 
 
 def _nbytes(tree) -> int:
@@ -87,13 +88,9 @@ def update_memory(model_config: ModelConfig, mesh: Mesh,
     optimizer: defaults to the trainer's chain (global-norm clip -> AdamW).
   """
   optimizer = optimizer or make_optimizer(lr=1e-6, weight_decay=0.01)
-  params = sharding.abstract_params(model_config)
-  state = jax.eval_shape(lambda p: TrainState.create(p, optimizer.init(p)), params)
-  state_sh = distributed.state_shardings(state, mesh)
-  grad_sh = sharding.param_shardings(params, mesh)
-  with_sharding = lambda tree, sh: jax.tree.map(
-      lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), tree, sh)
-  state_in, grads_in = with_sharding(state, state_sh), with_sharding(params, grad_sh)
+  state_in = dry_run.abstract_state(model_config, optimizer, mesh)
+  state_sh = jax.tree.map(lambda s: s.sharding, state_in)
+  grads_in = state_in.params
   loss_in = jax.ShapeDtypeStruct((), jnp.float32, sharding=distributed.replicated(mesh))
 
   def step(state, grads, loss):
@@ -104,12 +101,11 @@ def update_memory(model_config: ModelConfig, mesh: Mesh,
     compiled = jax.jit(step, out_shardings=state_sh, donate_argnums=(0,)).lower(
         state_in, grads_in, loss_in).compile()
   seconds = time.perf_counter() - start
-  stats = compiled.memory_analysis()
+  stats = dry_run.CompiledMemory.of(compiled)
   return UpdateMemory(
-      state_bytes=_nbytes(state), grad_bytes=_nbytes(params),
+      state_bytes=_nbytes(state_in), grad_bytes=_nbytes(grads_in),
       per_device_state_bytes=sharding.per_device_bytes(state_in),
       per_device_grad_bytes=sharding.per_device_bytes(grads_in),
-      argument_bytes=int(stats.argument_size_in_bytes),
-      output_bytes=int(stats.output_size_in_bytes),
-      alias_bytes=int(stats.alias_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
+      argument_bytes=stats.argument_bytes, output_bytes=stats.output_bytes,
+      alias_bytes=stats.alias_bytes, temp_bytes=stats.temp_bytes,
       num_devices=mesh.size, compile_seconds=seconds)

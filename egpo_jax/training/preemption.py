@@ -83,7 +83,13 @@ class Preempted(Exception):
 class _State:
   signalled: bool = False    # SIGTERM or SIGINT arrived
   terminated: bool = False   # SIGTERM arrived (the exit code is then 75)
+  interrupts: int = 0        # SIGINTs so far (the second one aborts)
   boundaries: int = 0        # the step id of JAX's preemption sync point
+
+  @property
+  def interrupted(self) -> bool:
+    """Only the user stopped the job (exit 130); a preemption notice wins (75)."""
+    return self.interrupts > 0 and not self.terminated
 
 
 _STATE = _State()
@@ -97,7 +103,8 @@ def _on_sigterm(signum, frame) -> None:
 
 def _on_sigint(signum, frame) -> None:
   del signum, frame
-  if _STATE.signalled and not _STATE.terminated:
+  _STATE.interrupts += 1
+  if _STATE.interrupts > 1:
     # os._exit: no KeyboardInterrupt unwinding through orbax's threads (pages of errors);
     # an unfinished save stays a temporary folder that the next start deletes.
     os.write(2, b"second Ctrl-C: aborted; the next run resumes from the newest complete "
@@ -159,7 +166,7 @@ def stop_requested(iteration: int, *, warmup: bool = False) -> bool:
     return reached or bool(np.any(flags))
   if _STATE.signalled and not warmup:
     log.warning("%s received: checkpointing iteration %d and stopping",
-                "SIGTERM" if _STATE.terminated else "SIGINT", iteration)
+                "SIGINT" if _STATE.interrupted else "SIGTERM", iteration)
   return _STATE.signalled
 
 
@@ -178,10 +185,10 @@ def checkpoint_and_raise(iteration: int, checkpointer, tree: Any,
     checkpointer.save(iteration, tree, extra, force=True)
   checkpointer.close()
   raise Preempted(iteration, os.path.join(checkpointer.directory, str(iteration)),
-                  interrupted=not _STATE.terminated)
+                  interrupted=_STATE.interrupted)
 
 
 def raise_in_warmup(step: int, total_steps: int) -> NoReturn:
   """Stops the job during the supervised warm-up, after `step` of `total_steps` steps
   (nothing is saved: the next run restarts the deterministic warm-up)."""
-  raise Preempted(step, None, interrupted=not _STATE.terminated, warmup_steps=total_steps)
+  raise Preempted(step, None, interrupted=_STATE.interrupted, warmup_steps=total_steps)

@@ -75,7 +75,9 @@ def _loads_hf_checkpoint(c: ml_collections.ConfigDict) -> bool:
 
 
 def build(c: ml_collections.ConfigDict) -> Experiment:
-  c = config_lib.checked(c)
+  """The model, tokenizer, task and settings of config `c` (checked; `train` has already
+  checked that its input files exist, readers of a finished run do not need them)."""
+  c = config_lib.checked(c, inputs_exist=False)
   if _loads_hf_checkpoint(c):
     model_config = load_hf_config(c.model.path, dtype=c.model.dtype, remat=c.model.remat)
     tokenizer = HFTokenizer.from_pretrained(c.model.path)
@@ -317,7 +319,8 @@ def rl_optimizer(c: ml_collections.ConfigDict, total: int):
                         warmup_steps=c.optim.warmup_steps,
                         total_steps=max(1, total * c.ppo.epochs * c.ppo.minibatches),
                         weight_decay=c.optim.weight_decay, b1=c.optim.b1, b2=c.optim.b2,
-                        grad_clip=c.optim.grad_clip)
+                        grad_clip=c.optim.grad_clip,
+                        moment_dtype=c.optim.get("moment_dtype", "float32"))
 
 
 def load_checkpoint(workdir: str, c: ml_collections.ConfigDict | None = None,

@@ -2,7 +2,14 @@
 `lax.scan` over PPO epochs x minibatches with gradient accumulation over micro-batches.
 
 Token-mean (and seq-mean) normalisation always uses the counts of the whole minibatch,
-so one update with 1 or k micro-batches is the same update.
+so one update with 1 or k micro-batches is the same update. Passes over a whole batch
+without gradients (old or reference log-probs) run in micro-batches too
+(`batch_logprobs`), so no pass ever holds the activations of more rows than one
+micro-batch.
+
+Under a mesh (`jax.set_mesh`), every micro-batch is split over the batch axes (data x
+fsdp): the scan runs over micro-batches on all devices at once, each device computing
+its rows of each (`_split`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import optax
 from egpo_jax.core import logprobs as logprobs_lib
 from egpo_jax.core import losses  # noqa: F401  (registers "ppo_clip")
 from egpo_jax.core import registry
-from egpo_jax.models import transformer
+from egpo_jax.models import sharding, transformer
 from egpo_jax.models.config import ModelConfig
 from egpo_jax.training.optimizer import apply_gradients
 from egpo_jax.types import RolloutBatch, TrainState
@@ -119,7 +126,46 @@ def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_conf
 
 
 def _split(tree: Any, parts: int) -> Any:
-  return jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), tree)
+  """[rows, ...] -> [parts, rows / parts, ...]: contiguous micro-batches (groups and a
+  length order stay together), each split over the batch axes under a mesh.
+
+  The scan axis (parts) stays unsplit: were it to take the batch sharding, as a plain
+  reshape of a row-sharded batch gives it, every device would compute every row of a
+  micro-batch. Moving the rows costs one exchange of the (small) integer/float batch.
+  """
+  def one(x):
+    x = x.reshape((parts, x.shape[0] // parts) + x.shape[1:])
+    return sharding.constrain(x, ("micro_batches", "activation_batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(one, tree)
+
+
+def batch_logprobs(params: Any, prompt_ids_NxP: jax.Array, prompt_mask_NxP: jax.Array,
+                   completion_ids_NxT: jax.Array, completion_mask_NxT: jax.Array, *,
+                   model_config: ModelConfig, micro_batches: int, temperature: float = 1.0,
+                   chunk_size: int = 1024, group_size: int = 1) -> jax.Array:
+  """`response_logprobs` of all N rows, in `micro_batches` sequential passes (lax.map).
+
+  For passes without gradients over a whole batch (old log-probs, Eq. 4's pi_old, and the
+  reference policy's): one pass over N rows would hold N rows' activations at once
+  (attention scores grow with rows x length^2). Rows b*G .. b*G+G-1 share their prompt
+  (group_size G) as in `response_logprobs`; a micro-batch that would cut a group runs
+  without sharing. Returns float32 [N, T], stop-gradient.
+  """
+  chex.assert_rank([prompt_ids_NxP, prompt_mask_NxP, completion_ids_NxT,
+                    completion_mask_NxT], 2)
+  n = completion_ids_NxT.shape[0]
+  if micro_batches < 1 or n % micro_batches:
+    raise ValueError(f"batch_logprobs: {n} rows do not split into micro_batches="
+                     f"{micro_batches}; use a divisor of the rows (update.micro_batches)")
+  if (n // micro_batches) % group_size:
+    group_size = 1
+  fn = functools.partial(response_logprobs, params, model_config=model_config,
+                         temperature=temperature, chunk_size=chunk_size,
+                         group_size=group_size)
+  rows = _split((prompt_ids_NxP, prompt_mask_NxP, completion_ids_NxT, completion_mask_NxT),
+                micro_batches)
+  logps = jax.lax.map(lambda mb: fn(*mb), rows)
+  return jax.lax.stop_gradient(logps.reshape(completion_ids_NxT.shape))
 
 
 def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
@@ -169,6 +215,12 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   length sort), and each prompt runs once per micro-batch instead of G times
   (`response_logprobs`).
   """
+  narrow = sorted({str(x.dtype) for x in jax.tree.leaves(state.params)
+                   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if narrow:
+    raise ValueError(f"update: the trained params are {'/'.join(narrow)}; train float32 "
+                     "master params (ModelConfig.param_dtype='float32', model.dtype sets the "
+                     "compute dtype): at lr 1e-6 a bfloat16 param rounds every Adam step away")
   n = batch.num_responses
   per_step = settings.minibatches * settings.micro_batches
   if n % per_step:
@@ -178,6 +230,10 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   share = (settings.share_prompts and group_size > 1 and (n // per_step) % group_size == 0)
   group_size = group_size if share else 1
 
+  # The shuffle gathers rows from every device: all-gather the (integer and per-token
+  # float) batch once, rather than let GSPMD all-reduce a masked gather per field.
+  whole = jax.tree.map(lambda x: sharding.constrain(x, (None,) * x.ndim), batch)
+
   def epoch(state, key):
     if share:
       # A permutation of the groups, each group's rows kept in order.
@@ -185,13 +241,13 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
       perm = (groups[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
     else:
       perm = jax.random.permutation(key, n)
-    shuffled = jax.tree.map(lambda x: x[perm], batch)
-    minis = _split(shuffled, settings.minibatches)
-    if settings.sort_by_length and not share:
-      def order(mb):
-        lengths = mb.completion_mask_NxT.sum(-1)
-        return jax.tree.map(lambda x: x[jnp.argsort(-lengths, stable=True)], mb)
-      minis = jax.vmap(order)(minis)
+      if settings.sort_by_length:
+        # Longest first within each minibatch, folded into the one gather of the rows.
+        perm_MxR = perm.reshape(settings.minibatches, -1)
+        lengths_MxR = whole.completion_mask_NxT.sum(-1)[perm_MxR]
+        perm = jnp.take_along_axis(perm_MxR, jnp.argsort(-lengths_MxR, axis=-1,
+                                                         stable=True), -1).reshape(-1)
+    minis = _split(jax.tree.map(lambda x: x[perm], whole), settings.minibatches)
     step = lambda s, mb: minibatch_step(s, mb, optimizer=optimizer,
                                         model_config=model_config, settings=settings,
                                         switches=switches, group_size=group_size)

@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
   c.optim.grad_clip = 1.0
+  c.optim.moment_dtype = "float32"   # AdamW moments' storage: float32 | bfloat16
 
   c.ppo = ml_collections.ConfigDict()   # the update: PPO epochs x minibatches
   c.ppo.epochs = 1

@@ -1,7 +1,11 @@
-"""The config domain table: every field refused out of its domain (by name), the docs
-generated from the same table, choices read from their registries, unknown fields."""
+"""The config domain table: every field refused out of its domain (by name), also through
+experiments.main (exit 2, one line, nothing written), the docs generated from the same
+table (and their "What the user sees" lines through the real command line), choices read
+from their registries, unknown fields."""
 
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from egpo_jax.core import registry
 from egpo_jax.training import config as config_lib
 from egpo_jax.training import config_domains as domains
+from experiments import main as main_lib
 from experiments.configs import default, paper, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -147,3 +152,55 @@ def test_model_name_is_checked_against_the_checkpoint_and_gives_the_shapes_witho
   # No checkpoint folder: model.name gives the shapes (a dry run with random weights).
   dry = config_lib.with_overrides(c, {"model.path": "", "model.name": "small"})
   assert train_lib.build(dry).model_config == model_config_lib.get_config("small")
+
+
+@pytest.mark.parametrize("name", sorted(domains.BY_NAME))
+def test_every_field_out_of_its_domain_exits_2_naming_it_and_writes_nothing(name, tmp_path,
+                                                                             capsys):
+  workdir = tmp_path / "run"
+  bad = domains.BY_NAME[name].domain.bad
+  code = main_lib.run(with_value(default.get_config(), name, bad), str(workdir))
+  out, err = capsys.readouterr()
+  assert code == main_lib.USAGE_ERROR == 2
+  assert err.startswith(f"error: config.{name}=") and err.count("\n") == 1, err
+  assert "Traceback" not in err and not out
+  assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_exits_2(tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  assert main_lib.run(default.get_config(), str(tmp_path / "file")) == 2
+  assert capsys.readouterr().err.startswith(f"error: --workdir={tmp_path / 'file'}: ")
+  assert (tmp_path / "file").read_text() == "x"
+
+
+def test_verbose_run_adds_the_traceback(tmp_path, capsys):
+  c = with_value(default.get_config(), "train.keep_checkpoints", 0)
+  assert main_lib.run(c, str(tmp_path / "run"), verbose=True) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" in err and err.splitlines()[-1].startswith("error: config.train.")
+
+
+CLI_ROWS = [row for row in domains.WHAT_THE_USER_SEES if row[0].startswith("--")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,code,message", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
+def test_documented_bad_inputs_print_the_documented_line(args, code, message, tmp_path):
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-m", "experiments.main", args,
+                         f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == code, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines() == [message]   # one line, no traceback
+  assert not workdir.exists()
+
+
+def test_a_finished_runs_config_builds_without_its_training_inputs(tmp_path):
+  from egpo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.with_overrides(tiny.get_config(), {"task.train_file": "/gone/train.jsonl"})
+  with pytest.raises(config_lib.ConfigError, match="config.task.train_file="):
+    config_lib.validate(c)
+  config_lib.validate(c, inputs_exist=False)
+  assert train_lib.build(c).model_config.hidden_size == 64

@@ -10,6 +10,8 @@ import struct
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tensorboardX.proto import event_pb2
 
@@ -48,6 +50,24 @@ def test_sigint_saves_and_exits_130_and_sigterm_75(tmp_path, capfd):
   assert _stop_and_save(tmp_path / "c", signal.SIGTERM).exit_code == 75
 
 
+def test_a_stop_at_the_jax_sync_point_is_a_preemption(tmp_path, monkeypatch):
+  """Multi-process: JAX's notifier took SIGTERM, no local flag is set: exit 75, not 130."""
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  monkeypatch.setattr(ocp.multihost, "reached_preemption", lambda step: step >= 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", np.asarray)
+  assert _stop_and_save(tmp_path).exit_code == 75
+
+
+def test_the_second_ctrl_c_aborts_even_after_a_sigterm(monkeypatch, capfd):
+  exits = []
+  monkeypatch.setattr(os, "_exit", exits.append)
+  with preemption.sigterm_guard():
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGINT):
+      os.kill(os.getpid(), s)
+  assert exits == [130]
+  assert "second Ctrl-C: aborted" in capfd.readouterr().err
+
+
 def test_a_signal_in_the_warmup_stops_at_its_next_chunk(monkeypatch):
   c = config_lib.with_overrides(tiny.get_config(), {"warmup.steps": 6})
   exp = train_lib.build(c)
@@ -84,6 +104,16 @@ def test_chunks_end_at_checkpoints_validations_and_multiples_of_k():
     ends.append(it)
   assert ends == [4, 6, 8, 10, 12, 16, 18, 20]
   assert train_lib._chunk_end(3, 20, 4, 10, 0) == 4   # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_validations_run_on_multiples_of_eval_every_that_are_not_chunk_ends(tmp_path):
+  c = config_lib.with_overrides(tiny.get_config(), {
+      "train.iterations": 4, "train.iterations_per_call": 4, "train.checkpoint_every": 4,
+      "train.eval_every": 3, "warmup.steps": 0})
+  train_lib.train(c, str(tmp_path), progress=False)
+  rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["step"] for r in rows if "val_accuracy" in r] == [3, 4]   # 4: the last
 
 
 def _tensorboard_events(logdir):

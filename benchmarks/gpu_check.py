@@ -1,0 +1,189 @@
+"""The GPU check: one L = 4,096 update micro-batch of a Qwen2.5-Math-1.5B-shaped random model.
+
+    python -m benchmarks.gpu_check            # on one GPU, whenever one is at hand (<= 6 min)
+    python -m benchmarks.gpu_check --smoke    # a tiny model on CPU in seconds (tested)
+
+It runs the trainer's own update (`update.update`, state donated) with the paper config's
+settings (`experiments/configs/paper.py`: bf16 compute, f32 params and AdamW, remat,
+log-prob chunks, shared prompts) on one micro-batch of `--rows` responses of G = 16 to
+one prompt each group, every token valid (prompt 1,024 + response 3,072), one AdamW step:
+
+  * time: median of `--repeats` steps after a compiled warm-up;
+  * MFU: model FLOPs (`update_flops`: 3 x the forward's matmul and attention FLOPs, remat's
+    recomputation not counted) per second over the card's bf16 jnp.dot rate, measured
+    here (`benchmarks.harness.matmul_gflops`);
+  * memory: `memory_stats()['peak_bytes_in_use']` next to the dry run's estimate of the
+    same program (compiled on the CPU backend from abstract shapes, as
+    `experiments.main --dry_run` does) and the GPU compiler's own (`memory_analysis()`).
+
+Prints one JSON line, then one markdown row for BENCHMARKS.md's "gpu_check" table. An
+out-of-memory step is a result, not a crash: the JSON says so and the exit code is 1.
+Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import harness
+from egpo_jax.models import config as model_config_lib
+from egpo_jax.models import transformer
+from egpo_jax.training import config as config_lib
+from egpo_jax.training import dry_run, train
+from egpo_jax.training import update as update_lib
+from egpo_jax.types import RolloutBatch, TrainState
+from experiments.configs import paper
+
+SMOKE = dict(model="tiny", rows=4, group_size=2, prompt_len=8, response_len=24, repeats=2)
+COLUMNS = ("device", "model", "rows x L", "step s", "TFLOP/s", "bf16 dot TFLOP/s", "MFU",
+           "peak GB", "dry-run GB", "GPU-compiled GB")
+
+
+def update_flops(config: model_config_lib.ModelConfig, *, rows: int, group_size: int,
+                 prompt_len: int, response_len: int) -> float:
+  """Model FLOPs of forward + backward (3 x forward) of one shared-prompt micro-batch.
+
+  Forward: 2 x matmul weights per token (each group's prompt once, every response token),
+  the output head on the response tokens, and causal attention (QK^T and AV: 4 x heads x
+  head_dim per query-key pair) over every query's context.
+  """
+  prompts = rows // group_size
+  p, t = prompt_len, response_len
+  tokens = prompts * p + rows * t
+  pairs = prompts * p * (p + 1) / 2 + rows * (t * p + t * (t + 1) / 2)
+  attn_width = config.num_heads * config.head_size
+  forward = (2 * harness.matmul_params(config) * tokens
+             + 2 * config.vocab_size * config.hidden_size * rows * t
+             + 4 * attn_width * pairs * config.num_layers)
+  return 3.0 * forward
+
+
+def _random_batch(key, config, *, rows, group_size, prompt_len, response_len) -> RolloutBatch:
+  k = jax.random.split(key, 4)
+  prompts = jax.random.randint(k[0], (rows // group_size, prompt_len), 3, config.vocab_size)
+  full = lambda n: jnp.ones((rows, n), bool)
+  return RolloutBatch(
+      prompt_ids_NxP=jnp.repeat(prompts, group_size, axis=0), prompt_mask_NxP=full(prompt_len),
+      completion_ids_NxT=jax.random.randint(k[1], (rows, response_len), 3, config.vocab_size),
+      completion_mask_NxT=full(response_len),
+      old_logps_NxT=-jax.random.uniform(k[2], (rows, response_len), minval=0.1, maxval=8.0),
+      adv_N=jax.random.normal(k[3], (rows,)),
+      ref_logps_NxT=jnp.zeros((rows, response_len)),
+      is_weights_NxT=jnp.ones((rows, response_len)))
+
+
+def check(model: str, rows: int, group_size: int, prompt_len: int, response_len: int,
+          repeats: int, cpu_estimate: bool = True) -> dict[str, Any]:
+  """Runs the check on the default device; returns the JSON record."""
+  c = paper.get_config(f"egpo,{model if model in paper.BACKBONES else paper.BACKBONES[0]}")
+  c.rollout.prompts_per_batch, c.rollout.group_size = rows // group_size, group_size
+  c.ppo.micro_batches = 1
+  cfg = model_config_lib.get_config(model, dtype=c.model.dtype, remat=c.model.remat)
+  settings = config_lib.update_settings(c)
+  optimizer = train.rl_optimizer(c, int(c.train.iterations))
+  shapes = dict(rows=rows, group_size=group_size, prompt_len=prompt_len,
+                response_len=response_len)
+  device = jax.devices()[0]
+  record: dict[str, Any] = {
+      "backend": jax.default_backend(), "device": device.device_kind, "model": model,
+      **shapes, "params": cfg.num_params(), "dtype": cfg.dtype, "remat": cfg.remat,
+      "flops_per_step": update_flops(cfg, **shapes)}
+  record["matmul_tflops"] = harness.matmul_gflops(dtype=jnp.bfloat16) / 1e3
+
+  step = jax.jit(functools.partial(update_lib.update, optimizer=optimizer, model_config=cfg,
+                                   settings=settings, group_size=group_size),
+                 donate_argnums=(0,))
+  key = jax.random.PRNGKey(0)
+  init = jax.jit(lambda k: TrainState.create(p := transformer.init_params(cfg, k),
+                                             optimizer.init(p)))
+  batch = _random_batch(key, cfg, **shapes)
+  if cpu_estimate and record["backend"] != "cpu":
+    # The dry run's figure: the same program compiled for a CPU device from shapes alone.
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = dry_run.with_shardings(jax.eval_shape(init, key), cpu)
+    args = dry_run.with_shardings((abstract, jax.eval_shape(lambda: batch), key), cpu)
+    record["dry_run_estimate_bytes"] = dry_run.CompiledMemory.of(
+        step.lower(*args).compile()).peak_bytes
+  state = init(key)
+  try:
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    record["compile_seconds"] = time.perf_counter() - start
+    record["compiled_estimate_bytes"] = dry_run.CompiledMemory.of(compiled).peak_bytes
+    if record["backend"] == "cpu":   # the dry run compiles exactly this
+      record["dry_run_estimate_bytes"] = record["compiled_estimate_bytes"]
+    times = []
+    for i in range(repeats + 1):   # the first run is a warm-up
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch, jax.random.fold_in(key, i))
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - start)
+  except jax.errors.JaxRuntimeError as err:
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    record["error"] = "out of memory: " + str(err).splitlines()[0][:300]
+    return record
+  record["seconds"] = statistics.median(times[1:])
+  record["tflops"] = record["flops_per_step"] / record["seconds"] / 1e12
+  record["mfu"] = record["tflops"] / record["matmul_tflops"]
+  record["loss"] = float(metrics["loss"])
+  stats = device.memory_stats() or {}
+  record["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  return record
+
+
+def markdown_row(r: dict[str, Any]) -> str:
+  """The record as a row of BENCHMARKS.md's gpu_check table (`COLUMNS`)."""
+  gb = lambda key: f"{r[key] / 1e9:.1f}" if r.get(key) is not None else "-"
+  if "error" in r:
+    timing = [r["error"][:60], "-", f"{r['matmul_tflops']:.0f}", "-"]
+  else:
+    timing = [f"{r['seconds']:.3f}", f"{r['tflops']:.1f}", f"{r['matmul_tflops']:.0f}",
+              f"{100 * r['mfu']:.1f}%"]
+  cells = [r["device"], r["model"], f"{r['rows']} x {r['prompt_len'] + r['response_len']}",
+           *timing, gb("peak_bytes_in_use"), gb("dry_run_estimate_bytes"),
+           gb("compiled_estimate_bytes")]
+  return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="qwen2.5-math-1.5b")
+  parser.add_argument("--rows", type=int, default=16,
+                      help="responses in the micro-batch (paper: 1,024 / 64 micro-batches)")
+  parser.add_argument("--group_size", type=int, default=16)
+  parser.add_argument("--prompt_len", type=int, default=1024)
+  parser.add_argument("--response_len", type=int, default=3072)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no_cpu_estimate", action="store_true",
+                      help="skip compiling the dry run's CPU estimate (~1 min for 1.5B)")
+  parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: " + str(SMOKE))
+  args = parser.parse_args(argv)
+  kwargs = {k: getattr(args, k) for k in ("model", "rows", "group_size", "prompt_len",
+                                          "response_len", "repeats")}
+  if args.smoke:
+    kwargs.update(SMOKE)
+  elif jax.default_backend() == "cpu":
+    parser.error("no GPU here: this check is for a GPU (use --smoke for the CPU smoke run)")
+  if kwargs["rows"] % kwargs["group_size"]:
+    parser.error(f"--rows={kwargs['rows']} must be a multiple of "
+                 f"--group_size={kwargs['group_size']}")
+  record = check(**kwargs, cpu_estimate=not args.no_cpu_estimate)
+  print(json.dumps(record))
+  print("| " + " | ".join(COLUMNS) + " |")
+  print(markdown_row(record))
+  return 1 if "error" in record else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,716 @@
+"""Will this config fit, and what will it move? A compile-only dry run of one RL iteration.
+
+The trainer's own functions are compiled from abstract shapes (`jax.ShapeDtypeStruct`
+with the trainer's shardings) on the configured mesh, never run, so the paper's 7B setup
+can be checked on a laptop with fake CPU devices:
+
+    python -m experiments.main --config=experiments/configs/paper.py:egpo,qwen2.5-math-7b \
+        --dry_run --dry_run_devices=8 [--dry_run_json=out.json] [--device_memory_gb=80]
+
+Phases, each one compilation of what the host loop runs (`host_loop.host_iteration`):
+
+  rollout     `host_loop._rollout` (prefill + the decode `while_loop`s of `engine.rollout`).
+  old_logps   `iteration.prepare_batch` without the KL pass: the trainer's old log-probs
+              (loss.old_logps="recompute" or TIS), entropy proxy, advantages.
+  ref_logps   `iteration.prepare_batch` with only the reference pass (loss.kl_coef > 0).
+  update      `update.update`: PPO epochs x minibatches x micro-batches, state donated.
+
+Host mode runs old_logps, ref_logps and update as one program (`_prepare_and_update`),
+whose buffers are freed between its parts; they are compiled apart here so that each
+pass gets its own peak. The jitted (synthetic-task) loop runs the same pure functions
+inside one scan.
+
+Per phase: XLA's per-device buffer assignment (`compiled.memory_analysis()`: arguments,
+temporaries, outputs, minus outputs aliased to donated inputs = the peak), the largest
+buffers of the compiled program, and its collectives read from the partitioned HLO
+(`parse_collectives`): the result of an all-gather, the operand of a reduce-scatter or
+all-reduce, the result of an all-to-all or collective-permute, each times the trip counts
+of the loops around it. Next to them, the FSDP floor (`fsdp_floor_bytes`).
+
+All figures are CPU-compiled estimates: the CPU backend keeps some bf16 tensors with an
+extra f32 copy and has no TPU tile padding, so treat them as +-30%. XLA:CPU also runs bf16
+collectives in f32 (rounded to bf16, widened around the collective); those count as the
+bf16 a GPU or TPU moves.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from egpo_jax.models import sharding
+from egpo_jax.models.config import ModelConfig
+from egpo_jax.types import TrainState
+
+GB = 1e9
+CAVEAT = ("CPU-compiled estimates (XLA's CPU buffer assignment, +-30% of what a GPU or TPU "
+          "allocates); nothing was allocated")
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                    "collective-permute")
+
+# ---------------------------------------------------------------------------------------
+# The partitioned HLO: collectives, loops and buffers.
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16, "s4": 1, "u4": 1, "s2": 1, "u2": 1, "token": 0,
+                **{f"f8{k}": 1 for k in ("e4m3", "e4m3fn", "e4m3fnuz", "e4m3b11fnuz", "e5m2",
+                                         "e5m2fnuz", "e3m4", "e8m0fnu")}}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*)$")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLEES = re.compile(r"\b(body|condition|calls|true_computation|false_computation)=%([^\s,)]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Instructions that name or forward existing buffers rather than writing a new one.
+_NO_BUFFER = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+              "after-all", "partition-id", "replica-id", "while", "conditional", "call"}
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string: an array `bf16[16,4096,1536]{2,1,0}` or a tuple."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype not in _DTYPE_BYTES:
+      raise ValueError(f"HLO shape {shape!r}: unknown element type {dtype!r}")
+    total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """'(f32[2], s32[]) all-reduce(...)' -> ('(f32[2], s32[])', 'all-reduce(...)')."""
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].strip()
+  shape, _, tail = rest.partition(" ")
+  return shape, tail.strip()
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """Top-level elements of a tuple shape (an array shape is its own single element)."""
+  if not shape.startswith("("):
+    return [shape]
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(shape):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    if (ch == "," and depth == 1) or i == len(shape) - 1:
+      out.append(shape[start:i].strip())
+      start = i + 1
+  return [s for s in out if s]
+
+
+def replica_group_size(attrs: str, num_partitions: int) -> int:
+  """Devices per replica group of a collective, from any of XLA's three spellings:
+  `{{0,1},{2,3}}`, iota `[2,4]<=[8]`, or `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  if m:
+    sizes = dict((k.strip("' "), int(v)) for k, v in
+                 (item.split("=") for item in m.group(1).split(",") if item))
+    return math.prod(sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip())
+  m = re.search(r"replica_groups=\[([0-9,]+)\]<=", attrs)
+  if m:
+    return int(m.group(1).split(",")[-1])
+  m = re.search(r"replica_groups=\{\{([0-9,]*)\}", attrs)
+  if m:
+    return len(m.group(1).split(","))
+  return num_partitions   # `replica_groups={}`: one group of every device
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of a compiled program, per device.
+
+  bytes: the counted buffer of one execution (see `parse_collectives`).
+  executions: how often it runs per call of the program (product of enclosing loops'
+    trip counts).
+  group_size: devices in each of its replica groups.
+  """
+  kind: str
+  bytes: int
+  executions: int
+  group_size: int
+  replica_groups: str
+  op_name: str
+
+  @property
+  def total_bytes(self) -> int:
+    return self.bytes * self.executions
+
+
+@dataclasses.dataclass(frozen=True)
+class HloSummary:
+  """What `parse_hlo` reads from a partitioned module.
+
+  unknown_loops: per-trip collective bytes of each `while` loop whose trip count XLA
+    could not prove, in program order (the rollout's decode loops); their collectives
+    count with the trip counts the caller gave.
+  """
+  collectives: tuple[Collective, ...]
+  largest_buffers: tuple[dict[str, Any], ...]
+  unknown_loops: tuple[int, ...]
+
+
+def _parse_module(hlo: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], str, int]:
+  """computation name -> [(name, shape, opcode, rest)], the entry's name, partitions."""
+  comps: dict[str, list[tuple[str, str, str, str]]] = {}
+  entry, current = "", None
+  m = re.search(r"num_partitions=(\d+)", hlo)
+  partitions = int(m.group(1)) if m else 1
+  for line in hlo.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and not line.lstrip().startswith(("ROOT", "%" + head.group(2) + " =")):
+      current = head.group(2)
+      comps[current] = []
+      if head.group(1):
+        entry = current
+      continue
+    inst = _INSTRUCTION.match(line) if current else None
+    if inst:
+      shape, tail = _split_shape(inst.group(2))
+      opcode = tail.split("(", 1)[0].strip()
+      comps[current].append((inst.group(1), shape, opcode, tail))
+  if not entry:
+    raise ValueError("HLO text has no ENTRY computation")
+  return comps, entry, partitions
+
+
+def _widened_bf16(comps, defs: dict[str, tuple[str, str]], operand: str) -> bool:
+  """Whether `operand` is bf16 values carried in f32: a fusion that rounds to bf16 and
+  converts back. XLA:CPU runs bf16 collectives that way (its float normalisation), where a
+  GPU or TPU moves the bf16 values themselves."""
+  opcode, rest = defs.get(operand, ("", ""))
+  called = _CALLEES.findall(rest)
+  if opcode != "fusion" or not called:
+    return False
+  body = comps.get(called[0][1], [])
+  rounded = {name for name, shape, op, _ in body if op == "convert" and shape.startswith("bf16")}
+  return any(op == "convert" and shape.startswith("f32")
+             and any(f"%{r})" in tail or f"%{r}," in tail for r in rounded)
+             for _, shape, op, tail in body)
+
+
+def _counted_bytes(kind: str, opcode: str, shape: str, group: int,
+                   widened: Sequence[bool] = ()) -> int:
+  """Result of an all-gather, operand of a reduce-scatter / all-reduce, result otherwise;
+  an f32 part that carries bf16 values (`widened`, per operand) counts 2 bytes a value."""
+  parts = _tuple_elements(shape)
+  if opcode.endswith("-start"):
+    if kind == "all-gather":   # (operands..., results...)
+      parts = parts[len(parts) // 2:]
+    elif kind == "collective-permute":   # (operand, result, contexts...)
+      parts = parts[1:2]
+  nbytes = sum(shape_bytes(p) // (2 if i < len(widened) and widened[i] and
+                                  p.startswith("f32") else 1)
+               for i, p in enumerate(parts))
+  return nbytes * group if kind == "reduce-scatter" else nbytes
+
+
+def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: int = 8
+              ) -> HloSummary:
+  """Collectives (times their loops' trip counts) and largest buffers of a compiled,
+  partitioned HLO module (`compiled.as_text()`); shapes there are per device.
+
+  A `while` loop's trip count is XLA's `known_trip_count`; the i-th loop without one (in
+  program order) runs `unknown_trip_counts[i]` times (1 when the list is shorter).
+  Collectives inside fusions or async wrappers count where their caller runs. bf16 values
+  that XLA:CPU widens to f32 around a collective count as bf16 (`_widened_bf16`).
+  """
+  comps, entry, partitions = _parse_module(hlo)
+  defs = {comp: {name: (opcode, rest) for name, _, opcode, rest in insts}
+          for comp, insts in comps.items()}
+  collectives: list[Collective] = []
+  buffers: dict[tuple[str, str], dict[str, Any]] = {}
+  unknown: list[int] = []
+
+  def visit(comp: str, executions: int, fused: bool) -> int:
+    """Walks `comp`; returns the collective bytes of one execution of it."""
+    own = 0
+    for name, shape, opcode, rest in comps.get(comp, []):
+      kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+      if kind in COLLECTIVE_KINDS:
+        group = replica_group_size(rest, partitions)
+        operands = re.findall(r"%([^\s,()]+)", rest.split(")", 1)[0])
+        widened = [not opcode.endswith("-start") and _widened_bf16(comps, defs[comp], o)
+                   for o in operands]
+        nbytes = _counted_bytes(kind, opcode, shape, group, widened)
+        op = _OP_NAME.search(rest)
+        groups = re.search(r"replica_groups=(mesh\[[^\]]*\]\s*\{[^}]*\}|\S+?)(,\s|$)", rest)
+        collectives.append(Collective(kind, nbytes, executions, group,
+                                      groups.group(1) if groups else "",
+                                      op.group(1) if op else name))
+        own += nbytes
+      elif not fused and opcode not in _NO_BUFFER and not opcode.endswith("-done"):
+        nbytes = shape_bytes(shape)
+        op = _OP_NAME.search(rest)
+        key = (shape.split("{")[0], op.group(1) if op else opcode)
+        if nbytes and nbytes > buffers.get(key, {}).get("bytes", 0):
+          buffers[key] = {"bytes": nbytes, "shape": key[0], "opcode": opcode,
+                          "op_name": key[1][-120:], "executions": executions}
+      callees = dict(_CALLEES.findall(rest))
+      if opcode == "while":
+        trip = _TRIP.search(rest)
+        if trip:
+          n = int(trip.group(1))
+        else:
+          index = len(unknown)
+          unknown.append(0)
+          n = unknown_trip_counts[index] if index < len(unknown_trip_counts) else 1
+        per_trip = visit(callees["body"], executions * n, fused)
+        if not trip:
+          unknown[index] = per_trip
+        own += per_trip * n
+        continue
+      targets = [callees[k] for k in ("calls", "true_computation", "false_computation")
+                 if k in callees]
+      branches = _BRANCHES.search(rest)
+      if branches:
+        targets += [b.strip().lstrip("%") for b in branches.group(1).split(",") if b.strip()]
+      for target in targets:
+        own += visit(target, executions, fused or opcode == "fusion")
+    return own
+
+  visit(entry, 1, False)
+  largest = sorted(buffers.values(), key=lambda b: -b["bytes"])[:top_buffers]
+  return HloSummary(tuple(collectives), tuple(largest), tuple(unknown))
+
+
+def bytes_by_kind(collectives: Sequence[Collective]) -> dict[str, int]:
+  """Total bytes per call of the program, per collective kind (kinds absent: 0)."""
+  out = {k: 0 for k in COLLECTIVE_KINDS}
+  for c in collectives:
+    out[c.kind] += c.total_bytes
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# The FSDP floor.
+
+def fsdp_floor_bytes(params: Any, mesh: Mesh, compute_dtype: Any, *, gathers: int,
+                     gradients: bool) -> int:
+  """Per-device collective bytes that FSDP cannot avoid on one pass of one micro-batch.
+
+  Every parameter sharded over `fsdp` is all-gathered `gathers` times (forward: 1,
+  forward + backward: 2) in the compute dtype, counting the gathered result (its share of
+  a `tensor` split stays local). With `gradients`, every gradient is reduced over the
+  batch axes in float32, counting the operand of its reduce-scatter (all-reduce where it
+  is not fsdp-sharded): the issue's 2 x P x bytes + P x 4 per micro-batch on a pure FSDP
+  mesh. A mesh of one device moves nothing.
+  """
+  specs = sharding.param_partition_specs(params, mesh)
+  itemsize = np.dtype(compute_dtype).itemsize
+  batch_devices = math.prod(mesh.shape[a] for a in sharding.BATCH)
+  total = 0
+  for leaf, spec in zip(jax.tree.leaves(params), jax.tree.leaves(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
+    axes = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+    tensor = mesh.shape["tensor"] if "tensor" in axes else 1
+    local = math.prod(leaf.shape) // tensor   # after the gather: the tensor shard
+    if "fsdp" in axes and mesh.shape["fsdp"] > 1:
+      total += gathers * local * itemsize
+    if gradients and batch_devices > 1:
+      total += local * 4
+  return total
+
+
+# ---------------------------------------------------------------------------------------
+# Abstract inputs with the trainer's shardings.
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (a matching tree, or one sharding)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shardings),
+                        tree)
+  return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                      tree, shardings)
+
+
+def batch_sharded(tree: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs of a batch-leading pytree, rows over (data, fsdp) where they divide."""
+  from egpo_jax.training import distributed
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+      s.shape, s.dtype, sharding=distributed.batch_sharding(s.shape, mesh)), tree)
+
+
+def abstract_state(model_config: ModelConfig, optimizer: Any, mesh: Mesh) -> TrainState:
+  """The train state (params + optimizer state + counters) as sharded ShapeDtypeStructs."""
+  from egpo_jax.training import distributed
+  params = sharding.abstract_params(model_config)
+  state = jax.eval_shape(lambda p: TrainState.create(p, optimizer.init(p)), params)
+  return with_shardings(state, distributed.state_shardings(state, mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+  """XLA's per-device buffer assignment of one compiled program (bytes)."""
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+
+  @classmethod
+  def of(cls, compiled) -> CompiledMemory:
+    stats = compiled.memory_analysis()
+    return cls(int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
+               int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes))
+
+  @property
+  def peak_bytes(self) -> int:
+    """Arguments + temporaries + outputs not written in place of donated arguments."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+
+# ---------------------------------------------------------------------------------------
+# The phases.
+
+@dataclasses.dataclass(frozen=True)
+class PhaseReport:
+  """One compiled phase: per-device memory, collectives per iteration, floor."""
+  name: str
+  function: str
+  memory: CompiledMemory
+  hlo: HloSummary
+  floor_bytes: int
+  compile_seconds: float
+  decode_steps: int = 0
+
+  @property
+  def collective_bytes(self) -> int:
+    return sum(c.total_bytes for c in self.hlo.collectives)
+
+  def to_json(self) -> dict[str, Any]:
+    m = self.memory
+    out = {"function": self.function, "peak_bytes_per_device": m.peak_bytes,
+           "argument_bytes": m.argument_bytes, "temp_bytes": m.temp_bytes,
+           "output_bytes": m.output_bytes, "alias_bytes": m.alias_bytes,
+           "collective_bytes_per_iteration": self.collective_bytes,
+           "collective_bytes_by_kind": bytes_by_kind(self.hlo.collectives),
+           "floor_bytes_per_iteration": self.floor_bytes,
+           "collectives": [dict(dataclasses.asdict(c), total_bytes=c.total_bytes)
+                           for c in self.hlo.collectives],
+           "largest_buffers": list(self.hlo.largest_buffers),
+           "compile_seconds": round(self.compile_seconds, 2)}
+    if self.decode_steps:
+      loops = self.hlo.unknown_loops
+      out["decode_loops"] = len(loops)
+      out["decode_bytes_per_step"] = int(sum(loops) / max(len(loops), 1))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunSpec:
+  """What one iteration processes, from the config (the edges build it)."""
+  model_config: ModelConfig
+  settings: Any            # iteration.IterationSettings
+  optimizer: Any           # the RL optimizer (optax)
+  algo: Any                # iteration.AlgoArrays
+  prompt_len: int
+  label: str = ""
+
+
+def _decode_trips(prompt_len: int, settings) -> list[int]:
+  """Steps of each decode loop of `engine.continue_rollout` when every row runs to the cap."""
+  from egpo_jax.sampling import engine
+  spec = settings.sampling
+  plan = engine.cache_plan(prompt_len, spec.max_new_tokens, spec.cache_phases)
+  return [b - a for a, b in zip((prompt_len,) + plan[:-1], plan)]
+
+
+def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
+             decode_steps: int = 0, static: dict[str, Any] | None = None) -> PhaseReport:
+  start = time.perf_counter()
+  compiled = jitted.lower(*args, **(static or {})).compile()
+  seconds = time.perf_counter() - start
+  hlo = parse_hlo(compiled.as_text(), trips)
+  if trips and len(hlo.unknown_loops) != len(trips):
+    # The engine's loops are not the plan's: spread the steps evenly over the loops found.
+    k = max(len(hlo.unknown_loops), 1)
+    hlo = parse_hlo(compiled.as_text(), [-(-sum(trips) // k)] * k)
+  return PhaseReport(name, function, CompiledMemory.of(compiled), hlo, floor, seconds,
+                     decode_steps)
+
+
+def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
+  """Compiles each phase of one host-mode iteration on `mesh` (call under no mesh
+  context; this sets it). Returns the phases in the order an iteration runs them."""
+  from egpo_jax.training import distributed, host_loop, iteration
+  from egpo_jax.training import update as update_lib
+  log = log or (lambda _msg: None)
+  settings, cfg = spec.settings, spec.model_config
+  b, g = settings.prompts_per_batch, settings.group_size
+  rep = distributed.replicated(mesh)
+  state = abstract_state(cfg, spec.optimizer, mesh)
+  params = state.params
+  use_ref = bool(settings.update.kl_coef)
+  ref_params = params if use_ref else None
+  ids = batch_sharded(jax.ShapeDtypeStruct((b, spec.prompt_len), jnp.int32), mesh)
+  mask = batch_sharded(jax.ShapeDtypeStruct((b, spec.prompt_len), jnp.bool_), mesh)
+  rng = with_shardings(jax.eval_shape(lambda: jax.random.PRNGKey(0)), rep)
+  algo = with_shardings(spec.algo, rep)
+  compute = jnp.dtype(cfg.dtype)
+  u = settings.update
+  micro_per_iteration = u.ppo_epochs * u.minibatches * u.micro_batches
+  floor = functools.partial(fsdp_floor_bytes, params, mesh, compute)
+  phases = []
+  with jax.set_mesh(mesh):
+    static = {"model_config": cfg, "settings": settings}
+    trips = _decode_trips(spec.prompt_len, settings)
+    log("compiling rollout")
+    # Prefill and each decode loop need the weights once (issue 25's target).
+    phases.append(_compile("rollout", "host_loop._rollout", host_loop._rollout,
+                           (params, ids, mask, rng), static=static,
+                           floor=floor(gathers=1 + len(trips), gradients=False), trips=trips,
+                           decode_steps=sum(trips)))
+    gen = jax.eval_shape(functools.partial(host_loop._rollout, **static), params, ids, mask,
+                         rng)
+    correct = batch_sharded(jax.ShapeDtypeStruct((b * g,), jnp.bool_), mesh)
+    groups = batch_sharded(jax.eval_shape(
+        functools.partial(host_loop._group, settings=settings), ids, mask,
+        batch_sharded(gen, mesh), correct, algo.overlong), mesh)
+
+    def prepare(pass_settings):
+      return jax.jit(functools.partial(iteration.prepare_batch, model_config=cfg,
+                                       settings=pass_settings))
+
+    # A forward pass gathers each micro-batch's weights once (`update.batch_logprobs` runs
+    # minibatches x micro_batches of them, once per iteration whatever the PPO epochs).
+    pass_floor = floor(gathers=1, gradients=False) * u.minibatches * u.micro_batches
+    trainer_pass = settings.old_logps == "recompute" or settings.tis_cap > 0
+    no_kl = dataclasses.replace(settings, update=dataclasses.replace(u, kl_coef=0.0))
+    log("compiling old_logps")
+    phases.append(_compile(
+        "old_logps", "iteration.prepare_batch (no KL pass)", prepare(no_kl),
+        (params, None, groups, algo),
+        floor=pass_floor if trainer_pass else 0))
+    if use_ref:
+      ref_only = dataclasses.replace(settings, old_logps="sampler", tis_cap=0.0)
+      log("compiling ref_logps")
+      phases.append(_compile(
+          "ref_logps", "iteration.prepare_batch (reference pass only)", prepare(ref_only),
+          (params, ref_params, groups, algo),
+          floor=pass_floor))
+    batch = batch_sharded(jax.eval_shape(prepare(settings), params, ref_params, groups,
+                                         algo)[0], mesh)
+    update = jax.jit(functools.partial(
+        update_lib.update, optimizer=spec.optimizer, model_config=cfg, settings=u,
+        switches=spec.algo.loss_switches(), group_size=g),
+        out_shardings=(distributed.state_shardings(state, mesh), rep), donate_argnums=(0,))
+    log("compiling update")
+    phases.append(_compile("update", "update.update (state donated)", update,
+                           (state, batch, rng),
+                           floor=floor(gathers=2, gradients=True) * micro_per_iteration))
+  return phases
+
+
+# ---------------------------------------------------------------------------------------
+# The report.
+
+def report_json(phases: Sequence[PhaseReport], spec: DryRunSpec, mesh: Mesh,
+                state_bytes: int) -> dict[str, Any]:
+  """The JSON `--dry_run_json` writes (keys documented in docs/LAUNCHING.md)."""
+  s, cfg = spec.settings, spec.model_config
+  total = sum(p.collective_bytes for p in phases)
+  floor = sum(p.floor_bytes for p in phases)
+  kinds = collections.Counter()
+  for p in phases:
+    kinds.update(bytes_by_kind(p.hlo.collectives))
+  return {
+      "label": spec.label, "caveat": CAVEAT,
+      "devices": mesh.size, "mesh": dict(mesh.shape),
+      "model": {"params": cfg.num_params(), "dtype": cfg.dtype,
+                "param_dtype": cfg.param_dtype, "remat": cfg.remat},
+      "batch": {"prompts": s.prompts_per_batch, "group_size": s.group_size,
+                "prompt_len": spec.prompt_len, "max_new_tokens": s.sampling.max_new_tokens,
+                "micro_batches": s.update.micro_batches, "minibatches": s.update.minibatches,
+                "ppo_epochs": s.update.ppo_epochs, "old_logps": s.old_logps},
+      "state_bytes_per_device": state_bytes,
+      "phases": {p.name: p.to_json() for p in phases},
+      "collectives": {"bytes_per_iteration": total, "floor_bytes_per_iteration": floor,
+                      "bytes_by_kind": {k: kinds[k] for k in COLLECTIVE_KINDS},
+                      "update_bytes_per_iteration": next(
+                          (p.collective_bytes for p in phases if p.name == "update"), 0),
+                      "update_floor_bytes_per_iteration": next(
+                          (p.floor_bytes for p in phases if p.name == "update"), 0)},
+  }
+
+
+def _gb(x: float) -> str:
+  return f"{x / GB:.2f}"
+
+
+def _unit(report: dict[str, Any]) -> tuple[float, str]:
+  """GB, or MB for a model whose every phase fits in 1 GB (the tiny test models)."""
+  peak = max(p["peak_bytes_per_device"] for p in report["phases"].values())
+  return (GB, "GB") if peak >= GB else (1e6, "MB")
+
+
+def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
+  """The human-readable table `--dry_run` prints."""
+  b, m = report["batch"], report["model"]
+  scale, unit = _unit(report)
+  fmt = lambda x: f"{x / scale:.2f}"   # noqa: E731  (in the report's unit)
+  mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+  lines = [
+      f"Dry run {report['label']}: {m['params'] / 1e9:.2f} B params ({m['dtype']} compute, "
+      f"{m['param_dtype']} params, remat={m['remat']}), mesh {mesh} = {report['devices']} "
+      "devices",
+      f"Iteration: {b['prompts']} prompts x {b['group_size']} = "
+      f"{b['prompts'] * b['group_size']} responses, prompt {b['prompt_len']} + response "
+      f"{b['max_new_tokens']} tokens; update {b['ppo_epochs']} epoch(s) x "
+      f"{b['minibatches']} minibatch(es) x {b['micro_batches']} micro-batches; old log-probs "
+      f"from the {b['old_logps']}",
+      f"Figures are {CAVEAT}.",
+      f"Train state per device: {fmt(report['state_bytes_per_device'])} {unit}",
+      "",
+      f"{'phase':10s} {'peak ' + unit:>8s} {'args':>7s} {'temp':>7s} {'out':>7s} {'alias':>7s}"
+      f" {'coll. ' + unit + '/it':>11s} {'floor ' + unit + '/it':>11s} {'compile s':>9s}  function"]
+  for name, p in report["phases"].items():
+    lines.append(
+        f"{name:10s} {fmt(p['peak_bytes_per_device']):>8s} {fmt(p['argument_bytes']):>7s}"
+        f" {fmt(p['temp_bytes']):>7s} {fmt(p['output_bytes']):>7s} {fmt(p['alias_bytes']):>7s}"
+        f" {fmt(p['collective_bytes_per_iteration']):>11s}"
+        f" {fmt(p['floor_bytes_per_iteration']):>11s} {p['compile_seconds']:>9.1f}"
+        f"  {p['function']}")
+  c = report["collectives"]
+  ratio = (c["update_bytes_per_iteration"] / c["update_floor_bytes_per_iteration"]
+           if c["update_floor_bytes_per_iteration"] else float("nan"))
+  lines += ["", f"Collectives per iteration: {fmt(c['bytes_per_iteration'])} {unit} per "
+            f"device (FSDP floor {fmt(c['floor_bytes_per_iteration'])} {unit}); update "
+            f"{fmt(c['update_bytes_per_iteration'])} {unit} = {ratio:.2f} x its floor",
+            "  by kind: " + ", ".join(f"{k} {fmt(v)} {unit}"
+                                      for k, v in c["bytes_by_kind"].items() if v)]
+  for name, p in report["phases"].items():
+    kinds = ", ".join(f"{k} {fmt(v)}" for k, v in p["collective_bytes_by_kind"].items() if v)
+    if kinds:
+      lines.append(f"  {name}: {kinds} {unit}")
+    if "decode_bytes_per_step" in p:
+      lines.append(f"  {name}: {p['decode_loops']} decode loop(s), "
+                   f"{p['decode_bytes_per_step'] / 1e6:.1f} MB of collectives per token step")
+  lines += ["", f"Largest buffers per device ({unit}):"]
+  for name, p in report["phases"].items():
+    for buf in p["largest_buffers"][:top_buffers]:
+      runs = f" x{buf['executions']} runs" if buf["executions"] > 1 else ""
+      lines.append(f"  {name:10s} {fmt(buf['bytes']):>7s} {buf['shape']:32s} "
+                   f"{buf['opcode']}{runs}  {buf['op_name'][-70:]}")
+  return "\n".join(lines)
+
+
+def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
+  """One line naming the first phase whose peak exceeds the device memory, else None."""
+  for name, p in report["phases"].items():
+    if p["peak_bytes_per_device"] > device_memory_gb * GB:
+      return (f"error: phase {name!r} needs {_gb(p['peak_bytes_per_device'])} GB per device"
+              f" > --device_memory_gb={device_memory_gb:g} (estimate +-30%): raise "
+              "ppo.micro_batches, add devices or set model.remat")
+  return None
+
+
+# ---------------------------------------------------------------------------------------
+# The command-line edge (`experiments.main --dry_run`).
+
+class DryRunError(ValueError):
+  """Bad dry-run input; the message is one line naming the cause."""
+
+
+def use_devices(num_devices: int) -> None:
+  """Makes JAX start with `num_devices` fake CPU devices (before its backend starts)."""
+  if num_devices < 1:
+    raise DryRunError(f"--dry_run_devices={num_devices}: use >= 1 (0 = the real devices)")
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    if jax.default_backend() == "cpu" and jax.device_count() == num_devices:
+      return
+    raise DryRunError(f"--dry_run_devices={num_devices}: JAX already started with "
+                      f"{jax.device_count()} {jax.default_backend()} devices; pass the flag "
+                      "before anything touches a device")
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", num_devices)
+
+
+def spec_from_config(c) -> DryRunSpec:
+  """Model shapes from `model.path`'s config.json, else the backbone preset (`model.name`
+  for "hf", else `model.preset`); no weights, tokenizer or data are read. Token ids
+  (EOS, pad, segment delimiter) are placeholders: no shape depends on them."""
+  from egpo_jax.models import config as model_config_lib
+  from egpo_jax.training import config as config_lib
+  from egpo_jax.training import iteration, train
+  if c.task.name == "jsonl" and not c.task.train_file:
+    # No data is read: check the rest as for the in-memory task (no shape depends on it).
+    c = config_lib.with_overrides(c, {"task.name": "synthetic"})
+  c = config_lib.checked(c)
+  m = c.model
+  if m.path:
+    model_config = model_config_lib.load_hf_config(m.path, dtype=m.dtype, remat=m.remat)
+  else:
+    name = m.name if m.preset == "hf" else m.preset
+    try:
+      model_config = model_config_lib.get_config(name, dtype=m.dtype, remat=m.remat)
+    except KeyError as err:
+      raise DryRunError(f"config.model.name={name!r}: {err.args[0]}") from None
+  delimiter = (1,) if c.algo.entropy_segment != "joint" else None
+  settings = config_lib.iteration_settings(c, eos_ids=(0,), pad_id=0,
+                                           delimiter_ids=delimiter)
+  algo = jax.eval_shape(lambda: iteration.AlgoArrays.create(
+      c.algo.variant, lam_min=c.algo.lam_min, lam_max=c.algo.lam_max))
+  optimizer = train.rl_optimizer(c, int(c.train.iterations))
+  label = f"{c.algo.advantage} on {m.path or m.name or m.preset}"
+  return DryRunSpec(model_config, settings, optimizer, algo, int(c.task.max_prompt_len),
+                    label)
+
+
+def run(c, *, devices: int = 0, log=None) -> dict[str, Any]:
+  """The dry run of config `c` as the report dict (`report_json`); raises DryRunError
+  (or config.ConfigError) on bad input before compiling anything."""
+  from egpo_jax.training import distributed
+  if devices:
+    use_devices(devices)
+  spec = spec_from_config(c)
+  try:
+    mesh = distributed.mesh_from_config(c)
+  except ValueError as err:
+    raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
+  phases = run_phases(spec, mesh, log=log)
+  state = abstract_state(spec.model_config, spec.optimizer, mesh)
+  return report_json(phases, spec, mesh, sharding.per_device_bytes(state))
+
+
+def main(c, *, devices: int = 0, json_path: str = "", device_memory_gb: float = 0.0) -> int:
+  """`experiments.main --dry_run`: prints the report; 0 when every phase fits, 1 when a
+  phase exceeds `device_memory_gb`, 2 on bad input (one line on stderr)."""
+  try:
+    if device_memory_gb < 0:
+      raise DryRunError(f"--device_memory_gb={device_memory_gb:g}: use > 0 (0 = no check)")
+    report = run(c, devices=devices,
+                 log=lambda msg: print(f"dry run: {msg}", flush=True))
+  except (ValueError, OSError) as err:   # DryRunError, ConfigError, a missing config.json
+    print("error: " + (str(err).splitlines()[0] if str(err) else repr(err)), file=sys.stderr)
+    return 2
+  print(format_report(report))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(report, f, indent=1)
+  if device_memory_gb:
+    problem = check_fits(report, device_memory_gb)
+    if problem:
+      print(problem, file=sys.stderr)
+      return 1
+  return 0

@@ -1,0 +1,53 @@
+"""The paper_scale scenario's table and target checks, on hand-made dry-run reports."""
+
+import pytest
+
+from benchmarks.scenarios import paper_scale
+
+GB = 1e9
+
+
+def _report(devices, *, update_peak, state, rollout_peak, coll, floor, decode=None):
+  rollout = {"peak_bytes_per_device": rollout_peak * GB}
+  if decode is not None:
+    rollout["decode_bytes_per_step"] = decode
+  return {"devices": devices, "state_bytes_per_device": state * GB,
+          "phases": {"rollout": rollout,
+                     "old_logps": {"peak_bytes_per_device": 1.0 * GB},
+                     "update": {"peak_bytes_per_device": update_peak * GB,
+                                "collective_bytes_per_iteration": coll * GB,
+                                "floor_bytes_per_iteration": floor * GB}}}
+
+
+R8 = _report(8, update_peak=30.0, state=10.0, rollout_peak=20.0, coll=1200.0, floor=1000.0,
+             decode=2.5e6)
+R16 = _report(16, update_peak=20.0, state=5.0, rollout_peak=12.0, coll=2000.0, floor=1000.0)
+
+
+def test_row_reads_peaks_state_collectives_and_decode_bytes():
+  row = paper_scale.row(R8)
+  assert row == {"devices": 8, "rollout peak GB": 20.0, "old_logps peak GB": 1.0,
+                 "update peak GB": 30.0, "state GB": 10.0, "update coll. GB": 1200.0,
+                 "update floor GB": 1000.0, "update x floor": 1.2, "decode MB/step": 2.5}
+  assert "decode MB/step" not in paper_scale.row(R16)
+
+
+def test_targets_fit_floor_and_activation_shrink():
+  checks = paper_scale.targets({("qwen2.5-math-7b", 8): R8, ("qwen2.5-math-7b", 16): R16})
+  # 7B on 8: every phase <= 70 GB; 1.2x the floor <= 1.5x.
+  assert checks[("qwen2.5-math-7b", 8)] == {"fit target": "<= 70 GB: met",
+                                            "floor target": "met"}
+  c16 = checks[("qwen2.5-math-7b", 16)]
+  assert c16["fit target"] == "<= 28 GB: met"
+  assert c16["floor target"] == "missed (1.33x)"          # 2.0 / 1.5
+  # Activations (peak - state): 15 GB on 16 vs 20 GB on 8 = 0.75 > 0.6.
+  assert c16["activations 16/8"] == "0.75: missed (1.25x)"
+  assert paper_scale.activation_ratio(R8, R16) == pytest.approx(0.75)
+
+
+def test_targets_without_a_fit_target_or_a_pair():
+  checks = paper_scale.targets({("qwen2.5-math-1.5b", 8): R8})
+  assert checks[("qwen2.5-math-1.5b", 8)] == {"floor target": "met"}
+  big = _report(16, update_peak=15.0, state=1.0, rollout_peak=12.0, coll=1.0, floor=1.0)
+  assert paper_scale.targets({("qwen2.5-math-1.5b", 16): big})[
+      ("qwen2.5-math-1.5b", 16)]["fit target"] == "<= 14 GB: missed (1.07x)"
