@@ -1,0 +1,245 @@
+"""One regime of the EGPO vs GRPO study: EGPO, GRPO and EGPO without NSR x seeds, as ONE
+vmapped program (`egpo_jax.training.ablation`), then the pre-registered analysis.
+
+    python -m experiments.study --regime=default --output_dir=study_results
+    python -m experiments.study --regime=all_wrong \
+        --config=experiments/configs/study.py:pilot --output_dir=/tmp/pilot
+
+Writes <output_dir>/<regime>.json (the settings, per-seed raw values of every outcome,
+the validation curves and the analysis) and <regime>.md (the tables). The design, the
+measures and the tests are in notebooks/PREREGISTRATION.md; in short, per seed:
+
+  accuracy              validation accuracy after the last iteration (PRIMARY): the mean
+                        verdict of `eval_samples` samples at temperature 1 on the same
+                        `eval_prompts` held-out prompts, with the same keys, for every arm
+  learning_speed        area under the validation accuracy curve / iterations (trapezoid
+                        over the evaluation points 0, eval_every, ..., iterations)
+  entropy_gap, auroc, ece, overconfident_wrong   calibration of exp(-H~) (Eq. 5) on those
+                        samples, after the last iteration
+  grpo accuracy at iterations / 2   the positive control (GRPO with half the iterations)
+
+Tests: paired over seeds (paired t, with the sign-flip permutation p alongside); the
+primary family is {egpo vs grpo, egpo vs egpo_no_nsr} on accuracy, Holm at `alpha`; the
+secondary outcomes form a second Holm family (exploratory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from egpo_jax.evaluation import stats
+from experiments.configs import study as study_configs
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "study.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Study config (a Python file; "
+                                          "':pilot' or ':tiny' picks a setting).")
+_REGIME = flags.DEFINE_enum("regime", None, list(study_configs.REGIMES), "The regime to run.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
+                                  "Where <regime>.json and <regime>.md are written.")
+
+PRIMARY = "accuracy"
+SECONDARY = ("learning_speed", "entropy_gap", "auroc", "ece", "overconfident_wrong")
+CONTROL = "grpo"
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises one line naming the field and the fix; before anything runs or is written."""
+  def need(ok, field, fix):
+    if not ok:
+      raise ValueError(f"config.{field}={cfg[field]!r}: {fix}")
+  need(len(cfg.arms) == len(set(cfg.arms)) >= 2 and cfg.reference in cfg.arms, "arms",
+       f"give distinct algorithm names including the reference {cfg.reference!r}")
+  need(CONTROL in cfg.arms, "arms", f"the positive control needs {CONTROL!r} among the arms")
+  need(cfg.num_seeds >= 2, "num_seeds", "paired tests need at least 2 seeds")
+  need(cfg.setting == "pilot" or cfg.first_seed + cfg.num_seeds <= 1000, "first_seed",
+       "seeds from 1000 are the pilot's; keep the confirmatory sample below 1000")
+  need(cfg.iterations % (2 * cfg.eval_every) == 0, "iterations",
+       "use a multiple of 2 x eval_every, so the control's half-way point is evaluated")
+  need(cfg.eval_prompts >= 1, "eval_prompts", "give a positive number of prompts")
+
+
+def regime_config(cfg: ml_collections.ConfigDict, regime: str) -> ml_collections.ConfigDict:
+  """The trainer config of a regime: cfg.trainer with the regime's overrides."""
+  from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  if regime not in study_configs.REGIMES:
+    raise ValueError(f"regime={regime!r}: use one of {list(study_configs.REGIMES)}")
+  c = config_lib.with_overrides(cfg.trainer, study_configs.REGIMES[regime])
+  return config_lib.with_overrides(c, {"train.iterations": cfg.iterations})
+
+
+def run_regime(cfg: ml_collections.ConfigDict, regime: str, *, progress: bool = True
+               ) -> dict[str, Any]:
+  """Warm-starts the regime's model once and trains every arm x seed as one program.
+
+  Returns `ablation.run`'s result with "regime" and "seeds" set.
+  """
+  from egpo_jax.training import ablation  # pylint: disable=g-import-not-at-top
+  check_config(cfg)
+  setup = ablation.setup(regime_config(cfg, regime), oversample=1,
+                         eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
+                         overconfident_at=cfg.overconfident_at)
+  seeds = range(cfg.first_seed, cfg.first_seed + cfg.num_seeds)
+  result = ablation.run(setup, ablation.algorithms(cfg.arms), seeds,
+                        num_iterations=cfg.iterations, eval_every=cfg.eval_every,
+                        progress=progress)
+  return {**result, "regime": regime}
+
+
+def outcomes(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """{outcome: float [arms, seeds]}: the measures of the module doc, per seed."""
+  val = result["val"]
+  x = np.asarray(result["eval_iterations"], np.float64)
+  out = {PRIMARY: val["accuracy"][:, :, -1],
+         "learning_speed": np.trapezoid(val["accuracy"], x, axis=-1) / x[-1]}
+  for k in SECONDARY[1:]:
+    out[k] = val[k][:, :, -1]
+  return out
+
+
+def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val_acc: Any,
+            eval_iterations: Sequence[int], cfg: ml_collections.ConfigDict
+            ) -> dict[str, Any]:
+  """The pre-registered analysis of one regime.
+
+  Args:
+    per_seed: `outcomes(result)`.
+    names: the arms, in the rows' order.
+    result_val_acc: validation accuracy [arms, seeds, evaluations] (for the control).
+    eval_iterations: the iterations of the evaluations.
+    cfg: the study config (reference, alpha, mde, power).
+
+  Returns:
+    {"primary": [tests], "secondary": [tests], "arms": {outcome: rows},
+     "control": test, "design": {...}}: tests as `stats.paired_test` plus "outcome",
+    "name", "reference", "p_holm", "significant"; "design" holds the observed SD of the
+    paired differences of the primary tests, the power the design had for `mde` at it and
+    the n it asks for.
+  """
+  idx = {n: i for i, n in enumerate(names)}
+  ref = cfg.reference
+  others = [n for n in names if n != ref]
+
+  def family(outcomes_: Sequence[str]) -> list[dict[str, Any]]:
+    tests = [{"outcome": o, "name": ref, "reference": n,
+              **stats.paired_test(per_seed[o][idx[ref]], per_seed[o][idx[n]])}
+             for o in outcomes_ for n in others]
+    for t, p in zip(tests, stats.holm([t["p"] for t in tests])):
+      t["p_holm"] = float(p)
+      t["significant"] = bool(np.isfinite(p) and p < cfg.alpha)
+    return tests
+
+  primary, secondary = family([PRIMARY]), family(SECONDARY)
+  arms = {o: [{"name": n, **dict(zip(("mean", "low", "high", "n"), stats.mean_ci(v)))}
+              for n, v in zip(names, per_seed[o])] for o in (PRIMARY, *SECONDARY)}
+  acc = np.asarray(result_val_acc, np.float64)[idx[CONTROL]]
+  half = list(eval_iterations).index(eval_iterations[-1] // 2)
+  control = {"name": f"{CONTROL} at {eval_iterations[-1]}",
+             "reference": f"{CONTROL} at {eval_iterations[half]}",
+             **stats.paired_test(acc[:, -1], acc[:, half])}
+  # Planning level: Bonferroni's alpha / m bounds Holm's first step from below.
+  alpha_plan = cfg.alpha / len(primary)
+  sds = [t["sd"] for t in primary if np.isfinite(t["sd"]) and t["sd"] > 0]
+  n = int(min(t["n"] for t in primary))
+  design = {"mde": cfg.mde, "power_target": cfg.power, "alpha_planning": alpha_plan,
+            "sd_diff": max(sds) if sds else math.nan, "n": n}
+  if sds:
+    design.update(power_at_n=stats.power_paired(n, max(sds), cfg.mde, alpha_plan),
+                  mde_at_n=stats.mde_paired(n, max(sds), alpha=alpha_plan, power=cfg.power),
+                  n_required=stats.required_n(max(sds), cfg.mde, alpha=alpha_plan,
+                                              power=cfg.power, n_min=16))
+  return {"primary": primary, "secondary": secondary, "arms": arms, "control": control,
+          "design": design}
+
+
+def markdown(regime: str, analysis: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+  """The regime's tables: arms, primary tests, secondary tests, control and design."""
+  f = stats.fmt
+  lines = [f"# Study regime `{regime}`", "",
+           f"{len(result['seeds'])} seeds per arm ({result['seeds'][0]}..{result['seeds'][-1]}),"
+           f" {int(result['iterations'][-1])} iterations, warm-up {result['warmup']}, "
+           f"{result['seconds']:.0f} s for the RL of all runs.", "",
+           "| outcome | " + " | ".join(r["name"] for r in analysis["arms"][PRIMARY]) + " |",
+           "|---|" + "---|" * len(analysis["arms"][PRIMARY])]
+  for o, rows in analysis["arms"].items():
+    lines.append(f"| {o} | " + " | ".join(
+        f"{f(r['mean'])} [{f(r['low'])}, {f(r['high'])}]" for r in rows) + " |")
+  lines += ["", "| family | outcome | comparison | diff [95% CI] | p (t) | p (sign flip) | "
+            "p (Holm) | significant |", "|---|---|---|---|---|---|---|---|"]
+  for fam in ("primary", "secondary"):
+    for t in analysis[fam]:
+      lines.append(f"| {fam} | {t['outcome']} | {t['name']} - {t['reference']} | "
+                   f"{f(t['diff'], 4)} [{f(t['diff_low'], 4)}, {f(t['diff_high'], 4)}] | "
+                   f"{f(t['p'], 4)} | {f(t['p_sign_flip'], 4)} | {f(t['p_holm'], 4)} | "
+                   f"{'yes' if t['significant'] else 'no'} |")
+  c, d = analysis["control"], analysis["design"]
+  lines += ["", f"Positive control, accuracy {c['name']} - {c['reference']}: "
+            f"{f(c['diff'], 4)} [{f(c['diff_low'], 4)}, {f(c['diff_high'], 4)}], "
+            f"p = {f(c['p'], 4)}.", "",
+            f"Design: n = {d['n']} pairs, SD of the primary paired differences "
+            f"{f(d['sd_diff'], 4)}; at alpha {f(d['alpha_planning'], 4)} the power for a "
+            f"{f(d['mde'], 3)} difference is {f(d.get('power_at_n'), 3)}, the 80%-power MDE "
+            f"{f(d.get('mde_at_n'), 4)}, and 80% power for {f(d['mde'], 3)} needs n = "
+            f"{d.get('n_required', '-')}."]
+  return "\n".join(lines) + "\n"
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None   # JSON has no NaN
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[str, Any]:
+  """Everything the regime's JSON holds: settings, per-seed raw values, curves, analysis."""
+  per_seed = outcomes(result)
+  analysis = analyse(per_seed, result["names"], result["val"]["accuracy"],
+                     [int(i) for i in result["eval_iterations"]], cfg)
+  return {"regime": result["regime"], "setting": cfg.setting, "config": cfg.to_dict(),
+          "arms": result["names"], "seeds": result["seeds"],
+          "seconds_rl": result["seconds"], "warmup": result["warmup"],
+          "per_seed": per_seed, "eval_iterations": result["eval_iterations"],
+          "val_curves": result["val"], "analysis": analysis}
+
+
+def main(argv):
+  del argv
+  cfg, regime, out_dir = _CONFIG.value, _REGIME.value, _OUTPUT_DIR.value
+  if regime is None:
+    raise app.UsageError(f"--regime is required: one of {list(study_configs.REGIMES)}")
+  check_config(cfg)
+  paths = [os.path.join(out_dir, f"{regime}.{ext}") for ext in ("json", "md")]
+  for p in paths:
+    if os.path.exists(p):
+      raise FileExistsError(f"{p} exists: give another --output_dir or remove it (the "
+                            "study never overwrites results)")
+  result = run_regime(cfg, regime)
+  rep = report(cfg, result)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(paths[0], "w") as fh:
+    json.dump(_jsonable(rep), fh, indent=1)
+  with open(paths[1], "w") as fh:
+    fh.write(markdown(regime, rep["analysis"], result))
+  print(open(paths[1]).read())
+  print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
