@@ -50,6 +50,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
 PRIMARY = "accuracy"
 SECONDARY = ("learning_speed", "entropy_gap", "auroc", "ece", "overconfident_wrong")
 CONTROL = "grpo"
+TRAIN_MEANS = ("accuracy", "frac_all_wrong", "frac_nsr_only_adv")
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -216,7 +217,10 @@ def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[st
           "arms": result["names"], "seeds": result["seeds"],
           "seconds_rl": result["seconds"], "warmup": result["warmup"],
           "per_seed": per_seed, "eval_iterations": result["eval_iterations"],
-          "val_curves": result["val"], "analysis": analysis}
+          "val_curves": result["val"],
+          # [arms, seeds] means over all iterations: what the regime gives NSR to act on.
+          "train_means": {k: result["train"][k].mean(-1) for k in TRAIN_MEANS},
+          "analysis": analysis}
 
 
 def main(argv):
