@@ -162,16 +162,17 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
           "design": design}
 
 
-def markdown(regime: str, analysis: Mapping[str, Any], result: Mapping[str, Any]) -> str:
-  """The regime's tables: arms, primary tests, secondary tests, control and design."""
-  f = stats.fmt
-  lines = [f"# Study regime `{regime}`", "",
-           f"{len(result['seeds'])} seeds per arm ({result['seeds'][0]}..{result['seeds'][-1]}),"
-           f" {int(result['iterations'][-1])} iterations, warm-up {result['warmup']}, "
-           f"{result['seconds']:.0f} s for the RL of all runs.", "",
-           "| outcome | " + " | ".join(r["name"] for r in analysis["arms"][PRIMARY]) + " |",
-           "|---|" + "---|" * len(analysis["arms"][PRIMARY])]
-  for o, rows in analysis["arms"].items():
+def markdown(rep: Mapping[str, Any]) -> str:
+  """A regime's tables from its report (`report`, or the JSON it is written as)."""
+  f, analysis = stats.fmt, rep["analysis"]
+  seeds, arms = rep["seeds"], analysis["arms"]
+  lines = [f"# Study regime `{rep['regime']}` ({rep['setting']} setting)", "",
+           f"{len(seeds)} seeds per arm ({seeds[0]}..{seeds[-1]}), "
+           f"{rep['config']['iterations']} iterations, warm-up {rep['warmup']}, "
+           f"{rep['seconds_rl']:.0f} s for the RL of all runs.", "",
+           "| outcome | " + " | ".join(r["name"] for r in arms[PRIMARY]) + " |",
+           "|---|" + "---|" * len(arms[PRIMARY])]
+  for o, rows in arms.items():
     lines.append(f"| {o} | " + " | ".join(
         f"{f(r['mean'])} [{f(r['low'])}, {f(r['high'])}]" for r in rows) + " |")
   lines += ["", "| family | outcome | comparison | diff [95% CI] | p (t) | p (sign flip) | "
@@ -194,15 +195,16 @@ def markdown(regime: str, analysis: Mapping[str, Any], result: Mapping[str, Any]
   return "\n".join(lines) + "\n"
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """x with arrays as lists and NaN / inf as None (JSON has neither)."""
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, (float, np.floating)):
-    return float(x) if np.isfinite(x) else None   # JSON has no NaN
+    return float(x) if np.isfinite(x) else None
   if isinstance(x, np.integer):
     return int(x)
   return x
@@ -235,12 +237,12 @@ def main(argv):
       raise FileExistsError(f"{p} exists: give another --output_dir or remove it (the "
                             "study never overwrites results)")
   result = run_regime(cfg, regime)
-  rep = report(cfg, result)
+  rep = jsonable(report(cfg, result))
   os.makedirs(out_dir, exist_ok=True)
   with open(paths[0], "w") as fh:
-    json.dump(_jsonable(rep), fh, indent=1)
+    json.dump(rep, fh, indent=1)
   with open(paths[1], "w") as fh:
-    fh.write(markdown(regime, rep["analysis"], result))
+    fh.write(markdown(rep))
   print(open(paths[1]).read())
   print(f"wrote {paths[0]} and {paths[1]}")
 
