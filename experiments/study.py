@@ -122,7 +122,8 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
   Returns:
     {"primary": [tests], "secondary": [tests], "arms": {outcome: rows},
      "control": test, "design": {...}}: tests as `stats.paired_test` plus "outcome",
-    "name", "reference", "p_holm", "significant"; "design" holds the observed SD of the
+    "name", "reference", "p_holm", "significant"; "arms" the per-arm mean and 95%
+    t-interval (clipped to [0, 1] but for the entropy gap); "design" holds the observed SD of the
     paired differences of the primary tests, the power the design had for `mde` at it and
     the n it asks for.
   """
@@ -140,7 +141,8 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
     return tests
 
   primary, secondary = family([PRIMARY]), family(SECONDARY)
-  arms = {o: [{"name": n, **dict(zip(("mean", "low", "high", "n"), stats.mean_ci(v)))}
+  arms = {o: [{"name": n, **dict(zip(("mean", "low", "high", "n"), stats.mean_ci(
+      v, bounds=None if o == "entropy_gap" else (0.0, 1.0))))}
               for n, v in zip(names, per_seed[o])] for o in (PRIMARY, *SECONDARY)}
   acc = np.asarray(result_val_acc, np.float64)[idx[CONTROL]]
   half = list(eval_iterations).index(eval_iterations[-1] // 2)

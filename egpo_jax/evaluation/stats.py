@@ -47,10 +47,13 @@ def _check_level(name: str, value: float) -> None:
     raise ValueError(f"{name}={value} must be in (0, 1)")
 
 
-def mean_ci(values_S: Any, confidence: float = 0.95) -> tuple[float, float, float, int]:
+def mean_ci(values_S: Any, confidence: float = 0.95,
+            bounds: tuple[float, float] | None = None) -> tuple[float, float, float, int]:
   """Mean and two-sided t-distribution confidence interval over seeds (NaNs dropped).
 
-  Returns (mean, low, high, n); the interval is NaN with fewer than 2 values.
+  Returns (mean, low, high, n); the interval is NaN with fewer than 2 values. `bounds`
+  (lo, hi) clips the interval to the range of the quantity, e.g. (0, 1) for a fraction
+  (a t-interval knows nothing of the range).
   """
   _check_level("confidence", confidence)
   x = _finite(values_S)
@@ -61,7 +64,10 @@ def mean_ci(values_S: Any, confidence: float = 0.95) -> tuple[float, float, floa
   if n < 2:
     return mean, math.nan, math.nan, n
   half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-  return mean, mean - half, mean + half, n
+  low, high = mean - half, mean + half
+  if bounds is not None:
+    low, high = float(np.clip(low, *bounds)), float(np.clip(high, *bounds))
+  return mean, low, high, n
 
 
 def mean_ci_curve(values_SxT: Any, confidence: float = 0.95,
@@ -72,15 +78,12 @@ def mean_ci_curve(values_SxT: Any, confidence: float = 0.95,
   Args:
     values_SxT: one value per seed and curve point.
     confidence: level of the intervals.
-    bounds: (lo, hi) the quantity cannot leave, e.g. (0, 1) for a fraction: the band is
-      clipped to it (a t-interval knows nothing of the range).
+    bounds: as in `mean_ci`, e.g. (0, 1) for a fraction.
   """
   x = np.asarray(values_SxT, np.float64)
   chex.assert_rank(x, 2)
-  out = np.array([mean_ci(x[:, t], confidence)[:3] for t in range(x.shape[1])]).T
-  mean_T, low_T, high_T = out.reshape(3, x.shape[1])
-  if bounds is not None:
-    low_T, high_T = np.clip(low_T, *bounds), np.clip(high_T, *bounds)
+  out = np.array([mean_ci(x[:, t], confidence, bounds)[:3] for t in range(x.shape[1])])
+  mean_T, low_T, high_T = out.reshape(x.shape[1], 3).T
   return mean_T, low_T, high_T
 
 

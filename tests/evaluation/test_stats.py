@@ -118,6 +118,7 @@ def test_mean_ci_curve_clips_fractions():
   np.testing.assert_allclose([low[1], high[1]], raw[1][1:3])
   unclipped = stats.mean_ci_curve(values)
   assert unclipped[1][0] < 0
+  assert stats.mean_ci(values[:, 0], bounds=(0.0, 1.0))[1] == 0.0
 
 
 # G*Power 3.1, "t tests - Means: difference from constant (one sample case)", two-tailed,

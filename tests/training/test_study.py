@@ -75,6 +75,9 @@ def test_outcomes_and_analysis_by_hand():
   np.testing.assert_allclose([p1["p_holm"], p2["p_holm"]], stats.holm([p1["p"], p2["p"]]))
   assert p1["significant"]                    # +3 points with 0.7-point noise at 6 seeds
   assert len(out["secondary"]) == 10
+  for o, rows in out["arms"].items():        # fractions keep their intervals in [0, 1]
+    if o != "entropy_gap":
+      assert all(0.0 <= r["low"] <= r["high"] <= 1.0 for r in rows), o
   auroc = [t for t in out["secondary"] if t["outcome"] == "auroc"]
   assert all(t["n"] == 5 for t in auroc)      # the NaN dropped one pair
   c = out["control"]
