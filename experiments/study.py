@@ -123,9 +123,8 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
     {"primary": [tests], "secondary": [tests], "arms": {outcome: rows},
      "control": test, "design": {...}}: tests as `stats.paired_test` plus "outcome",
     "name", "reference", "p_holm", "significant"; "arms" the per-arm mean and 95%
-    t-interval (clipped to [0, 1] but for the entropy gap); "design" holds the observed SD of the
-    paired differences of the primary tests, the power the design had for `mde` at it and
-    the n it asks for.
+    t-interval (clipped to [0, 1] but for the entropy gap); "design" is `design` of the
+    primary tests' SDs: the power the design had for `mde`, and the n it asks for.
   """
   idx = {n: i for i, n in enumerate(names)}
   ref = cfg.reference
@@ -149,19 +148,34 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
   control = {"name": f"{CONTROL} at {eval_iterations[-1]}",
              "reference": f"{CONTROL} at {eval_iterations[half]}",
              **stats.paired_test(acc[:, -1], acc[:, half])}
-  # Planning level: Bonferroni's alpha / m bounds Holm's first step from below.
-  alpha_plan = cfg.alpha / len(primary)
-  sds = [t["sd"] for t in primary if np.isfinite(t["sd"]) and t["sd"] > 0]
-  n = int(min(t["n"] for t in primary))
-  design = {"mde": cfg.mde, "power_target": cfg.power, "alpha_planning": alpha_plan,
-            "sd_diff": max(sds) if sds else math.nan, "n": n}
-  if sds:
-    design.update(power_at_n=stats.power_paired(n, max(sds), cfg.mde, alpha_plan),
-                  mde_at_n=stats.mde_paired(n, max(sds), alpha=alpha_plan, power=cfg.power),
-                  n_required=stats.required_n(max(sds), cfg.mde, alpha=alpha_plan,
-                                              power=cfg.power, n_min=16))
+  sds = [t["sd"] for t in primary]
   return {"primary": primary, "secondary": secondary, "arms": arms, "control": control,
-          "design": design}
+          "design": design(sds, int(min(t["n"] for t in primary)), cfg,
+                           num_tests=len(primary))}
+
+
+def design(sds: Sequence[float], n: int, cfg: ml_collections.ConfigDict, *,
+           num_tests: int = 2) -> dict[str, Any]:
+  """Power at n pairs and the n to plan for, from the SDs of the primary paired
+  differences (PREREGISTRATION.md, "Sample size").
+
+  The planning level is alpha / num_tests (Bonferroni, which bounds Holm's first step);
+  the SD is the largest of `sds`; n is planned with its 80% upper confidence limit
+  (`stats.sd_upper_bound`), never below 16 seeds.
+  """
+  alpha = cfg.alpha / num_tests
+  finite = [x for x in sds if x is not None and np.isfinite(x) and x > 0]
+  out = {"mde": cfg.mde, "power_target": cfg.power, "alpha_planning": alpha, "n": n,
+         "sd_diff": max(finite) if finite else math.nan}
+  if finite and n >= 2:
+    sd = max(finite)
+    sd_plan = stats.sd_upper_bound(sd, n)
+    out.update(power_at_n=stats.power_paired(n, sd, cfg.mde, alpha),
+               mde_at_n=stats.mde_paired(n, sd, alpha=alpha, power=cfg.power),
+               sd_plan=sd_plan,
+               n_required=stats.required_n(sd_plan, cfg.mde, alpha=alpha, power=cfg.power,
+                                           n_min=16))
+  return out
 
 
 def markdown(rep: Mapping[str, Any]) -> str:
@@ -191,8 +205,9 @@ def markdown(rep: Mapping[str, Any]) -> str:
             f"p = {f(c['p'], 4)}.", "",
             f"Design: n = {d['n']} pairs, SD of the primary paired differences "
             f"{f(d['sd_diff'], 4)}; at alpha {f(d['alpha_planning'], 4)} the power for a "
-            f"{f(d['mde'], 3)} difference is {f(d.get('power_at_n'), 3)}, the 80%-power MDE "
-            f"{f(d.get('mde_at_n'), 4)}, and 80% power for {f(d['mde'], 3)} needs n = "
+            f"{f(d['mde'], 3)} difference is {f(d.get('power_at_n'), 3)} and the 80%-power "
+            f"MDE {f(d.get('mde_at_n'), 4)}; planned with the SD's 80% upper limit "
+            f"{f(d.get('sd_plan'), 4)}, 80% power for {f(d['mde'], 3)} needs n = "
             f"{d.get('n_required', '-')}."]
   return "\n".join(lines) + "\n"
 

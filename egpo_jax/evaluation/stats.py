@@ -14,6 +14,7 @@ difference d_s = a_s - b_s is what the tests use.
   power_paired    power of the two-sided paired t-test: P(|T| > t_crit) with T ~ noncentral
                   t(n - 1, delta sqrt(n) / sd_d)
   required_n      the smallest n with power >= target (a pilot's sd_d, an effect delta)
+  sd_upper_bound  the upper confidence limit of a pilot's SD, to plan with
   mde_paired      the smallest delta detected with the target power at n pairs
   markdown_table, tests_table   Markdown renderings of `summarize`
 
@@ -193,6 +194,16 @@ def _check_design(sd_diff: float, alpha: float) -> None:
     raise ValueError(f"sd_diff={sd_diff} must be a positive number (the SD of the paired "
                      "differences, e.g. from a pilot)")
   _check_level("alpha", alpha)
+
+
+def sd_upper_bound(sd: float, n: int, confidence: float = 0.8) -> float:
+  """One-sided upper confidence limit of a normal SD estimated from n values:
+  sd sqrt((n - 1) / chi2_{1 - confidence, n - 1}). Planning with it instead of a small
+  pilot's sd keeps the planned power from resting on a lucky low estimate (Browne 1995)."""
+  _check_level("confidence", confidence)
+  if n < 2:
+    raise ValueError(f"n={n}: an SD needs at least 2 values")
+  return float(sd * math.sqrt((n - 1) / scipy_stats.chi2.ppf(1 - confidence, n - 1)))
 
 
 def power_paired(n: int, sd_diff: float, delta: float, alpha: float = 0.05) -> float:

@@ -156,3 +156,12 @@ def test_mde_inverts_power_and_required_n_floor():
     stats.power_paired(10, 0.03, 0.02, alpha=1.0)
   with pytest.raises(ValueError, match="n=1"):
     stats.power_paired(1, 0.03, 0.02)
+
+
+def test_sd_upper_bound_by_hand():
+  # n = 4: chi2_{0.2, 3} = 1.0052 (tables), so the 80% upper limit is sd * sqrt(3 / 1.0052).
+  assert stats.sd_upper_bound(0.01, 4) == pytest.approx(0.01 * math.sqrt(3 / 1.005174), rel=1e-5)
+  assert stats.sd_upper_bound(0.01, 4, 0.5) < stats.sd_upper_bound(0.01, 4)
+  assert stats.sd_upper_bound(0.01, 1000) == pytest.approx(0.01, rel=0.05)
+  with pytest.raises(ValueError, match="n=1"):
+    stats.sd_upper_bound(0.01, 1)

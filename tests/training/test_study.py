@@ -85,7 +85,9 @@ def test_outcomes_and_analysis_by_hand():
   design = out["design"]
   sd = max(p1["sd"], p2["sd"])
   assert design["sd_diff"] == pytest.approx(sd) and design["alpha_planning"] == 0.025
-  assert design["n_required"] == stats.required_n(sd, 0.02, alpha=0.025, n_min=16)
+  sd_plan = stats.sd_upper_bound(sd, 6)
+  assert design["sd_plan"] == pytest.approx(sd_plan)
+  assert design["n_required"] == stats.required_n(sd_plan, 0.02, alpha=0.025, n_min=16)
   assert design["power_at_n"] == pytest.approx(stats.power_paired(6, sd, 0.02, 0.025))
 
 
