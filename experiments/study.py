@@ -61,8 +61,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   need(len(cfg.arms) == len(set(cfg.arms)) >= 2 and cfg.reference in cfg.arms, "arms",
        f"give distinct algorithm names including the reference {cfg.reference!r}")
   need(CONTROL in cfg.arms, "arms", f"the positive control needs {CONTROL!r} among the arms")
-  need(cfg.num_seeds >= 2, "num_seeds", "paired tests need at least 2 seeds")
-  need(cfg.setting == "pilot" or cfg.first_seed + cfg.num_seeds <= 1000, "first_seed",
+  need(cfg.num_seeds == 0 or cfg.num_seeds >= 2, "num_seeds",
+       "paired tests need at least 2 seeds (0: the regime's pre-registered n)")
+  largest = cfg.num_seeds or max(study_configs.SEEDS_PER_ARM.values())
+  need(cfg.setting == "pilot" or cfg.first_seed + largest <= 1000, "first_seed",
        "seeds from 1000 are the pilot's; keep the confirmatory sample below 1000")
   need(cfg.iterations % (2 * cfg.eval_every) == 0, "iterations",
        "use a multiple of 2 x eval_every, so the control's half-way point is evaluated")
@@ -89,10 +91,11 @@ def run_regime(cfg: ml_collections.ConfigDict, regime: str, *, progress: bool = 
   setup = ablation.setup(regime_config(cfg, regime), oversample=1,
                          eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
                          overconfident_at=cfg.overconfident_at)
-  seeds = range(cfg.first_seed, cfg.first_seed + cfg.num_seeds)
+  seeds = range(cfg.first_seed,
+                cfg.first_seed + (cfg.num_seeds or study_configs.SEEDS_PER_ARM[regime]))
   result = ablation.run(setup, ablation.algorithms(cfg.arms), seeds,
                         num_iterations=cfg.iterations, eval_every=cfg.eval_every,
-                        progress=progress)
+                        progress=progress, eval_batch=cfg.eval_batch or None)
   return {**result, "regime": regime}
 
 

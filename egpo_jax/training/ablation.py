@@ -200,11 +200,14 @@ def validation_metrics(params: Any, rng: jax.Array, *, task: iteration.JaxTask,
 
 
 def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int], *,
-        num_iterations: int, eval_every: int, progress: bool = True) -> dict[str, Any]:
+        num_iterations: int, eval_every: int, progress: bool = True,
+        eval_batch: int | None = None) -> dict[str, Any]:
   """Trains every algorithm x seed from the warm start as one vmapped, jitted program.
 
   Validation on the fixed prompts runs before RL and after every `eval_every` iterations
-  (also vmapped). One compilation serves all runs; a chunk is `eval_every` iterations.
+  (vmapped; with `eval_batch`, over that many runs at a time, which bounds its memory:
+  many runs x a large validation set would not fit at once). One compilation serves all
+  runs; a chunk is `eval_every` iterations.
 
   Returns:
     {"names": [A], "seeds": [S], "iterations": int array [I] (1..I),
@@ -216,6 +219,8 @@ def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int
     raise ValueError("run needs at least one algorithm and one seed")
   if len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+  if eval_batch is not None and eval_batch < 1:
+    raise ValueError(f"eval_batch={eval_batch} must be a positive number of runs (or None)")
   if eval_every < 1 or num_iterations < eval_every or num_iterations % eval_every:
     raise ValueError(f"num_iterations={num_iterations} must be a positive multiple of "
                      f"eval_every={eval_every}")
@@ -228,18 +233,20 @@ def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int
       iteration.run_iterations, num_iterations=eval_every, task=s.experiment.task,
       model_config=s.experiment.model_config, optimizer=s.optimizer,
       settings=s.settings)), donate_argnums=(0,))
-  validate = jax.jit(jax.vmap(functools.partial(
-      validation_metrics, task=s.experiment.task, model_config=s.experiment.model_config,
-      spec=s.eval_spec, num_prompts=s.eval_prompts, overconfident_at=s.overconfident_at),
-      in_axes=(0, None)))
+  one = functools.partial(
+      validation_metrics, rng=s.eval_rng, task=s.experiment.task,
+      model_config=s.experiment.model_config, spec=s.eval_spec, num_prompts=s.eval_prompts,
+      overconfident_at=s.overconfident_at)
+  validate = jax.jit(functools.partial(jax.lax.map, one, batch_size=eval_batch)
+                     if eval_batch else jax.vmap(one))
 
   t0 = time.perf_counter()
-  val = [jax.device_get(validate(state_r.params, s.eval_rng))]
+  val = [jax.device_get(validate(state_r.params))]
   train_rows = []
   for done in range(eval_every, num_iterations + 1, eval_every):
     state_r, rng_r, metrics = chunk(state_r, rng_r, algo_r)
     train_rows.append(jax.device_get(metrics))
-    val.append(jax.device_get(validate(state_r.params, s.eval_rng)))
+    val.append(jax.device_get(validate(state_r.params)))
     if progress:
       acc = np.asarray(val[-1]["accuracy"]).reshape(a, n_s).mean(1)
       best = names[int(np.nanargmax(acc))]

@@ -26,6 +26,8 @@ REGIMES = {
     "shortcut": {"task.difficulty": 8},
 }
 SETTINGS = ("full", "pilot", "tiny")
+# The confirmatory n per arm, from the pilot (PREREGISTRATION.md, "Sample size").
+SEEDS_PER_ARM = {"default": 35, "all_wrong": 16, "shortcut": 16}
 
 
 def get_config(setting: str = "full") -> ml_collections.ConfigDict:
@@ -41,11 +43,12 @@ def get_config(setting: str = "full") -> ml_collections.ConfigDict:
   c.arms = ("egpo", "grpo", "egpo_no_nsr")   # ablation.algorithm names; egpo first
   c.reference = "egpo"                       # the primary tests compare the others to it
   c.first_seed = 0
-  c.num_seeds = 16                 # confirmatory n per arm (>= 16; the pilot sets it)
+  c.num_seeds = 0                  # 0: the regime's pre-registered n (SEEDS_PER_ARM)
   c.iterations = 60
   c.eval_every = 15                # validation curve: 0, 15, 30, 45, 60
   c.eval_prompts = 1024            # held out, the same prompts and keys for every arm
   c.eval_samples = 2               # samples per prompt at the rollout temperature (1.0)
+  c.eval_batch = 12                # runs validated at once (memory, not results); 0 = all
   c.overconfident_at = 0.9         # a wrong answer with exp(-H~) >= this is overconfident
   c.mde = 0.02                     # minimum effect of interest: 2 accuracy points
   c.power = 0.8

@@ -131,6 +131,9 @@ def test_bad_algorithms_raise_clearly():
     iteration.AlgoArrays.create_switched(estimator="rloo")
   with pytest.raises(ValueError, match="unique"):
     ablation.algorithms(["egpo", "egpo"])
+  with pytest.raises(ValueError, match="eval_batch=0"):
+    ablation.run(None, ablation.algorithms(["egpo"]), seeds=(0,), num_iterations=4,
+                 eval_every=2, eval_batch=0)
   with pytest.raises(ValueError, match="multiple of eval_every"):
     ablation.run(None, ablation.algorithms(["egpo"]), seeds=(0,), num_iterations=5,
                  eval_every=2)
