@@ -84,7 +84,7 @@ def run_regime(cfg: ml_collections.ConfigDict, regime: str, *, progress: bool = 
                ) -> dict[str, Any]:
   """Warm-starts the regime's model once and trains every arm x seed as one program.
 
-  Returns `ablation.run`'s result with "regime" and "seeds" set.
+  Returns `ablation.run`'s result with the "regime" added.
   """
   from egpo_jax.training import ablation  # pylint: disable=g-import-not-at-top
   check_config(cfg)
