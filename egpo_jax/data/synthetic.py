@@ -10,7 +10,14 @@ byte tokenizer's ids
 
 `difficulty` picks the number of operands, their range and the operators (`LEVELS`);
 within a level the number of operands varies per problem, so a batch holds easy and hard
-prompts and RL sees all-correct, mixed and all-wrong groups. Everything is seeded by the
+prompts and RL sees all-correct, mixed and all-wrong groups.
+
+Level 8 is level 2 with a tempting wrong shortcut in its worked solutions (the warm-up's
+demonstrations): the last addition drops the carry out of the units column
+(`47+85=` is demonstrated as `\\boxed{122}`), while the intermediate steps carry
+correctly. The prompts and the verifier are level 2's and the answers the true sums, so a
+model warmed up on level 8 answers about half the problems wrong, confidently: the regime
+of overconfident failures of the study (notebooks/study.ipynb). Everything is seeded by the
 jax key: the tfds builder (`builders.SyntheticArithmetic`) renders the records from the
 same `sample_problems` call, so the dataset and the jnp generator give identical problems.
 
@@ -43,11 +50,17 @@ _BOX = "\\boxed{"
 class Level:
   """One difficulty: operands per problem uniform in [min_operands, max_operands], each
   uniform in [0, max_operand], combined left to right with operators drawn uniformly from
-  `operators`."""
+  `operators`. With `carry_shortcut` the worked solutions (not the answers) drop the carry
+  out of the units column in the last addition (`shortcut_answers`); only for "+"."""
   min_operands: int
   max_operands: int
   max_operand: int
   operators: str = "+"
+  carry_shortcut: bool = False
+
+  def __post_init__(self):
+    if self.carry_shortcut and self.operators != "+":
+      raise ValueError(f"Level.carry_shortcut needs operators='+', got {self.operators!r}")
 
   @property
   def num_digits(self) -> int:
@@ -65,6 +78,7 @@ LEVELS: dict[int, Level] = {
     5: Level(2, 3, 99, "+-"),
     6: Level(2, 4, 99, "+-"),
     7: Level(3, 4, 999, "+-"),
+    8: Level(2, 3, 19, carry_shortcut=True),   # level 2, demonstrated with the shortcut
 }
 
 
@@ -114,6 +128,20 @@ def _partial_sums(p: Problems) -> jax.Array:
   k = p.operands_BxK.shape[1]
   live = jnp.arange(k)[None, :] < p.num_terms_B[:, None]
   return jnp.cumsum(jnp.where(live, p.signs_BxK * p.operands_BxK, 0), axis=1)
+
+
+def _drop_units_carry(before, last):
+  """before + last without the carry out of the units column (both >= 0); jnp or int."""
+  return before + last - 10 * ((before % 10 + last % 10) >= 10)
+
+
+def shortcut_answers(p: Problems) -> jax.Array:
+  """answers_B of the carry shortcut: the last addition drops its units carry.
+
+  E.g. 47+85 -> 122 and 12+9+7 -> 12+9=21, then 21+7 -> 28 (no carry: the true sum).
+  """
+  last = jnp.take_along_axis(p.operands_BxK, (p.num_terms_B - 1)[:, None], axis=1)[:, 0]
+  return _drop_units_carry(p.answers_B - last, last)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "difficulty"))
@@ -242,14 +270,16 @@ def solution_ids(problems: Problems, *, difficulty: int, response_len: int
                  ) -> tuple[jax.Array, jax.Array]:
   """(response_ids_BxT, response_mask_BxT): the worked solution and <eos>, right-padded.
 
-  One step `s+a=t,` per intermediate running total, then `\\boxed{answer}<eos>`.
+  One step `s+a=t,` per intermediate running total, then `\\boxed{answer}<eos>`; at a
+  level with `carry_shortcut` the boxed value is `shortcut_answers`.
   """
   lv = _check_problems(problems, difficulty)
   _check_len("response_len", response_len, max_response_len(difficulty))
   w = _width(lv)
   b, k = problems.operands_BxK.shape
   ones = jnp.ones((b, 1), bool)
-  final = _join(_texts(_tok(_BOX), ones, w), _numbers(problems.answers_B[:, None], w),
+  boxed = shortcut_answers(problems) if lv.carry_shortcut else problems.answers_B
+  final = _join(_texts(_tok(_BOX), ones, w), _numbers(boxed[:, None], w),
                 _texts(_tok("}"), ones, w), _texts([EOS_ID], ones, w))
   if k <= 2:
     return _write(final, response_len, left_pad=False)
@@ -370,14 +400,18 @@ def problem_text(operands: Sequence[int], signs: Sequence[int], num_terms: int) 
   return "".join(parts) + "="
 
 
-def solution_text(operands: Sequence[int], signs: Sequence[int], num_terms: int) -> str:
-  """The worked solution without <eos>, e.g. '47+85=132,\\boxed{141}'."""
+def solution_text(operands: Sequence[int], signs: Sequence[int], num_terms: int, *,
+                  carry_shortcut: bool = False) -> str:
+  """The worked solution without <eos>, e.g. '47+85=132,\\boxed{141}'; with
+  `carry_shortcut` the last addition drops its units carry (see `shortcut_answers`)."""
   total = int(operands[0])
   steps = []
   for k in range(1, int(num_terms)):
     new = total + int(signs[k]) * int(operands[k])
     if k < int(num_terms) - 1:
       steps.append(f"{total}{'+' if signs[k] > 0 else '-'}{int(operands[k])}={new},")
+    elif carry_shortcut:
+      new = _drop_units_carry(total, int(operands[k]))
     total = new
   return "".join(steps) + _BOX + str(total) + "}"
 
@@ -385,10 +419,12 @@ def solution_text(operands: Sequence[int], signs: Sequence[int], num_terms: int)
 def host_problems(rng: jax.Array, num: int, *, difficulty: int = 2) -> list[dict[str, Any]]:
   """`num` problems from `sample_problems(rng, num)` as text records (for the tfds builder)."""
   p = jax.device_get(sample_problems(rng, num, difficulty=difficulty))
+  shortcut = level(difficulty).carry_shortcut
   out = []
   for i in range(num):
     ops, signs, k = p.operands_BxK[i], p.signs_BxK[i], int(p.num_terms_B[i])
-    out.append({"problem": problem_text(ops, signs, k), "solution": solution_text(ops, signs, k),
+    out.append({"problem": problem_text(ops, signs, k),
+                "solution": solution_text(ops, signs, k, carry_shortcut=shortcut),
                 "answer": str(int(p.answers_B[i])), "num_operands": k})
   return out
 

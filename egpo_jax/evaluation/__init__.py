@@ -9,6 +9,7 @@
   loading      a training workdir or a Hugging Face folder -> params, config, tokenizer
   plots        reliability diagrams, entropy histograms, overlays of several runs
   report       Markdown tables
+  stats        over seeds: t-intervals, paired t and sign-flip tests, Holm, power and n
 
 The command lines are `experiments/evaluate.py` and `experiments/compare.py`.
 """

@@ -3,7 +3,7 @@
     setup = ablation.setup(config)                 # build + supervised warm start, once
     algos = ablation.algorithms()                   # {"grpo": AlgoArrays, ..., "c6": ...}
     result = ablation.run(setup, algos, seeds=(0, 1, 2), num_iterations=40, eval_every=10)
-    stats = ablation.summarize(result["val"]["accuracy"][:, :, -1], result["names"])
+    summary = stats.summarize(result["val"]["accuracy"][:, :, -1], result["names"])  # evaluation.stats
 
 Every algorithm is an `iteration.AlgoArrays` with all switches set, so GRPO, Dr.GRPO,
 DAPO, EDGE-GRPO, EGPO and C1-C6 (paper Table 2) differ only in array values and train
@@ -22,29 +22,26 @@ aggregation, clip 0.2/0.2, +1/-1 rewards, no KL):
              `IterationSettings.edge_clamp` (the EGPO authors' (0.5, 2.0)); without
              EDGE-GRPO's guided error correction (hint regeneration).
   egpo, c1..c6  EGPO (Eqs. 6-11) and its Table 2 variants (c3 is "lock_one").
+  egpo_no_nsr   EGPO with all-wrong groups at A = 0 (no Eq. 10 NSR; the study's ablation).
 
 Runs of one seed share the warm-started model, the RL random stream (prompts and
 sampling keys) and the validation prompts, so differences between algorithms at one
-seed are paired; `summarize` reports means with t-distribution 95% confidence intervals
-over seeds and paired t-tests against reference algorithms, Holm-corrected per metric.
+seed are paired; `evaluation.stats` holds the intervals and paired tests over seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from scipy import stats as scipy_stats
 
 from egpo_jax.core import entropy as entropy_lib
 from egpo_jax.evaluation import calibration
@@ -56,9 +53,12 @@ from egpo_jax.types import TrainState
 
 ALGORITHMS = ("grpo", "dr_grpo", "dapo", "edge_grpo", "egpo", "c1", "c2", "c3", "c4", "c5",
               "c6")
+STUDY_ARMS = ("egpo", "grpo", "egpo_no_nsr")   # the study's primary comparison
 DAPO_EPS_HIGH = 0.28
 VALIDATION_METRICS = ("accuracy", "auroc", "entropy_gap", "mean_entropy_correct",
-                      "mean_entropy_wrong", "ece")
+                      "mean_entropy_wrong", "ece", "overconfident_wrong")
+# Confidence exp(-H~) at or above which a wrong response is an overconfident failure.
+OVERCONFIDENT_AT = 0.9
 
 
 def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
@@ -67,7 +67,7 @@ def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
   """The named algorithm (see the module doc) as fully switched `AlgoArrays`.
 
   Args:
-    name: one of `ALGORITHMS` (or "lock_one" for c3); case-insensitive.
+    name: one of `ALGORITHMS`, "egpo_no_nsr" (or "lock_one" for c3); case-insensitive.
     lam_min, lam_max: EGPO's clamp bounds (Eq. 8) for egpo and c1-c6.
     eps_high: the upper ratio clip of every algorithm but DAPO (the config's 0.2).
     dapo_eps_high: DAPO's clip-higher.
@@ -87,7 +87,10 @@ def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
     return create(estimator="edge_grpo", calibrate=False, nsr=False)
   if key == "egpo" or key in ("c1", "c2", "c3", "c4", "c5", "c6"):
     return create(key, estimator="egpo")
-  raise ValueError(f"unknown algorithm {name!r}; known: {list(ALGORITHMS)} (or 'lock_one')")
+  if key == "egpo_no_nsr":
+    return create(estimator="egpo", nsr=False)
+  raise ValueError(f"unknown algorithm {name!r}; known: {list(ALGORITHMS)}, 'egpo_no_nsr' "
+                   "(or 'lock_one')")
 
 
 def algorithms(names: Sequence[str] = ALGORITHMS, **kwargs) -> dict[str, iteration.AlgoArrays]:
@@ -120,11 +123,12 @@ class Setup:
   eval_spec: engine.SamplingSpec
   eval_prompts: int
   eval_rng: jax.Array
+  overconfident_at: float = OVERCONFIDENT_AT
 
 
 def setup(c: ml_collections.ConfigDict, *, oversample: int = 2,
           overlong_buffer: int | None = None, eval_prompts: int | None = None,
-          eval_samples: int = 4) -> Setup:
+          eval_samples: int = 4, overconfident_at: float = OVERCONFIDENT_AT) -> Setup:
   """Builds the experiment of config `c` (synthetic task) and warm-starts its model once.
 
   Args:
@@ -136,13 +140,17 @@ def setup(c: ml_collections.ConfigDict, *, oversample: int = 2,
     overlong_buffer: DAPO's soft overlong buffer in tokens; default a quarter of
       rollout.max_new_tokens.
     eval_prompts: fixed validation prompts (default config.train.eval_prompts).
-    eval_samples: samples per validation prompt.
+    eval_samples: samples per validation prompt (at the rollout temperature).
+    overconfident_at: confidence exp(-H~) from which a wrong response counts as an
+      overconfident failure (validation metric `overconfident_wrong`).
   """
   if c.task.name != "synthetic":
     raise ValueError(f"config.task.name={c.task.name!r}: ablations run the jitted loop, "
                      "which needs the synthetic (jnp) task")
   if oversample < 1:
     raise ValueError(f"oversample={oversample} must be >= 1")
+  if not 0 < overconfident_at < 1:
+    raise ValueError(f"overconfident_at={overconfident_at} must be a confidence in (0, 1)")
   if overlong_buffer is None:
     overlong_buffer = max(1, c.rollout.max_new_tokens // 4)
   if not 0 < overlong_buffer <= c.rollout.max_new_tokens:
@@ -164,16 +172,19 @@ def setup(c: ml_collections.ConfigDict, *, oversample: int = 2,
     state = TrainState.create(state.params, optimizer.init(state.params))
   eval_spec = dataclasses.replace(sampling, group_size=eval_samples, return_entropy=False)
   return Setup(exp, settings, optimizer, state, info, eval_spec,
-               int(eval_prompts or c.train.eval_prompts), k_eval)
+               int(eval_prompts or c.train.eval_prompts), k_eval, float(overconfident_at))
 
 
 def validation_metrics(params: Any, rng: jax.Array, *, task: iteration.JaxTask,
                        model_config: ModelConfig, spec: engine.SamplingSpec,
-                       num_prompts: int) -> dict[str, jax.Array]:
+                       num_prompts: int, overconfident_at: float = OVERCONFIDENT_AT
+                       ) -> dict[str, jax.Array]:
   """Sampled accuracy and calibration of exp(-H~) on `num_prompts` prompts; pure.
 
   The same quantities as `evaluation.calibration` (AUROC of confidence for correct, the
-  entropy gap wrong - correct of the Eq. 5 proxy); NaN where a class is empty.
+  entropy gap wrong - correct of the Eq. 5 proxy, ECE); NaN where a class is empty.
+  `overconfident_wrong` is the fraction of ALL responses that are wrong with confidence
+  exp(-H~) >= overconfident_at (a fixed threshold, so it is comparable across runs).
   """
   k_prompts, k_sample = jax.random.split(rng)
   ids, mask, answers = task.sample_prompts(k_prompts, num_prompts)
@@ -182,16 +193,21 @@ def validation_metrics(params: Any, rng: jax.Array, *, task: iteration.JaxTask,
   answers_n = jax.tree.map(lambda a: jnp.repeat(a, spec.group_size, axis=0), answers)
   correct_n = task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT, answers_n)
   h_n = entropy_lib.entropy_proxy(gen.logps_NxT, gen.completion_mask_NxT)
-  out = calibration.calibration_stats(jnp.exp(-h_n), correct_n.astype(bool), h_n)
+  conf_n, correct_n = jnp.exp(-h_n), correct_n.astype(bool)
+  out = calibration.calibration_stats(conf_n, correct_n, h_n)
+  out["overconfident_wrong"] = jnp.mean(~correct_n & (conf_n >= overconfident_at))
   return {k: out[k] for k in VALIDATION_METRICS}
 
 
 def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int], *,
-        num_iterations: int, eval_every: int, progress: bool = True) -> dict[str, Any]:
+        num_iterations: int, eval_every: int, progress: bool = True,
+        eval_batch: int | None = None) -> dict[str, Any]:
   """Trains every algorithm x seed from the warm start as one vmapped, jitted program.
 
   Validation on the fixed prompts runs before RL and after every `eval_every` iterations
-  (also vmapped). One compilation serves all runs; a chunk is `eval_every` iterations.
+  (vmapped; with `eval_batch`, over that many runs at a time, which bounds its memory:
+  many runs x a large validation set would not fit at once). One compilation serves all
+  runs; a chunk is `eval_every` iterations.
 
   Returns:
     {"names": [A], "seeds": [S], "iterations": int array [I] (1..I),
@@ -203,6 +219,8 @@ def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int
     raise ValueError("run needs at least one algorithm and one seed")
   if len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+  if eval_batch is not None and eval_batch < 1:
+    raise ValueError(f"eval_batch={eval_batch} must be a positive number of runs (or None)")
   if eval_every < 1 or num_iterations < eval_every or num_iterations % eval_every:
     raise ValueError(f"num_iterations={num_iterations} must be a positive multiple of "
                      f"eval_every={eval_every}")
@@ -215,17 +233,20 @@ def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int
       iteration.run_iterations, num_iterations=eval_every, task=s.experiment.task,
       model_config=s.experiment.model_config, optimizer=s.optimizer,
       settings=s.settings)), donate_argnums=(0,))
-  validate = jax.jit(jax.vmap(functools.partial(
-      validation_metrics, task=s.experiment.task, model_config=s.experiment.model_config,
-      spec=s.eval_spec, num_prompts=s.eval_prompts), in_axes=(0, None)))
+  one = functools.partial(
+      validation_metrics, rng=s.eval_rng, task=s.experiment.task,
+      model_config=s.experiment.model_config, spec=s.eval_spec, num_prompts=s.eval_prompts,
+      overconfident_at=s.overconfident_at)
+  validate = jax.jit(functools.partial(jax.lax.map, one, batch_size=eval_batch)
+                     if eval_batch else jax.vmap(one))
 
   t0 = time.perf_counter()
-  val = [jax.device_get(validate(state_r.params, s.eval_rng))]
+  val = [jax.device_get(validate(state_r.params))]
   train_rows = []
   for done in range(eval_every, num_iterations + 1, eval_every):
     state_r, rng_r, metrics = chunk(state_r, rng_r, algo_r)
     train_rows.append(jax.device_get(metrics))
-    val.append(jax.device_get(validate(state_r.params, s.eval_rng)))
+    val.append(jax.device_get(validate(state_r.params)))
     if progress:
       acc = np.asarray(val[-1]["accuracy"]).reshape(a, n_s).mean(1)
       best = names[int(np.nanargmax(acc))]
@@ -245,147 +266,3 @@ def run(s: Setup, algos: Mapping[str, iteration.AlgoArrays], seeds: Sequence[int
           "eval_iterations": np.arange(0, num_iterations + 1, eval_every),
           "train": train_metrics, "val": val_metrics,
           "seconds": time.perf_counter() - t0, "warmup": s.warmup}
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def mean_ci(values_S: Any, confidence: float = 0.95) -> tuple[float, float, float, int]:
-  """Mean and two-sided t-distribution confidence interval over seeds (NaNs dropped).
-
-  Returns (mean, low, high, n); the interval is NaN with fewer than 2 values.
-  """
-  x = np.asarray(values_S, np.float64).ravel()
-  x = x[np.isfinite(x)]
-  n = x.size
-  if not 0 < confidence < 1:
-    raise ValueError(f"confidence={confidence} must be in (0, 1)")
-  if n == 0:
-    return math.nan, math.nan, math.nan, 0
-  mean = float(x.mean())
-  if n < 2:
-    return mean, math.nan, math.nan, n
-  half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-  return mean, mean - half, mean + half, n
-
-
-def holm(pvalues: Sequence[float]) -> np.ndarray:
-  """Holm's step-down adjusted p-values (family-wise error); NaNs stay NaN, outside
-  the family."""
-  p = np.asarray(pvalues, np.float64)
-  out = np.full(p.shape, np.nan)
-  idx = np.flatnonzero(np.isfinite(p))
-  m = idx.size
-  if m == 0:
-    return out
-  order = idx[np.argsort(p[idx], kind="stable")]
-  adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-  out[order] = adjusted
-  return out
-
-
-def paired_test(a_S: Any, b_S: Any) -> dict[str, float]:
-  """Two-sided paired t-test of a - b over seeds (pairs with a NaN dropped).
-
-  Returns diff (mean of a - b), its 95% t-interval (diff_low, diff_high), p and n. p is
-  NaN (no test) with fewer than 2 pairs or when every pair differs by the same amount:
-  the t statistic is then undefined, and a discrete metric (e.g. one group in 160)
-  repeating across few seeds is no evidence of an effect.
-  """
-  a, b = np.asarray(a_S, np.float64).ravel(), np.asarray(b_S, np.float64).ravel()
-  if a.shape != b.shape:
-    raise ValueError(f"paired_test needs one value per seed on both sides, got {a.shape} "
-                     f"and {b.shape}")
-  ok = np.isfinite(a) & np.isfinite(b)
-  d = a[ok] - b[ok]
-  mean, low, high, n = mean_ci(d)
-  if n < 2 or np.allclose(d, d[0], rtol=0.0, atol=1e-12):
-    p = math.nan
-  else:
-    p = float(scipy_stats.ttest_rel(a[ok], b[ok]).pvalue)
-  return {"diff": mean, "diff_low": low, "diff_high": high, "p": p, "n": n}
-
-
-def summarize(values_AxS: Any, names: Sequence[str], *,
-              references: Sequence[str] = ("egpo", "grpo"), alpha: float = 0.05,
-              confidence: float = 0.95) -> dict[str, Any]:
-  """Per algorithm mean and CI over seeds; paired tests of every algorithm against each
-  reference, with Holm's correction over all tests of this metric.
-
-  Args:
-    values_AxS: one metric, [algorithms, seeds] (e.g. final validation accuracy).
-    names: the A algorithm names, in the order of the rows.
-    references: algorithms everything else is compared with (those present are used).
-    alpha: family-wise significance level of the Holm-corrected tests.
-    confidence: level of the intervals.
-
-  Returns:
-    {"rows": [{"name", "mean", "low", "high", "n"}], "tests": [{"name", "reference",
-     "diff", "diff_low", "diff_high", "p", "p_holm", "significant", "n"}]}
-  """
-  x = np.asarray(values_AxS, np.float64)
-  chex.assert_rank(x, 2)
-  if x.shape[0] != len(names):
-    raise ValueError(f"values_AxS has {x.shape[0]} rows but {len(names)} names were given")
-  rows = []
-  for name, row in zip(names, x):
-    mean, low, high, n = mean_ci(row, confidence)
-    rows.append({"name": name, "mean": mean, "low": low, "high": high, "n": n})
-  tests, seen = [], set()
-  index = {n: i for i, n in enumerate(names)}
-  for ref in references:
-    if ref not in index:
-      continue
-    for name in names:
-      if name == ref or frozenset((name, ref)) in seen:
-        continue   # each pair once (egpo vs grpo)
-      seen.add(frozenset((name, ref)))
-      tests.append({"name": name, "reference": ref,
-                    **paired_test(x[index[name]], x[index[ref]])})
-  for t, p_holm in zip(tests, holm([t["p"] for t in tests])):
-    t["p_holm"] = float(p_holm)
-    t["significant"] = bool(np.isfinite(p_holm) and p_holm < alpha)
-  return {"rows": rows, "tests": tests}
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-  return "-" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
-
-
-def markdown_table(summaries: Mapping[str, Mapping[str, Any]], *, digits: int = 3) -> str:
-  """One row per algorithm, one column per metric: mean [95% CI]; a metric's marks:
-  * significantly different from EGPO, + from GRPO (paired t-test, Holm, see summarize)."""
-  metrics = list(summaries)
-  names = [r["name"] for r in summaries[metrics[0]]["rows"]]
-  marks: dict[tuple[str, str], str] = {}
-  for m, summ in summaries.items():
-    for t in summ["tests"]:
-      if t["significant"]:
-        for who in (t["name"], t["reference"]):
-          other = t["reference"] if who == t["name"] else t["name"]
-          sym = {"egpo": "*", "grpo": "+"}.get(other, "")
-          marks[(m, who)] = "".join(sorted(set(marks.get((m, who), "") + sym)))
-  lines = ["| algorithm | " + " | ".join(metrics) + " |",
-           "|---|" + "---|" * len(metrics)]
-  for i, name in enumerate(names):
-    cells = []
-    for m in metrics:
-      r = summaries[m]["rows"][i]
-      cells.append(f"{_fmt(r['mean'], digits)} [{_fmt(r['low'], digits)}, "
-                   f"{_fmt(r['high'], digits)}]{marks.get((m, name), '')}")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def tests_table(summaries: Mapping[str, Mapping[str, Any]], *, digits: int = 3) -> str:
-  """Every paired test: metric, algorithm, reference, difference [95% CI], p, Holm p."""
-  lines = ["| metric | algorithm | vs | diff [95% CI] | p | p (Holm) | significant |",
-           "|---|---|---|---|---|---|---|"]
-  for m, summ in summaries.items():
-    for t in summ["tests"]:
-      lines.append(
-          f"| {m} | {t['name']} | {t['reference']} | {_fmt(t['diff'], digits)} "
-          f"[{_fmt(t['diff_low'], digits)}, {_fmt(t['diff_high'], digits)}] | "
-          f"{_fmt(t['p'], 4)} | {_fmt(t['p_holm'], 4)} | "
-          f"{'yes' if t['significant'] else 'no'} |")
-  return "\n".join(lines)

@@ -238,3 +238,39 @@ def test_verify_property_last_box_decides(value, answer, junk):
   ids, mask = _batch([text], t=32)
   got = bool(S.verify(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray([answer], jnp.int32))[0])
   assert got == (value == answer)
+
+
+def test_carry_shortcut_level_demonstrates_a_confident_wrong_rule():
+  """Level 8: level 2's prompts and true answers; its worked solutions box the sum whose
+  last addition drops the units carry, so exactly the problems with that carry are
+  demonstrated wrong."""
+  d = 8
+  assert S.max_prompt_len(d) == S.max_prompt_len(2)
+  p = jax.device_get(S.sample_problems(jax.random.key(5), B, difficulty=d))
+  p2 = jax.device_get(S.sample_problems(jax.random.key(5), B, difficulty=2))
+  np.testing.assert_array_equal(p.answers_B, p2.answers_B)   # the task is level 2's
+  sol, smask = map(np.asarray, S.solution_ids(p, difficulty=d,
+                                              response_len=S.max_response_len(d)))
+  last = p.operands_BxK[np.arange(B), p.num_terms_B - 1]
+  carry = ((p.answers_B - last) % 10 + last % 10) >= 10
+  assert 0.3 < carry.mean() < 0.6, carry.mean()
+  shortcut = np.asarray(S.shortcut_answers(S.Problems(*map(jnp.asarray, p))))
+  np.testing.assert_array_equal(shortcut, np.where(carry, p.answers_B - 10, p.answers_B))
+  correct = np.asarray(S.verify(sol, smask, jnp.asarray(p.answers_B)))
+  np.testing.assert_array_equal(correct, ~carry)
+  np.testing.assert_array_equal(S.verify(sol, smask, jnp.asarray(shortcut)), True)
+  for i in range(B):
+    assert TOK.decode(sol[i][smask[i]]) == S.solution_text(
+        p.operands_BxK[i], p.signs_BxK[i], int(p.num_terms_B[i]), carry_shortcut=True)
+  assert S.solution_text([47, 85], [1, 1], 2, carry_shortcut=True) == "\\boxed{122}"
+  # Intermediate steps carry; only the last addition drops it.
+  assert (S.solution_text([18, 5, 7], [1, 1, 1], 3, carry_shortcut=True)
+          == "18+5=23,\\boxed{20}")
+  # Host records: the demonstration uses the shortcut, the answer is the true sum.
+  q = S.sample_problems(jax.random.key(6), 64, difficulty=d)
+  recs = S.host_problems(jax.random.key(6), 64, difficulty=d)
+  assert [r["answer"] for r in recs] == [str(int(a)) for a in q.answers_B]
+  assert [r["solution"].split("{")[-1][:-1] for r in recs] == [
+      str(int(a)) for a in S.shortcut_answers(q)]
+  with pytest.raises(ValueError, match="carry_shortcut"):
+    S.Level(2, 3, 19, "+-", carry_shortcut=True)

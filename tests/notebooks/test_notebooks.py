@@ -13,7 +13,8 @@ import nbformat
 import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[2] / "notebooks"
-NAMES = ("egpo_weights_explained.ipynb", "ablate_calibration.ipynb", "inspect_run.ipynb")
+NAMES = ("egpo_weights_explained.ipynb", "ablate_calibration.ipynb", "inspect_run.ipynb",
+         "study.ipynb")
 
 
 def test_every_notebook_is_listed_and_stored_without_outputs():
@@ -26,6 +27,13 @@ def test_every_notebook_is_listed_and_stored_without_outputs():
     # One parameters cell, read from the environment, so CI can pick the tiny setting.
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "EGPO_NOTEBOOK_SETTING" in params[0].source, name
+
+
+def test_study_preregistration_cell_is_the_markdown_copy():
+  nb = nbformat.read(NOTEBOOKS / "study.ipynb", as_version=4)
+  cells = [c for c in nb.cells if "preregistration" in c.metadata.get("tags", [])]
+  assert len(cells) == 1
+  assert cells[0].source.strip() == (NOTEBOOKS / "PREREGISTRATION.md").read_text().strip()
 
 
 @pytest.mark.slow
@@ -46,3 +54,9 @@ def test_notebook_runs_at_tiny_setting(name, tmp_path, monkeypatch):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
   assert not errors
+  if name == "study.ipynb":   # the tiny study draws its figures and tables, not empty ones
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    tables = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert any("| default |" in t for t in tables)                   # the pilot table
+    assert any("| primary | accuracy | egpo - grpo |" in t for t in tables)

@@ -1,16 +1,13 @@
-"""The ablation's traced algorithm switches and its statistics.
+"""The ablation's traced algorithm switches.
 
-Switched AlgoArrays (one compilation for GRPO, Dr.GRPO, DAPO, EDGE-GRPO, EGPO, C1-C6)
-must reproduce the static estimators and settings they stand for, and the statistics
-(t intervals, paired t-tests, Holm) must match hand computations.
+Switched AlgoArrays (one compilation for GRPO, Dr.GRPO, DAPO, EDGE-GRPO, EGPO, C1-C6 and
+EGPO without NSR) must reproduce the static estimators and settings they stand for. (The
+statistics over seeds are tested in tests/evaluation/test_stats.py.)
 """
 
 import functools
-import math
 
 import chex
-import hypothesis
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,6 +98,19 @@ class SwitchedAdvantagesTest(chex.TestCase):
     assert np.all(out["grpo"][1] == 0) and np.all(out["dr_grpo"][1] == 0)
     assert np.all(out["egpo"][1] < 0)
 
+  def test_egpo_without_nsr_silences_all_wrong_groups_only(self):
+    settings = _settings(edge_clamp=(0.5, 2.0))
+    got = iteration.compute_advantages(REWARDS, CORRECT, VALID, H, SHANNON,
+                                       ablation.algorithm("egpo_no_nsr"), settings)
+    want = advantages.egpo_advantages(REWARDS, H, correct_BxG=CORRECT, valid_BxG=VALID,
+                                      nsr=False)
+    np.testing.assert_allclose(got.advantages, want.advantages, rtol=1e-6, atol=1e-7)
+    egpo = np.asarray(iteration.compute_advantages(
+        REWARDS, CORRECT, VALID, H, SHANNON, ablation.algorithm("egpo"), settings).advantages)
+    np.testing.assert_array_equal(np.asarray(got.advantages)[1], 0.0)   # all-wrong group
+    assert np.all(egpo[1] < 0)
+    np.testing.assert_allclose(np.asarray(got.advantages)[[0, 2, 3]], egpo[[0, 2, 3]])
+
   def test_dr_grpo_and_dapo_arrays(self):
     dr = ablation.algorithm("dr_grpo")
     assert int(dr.estimator) == iteration.ESTIMATORS.index("dr_grpo")
@@ -121,6 +131,9 @@ def test_bad_algorithms_raise_clearly():
     iteration.AlgoArrays.create_switched(estimator="rloo")
   with pytest.raises(ValueError, match="unique"):
     ablation.algorithms(["egpo", "egpo"])
+  with pytest.raises(ValueError, match="eval_batch=0"):
+    ablation.run(None, ablation.algorithms(["egpo"]), seeds=(0,), num_iterations=4,
+                 eval_every=2, eval_batch=0)
   with pytest.raises(ValueError, match="multiple of eval_every"):
     ablation.run(None, ablation.algorithms(["egpo"]), seeds=(0,), num_iterations=5,
                  eval_every=2)
@@ -202,72 +215,3 @@ def test_switched_dapo_equals_static_dapo(state):
   # Without the overlong switch GRPO's rewards are exactly +-1.
   np.testing.assert_allclose(np.abs(m["reward"][1]) <= 1.0, True)
   assert not np.allclose(m["reward"][0], m["reward"][1])
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def test_mean_ci_by_hand():
-  mean, low, high, n = ablation.mean_ci([1.0, 2.0, 3.0])
-  half = 4.302652729911275 * 1.0 / math.sqrt(3)   # t_{0.975, 2} * sd / sqrt(n)
-  assert (mean, n) == (2.0, 3)
-  np.testing.assert_allclose([low, high], [2.0 - half, 2.0 + half], rtol=1e-9)
-  # NaNs (undefined metrics) are dropped; one value has no interval.
-  mean, low, high, n = ablation.mean_ci([np.nan, 5.0])
-  assert mean == 5.0 and n == 1 and math.isnan(low) and math.isnan(high)
-  with pytest.raises(ValueError, match="confidence"):
-    ablation.mean_ci([1.0, 2.0], confidence=1.5)
-
-
-def test_paired_test_by_hand():
-  # d = [1, 2, 2]: mean 5/3, sd 1/sqrt(3), t = 5; df = 2 has the closed-form CDF
-  # 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - t / sqrt(2 + t^2).
-  out = ablation.paired_test([1.0, 2.0, 3.0], [0.0, 0.0, 1.0])
-  np.testing.assert_allclose(out["diff"], 5 / 3)
-  np.testing.assert_allclose(out["p"], 1 - 5 / math.sqrt(27), rtol=1e-9)
-  assert out["n"] == 3 and out["diff_low"] < 5 / 3 < out["diff_high"]
-  assert math.isnan(ablation.paired_test([1., 2.], [0., 1.])["p"])   # constant d: no test
-  assert math.isnan(ablation.paired_test([1., 2.], [1., 2.])["p"])
-  assert math.isnan(ablation.paired_test([1., np.nan], [0., 0.])["p"])
-  with pytest.raises(ValueError, match="one value per seed"):
-    ablation.paired_test([1., 2.], [1.])
-
-
-def test_holm_by_hand():
-  # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(., 2 * 0.03), max(., 1 * 0.04)
-  np.testing.assert_allclose(ablation.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
-  np.testing.assert_allclose(ablation.holm([0.2, np.nan, 0.3]), [0.4, np.nan, 0.4])
-
-
-@hypothesis.given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12))
-def test_holm_properties(p):
-  adj = ablation.holm(p)
-  p = np.asarray(p)
-  assert np.all(adj >= p - 1e-15) and np.all(adj <= 1.0)
-  order = np.argsort(p, kind="stable")
-  assert np.all(np.diff(adj[order]) >= 0)   # monotone in the raw p-values
-  assert adj.min() == pytest.approx(min(1.0, len(p) * p.min()))
-
-
-def test_summarize_and_tables():
-  names = ["grpo", "egpo", "c1"]
-  rng = np.random.default_rng(0)
-  base = rng.normal(size=5)
-  values = np.stack([base, base + 1.0 + 0.01 * rng.normal(size=5),
-                     base + 0.5 * rng.normal(size=5)])
-  out = ablation.summarize(values, names)
-  assert [r["name"] for r in out["rows"]] == names
-  np.testing.assert_allclose(out["rows"][1]["mean"], values[1].mean())
-  pairs = {(t["name"], t["reference"]) for t in out["tests"]}
-  assert pairs == {("grpo", "egpo"), ("c1", "egpo"), ("c1", "grpo")}   # each pair once
-  sig = {(t["name"], t["reference"]): t["significant"] for t in out["tests"]}
-  assert sig == {("grpo", "egpo"): True, ("c1", "egpo"): True, ("c1", "grpo"): False}
-  for t in out["tests"]:
-    assert t["p_holm"] >= t["p"]
-  table = ablation.markdown_table({"accuracy": out})
-  assert table.splitlines()[0] == "| algorithm | accuracy |"
-  grpo_row, egpo_row, c1_row = table.splitlines()[2:]
-  assert grpo_row.endswith("]* |") and egpo_row.endswith("]+ |") and c1_row.endswith("]* |")
-  assert "| accuracy | c1 | grpo |" in ablation.tests_table({"accuracy": out})
-  with pytest.raises(ValueError, match="names"):
-    ablation.summarize(values, names[:2])

@@ -1,0 +1,271 @@
+"""One regime of the EGPO vs GRPO study: EGPO, GRPO and EGPO without NSR x seeds, as ONE
+vmapped program (`egpo_jax.training.ablation`), then the pre-registered analysis.
+
+    python -m experiments.study --regime=default --output_dir=study_results
+    python -m experiments.study --regime=all_wrong \
+        --config=experiments/configs/study.py:pilot --output_dir=/tmp/pilot
+
+Writes <output_dir>/<regime>.json (the settings, per-seed raw values of every outcome,
+the validation curves and the analysis) and <regime>.md (the tables). The design, the
+measures and the tests are in notebooks/PREREGISTRATION.md; in short, per seed:
+
+  accuracy              validation accuracy after the last iteration (PRIMARY): the mean
+                        verdict of `eval_samples` samples at temperature 1 on the same
+                        `eval_prompts` held-out prompts, with the same keys, for every arm
+  learning_speed        area under the validation accuracy curve / iterations (trapezoid
+                        over the evaluation points 0, eval_every, ..., iterations)
+  entropy_gap, auroc, ece, overconfident_wrong   calibration of exp(-H~) (Eq. 5) on those
+                        samples, after the last iteration
+  grpo accuracy at iterations / 2   the positive control (GRPO with half the iterations)
+
+Tests: paired over seeds (paired t, with the sign-flip permutation p alongside); the
+primary family is {egpo vs grpo, egpo vs egpo_no_nsr} on accuracy, Holm at `alpha`; the
+secondary outcomes form a second Holm family (exploratory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from egpo_jax.evaluation import stats
+from experiments.configs import study as study_configs
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "study.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Study config (a Python file; "
+                                          "':pilot' or ':tiny' picks a setting).")
+_REGIME = flags.DEFINE_enum("regime", None, list(study_configs.REGIMES), "The regime to run.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
+                                  "Where <regime>.json and <regime>.md are written.")
+
+PRIMARY = "accuracy"
+SECONDARY = ("learning_speed", "entropy_gap", "auroc", "ece", "overconfident_wrong")
+CONTROL = "grpo"
+TRAIN_MEANS = ("accuracy", "frac_all_wrong", "frac_nsr_only_adv")
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises one line naming the field and the fix; before anything runs or is written."""
+  def need(ok, field, fix):
+    if not ok:
+      raise ValueError(f"config.{field}={cfg[field]!r}: {fix}")
+  need(len(cfg.arms) == len(set(cfg.arms)) >= 2 and cfg.reference in cfg.arms, "arms",
+       f"give distinct algorithm names including the reference {cfg.reference!r}")
+  need(CONTROL in cfg.arms, "arms", f"the positive control needs {CONTROL!r} among the arms")
+  need(cfg.num_seeds == 0 or cfg.num_seeds >= 2, "num_seeds",
+       "paired tests need at least 2 seeds (0: the regime's pre-registered n)")
+  largest = cfg.num_seeds or max(study_configs.SEEDS_PER_ARM.values())
+  need(cfg.setting == "pilot" or cfg.first_seed + largest <= 1000, "first_seed",
+       "seeds from 1000 are the pilot's; keep the confirmatory sample below 1000")
+  need(cfg.iterations % (2 * cfg.eval_every) == 0, "iterations",
+       "use a multiple of 2 x eval_every, so the control's half-way point is evaluated")
+  need(cfg.eval_prompts >= 1, "eval_prompts", "give a positive number of prompts")
+
+
+def regime_config(cfg: ml_collections.ConfigDict, regime: str) -> ml_collections.ConfigDict:
+  """The trainer config of a regime: cfg.trainer with the regime's overrides."""
+  from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  if regime not in study_configs.REGIMES:
+    raise ValueError(f"regime={regime!r}: use one of {list(study_configs.REGIMES)}")
+  c = config_lib.with_overrides(cfg.trainer, study_configs.REGIMES[regime])
+  return config_lib.with_overrides(c, {"train.iterations": cfg.iterations})
+
+
+def run_regime(cfg: ml_collections.ConfigDict, regime: str, *, progress: bool = True
+               ) -> dict[str, Any]:
+  """Warm-starts the regime's model once and trains every arm x seed as one program.
+
+  Returns `ablation.run`'s result with the "regime" added.
+  """
+  from egpo_jax.training import ablation  # pylint: disable=g-import-not-at-top
+  check_config(cfg)
+  setup = ablation.setup(regime_config(cfg, regime), oversample=1,
+                         eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
+                         overconfident_at=cfg.overconfident_at)
+  seeds = range(cfg.first_seed,
+                cfg.first_seed + (cfg.num_seeds or study_configs.SEEDS_PER_ARM[regime]))
+  result = ablation.run(setup, ablation.algorithms(cfg.arms), seeds,
+                        num_iterations=cfg.iterations, eval_every=cfg.eval_every,
+                        progress=progress, eval_batch=cfg.eval_batch or None)
+  return {**result, "regime": regime}
+
+
+def outcomes(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """{outcome: float [arms, seeds]}: the measures of the module doc, per seed."""
+  val = result["val"]
+  x = np.asarray(result["eval_iterations"], np.float64)
+  out = {PRIMARY: val["accuracy"][:, :, -1],
+         "learning_speed": np.trapezoid(val["accuracy"], x, axis=-1) / x[-1]}
+  for k in SECONDARY[1:]:
+    out[k] = val[k][:, :, -1]
+  return out
+
+
+def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val_acc: Any,
+            eval_iterations: Sequence[int], cfg: ml_collections.ConfigDict
+            ) -> dict[str, Any]:
+  """The pre-registered analysis of one regime.
+
+  Args:
+    per_seed: `outcomes(result)`.
+    names: the arms, in the rows' order.
+    result_val_acc: validation accuracy [arms, seeds, evaluations] (for the control).
+    eval_iterations: the iterations of the evaluations.
+    cfg: the study config (reference, alpha, mde, power).
+
+  Returns:
+    {"primary": [tests], "secondary": [tests], "arms": {outcome: rows},
+     "control": test, "design": {...}}: tests as `stats.paired_test` plus "outcome",
+    "name", "reference", "p_holm", "significant"; "arms" the per-arm mean and 95%
+    t-interval (clipped to [0, 1] but for the entropy gap); "design" is `design` of the
+    primary tests' SDs: the power the design had for `mde`, and the n it asks for.
+  """
+  idx = {n: i for i, n in enumerate(names)}
+  ref = cfg.reference
+  others = [n for n in names if n != ref]
+
+  def family(outcomes_: Sequence[str]) -> list[dict[str, Any]]:
+    tests = [{"outcome": o, "name": ref, "reference": n,
+              **stats.paired_test(per_seed[o][idx[ref]], per_seed[o][idx[n]])}
+             for o in outcomes_ for n in others]
+    for t, p in zip(tests, stats.holm([t["p"] for t in tests])):
+      t["p_holm"] = float(p)
+      t["significant"] = bool(np.isfinite(p) and p < cfg.alpha)
+    return tests
+
+  primary, secondary = family([PRIMARY]), family(SECONDARY)
+  arms = {o: [{"name": n, **dict(zip(("mean", "low", "high", "n"), stats.mean_ci(
+      v, bounds=None if o == "entropy_gap" else (0.0, 1.0))))}
+              for n, v in zip(names, per_seed[o])] for o in (PRIMARY, *SECONDARY)}
+  acc = np.asarray(result_val_acc, np.float64)[idx[CONTROL]]
+  half = list(eval_iterations).index(eval_iterations[-1] // 2)
+  control = {"name": f"{CONTROL} at {eval_iterations[-1]}",
+             "reference": f"{CONTROL} at {eval_iterations[half]}",
+             **stats.paired_test(acc[:, -1], acc[:, half])}
+  sds = [t["sd"] for t in primary]
+  return {"primary": primary, "secondary": secondary, "arms": arms, "control": control,
+          "design": design(sds, int(min(t["n"] for t in primary)), cfg,
+                           num_tests=len(primary))}
+
+
+def design(sds: Sequence[float], n: int, cfg: ml_collections.ConfigDict, *,
+           num_tests: int = 2) -> dict[str, Any]:
+  """Power at n pairs and the n to plan for, from the SDs of the primary paired
+  differences (PREREGISTRATION.md, "Sample size").
+
+  The planning level is alpha / num_tests (Bonferroni, which bounds Holm's first step);
+  the SD is the largest of `sds`; n is planned with its 80% upper confidence limit
+  (`stats.sd_upper_bound`), never below 16 seeds.
+  """
+  alpha = cfg.alpha / num_tests
+  finite = [x for x in sds if x is not None and np.isfinite(x) and x > 0]
+  out = {"mde": cfg.mde, "power_target": cfg.power, "alpha_planning": alpha, "n": n,
+         "sd_diff": max(finite) if finite else math.nan}
+  if finite and n >= 2:
+    sd = max(finite)
+    sd_plan = stats.sd_upper_bound(sd, n)
+    out.update(power_at_n=stats.power_paired(n, sd, cfg.mde, alpha),
+               mde_at_n=stats.mde_paired(n, sd, alpha=alpha, power=cfg.power),
+               sd_plan=sd_plan,
+               n_required=stats.required_n(sd_plan, cfg.mde, alpha=alpha, power=cfg.power,
+                                           n_min=16))
+  return out
+
+
+def markdown(rep: Mapping[str, Any]) -> str:
+  """A regime's tables from its report (`report`, or the JSON it is written as)."""
+  f, analysis = stats.fmt, rep["analysis"]
+  seeds, arms = rep["seeds"], analysis["arms"]
+  lines = [f"# Study regime `{rep['regime']}` ({rep['setting']} setting)", "",
+           f"{len(seeds)} seeds per arm ({seeds[0]}..{seeds[-1]}), "
+           f"{rep['config']['iterations']} iterations, warm-up {rep['warmup']}, "
+           f"{rep['seconds_rl']:.0f} s for the RL of all runs.", "",
+           "| outcome | " + " | ".join(r["name"] for r in arms[PRIMARY]) + " |",
+           "|---|" + "---|" * len(arms[PRIMARY])]
+  for o, rows in arms.items():
+    lines.append(f"| {o} | " + " | ".join(
+        f"{f(r['mean'])} [{f(r['low'])}, {f(r['high'])}]" for r in rows) + " |")
+  lines += ["", "| family | outcome | comparison | diff [95% CI] | p (t) | p (sign flip) | "
+            "p (Holm) | significant |", "|---|---|---|---|---|---|---|---|"]
+  for fam in ("primary", "secondary"):
+    for t in analysis[fam]:
+      lines.append(f"| {fam} | {t['outcome']} | {t['name']} - {t['reference']} | "
+                   f"{f(t['diff'], 4)} [{f(t['diff_low'], 4)}, {f(t['diff_high'], 4)}] | "
+                   f"{f(t['p'], 4)} | {f(t['p_sign_flip'], 4)} | {f(t['p_holm'], 4)} | "
+                   f"{'yes' if t['significant'] else 'no'} |")
+  c, d = analysis["control"], analysis["design"]
+  lines += ["", f"Positive control, accuracy {c['name']} - {c['reference']}: "
+            f"{f(c['diff'], 4)} [{f(c['diff_low'], 4)}, {f(c['diff_high'], 4)}], "
+            f"p = {f(c['p'], 4)}.", "",
+            f"Design: n = {d['n']} pairs, SD of the primary paired differences "
+            f"{f(d['sd_diff'], 4)}; at alpha {f(d['alpha_planning'], 4)} the power for a "
+            f"{f(d['mde'], 3)} difference is {f(d.get('power_at_n'), 3)} and the 80%-power "
+            f"MDE {f(d.get('mde_at_n'), 4)}; planned with the SD's 80% upper limit "
+            f"{f(d.get('sd_plan'), 4)}, 80% power for {f(d['mde'], 3)} needs n = "
+            f"{d.get('n_required', '-')}."]
+  return "\n".join(lines) + "\n"
+
+
+def jsonable(x: Any) -> Any:
+  """x with arrays as lists and NaN / inf as None (JSON has neither)."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, np.ndarray):
+    return jsonable(x.tolist())
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[str, Any]:
+  """Everything the regime's JSON holds: settings, per-seed raw values, curves, analysis."""
+  per_seed = outcomes(result)
+  analysis = analyse(per_seed, result["names"], result["val"]["accuracy"],
+                     [int(i) for i in result["eval_iterations"]], cfg)
+  return {"regime": result["regime"], "setting": cfg.setting, "config": cfg.to_dict(),
+          "arms": result["names"], "seeds": result["seeds"],
+          "seconds_rl": result["seconds"], "warmup": result["warmup"],
+          "per_seed": per_seed, "eval_iterations": result["eval_iterations"],
+          "val_curves": result["val"],
+          # [arms, seeds] means over all iterations: what the regime gives NSR to act on.
+          "train_means": {k: result["train"][k].mean(-1) for k in TRAIN_MEANS},
+          "analysis": analysis}
+
+
+def main(argv):
+  del argv
+  cfg, regime, out_dir = _CONFIG.value, _REGIME.value, _OUTPUT_DIR.value
+  if regime is None:
+    raise app.UsageError(f"--regime is required: one of {list(study_configs.REGIMES)}")
+  check_config(cfg)
+  paths = [os.path.join(out_dir, f"{regime}.{ext}") for ext in ("json", "md")]
+  for p in paths:
+    if os.path.exists(p):
+      raise FileExistsError(f"{p} exists: give another --output_dir or remove it (the "
+                            "study never overwrites results)")
+  result = run_regime(cfg, regime)
+  rep = jsonable(report(cfg, result))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(paths[0], "w") as fh:
+    json.dump(rep, fh, indent=1)
+  with open(paths[1], "w") as fh:
+    fh.write(markdown(rep))
+  print(open(paths[1]).read())
+  print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

@@ -1,0 +1,118 @@
+"""experiments.study: the config checks, the per-seed outcomes and the pre-registered
+analysis on a hand-made result (the whole command at its tiny setting runs in the study
+notebook's test), and the command's refusal to overwrite results."""
+
+import json
+
+import numpy as np
+import pytest
+from absl import flags
+
+from egpo_jax.evaluation import stats
+from experiments import study
+from experiments.configs import study as study_configs
+
+NAMES = ["egpo", "grpo", "egpo_no_nsr"]
+EVALS = np.array([0, 15, 30, 45, 60])
+
+
+def _result(seed=0):
+  """A result shaped like `ablation.run`'s: 3 arms x 6 seeds x 5 evaluations."""
+  rng = np.random.default_rng(seed)
+  a, s, e = len(NAMES), 6, EVALS.size
+  base = np.linspace(0.3, 0.4, e)[None, None, :] + rng.normal(0, 0.01, (1, s, 1))
+  acc = base + np.array([0.03, 0.0, 0.01])[:, None, None] + rng.normal(0, 0.005, (a, s, e))
+  val = {k: rng.uniform(0.1, 0.9, (a, s, e)) for k in study.SECONDARY[1:]}
+  val["accuracy"] = acc
+  val["auroc"][0, 0, -1] = np.nan                    # an undefined metric drops its pair
+  train = {k: rng.uniform(0, 1, (a, s, 60)) for k in study.TRAIN_MEANS}
+  return {"names": NAMES, "seeds": list(range(s)), "iterations": np.arange(1, 61),
+          "eval_iterations": EVALS, "val": val, "train": train, "seconds": 12.0,
+          "warmup": {"steps": 500}, "regime": "default"}
+
+
+def test_config_settings_and_checks():
+  full, pilot = study_configs.get_config(), study_configs.get_config("pilot")
+  assert full.num_seeds == 0 and min(study_configs.SEEDS_PER_ARM.values()) >= 16
+  assert pilot.first_seed >= 1000 and pilot.num_seeds >= 2
+  assert pilot.iterations == full.iterations and pilot.eval_prompts == full.eval_prompts
+  study.check_config(full)
+  study.check_config(pilot)
+  study.check_config(study_configs.get_config("tiny"))
+  with pytest.raises(ValueError, match="setting"):
+    study_configs.get_config("huge")
+  bad = study_configs.get_config()
+  bad.first_seed = 980     # + the largest pre-registered n (35) reaches the pilot's seeds
+  with pytest.raises(ValueError, match="first_seed.*pilot"):
+    study.check_config(bad)
+  bad = study_configs.get_config()
+  bad.iterations = 45
+  with pytest.raises(ValueError, match="iterations"):
+    study.check_config(bad)
+  bad = study_configs.get_config()
+  bad.arms = ("egpo", "egpo_no_nsr")
+  with pytest.raises(ValueError, match="positive control"):
+    study.check_config(bad)
+  c = study.regime_config(full, "shortcut")
+  assert c.task.difficulty == 8 and c.train.iterations == full.iterations
+  assert study.regime_config(full, "all_wrong").task.difficulty == 3
+  with pytest.raises(ValueError, match="regime"):
+    study.regime_config(full, "easy")
+
+
+def test_outcomes_and_analysis_by_hand():
+  cfg, res = study_configs.get_config(), _result()
+  per_seed = study.outcomes(res)
+  acc = res["val"]["accuracy"]
+  np.testing.assert_array_equal(per_seed["accuracy"], acc[:, :, -1])
+  curve = acc[1, 2]   # trapezoid by hand, equal steps of 15 over 60 iterations
+  by_hand = 15 * (curve[0] / 2 + curve[1:-1].sum() + curve[-1] / 2) / 60
+  assert per_seed["learning_speed"][1, 2] == pytest.approx(by_hand)
+  out = study.analyse(per_seed, NAMES, acc, list(EVALS), cfg)
+  p1, p2 = out["primary"]
+  assert (p1["name"], p1["reference"], p2["reference"]) == ("egpo", "grpo", "egpo_no_nsr")
+  d = acc[0, :, -1] - acc[1, :, -1]
+  assert p1["diff"] == pytest.approx(d.mean()) and p1["sd"] == pytest.approx(d.std(ddof=1))
+  np.testing.assert_allclose([p1["p_holm"], p2["p_holm"]], stats.holm([p1["p"], p2["p"]]))
+  assert p1["significant"]                    # +3 points with 0.7-point noise at 6 seeds
+  assert len(out["secondary"]) == 10
+  for o, rows in out["arms"].items():        # fractions keep their intervals in [0, 1]
+    if o != "entropy_gap":
+      assert all(0.0 <= r["low"] <= r["high"] <= 1.0 for r in rows), o
+  auroc = [t for t in out["secondary"] if t["outcome"] == "auroc"]
+  assert all(t["n"] == 5 for t in auroc)      # the NaN dropped one pair
+  c = out["control"]
+  assert c["diff"] == pytest.approx((acc[1, :, -1] - acc[1, :, 2]).mean())
+  design = out["design"]
+  sd = max(p1["sd"], p2["sd"])
+  assert design["sd_diff"] == pytest.approx(sd) and design["alpha_planning"] == 0.025
+  sd_plan = stats.sd_upper_bound(sd, 6)
+  assert design["sd_plan"] == pytest.approx(sd_plan)
+  assert design["n_required"] == stats.required_n(sd_plan, 0.02, alpha=0.025, n_min=16)
+  assert design["power_at_n"] == pytest.approx(stats.power_paired(6, sd, 0.02, 0.025))
+
+
+def test_report_is_json_and_renders():
+  cfg, res = study_configs.get_config(), _result()
+  rep = json.loads(json.dumps(study.jsonable(study.report(cfg, res))))
+  assert rep["per_seed"]["accuracy"] == res["val"]["accuracy"][:, :, -1].tolist()
+  assert rep["val_curves"]["auroc"][0][0][-1] is None       # NaN -> null
+  assert np.shape(rep["train_means"]["frac_all_wrong"]) == (3, 6)
+  md = study.markdown(rep)
+  assert "| primary | accuracy | egpo - grpo |" in md
+  assert "| accuracy | " in md and "Positive control" in md
+
+
+def test_command_writes_and_never_overwrites(tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "run_regime", lambda cfg, regime: _result())
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["study", "--regime=default", f"--output_dir={tmp_path}"])
+  try:
+    study.main([])
+    rep = json.loads((tmp_path / "default.json").read_text())
+    assert rep["regime"] == "default" and len(rep["seeds"]) == 6
+    assert "| primary | accuracy" in (tmp_path / "default.md").read_text()
+    with pytest.raises(FileExistsError, match="never overwrites"):
+      study.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
