@@ -188,6 +188,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   state = _on_mesh(TrainState.create(params, rl_opt.init(params)), mesh)
   params, k_rl = state.params, distributed.put(k_rl, distributed.replicated(mesh))
   host_task = None if exp.jitted else tasks.JsonlTask(c, exp.tokenizer, seed=c.seed)
+  if host_task is not None and distributed.is_metrics_writer():
+    host_task.save_report(workdir)   # what the JSONL reader kept and skipped, by file line
   use_ref = bool(c.loss.kl_coef)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.keep_checkpoints)
 
@@ -281,7 +283,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
              "warmup": warmup_info, "iterations": total,
              "nonfinite_skipped": int(state.nonfinite_total),
              "median_seconds_per_iteration": float(np.median(times)) if times else None,
-             "process_share": share}
+             "process_share": share,
+             "data": host_task.report_json() if host_task is not None else None}
   if distributed.is_metrics_writer():
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

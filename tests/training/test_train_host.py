@@ -45,6 +45,11 @@ def test_host_mode_trains_and_resumes_exactly(tmp_path, user_files):
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for key in ("time_rollout", "time_verify", "time_update", "rollout_tokens_per_s"):
     assert all(r[key] > 0 for r in rows), key
+  with open(os.path.join(straight, "data_report.json")) as f:
+    report = json.load(f)
+  with open(os.path.join(straight, "summary.json")) as f:
+    assert json.load(f)["data"] == report   # the read report is saved and counted
+  assert (report["total"], report["num_bad"], report["kept"]) == (26, 2, 24)
 
   with pytest.warns(UserWarning):
     assert train_lib.train(c, resumed, progress=False, stop_at_iteration=2) is None
