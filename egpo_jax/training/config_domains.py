@@ -353,6 +353,17 @@ FLAGS: tuple[Flag, ...] = (
          "where checkpoints, metrics and plots go; the same workdir resumes"),
     Flag("--verbosity", "int (absl)", "0",
          "1 shows the traceback of a start-up error and info logs"),
+    Flag("--dry_run", "bool", "false",
+         "compile one iteration's phases from abstract shapes, print per-device memory and "
+         "collectives, train nothing (no weights, data or tokenizer needed)"),
+    Flag("--dry_run_devices", "int >= 0", "0",
+         "with --dry_run: this many fake CPU devices stand in for the target; must be a "
+         "multiple of the mesh (0 = the real devices)"),
+    Flag("--dry_run_json", "a writable file path", "''",
+         "with --dry_run: also write the report as JSON here"),
+    Flag("--device_memory_gb", "float >= 0", "0",
+         "with --dry_run: exit 1 naming the phase when one needs more per device (0 = no "
+         "check)"),
 )
 
 
