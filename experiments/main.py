@@ -24,7 +24,6 @@ from ml_collections import config_flags
 USAGE_ERROR = 2
 
 
-
 def _verbose(argv) -> bool:
   """--verbosity >= 1 (absl's flag): show tracebacks of start-up errors."""
   for arg in argv:
@@ -37,7 +36,7 @@ def _verbose(argv) -> bool:
 
 
 def _usage_error(message: str, verbose: bool) -> int:
-  if verbose:
+  if verbose and sys.exc_info()[0] is not None:
     traceback.print_exc()
   print(f"error: {message}", file=sys.stderr, flush=True)
   return USAGE_ERROR
@@ -90,6 +89,9 @@ def run(config, workdir: str, *, verbose: bool = False) -> int:
   """Trains (or resumes) `config` in `workdir`; returns the exit code (module docstring)."""
   from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from egpo_jax.training import preemption, train  # pylint: disable=g-import-not-at-top
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    return _usage_error(f"--workdir={workdir}: this is a file; give a folder (new or a run's "
+                        "own, to resume)", verbose)
   try:
     summary = train.train(config, workdir)
   except config_lib.ConfigError as err:   # raised before anything is written

@@ -6,6 +6,7 @@ Everything past this module takes plain arguments or frozen settings dataclasses
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any
 
 import ml_collections
@@ -44,11 +45,14 @@ def unknown_field_error(name: str) -> ConfigError:
                      "docs/CONFIG.md lists every field")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
+def validate(c: ml_collections.ConfigDict, *, inputs_exist: bool = True) -> None:
   """Checks every field against its domain (config_domains.FIELDS) and the rules that tie
   fields together; the first problem raises a one-line ConfigError naming the field, the
   value and the fix. Reads nothing but the config and, for model.preset='hf', the
-  checkpoint's config.json; writes nothing."""
+  checkpoint's config.json; writes nothing.
+
+  `inputs_exist=False` skips the existence of the training inputs (task.train_file, ...):
+  a tool that reads a finished run's config.json does not need them."""
   leaves = _leaves(c)
   for name in leaves:
     if name not in domains.BY_NAME:
@@ -58,7 +62,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _need(f.optional, f.name, "<missing>", f"add it (default {f.default!r})")
       continue
     value = leaves[f.name]
-    _need(f.domain.ok(value), f.name, value, f"{f.fix} (domain: {f.domain.text})")
+    ok = (f.domain.ok(value) if inputs_exist or f.domain.input_kind is None
+          else isinstance(value, str))
+    _need(ok, f.name, value, f"{f.fix} (domain: {f.domain.text})")
   _validate_across(c)
 
 
@@ -69,7 +75,7 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
     _need(bool(m.path) or bool(m.name), "model.path", m.path,
           "model.preset='hf' needs the Hugging Face checkpoint folder (or model.name for "
           "its shapes with random weights)")
-    if m.path and m.name:
+    if m.path and m.name and os.path.isdir(m.path):
       _check_shapes(m.name, model_config_lib.load_hf_config(m.path))
   elif m.name:
     _need(model_config_lib.get_config(m.name) == model_config_lib.get_config(m.preset),
@@ -79,9 +85,6 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
     _need(bool(c.task.train_file), "task.train_file", c.task.train_file,
           "task.name='jsonl' needs the training JSONL, e.g. "
           "--config.task.train_file=/data/train.jsonl")
-    _need(c.task.reward != "synthetic", "task.reward", c.task.reward,
-          "the 'synthetic' verifier only checks the synthetic task; use 'math' for JSONL "
-          "problems")
   _need(c.warmup.steps == 0 or c.task.name == "synthetic", "warmup.steps", c.warmup.steps,
         "the supervised warm-up uses the synthetic task's worked solutions; set it to 0")
   if c.task.name == "synthetic":
@@ -120,10 +123,11 @@ def _check_shapes(name: str, loaded: model_config_lib.ModelConfig) -> None:
         + ", ".join(diff) + "); fix model.path or model.name")
 
 
-def checked(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def checked(c: ml_collections.ConfigDict, *, inputs_exist: bool = True
+            ) -> ml_collections.ConfigDict:
   """`validate(c)`, then a copy with every missing optional field at its default (so the
   code past this point reads each field directly)."""
-  validate(c)
+  validate(c, inputs_exist=inputs_exist)
   out = ml_collections.ConfigDict(c.to_dict())
   for f in domains.FIELDS:
     section, _, leaf = f.name.rpartition(".")

@@ -58,6 +58,7 @@ class Domain:
   describe: Callable[[], str]
   ok: Callable[[Any], bool]
   bad: Any
+  input_kind: str | None = None   # "file" / "dir": an input path, which must exist to train
 
   @property
   def text(self) -> str:
@@ -147,9 +148,9 @@ def text(*, allow_empty: bool = True) -> Domain:
 def path(kind: str) -> Domain:
   """'' or an existing file / folder (checked at start-up, before a run writes anything)."""
   exists = os.path.isfile if kind == "file" else os.path.isdir
-  return _domain(f"'' or an existing {kind}",
+  return Domain(lambda: f"'' or an existing {kind}",
                 lambda v: isinstance(v, str) and (v == "" or exists(v)),
-                "/nonexistent/egpo_jax_input")
+                "/nonexistent/egpo_jax_input", input_kind=kind)
 
 
 def strings() -> Domain:
@@ -394,11 +395,11 @@ def markdown() -> str:
 
 # The rules that tie fields together (config.validate checks them after the table).
 CROSS_CHECKS = (
-    "`model.path` is required when `model.preset='hf'`",
+    "`model.preset='hf'` needs `model.path`, or `model.name` alone for that backbone's "
+    "shapes with random weights and the byte tokenizer (a dry run, with a warning)",
     "`model.name`, when set with `model.preset='hf'`, must match the shapes of the "
     "checkpoint's config.json; with a named preset it must equal the preset",
-    "`task.train_file` is required when `task.name='jsonl'`, and `task.reward` must be a "
-    "host verifier (not 'synthetic')",
+    "`task.train_file` is required when `task.name='jsonl'`",
     "`warmup.steps` must be 0 unless `task.name='synthetic'`",
     "for the synthetic task, `task.max_prompt_len` must hold its longest prompt (and, with "
     "a warm-up, `rollout.max_new_tokens` its longest worked solution)",

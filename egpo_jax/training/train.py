@@ -75,7 +75,9 @@ def _loads_hf_checkpoint(c: ml_collections.ConfigDict) -> bool:
 
 
 def build(c: ml_collections.ConfigDict) -> Experiment:
-  c = config_lib.checked(c)
+  """The model, tokenizer, task and settings of config `c` (checked; `train` has already
+  checked that its input files exist, readers of a finished run do not need them)."""
+  c = config_lib.checked(c, inputs_exist=False)
   if _loads_hf_checkpoint(c):
     model_config = load_hf_config(c.model.path, dtype=c.model.dtype, remat=c.model.remat)
     tokenizer = HFTokenizer.from_pretrained(c.model.path)

@@ -167,6 +167,13 @@ def test_every_field_out_of_its_domain_exits_2_naming_it_and_writes_nothing(name
   assert not workdir.exists()
 
 
+def test_a_workdir_that_is_a_file_exits_2(tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  assert main_lib.run(default.get_config(), str(tmp_path / "file")) == 2
+  assert capsys.readouterr().err.startswith(f"error: --workdir={tmp_path / 'file'}: ")
+  assert (tmp_path / "file").read_text() == "x"
+
+
 def test_verbose_run_adds_the_traceback(tmp_path, capsys):
   c = with_value(default.get_config(), "train.keep_checkpoints", 0)
   assert main_lib.run(c, str(tmp_path / "run"), verbose=True) == 2
@@ -188,3 +195,12 @@ def test_documented_bad_inputs_print_the_documented_line(args, code, message, tm
   assert done.returncode == code, done.stderr[-2000:]
   assert done.stderr.strip().splitlines() == [message]   # one line, no traceback
   assert not workdir.exists()
+
+
+def test_a_finished_runs_config_builds_without_its_training_inputs(tmp_path):
+  from egpo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.with_overrides(tiny.get_config(), {"task.train_file": "/gone/train.jsonl"})
+  with pytest.raises(config_lib.ConfigError, match="config.task.train_file="):
+    config_lib.validate(c)
+  config_lib.validate(c, inputs_exist=False)
+  assert train_lib.build(c).model_config.hidden_size == 64
