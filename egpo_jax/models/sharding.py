@@ -181,11 +181,19 @@ def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], m
   return _fit(spec, tuple(shape), mesh)
 
 
+def active_mesh():
+  """The (abstract) mesh of `jax.set_mesh` if it has the trainer's axes, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   """`x` constrained to the sharding its logical axes name under the mesh of
   `jax.set_mesh`; the identity without one (or on a mesh without the trainer's axes)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+  mesh = active_mesh()
+  if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
 

@@ -70,6 +70,8 @@ _BTV = ("activation_batch", "activation_length", "activation_vocab")
 def _constrain_rows(x_MxF, b, t, logical_axes):
   """`sharding.constrain` of a [B*T, ...] array through its [B, T, ...] view, so that it
   splits by rows exactly as the [B, T, ...] arrays around it do."""
+  if sharding.active_mesh() is None:
+    return x_MxF
   return sharding.constrain(x_MxF.reshape((b, t) + x_MxF.shape[1:]), logical_axes).reshape(
       x_MxF.shape)
 
@@ -298,11 +300,11 @@ class DecoderLayer(nn.Module):
     q = _dense((c.num_heads, c.head_size), "q_proj", c, use_bias=c.qkv_bias)(h)
     k = _dense((c.num_kv_heads, c.head_size), "k_proj", c, use_bias=c.qkv_bias)(h)
     v = _dense((c.num_kv_heads, c.head_size), "v_proj", c, use_bias=c.qkv_bias)(h)
-    q = sharding.constrain(q.reshape(b, t, c.num_heads, c.head_size), _BTHK)
-    k = sharding.constrain(k.reshape(b, t, c.num_kv_heads, c.head_size), _BTGK)
+    q = _apply_rope(sharding.constrain(q.reshape(b, t, c.num_heads, c.head_size), _BTHK),
+                    cos_BxTxF, sin_BxTxF)
+    k = _apply_rope(sharding.constrain(k.reshape(b, t, c.num_kv_heads, c.head_size), _BTGK),
+                    cos_BxTxF, sin_BxTxF)
     v = sharding.constrain(v.reshape(b, t, c.num_kv_heads, c.head_size), _BTGK)
-    q = _apply_rope(q, cos_BxTxF, sin_BxTxF)
-    k = _apply_rope(k, cos_BxTxF, sin_BxTxF)
     new_kv = (k, v)
     if past_kv is not None:
       # mode "extend": the shared prompt's keys/values [B', P, ...], repeated over each
