@@ -33,12 +33,17 @@ master embeddings: a bfloat16 matmul, as the sampler's decode computes its logit
 accumulate in float32; the embedding's gradient is returned in its own dtype.
 
 Under a mesh set with `jax.set_mesh`, each chunk's positions stay split like the rows
-(data x fsdp) and its logits' vocabulary over tensor (`models.sharding.constrain`).
+(data x fsdp) and its logits' vocabulary over tensor (`models.sharding.constrain`). The
+backward pass then accumulates the embedding's (and bias's) gradient as per-device partial
+sums, [row shards, V, D] with the leading axis split like the rows (one [V, D] float32
+per device, as before), and reduces them across devices once after the loop over chunks
+rather than in every chunk (`_row_shards`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import chex
 import jax
@@ -112,6 +117,34 @@ def _unchunked(x_KxC, num_rows):
   return x.reshape((-1,) + x.shape[2:])[:num_rows]
 
 
+_SHARDS_VD = ("activation_batch", "activation_vocab", "activation_embed")
+_SHARDS_V = ("activation_batch", "activation_vocab")
+
+
+def _row_shards(chunk):
+  """Devices a chunk's rows are split over under the mesh of `jax.set_mesh` (1 without).
+
+  The backward pass keeps one partial sum of the head's gradients per row shard
+  ([shards, V, D], its leading axis split like the rows, so one [V, D] per device) and
+  reduces them across devices once, after the loop over chunks. Summing each chunk's
+  dW = dlogits^T @ h directly into a [V, D] carry made GSPMD all-reduce the float32
+  [V, D] partial sums on every chunk (thousands of times per update at 1.5B).
+  """
+  mesh = sharding.active_mesh()
+  if mesh is None:
+    return 1
+  spec = sharding.logical_spec(("activation_batch",), (chunk,), mesh)
+  axes = spec[0] if len(spec) else None
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def _split_rows(x_CxF, shards):
+  """[C, ...] -> [shards, C / shards, ...], the leading axis split like the rows."""
+  x = x_CxF.reshape((shards, x_CxF.shape[0] // shards) + x_CxF.shape[1:])
+  return sharding.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _stats(chunk_size, with_entropy, hidden_MxD, embedding_VxD, bias_V, targets_M,
            temperature):
@@ -152,6 +185,7 @@ def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
   dtype = hidden_MxD.dtype
   emb_VxD = embedding_VxD.astype(dtype)
   vocab = embedding_VxD.shape[0]
+  shards = _row_shards(chunk)
 
   def body(carry, xs):
     g_emb_VxD, g_bias_V, g_temp = carry
@@ -171,19 +205,39 @@ def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
     g_z_CxV = sharding.constrain(g_s_CxV / temperature, _ROWS_V)
     g_h_CxD = jnp.dot(g_z_CxV.astype(dtype), emb_VxD, preferred_element_type=jnp.float32)
     g_h_CxD = sharding.constrain(g_h_CxD, _ROWS_D)
-    g_emb_VxD = g_emb_VxD + lax.dot_general(
-        g_z_CxV.astype(dtype), h_CxD, (((0,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32)
-    if bias_V is not None:
-      g_bias_V = g_bias_V + jnp.sum(g_z_CxV, axis=0)
+    if shards == 1:
+      g_emb_VxD = g_emb_VxD + lax.dot_general(
+          g_z_CxV.astype(dtype), h_CxD, (((0,), (0,)), ((), ())),
+          preferred_element_type=jnp.float32)
+      if bias_V is not None:
+        g_bias_V = g_bias_V + jnp.sum(g_z_CxV, axis=0)
+    else:
+      # Per-device partial sums (leading axis over the row shards): no collective here.
+      g_z_SxRxV = _split_rows(g_z_CxV.astype(dtype), shards)
+      h_SxRxD = _split_rows(h_CxD, shards)
+      g_emb_VxD = g_emb_VxD + sharding.constrain(lax.dot_general(
+          g_z_SxRxV, h_SxRxD, (((1,), (1,)), ((0,), (0,))),
+          preferred_element_type=jnp.float32), _SHARDS_VD)
+      if bias_V is not None:
+        g_bias_V = g_bias_V + sharding.constrain(
+            jnp.sum(_split_rows(g_z_CxV, shards), axis=1), _SHARDS_V)
     return (g_emb_VxD, g_bias_V, g_temp), g_h_CxD.astype(hidden_MxD.dtype)
 
   xs = tuple(_chunked(x, chunk, num_chunks)
              for x in (hidden_MxD, targets_M, lse_M, ent_M, g_logp_M, g_ent_M))
-  init = (jnp.zeros((vocab, embedding_VxD.shape[1]), jnp.float32),
-          jnp.zeros((vocab,) if bias_V is not None else (), jnp.float32),
+  lead = () if shards == 1 else (shards,)
+  init = (jnp.zeros(lead + (vocab, embedding_VxD.shape[1]), jnp.float32),
+          jnp.zeros(lead + (vocab,) if bias_V is not None else (), jnp.float32),
           jnp.zeros((), jnp.float32))
+  if shards > 1:
+    init = (sharding.constrain(init[0], _SHARDS_VD),
+            sharding.constrain(init[1], _SHARDS_V) if bias_V is not None else init[1],
+            init[2])
   (g_emb_VxD, g_bias_V, g_temp), g_h = lax.scan(body, init, xs)
+  if shards > 1:   # the one cross-device reduction of the head's gradients
+    g_emb_VxD = jnp.sum(g_emb_VxD, axis=0)
+    if bias_V is not None:
+      g_bias_V = jnp.sum(g_bias_V, axis=0)
   g_hidden_MxD = _unchunked(g_h, m)
   g_bias = None if bias_V is None else g_bias_V.astype(bias_V.dtype)
   return (g_hidden_MxD, g_emb_VxD.astype(embedding_VxD.dtype), g_bias, None,

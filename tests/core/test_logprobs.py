@@ -186,3 +186,40 @@ def test_bad_input_names_the_field(data, kwargs, match):
   extra = {k: v for k, v in kwargs.items() if k not in args}
   with pytest.raises((ValueError, TypeError), match=match):
     token_logprobs(args["hidden"], args["emb"], args["targets"], **extra)
+
+
+@pytest.mark.parametrize("layout", [(1, 8, 1), (2, 2, 2)])
+def test_sharded_rows_match_one_device(layout, num_devices):
+  """Under a mesh the backward keeps per-device partial sums of the embedding's and
+  bias's gradients and reduces them once after the chunk loop: same values and
+  gradients as one device. 32 positions in 4 chunks of 8, each chunk split over the
+  row devices (8, or 4 with tensor 2)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from egpo_jax.core import logprobs as logprobs_lib
+  from egpo_jax.models import sharding
+
+  n, t = 8, 4
+  rng = np.random.default_rng(1)
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  hidden, emb, bias = (f32(rng.normal(size=(n, t, D))), f32(0.5 * rng.normal(size=(V, D))),
+                       f32(rng.normal(size=V)))
+  targets = jnp.asarray(rng.integers(0, V, (n, t)), jnp.int32)
+  w_logp, w_ent = f32(rng.normal(size=(n, t))), f32(rng.normal(size=(n, t)))
+  fn = _objective(functools.partial(token_logprobs, chunk_size=8), targets, w_logp, w_ent,
+                  jnp.ones((n, t)), True)
+  args = (hidden, emb, bias, jnp.float32(0.7))
+  ref_value, ref_grads = fn(*args)
+
+  devices = jax.devices()[:int(np.prod(layout))]
+  mesh = sharding.make_mesh(sharding.MeshConfig(*layout), devices=devices)
+  rows = NamedSharding(mesh, P(sharding.BATCH))
+  with jax.set_mesh(mesh):
+    assert logprobs_lib._row_shards(8) == layout[0] * layout[1]
+    fn = _objective(functools.partial(token_logprobs, chunk_size=8),
+                    jax.device_put(targets, rows), jax.device_put(w_logp, rows),
+                    jax.device_put(w_ent, rows), jnp.ones((n, t)), True)
+    value, grads = fn(jax.device_put(hidden, rows), *args[1:])
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=2e-5)
+  for name, g, r in zip(("hidden", "embedding", "bias", "temperature"), grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
