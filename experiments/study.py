@@ -41,11 +41,27 @@ from egpo_jax.evaluation import stats
 from experiments.configs import study as study_configs
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "study.py")
+# The study's own flag set: experiments.main defines --config too, and both modules may be
+# imported by one process (the test suite).
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Study config (a Python file; "
-                                          "':pilot' or ':tiny' picks a setting).")
-_REGIME = flags.DEFINE_enum("regime", None, list(study_configs.REGIMES), "The regime to run.")
+                                          "':pilot' or ':tiny' picks a setting).",
+                                          flag_values=FLAGS)
+_REGIME = flags.DEFINE_enum("regime", None, list(study_configs.REGIMES), "The regime to run.",
+                            flag_values=FLAGS)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
-                                  "Where <regime>.json and <regime>.md are written.")
+                                  "Where <regime>.json and <regime>.md are written.",
+                                  flag_values=FLAGS)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """The study's flags, then absl's own (--verbosity, ...) from what is left; a bad flag is
+  one line and exit 2, as in experiments.main."""
+  try:
+    return flags.FLAGS(FLAGS(argv, known_only=True))
+  except flags.Error as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 PRIMARY = "accuracy"
 SECONDARY = ("learning_speed", "entropy_gap", "auroc", "ece", "overconfident_wrong")
@@ -268,4 +284,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=_parse_flags))

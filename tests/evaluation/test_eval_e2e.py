@@ -197,27 +197,30 @@ def _writable(workdir):
 
 
 def _garble_params(workdir, step):
-  """Flips 8 bytes of the step's largest array file at the first of a few fixed offsets
-  where that damages params (the file holds params and AdamW moments, compressed, so
-  where a flip lands is found by reading the params back); returns the error's reason."""
+  """Flips 8 bytes of one of the step's array files (largest first) at the first of 32
+  fixed offsets where that damages params (the files hold params and AdamW moments,
+  compressed, so where a flip lands is found by reading the params back; a flip that
+  misses the params is undone before the next); returns the error's reason."""
   from egpo_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   step_dir = os.path.join(workdir, "checkpoints", str(step))
   files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
            if os.path.isfile(f)]
-  path = max(files, key=os.path.getsize)
-  with open(path, "rb") as f:
-    clean = f.read()
-  for frac in (0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875):
-    data = bytearray(clean)
-    at = int(frac * len(data))
-    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+  for path in sorted(files, key=os.path.getsize, reverse=True)[:3]:
+    with open(path, "rb") as f:
+      clean = f.read()
+    for i in range(32):
+      data = bytearray(clean)
+      at = int((i + 0.5) / 32 * len(data))
+      data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+      with open(path, "wb") as f:
+        f.write(bytes(data))
+      try:
+        loading.read_workdir(workdir, step)
+      except checkpointing.CorruptCheckpointError as err:
+        if "train/params/" in err.reason:
+          return err.reason
     with open(path, "wb") as f:
-      f.write(bytes(data))
-    try:
-      loading.read_workdir(workdir, step)
-    except checkpointing.CorruptCheckpointError as err:
-      if "train/params/" in err.reason:
-        return err.reason
+      f.write(clean)
   raise AssertionError("no offset tried damages the params")
 
 

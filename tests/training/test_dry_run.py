@@ -8,6 +8,7 @@ tiny model's parameter count; the whole dry run on the tiny config on the 8 fake
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -298,7 +299,11 @@ def test_command_line_fake_devices_json_and_gate(tmp_path):
                "--config.mesh.data=2", f"--dry_run_json={out}", "--device_memory_gb=1e-6",
                devices=4)
   assert done.returncode == 1, done.stderr
-  assert len(done.stderr.strip().splitlines()) == 1
+  # XLA's own C++ warnings (e.g. the SPMD partitioner's "involuntary full
+  # rematerialization" on a data x fsdp mesh) go to stderr too; the tool's own message is
+  # one line.
+  ours = [l for l in done.stderr.strip().splitlines() if not re.match(r"[IWEF]\d{4} ", l)]
+  assert len(ours) == 1, done.stderr
   assert "phase 'rollout'" in done.stderr
   report = json.loads(out.read_text())
   assert report["devices"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from absl import flags
 
 from egpo_jax.evaluation import stats
 from experiments import study
@@ -105,8 +104,8 @@ def test_report_is_json_and_renders():
 
 def test_command_writes_and_never_overwrites(tmp_path, monkeypatch):
   monkeypatch.setattr(study, "run_regime", lambda cfg, regime: _result())
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["study", "--regime=default", f"--output_dir={tmp_path}"])
+  study.FLAGS.unparse_flags()
+  study.FLAGS(["study", "--regime=default", f"--output_dir={tmp_path}"])
   try:
     study.main([])
     rep = json.loads((tmp_path / "default.json").read_text())
@@ -115,4 +114,4 @@ def test_command_writes_and_never_overwrites(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="never overwrites"):
       study.main([])
   finally:
-    flags.FLAGS.unparse_flags()
+    study.FLAGS.unparse_flags()
