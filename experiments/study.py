@@ -55,13 +55,19 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """The study's flags, then absl's own (--verbosity, ...) from what is left; a bad flag is
-  one line and exit 2, as in experiments.main."""
+  """Run as a program: the study's flags join absl's own (so --help lists them); a bad
+  flag is one line and exit 2, as in experiments.main."""
+  flags.FLAGS.append_flag_values(FLAGS)
+  for name in FLAGS:   # --help lists the key flags of the main module
+    flags.declare_key_flag(name, flag_values=flags.FLAGS)
   try:
-    return flags.FLAGS(FLAGS(argv, known_only=True))
+    rest = flags.FLAGS(argv)
+    FLAGS.mark_as_parsed()   # the Flag objects are shared: their values are set
+    return rest
   except flags.Error as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
+
 
 PRIMARY = "accuracy"
 SECONDARY = ("learning_speed", "entropy_gap", "auroc", "ece", "overconfident_wrong")
