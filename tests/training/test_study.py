@@ -3,6 +3,8 @@ analysis on a hand-made result (the whole command at its tiny setting runs in th
 notebook's test), and the command's refusal to overwrite results."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -115,3 +117,16 @@ def test_command_writes_and_never_overwrites(tmp_path, monkeypatch):
       study.main([])
   finally:
     study.FLAGS.unparse_flags()
+
+
+def test_command_line_lists_its_flags_and_refuses_bad_ones_in_one_line():
+  run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.study", *a],
+                                  capture_output=True, text=True, timeout=300)
+  shown = run("--help")
+  # The flags' own help lines (the module docstring alone also names --regime).
+  assert "The regime to run" in shown.stdout
+  assert "Where <regime>.json and <regime>.md are written" in shown.stdout
+  for bad, word in (("--regime=nope", "--regime"), ("--bogus=1", "bogus")):
+    done = run(bad)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr
