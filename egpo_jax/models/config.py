@@ -53,6 +53,7 @@ class ModelConfig:
     param_dtype: dtype of the stored parameters.
     dtype: compute dtype (matmuls, activations, KV cache); logits are always float32.
     remat: rematerialise each layer's activations in the backward pass (jax.checkpoint).
+    attention: the attention implementation (`attention.IMPLEMENTATIONS`).
   """
   vocab_size: int
   hidden_size: int
@@ -70,6 +71,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention: str = "reference"
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
