@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from egpo_jax.models import attention, sharding
-from egpo_jax.models.config import ModelConfig, to_dtype
+from egpo_jax.models.config import REMAT_POLICIES, ModelConfig, to_dtype
 
 Params = Any
 _INIT_STD = 0.02  # transformers' initializer_range for these models
@@ -62,6 +62,14 @@ _BTGK = ("activation_batch", "activation_length", "activation_kv_heads",
          "activation_head_dim")
 _BTI = ("activation_batch", "activation_length", "activation_mlp")
 _BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+# ModelConfig.remat's names -> the jax.checkpoint policy of each scanned layer.
+_REMAT_POLICY = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert set(_REMAT_POLICY) | {"none"} == set(REMAT_POLICIES)
 
 
 def _constrain_rows(x_MxF, b, t, logical_axes):
@@ -287,8 +295,8 @@ class Decoder(nn.Module):
     x = sharding.constrain(embed(input_ids_BxT), _BTD)
     cos, sin = _rope_tables(positions_BxT, c)
     layer_cls = DecoderLayer
-    if c.remat:
-      layer_cls = nn.remat(layer_cls, prevent_cse=False)
+    if c.remat != "none":
+      layer_cls = nn.remat(layer_cls, prevent_cse=False, policy=_REMAT_POLICY[c.remat])
     layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast)
                      + ((0,) if past_kv is not None else ()),
