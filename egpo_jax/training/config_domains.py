@@ -25,12 +25,11 @@ from egpo_jax.core import advantages, entropy, losses, registry
 from egpo_jax.data import synthetic, templates
 from egpo_jax.models import config as model_config_lib
 from egpo_jax import rewards  # registers the reward functions  # noqa: F401
-from egpo_jax.training import distributed, optimizer
+from egpo_jax.training import distributed, iteration, optimizer
 
 # Choice lists, each read from its single source.
 TASKS = ("synthetic", "jsonl")
 BAD_RECORD_POLICIES = ("skip", "raise")
-OLD_LOGPS = ("sampler", "recompute")
 HF_PRESET = "hf"
 
 
@@ -268,7 +267,7 @@ FIELDS: tuple[Field, ...] = (
           "a loss aggregation of egpo_jax/core/losses.py"),
     Field("loss.kl_coef", floats(lo=0), 0.0, "use >= 0 (0 = no KL term)"),
     Field("loss.kl_estimator", choice(losses.KL_ESTIMATORS), "k3", "Schulman's KL estimator"),
-    Field("loss.old_logps", choice(OLD_LOGPS), "sampler",
+    Field("loss.old_logps", choice(iteration.OLD_LOGPS), "sampler",
           "'sampler' (the sampler's log-probs) or 'recompute' (the trainer's forward)"),
     Field("loss.tis_cap", floats(lo=0), 0.0, "use >= 0 (0 = off)"),
     Field("loss.overlong_buffer", ints(lo=0), 0, "use >= 0 tokens (0 = off)"),
