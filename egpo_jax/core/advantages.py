@@ -19,7 +19,7 @@ With r the rewards, n the group's valid count, mean/std over valid members:
       full-vocabulary Shannon entropy of response i (`shannon_BxG`). The factor is the
       same for both signs and is returned as the weights.
 
-EGPO (arXiv 2602.22751, EGPO_METHOD.md sections 2-4), with H~_i = `entropy_BxG`
+EGPO (arXiv 2602.22751, docs/METHOD.md sections 2-4), with H~_i = `entropy_BxG`
 (Eq. 5, see `egpo_jax.core.entropy`):
 
   H_bar  = mean over the group's valid responses of H~_i             (Eq. 6)

@@ -1,4 +1,4 @@
-"""The clipped policy-gradient loss of EGPO_METHOD.md and its parts, as pure functions.
+"""The clipped policy-gradient loss of docs/METHOD.md and its parts, as pure functions.
 
     rho_t = exp(logp_t - logp_old_t)                                   (per token)
     J_t   = min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)      (Eqs. 3-4, 12)

@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from egpo_jax.core import advantages as adv_lib
 from egpo_jax.core import entropy as entropy_lib
 from egpo_jax.evaluation import calibration
 from egpo_jax.models import transformer
@@ -55,8 +56,8 @@ from egpo_jax.sampling import engine
 from egpo_jax.training import iteration, train
 from egpo_jax.types import TrainState
 
-ALGORITHMS = ("grpo", "dr_grpo", "rloo", "dapo", "edge_grpo", "egpo", "c1", "c2", "c3", "c4",
-              "c5", "c6")
+# The baselines, then EGPO and its Table 2 variants (egpo, c1..c6).
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "dapo", "edge_grpo") + adv_lib.EGPO_PRESETS
 STUDY_ARMS = ("egpo", "grpo", "egpo_no_nsr")   # the study's primary comparison
 DAPO_EPS_HIGH = 0.28
 VALIDATION_METRICS = ("accuracy", "auroc", "entropy_gap", "mean_entropy_correct",
@@ -86,7 +87,7 @@ def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
   if key == "dapo":
     return create(estimator="grpo", calibrate=False, nsr=False, eps_high=dapo_eps_high,
                   overlong=True, dynamic_sampling=True)
-  if key == "egpo" or key in ("c1", "c2", "c3", "c4", "c5", "c6"):
+  if key in adv_lib.EGPO_PRESETS:
     return create(key, estimator="egpo")
   if key == "egpo_no_nsr":
     return create(estimator="egpo", nsr=False)
