@@ -105,7 +105,8 @@ def test_a_new_loss_needs_no_ppo_signature_and_gets_its_hyperparameter(scratch):
       completion_ids_NxT=ids[:, p:], completion_mask_NxT=jnp.ones((n, t), bool),
       old_logps_NxT=jnp.full((n, t), -5.0), adv_N=jnp.array([1., -1., 0.5, -0.5]),
       ref_logps_NxT=jnp.zeros((n, t)), is_weights_NxT=jnp.ones((n, t)))
-  losses = [update._micro_loss(params, batch, n * t, n, model_config=model, settings=s)[0]  # pylint: disable=protected-access
+  micro_loss = update._micro_loss   # pylint: disable=protected-access
+  losses = [micro_loss(params, batch, n * t, n, model_config=model, settings=s)[0]
             for s in (with_scale, plain)]
   assert float(losses[1]) != 0.0
   np.testing.assert_allclose(float(losses[0]), 2.0 * float(losses[1]), rtol=1e-6)
