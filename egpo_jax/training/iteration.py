@@ -68,11 +68,13 @@ def _array_reason(fn: Callable) -> str | None:
   f32, b = jax.ShapeDtypeStruct((2, 2), jnp.float32), jax.ShapeDtypeStruct((2, 2), jnp.bool_)
   algo = AlgoArrays.create()
   try:
-    jax.eval_shape(lambda r, c, v, e, s, a: registry.call(
+    out = jax.eval_shape(lambda r, c, v, e, s, a: registry.call(
         fn, r, correct_BxG=c, valid_BxG=v, entropy_BxG=e, shannon_BxG=s,
         variant=a.variant, nsr=a.nsr, calibrate=a.calibrate), f32, b, b, f32, f32, algo)
   except Exception as err:  # pylint: disable=broad-except
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+  if not isinstance(out, adv_lib.AdvantageOutput) or any(x.shape != (2, 2) for x in out):
+    return "it does not return an AdvantageOutput of [B, G] arrays"
   return None
 
 
