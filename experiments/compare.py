@@ -183,58 +183,51 @@ def evaluation_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Runs are the positional arguments (workdirs, evaluation folders or results.json)."""
+def _load_runs(argv: list[str] | None) -> list[dict[str, Any]]:
+  """The runs the command line names, with unique labels; raises cli.Exit."""
+  paths = cli.parse(FLAGS, argv, doc=__doc__)
+  if len(paths) < 2:
+    raise cli.error("give at least two runs to compare (workdirs, evaluation folders or "
+                    "results.json files)")
+  labels = [s.strip() for s in FLAGS.labels]
+  if labels and len(labels) != len(paths):
+    raise cli.error(f"--labels has {len(labels)} names for {len(paths)} runs")
   try:
-    paths = cli.parse(FLAGS, argv, doc=__doc__)
-    if len(paths) < 2:
-      raise cli.error("give at least two runs to compare (workdirs, evaluation folders or "
-                      "results.json files)")
-    labels = [s.strip() for s in FLAGS.labels]
-    if labels and len(labels) != len(paths):
-      raise cli.error(f"--labels has {len(labels)} names for {len(paths)} runs")
     runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(paths)]
-  except cli.Exit as done:
-    return done.code
   except (FileNotFoundError, ValueError) as e:
-    return cli.error(str(e)).code
-  out_dir = FLAGS.out
+    raise cli.error(str(e)) from None
   seen: dict[str, int] = {}
   for r in runs:  # Unique labels, so that legends and tables tell runs apart.
     seen[r["label"]] = seen.get(r["label"], 0) + 1
     if seen[r["label"]] > 1:
       r["label"] = f"{r['label']} ({seen[r['label']]})"
+  return runs
 
-  from egpo_jax.evaluation import plots, report  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  train_rows = training_rows(runs)
-  eval_rows = evaluation_rows(runs)
-  curves = {r["label"]: curve_rows(r) for r in runs if r["rows"]}
-  keys = [k for k in FLAGS.keys if k]
-  keys += sorted({k for rows in curves.values() for row in rows for k in row
-                  if k.startswith(VALIDATION_PREFIXES) and k not in keys})
-  keys, dropped_curves = plots.informative_keys(curves, keys)
-  missing = left_out(runs)
-  for line in missing:
-    print(f"note: {line}", file=sys.stderr)
-  figures = {
+
+def _figures(runs, eval_rows, curves, keys, out_dir: str) -> dict[str, str | None]:
+  """The overlaid curves and the per-benchmark bars and reliability diagrams."""
+  from egpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+
+  def per_run(key):
+    return {r["label"]: {e["benchmark"]: e.get(key) for e in eval_rows
+                         if e["run"] == r["label"]} for r in runs}
+  return {
       "curves": plots.overlay_curves(curves, keys, os.path.join(out_dir, "curves.png"),
                                      title="training curves"),
-      "pass@1": plots.grouped_bars(
-          {r["label"]: {e["benchmark"]: e["pass@1"] for e in eval_rows if e["run"] == r["label"]}
-           for r in runs}, os.path.join(out_dir, "eval_pass1.png"), title="pass@1",
-          ylabel="pass@1"),
-      "AUROC": plots.grouped_bars(
-          {r["label"]: {e["benchmark"]: e.get("auroc") for e in eval_rows
-                        if e["run"] == r["label"]} for r in runs},
-          os.path.join(out_dir, "eval_auroc.png"),
-          title="AUROC of exp(-H~) for correctness", ylabel="AUROC"),
+      "pass@1": plots.grouped_bars(per_run("pass@1"), os.path.join(out_dir, "eval_pass1.png"),
+                                   title="pass@1", ylabel="pass@1"),
+      "AUROC": plots.grouped_bars(per_run("auroc"), os.path.join(out_dir, "eval_auroc.png"),
+                                  title="AUROC of exp(-H~) for correctness", ylabel="AUROC"),
       "reliability": plots.overlay_reliability(
           {r["label"]: {b: v["reliability"] for b, v in r["eval"]["benchmarks"].items()
                         if "reliability" in v} for r in runs if r["eval"]},
           os.path.join(out_dir, "reliability.png")),
   }
 
+
+def _markdown(runs, missing, train_rows, eval_rows, made, dropped_curves) -> list[str]:
+  """report.md's lines: the runs, what was left out, the two tables, the figures."""
+  from egpo_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   md = ["# Run comparison", ""]
   md += [f"- {r['label']}: {r['path']} (algo {r['algo']}"
          + (f"; evaluation {r['eval_path']}" if r["eval_path"] else "") + ")" for r in runs]
@@ -256,12 +249,36 @@ def main(argv: list[str] | None = None) -> int:
   else:
     md += ["No run has evaluation results; run `python -m experiments.evaluate "
            "--checkpoint=WORKDIR` first.", ""]
-  made = {name: os.path.basename(p) for name, p in figures.items() if p}
   if made:
     md += ["## Figures", ""] + [f"- {name}: ![{name}]({p})" for name, p in made.items()] + [""]
   if dropped_curves:
     md += ["Curves without a panel: " + "; ".join(f"{k} ({why})" for k, why in
                                                    dropped_curves.items()), ""]
+  return md
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs are the positional arguments (workdirs, evaluation folders or results.json)."""
+  try:
+    runs = _load_runs(argv)
+  except cli.Exit as done:
+    return done.code
+  from egpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  out_dir = FLAGS.out
+  os.makedirs(out_dir, exist_ok=True)
+  train_rows = training_rows(runs)
+  eval_rows = evaluation_rows(runs)
+  curves = {r["label"]: curve_rows(r) for r in runs if r["rows"]}
+  keys = [k for k in FLAGS.keys if k]
+  keys += sorted({k for rows in curves.values() for row in rows for k in row
+                  if k.startswith(VALIDATION_PREFIXES) and k not in keys})
+  keys, dropped_curves = plots.informative_keys(curves, keys)
+  missing = left_out(runs)
+  for line in missing:
+    print(f"note: {line}", file=sys.stderr)
+  figures = _figures(runs, eval_rows, curves, keys, out_dir)
+  made = {name: os.path.basename(p) for name, p in figures.items() if p}
+  md = _markdown(runs, missing, train_rows, eval_rows, made, dropped_curves)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write("\n".join(md))
   with open(os.path.join(out_dir, "comparison.json"), "w") as f:
