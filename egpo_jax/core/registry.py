@@ -12,7 +12,8 @@ The trainer calls a registered function with `call`, which passes, of everything
 (data arrays, the config's hyperparameters), only the keywords the function declares
 (`inspect.signature`, read once per trace). A hyperparameter the function declares but no
 config row describes (`hyperparameters`) is read from the config section of its kind
-(`algo` for estimators, `loss` for losses) under the parameter's own name.
+(`algo` for estimators, `loss` for losses, `task` for reward functions) under the
+parameter's own name.
 `requires` is registration metadata: the inputs a function cannot do without (e.g.
 EDGE-GRPO's `shannon_BxG`), so the trainer can produce them.
 """

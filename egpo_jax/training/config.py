@@ -42,13 +42,15 @@ def _leaves(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
 # Config sections whose extra fields may be the chosen registered function's own
 # hyperparameters: section -> (the field naming the function, its registry).
 _HPARAM_SECTIONS = {"algo": ("advantage", registry.advantage_estimators),
-                    "loss": ("name", registry.policy_losses)}
+                    "loss": ("name", registry.policy_losses),
+                    "task": ("reward", registry.reward_functions)}
 
 
 def _own_hparams(c: ml_collections.ConfigDict, section: str | None = None
                  ) -> dict[str, Any]:
-  """{'algo.adv_scale': 3.0, ...}: fields without a domain row that the chosen estimator
-  or loss declares as a parameter (`registry.hyperparameters`); they pass to it by name."""
+  """{'algo.adv_scale': 3.0, ...}: fields without a domain row that the chosen estimator,
+  loss or reward function declares as a parameter (`registry.hyperparameters`); they
+  pass to it by name."""
   out = {}
   for sec, (field, reg) in _HPARAM_SECTIONS.items():
     node = c.get(sec)
@@ -61,7 +63,7 @@ def _own_hparams(c: ml_collections.ConfigDict, section: str | None = None
   return out
 
 
-def _hparam_pairs(c: ml_collections.ConfigDict, section: str) -> tuple[tuple[str, Any], ...]:
+def hparam_pairs(c: ml_collections.ConfigDict, section: str) -> tuple[tuple[str, Any], ...]:
   """`_own_hparams` of one section as hashable (name, value) pairs, for static settings."""
   return tuple(sorted((k.partition(".")[2], tuple(v) if isinstance(v, list) else v)
                       for k, v in _own_hparams(c, section).items()))
@@ -180,7 +182,7 @@ def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
       aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
       kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk,
       loss=c.loss.name, share_prompts=c.ppo.share_prompts,
-      loss_hparams=_hparam_pairs(c, "loss"))
+      loss_hparams=hparam_pairs(c, "loss"))
 
 
 def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...], pad_id: int,
@@ -201,7 +203,7 @@ def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...]
       segment_delimiter=delimiter_ids if c.algo.entropy_segment != "joint" else None,
       overlong_buffer=c.loss.overlong_buffer, mask_truncated=c.loss.mask_truncated,
       dynamic_sampling_oversample=oversample, old_logps=c.loss.old_logps,
-      tis_cap=c.loss.tis_cap, advantage_hparams=_hparam_pairs(c, "algo"))
+      tis_cap=c.loss.tis_cap, advantage_hparams=hparam_pairs(c, "algo"))
 
 
 def with_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]

@@ -417,9 +417,9 @@ CROSS_CHECKS = (
     "ppo.micro_batches`",
     "`train.eval_every` need not be a multiple of `train.iterations_per_call`: chunks also "
     "end at multiples of `train.eval_every`, so validations run on exactly those iterations",
-    "unknown fields are refused (with the nearest known name), except a field of `algo` "
-    "(`loss`) that the chosen registered estimator (loss) declares as a parameter: it is "
-    "that function's own hyperparameter and is passed to it by name",
+    "unknown fields are refused (with the nearest known name), except a field of `algo`, "
+    "`loss` or `task` that the chosen registered estimator, loss or reward function "
+    "declares as a parameter: it is that function's own hyperparameter, passed by name",
 )
 
 # Bad inputs to `python -m experiments.main` and the exact line it prints, with its exit

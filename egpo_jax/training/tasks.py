@@ -18,6 +18,7 @@ import numpy as np
 from egpo_jax import rewards  # noqa: F401  (registers the reward functions)
 from egpo_jax.core import registry
 from egpo_jax.data import loader, records, synthetic, templates
+from egpo_jax.training import config as config_lib
 from egpo_jax.training.host_loop import HostTask
 from egpo_jax.training.iteration import JaxTask
 
@@ -55,6 +56,7 @@ class JsonlTask:
     recs, report = records.read_jsonl(c.task.train_file, parse)
     self.tokenizer = tokenizer
     self.reward_fn = registry.reward_functions.get(c.task.reward)
+    self.reward_hparams = dict(config_lib.hparam_pairs(c, "task"))   # its own, by name
     self.stop_strings = tuple(c.rollout.stop_strings)
     # Found on the decoded text unless it is one token (a special token, which decoding
     # would skip, stays a token match: host_loop's module doc).
@@ -99,7 +101,8 @@ class JsonlTask:
   def score(self, ids_NxT: np.ndarray, mask_NxT: np.ndarray, answers_N) -> np.ndarray:
     texts = [self.tokenizer.decode(ids[m.astype(bool)].tolist())
              for ids, m in zip(ids_NxT, mask_NxT)]
-    return np.asarray(self.reward_fn(texts, list(answers_N)).correct, bool)
+    out = registry.call(self.reward_fn, texts, list(answers_N), **self.reward_hparams)
+    return np.asarray(out.correct, bool)
 
   def decode(self, ids) -> str:
     """One response's text with its special tokens, for stop strings and the delimiter."""

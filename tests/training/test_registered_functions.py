@@ -1,7 +1,7 @@
 """The registries are the only dispatch: a newly registered estimator, policy loss or
 reward function is one function plus its config. Its own hyperparameters come from the
-config by parameter name (`registry.call` passes what the signature declares), and the
-reward function the config names is the one the task calls."""
+config by parameter name (`registry.call` passes what the signature declares: algo.*,
+loss.*, task.*), and the reward function the config names is the one the task calls."""
 
 import json
 
@@ -115,9 +115,9 @@ def test_a_new_loss_needs_no_ppo_signature_and_gets_its_hyperparameter(scratch):
 def test_the_task_calls_the_registered_reward_function(scratch, tmp_path):
   seen = []
 
-  def odd_length(responses, references):
+  def odd_length(responses, references, *, parity=0):
     seen.append((list(responses), list(references)))
-    correct = np.array([len(r) % 2 == 1 for r in responses])
+    correct = np.array([len(r) % 2 == 1 - parity for r in responses])
     return rewards.RewardOutput(correct, rewards.rewards_from_correct(correct),
                                 ["len"] * len(responses))
   scratch(registry.reward_functions, "odd_length")(odd_length)
@@ -129,8 +129,15 @@ def test_the_task_calls_the_registered_reward_function(scratch, tmp_path):
       "rollout.prompts_per_batch": 2, "warmup.steps": 0})
   config_lib.validate(c)
   tok = ByteTokenizer()
-  task = tasks.JsonlTask(c, tok, seed=0, shard_index=0, shard_count=1)
   ids = np.array([tok.encode("abc"), tok.encode("abd")])
   mask = np.array([[1, 1, 1], [1, 1, 0]], bool)   # the second response is "ab"
+  task = tasks.JsonlTask(c, tok, seed=0, shard_index=0, shard_count=1)
   np.testing.assert_array_equal(task.score(ids, mask, ["x", "y"]), [True, False])
   assert seen == [(["abc", "ab"], ["x", "y"])]
+  # Its own hyperparameter, from config.task by name.
+  d = c.to_dict()
+  d["task"]["parity"] = 1
+  c = ml_collections.ConfigDict(d)
+  config_lib.validate(c)
+  task = tasks.JsonlTask(c, tok, seed=0, shard_index=0, shard_count=1)
+  np.testing.assert_array_equal(task.score(ids, mask, ["x", "y"]), [False, True])
