@@ -44,7 +44,7 @@ from egpo_jax.sampling import engine
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-  """How to evaluate. Defaults: the paper's evaluation of Qwen2.5-Math (EGPO_METHOD.md).
+  """How to evaluate. Defaults: the paper's evaluation of Qwen2.5-Math (docs/METHOD.md).
 
   Attributes:
     num_samples: responses per problem (n of pass@k).

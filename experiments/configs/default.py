@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.stop_strings = ()      # host mode: a response ends after the first of these
 
   c.algo = ml_collections.ConfigDict()
-  c.algo.advantage = "egpo"        # grpo | drgrpo | rloo | edge_grpo | egpo (registry names)
+  c.algo.advantage = "egpo"        # a name in egpo_jax.core.registry.advantage_estimators
   c.algo.variant = "egpo"          # egpo | C1 ... C6 | lock_one
   c.algo.lam_min = 0.8
   c.algo.lam_max = 2.0

@@ -122,7 +122,7 @@ def test_choices_come_from_the_registry():
     config_lib.validate(c)
     assert repr(name) in domains.BY_NAME["algo.advantage"].domain.text
   finally:
-    registry.advantage_estimators._table.pop(name)  # pylint: disable=protected-access
+    registry.advantage_estimators.unregister(name)
 
 
 def test_paper_configs_validate_once_their_inputs_are_given(tmp_path):
