@@ -33,9 +33,6 @@ LAYERS = {
 
 # Known upward edges, each to be deleted once its import is gone. Keep this list short.
 ALLOWED = {
-    # Temporary: the orchestrator refactor (branch `orch`) removes this lazy import of
-    # the trainer from the evaluation loader; delete the entry after merging it.
-    ("egpo_jax.evaluation.loading", "egpo_jax.training.train"),
     # core.logprobs places its chunked activations with the model's sharding helper
     # (`sharding.constrain`); moving that helper below models removes the edge.
     ("egpo_jax.core.logprobs", "egpo_jax.models.sharding"),
@@ -103,6 +100,21 @@ def test_no_module_imports_from_a_layer_above_its_own():
   bad = sorted(upward_edges() - ALLOWED)
   assert not bad, "upward imports (docs/ARCHITECTURE.md, 'Layers'):\n" + "\n".join(
       f"  {s} (layer {layer(s)}) imports {d} (layer {layer(d)})" for s, d in bad)
+
+
+# Within layer 2, evaluation reads training only through the one checkpoint reader, which
+# imports no evaluation module: the trainer uses evaluation, never the other way round.
+EVALUATION_MAY_READ = {"egpo_jax.training.checkpointing"}
+
+
+def test_evaluation_reads_training_only_through_the_checkpoint_reader():
+  for path in _sources():
+    src = _module_name(path)
+    if src.startswith("egpo_jax.evaluation"):
+      training = {d for d in imports(path) if d.startswith("egpo_jax.training")}
+      assert training <= EVALUATION_MAY_READ, (src, sorted(training - EVALUATION_MAY_READ))
+  reader = os.path.join(PACKAGE, "training", "checkpointing.py")
+  assert not {d for d in imports(reader) if d.startswith("egpo_jax.evaluation")}
 
 
 def test_the_allow_list_holds_only_edges_that_still_exist():
