@@ -59,7 +59,7 @@ def model_spec(model_section) -> ModelSpec:
   # pylint: disable=g-import-not-at-top
   from egpo_jax.models import byte_tokenizer, config as model_config_lib, tokenizer
   m = model_section
-  remat = bool(m.get("remat", False))
+  remat = m.get("remat", False)   # absent from the config.json of older runs
   if loads_hf_checkpoint(m):
     return ModelSpec(model_config_lib.load_hf_config(m.path, dtype=m.dtype, remat=remat),
                      tokenizer.HFTokenizer.from_pretrained(m.path))
