@@ -56,17 +56,16 @@ def model_spec(model_section) -> ModelSpec:
   A named preset, or "hf" without a checkpoint folder (model.name's shapes, random
   weights: a dry run of a paper config on its real shapes), uses the byte tokenizer.
   """
-  from egpo_jax.models.byte_tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
-  from egpo_jax.models.config import get_config, load_hf_config  # pylint: disable=g-import-not-at-top
-  from egpo_jax.models.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from egpo_jax.models import byte_tokenizer, config as model_config_lib, tokenizer
   m = model_section
-  remat = bool(m.get("remat", False))
+  remat = m.get("remat", False)   # absent from the config.json of older runs
   if loads_hf_checkpoint(m):
-    return ModelSpec(load_hf_config(m.path, dtype=m.dtype, remat=remat),
-                     HFTokenizer.from_pretrained(m.path))
+    return ModelSpec(model_config_lib.load_hf_config(m.path, dtype=m.dtype, remat=remat),
+                     tokenizer.HFTokenizer.from_pretrained(m.path))
   name = m.name if m.preset == "hf" else m.preset
-  return ModelSpec(get_config(name, dtype=m.dtype, remat=remat),
-                   ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS))
+  return ModelSpec(model_config_lib.get_config(name, dtype=m.dtype, remat=remat),
+                   byte_tokenizer.ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS))
 
 
 def read_workdir(folder: str, step: int | None = None, *, mesh=None

@@ -307,7 +307,7 @@ FIELDS: tuple[Field, ...] = (
     Field("ppo.share_prompts", boolean(), True,
           "True runs a prompt's forward once for its group"),
     # warm-up
-    Field("warmup.steps", ints(lo=0), 500, "use >= 0 (0 = no supervised warm-up)"),
+    Field("warmup.steps", ints(lo=0), 500, "use >= 0 (0 = no SFT warm-up before RL)"),
     Field("warmup.batch_size", ints(lo=1), 64, "use >= 1"),
     Field("warmup.lr", floats(lo=0, lo_open=True), 3e-3, "use a positive learning rate"),
     # train

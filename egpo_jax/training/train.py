@@ -151,7 +151,7 @@ def start_job(c: ml_collections.ConfigDict, workdir: str) -> tuple[Job, Run]:
   if host_task is not None and distributed.is_metrics_writer():
     host_task.save_report(workdir)   # what the JSONL reader kept and skipped, by file line
   # The same prompts and samples at every evaluation (a fixed key): calibration as it evolves.
-  evaluate = validation.validator(c, exp, k_eval)
+  evaluate = validation.validator(c, exp, k_eval, host_task)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=c.train.keep_checkpoints)
   job = Job(c, workdir, exp, mesh, optimizer, checkpointer, host_task, evaluate, k_sft)

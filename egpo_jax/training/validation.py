@@ -132,12 +132,26 @@ def held_out_set(c: ml_collections.ConfigDict, tokenizer) -> HeldOutSet:
                     tuple(r.get("verifier", c.task.reward) for _, r in kept), skipped)
 
 
+# score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool, numpy),
+# as `host_loop.HostTask.score`.
+Scorer = Callable[[np.ndarray, np.ndarray, Sequence[str]], np.ndarray]
+
+
+def record_scorer(tokenizer, verifiers_N: Sequence[str]) -> Scorer:
+  """Decodes each response and verifies it with its record's verifier (a benchmark's
+  records name theirs: math, multiple_choice, ...)."""
+  def score(ids_NxT, mask_NxT, answers_N):
+    texts = [tokenizer.decode(ids[m.astype(bool)].tolist()) for ids, m in zip(ids_NxT, mask_NxT)]
+    return rewards.verify_batch(texts, list(answers_N), kind=list(verifiers_N)).correct
+  return score
+
+
 def evaluate_held_out(params, rng: jax.Array, held: HeldOutSet, *, model_config: ModelConfig,
-                      spec: engine.SamplingSpec, tokenizer, batch_size: int,
+                      spec: engine.SamplingSpec, tokenizer, batch_size: int, score: Scorer,
                       stop_strings: Sequence[str] = ()) -> dict[str, Any]:
   """Host-verified evaluation on `held`: batches of `batch_size` prompts (the last one
   padded with repeats, so the sampler compiles once), `spec.group_size` responses each,
-  cut at `stop_strings` as in training, decoded and verified on the host."""
+  cut at `stop_strings` as in training, then `score`d on the host."""
   n = held.ids_BxP.shape[0]
   g = spec.group_size
   parts = []
@@ -164,18 +178,18 @@ def evaluate_held_out(params, rng: jax.Array, held: HeldOutSet, *, model_config:
     out["logps_NxT"] = np.where(keep_NxT, out["logps_NxT"], 0.0)
     out["truncated_N"] = out["truncated_N"] & (lengths >= out["lengths_N"])
     out["lengths_N"] = np.minimum(lengths, out["lengths_N"])
-  texts = [tokenizer.decode(ids[m.astype(bool)].tolist())
-           for ids, m in zip(out["completion_ids_NxT"], out["completion_mask_NxT"])]
-  correct = np.asarray(rewards.verify_batch(
-      texts, [a for a in held.answers_B for _ in range(g)],
-      kind=[v for v in held.verifiers_B for _ in range(g)]).correct, bool)
+  correct = np.asarray(score(out["completion_ids_NxT"], out["completion_mask_NxT"],
+                             [a for a in held.answers_B for _ in range(g)]), bool)
   return calibration.evaluate_generation(types.SimpleNamespace(**out), correct, group_size=g)
 
 
-def validator(c: ml_collections.ConfigDict, exp, rng: jax.Array) -> Validator | None:
+def validator(c: ml_collections.ConfigDict, exp, rng: jax.Array, host_task=None
+              ) -> Validator | None:
   """params -> metrics (with `seconds`) of this job's evaluation, always on the same
   prompts and samples (key `rng`); None for a host-verified task without
-  `train.eval_set` (nothing to evaluate on)."""
+  `train.eval_set` (nothing to evaluate on). A JSONL held-out set is scored like the
+  training data, by `host_task.score` (a `tasks.JsonlTask`); a benchmark by each
+  record's own verifier."""
   spec = dataclasses.replace(exp.settings.sampling, group_size=EVAL_SAMPLES,
                              return_entropy=False)
   if exp.jitted:
@@ -188,10 +202,13 @@ def validator(c: ml_collections.ConfigDict, exp, rng: jax.Array) -> Validator | 
                        "process only for now; set it to '' for a multi-process run")
     held = held_out_set(c, exp.tokenizer)
     batch = min(held.ids_BxP.shape[0], c.rollout.prompts_per_batch)
+    g = EVAL_SAMPLES
+    score = (host_task.score if host_task is not None and c.train.eval_set.endswith(".jsonl")
+             else record_scorer(exp.tokenizer, [v for v in held.verifiers_B for _ in range(g)]))
 
     def evaluate(params):
       return evaluate_held_out(params, rng, held, model_config=exp.model_config, spec=spec,
-                               tokenizer=exp.tokenizer, batch_size=batch,
+                               tokenizer=exp.tokenizer, batch_size=batch, score=score,
                                stop_strings=tuple(c.rollout.stop_strings))
   else:
     return None

@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
   c.optim.schedule = "constant"    # constant | cosine
-  c.optim.warmup_steps = 10        # Adam's first steps after SFT are otherwise too large
+  c.optim.warmup_steps = 10        # lr warm-up: Adam's first RL steps are otherwise too large
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   # float rounding) when micro-batches hold whole groups; False runs it per response.
   c.ppo.share_prompts = True
 
-  c.warmup = ml_collections.ConfigDict()
+  c.warmup = ml_collections.ConfigDict()   # the SFT warm-up before RL (training/warmup.py)
   c.warmup.steps = 500             # lands the tiny model at ~45% sampled accuracy
   c.warmup.batch_size = 64
   c.warmup.lr = 3e-3

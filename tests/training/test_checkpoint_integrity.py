@@ -107,6 +107,46 @@ def test_a_different_tree_is_a_mismatch_not_corruption(tmp_path):
   ckpt.close()
 
 
+def _listing(directory):
+  """(path, size) of every file under `directory`."""
+  files = [os.path.join(d, n) for d, _, names in os.walk(directory) for n in names]
+  return sorted((os.path.relpath(f, directory), os.path.getsize(f)) for f in files)
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_the_read_only_reader_names_a_damaged_step_and_its_neighbours_and_moves_nothing(
+    tmp_path, corruption):
+  directory = str(tmp_path / "ckpt")
+  _saved(directory).close()
+  CORRUPTIONS[corruption](os.path.join(directory, "2"))
+  before = _listing(directory)
+  read = lambda path: checkpointing.read_state(path, _tree())
+  with pytest.raises(CorruptCheckpointError, match=r"2 is incomplete.*one of \[0, 1\]"):
+    checkpointing.read_step(directory, None, read)   # the newest, never a silent fallback
+  step, (state, extra) = checkpointing.read_step(directory, 1, read)
+  assert step == 1 and extra == {"iteration": 1}
+  chex.assert_trees_all_equal(state, _tree(2.0))
+  assert _listing(directory) == before and not os.path.exists(directory + ".quarantine")
+
+
+def test_the_read_only_reader_picks_the_newest_step_and_names_missing_ones(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  _saved(directory).close()
+  read = lambda path: checkpointing.read_state(path, _tree())
+  step, (state, _) = checkpointing.read_step(directory, None, read)
+  assert step == 2
+  chex.assert_trees_all_equal(state, _tree(3.0))
+  with pytest.raises(FileNotFoundError, match=r"--step=5: .*found steps \[0, 1, 2\]"):
+    checkpointing.read_step(directory, 5, read)
+  with pytest.raises(FileNotFoundError, match="no checkpoint step folder"):
+    checkpointing.read_step(str(tmp_path / "empty"), None, read)
+  other = _tree()
+  other["params"]["w"] = jnp.zeros(10)
+  with pytest.raises(CheckpointMismatchError, match=r"leaf params/w: stored \(4096,\), "
+                     r"expected \(10,\)"):
+    checkpointing.read_state(os.path.join(directory, "0"), other)
+
+
 def _raised_from(cause):
   try:
     raise cause
