@@ -32,8 +32,8 @@ to +-LOG_RATIO_CLAMP = 20 as verl does (exp(20) ~ 4.9e8 is finite, and the clamp
 gradient beyond it is zero). Below the clamp the loss and its gradient are bit-identical
 to the unclamped formula.
 
-Also here: Schulman's KL estimators k1/k2/k3, DAPO's overlong length penalty and
-truncation mask (arXiv 2503.14476, Eq. 13) and its dynamic-sampling group filter.
+Also here: Schulman's KL estimators k1/k2/k3, DAPO's overlong length penalty (arXiv
+2503.14476, Eq. 13) and its dynamic-sampling group filter.
 
 Values that are Python numbers or strings are checked on the host and raise errors that
 name the field; array hyperparameters (for vmap over variants) are used as given.
@@ -212,7 +212,8 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
     logps_NxT: log-probs of the sampled tokens under the current policy (differentiated).
     old_logps_NxT: the same under the policy that sampled them (constant).
     adv_N: one advantage per response (constant), broadcast over its tokens.
-    mask_NxT: valid response tokens; apply `mask_truncated` first for DAPO's filter.
+    mask_NxT: valid response tokens (DAPO's overlong filter removes truncated
+      responses from it: `IterationSettings.mask_truncated`).
     eps_low, eps_high: ratio clip range [1 - eps_low, 1 + eps_high].
     dual_clip: c > 1 enables dual clip for negative advantages; None disables it.
     agg, num_tokens, num_seqs, max_len: see `aggregate`; pass global counts when the
@@ -303,13 +304,6 @@ def overlong_penalty(lengths_N: jax.Array, *, max_len: Scalar,
                      "fit inside the maximum length")
   excess_N = lengths_N.astype(jnp.float32) - (max_len - cache_len)
   return jnp.clip(-excess_N / cache_len, -1.0, 0.0)
-
-
-def mask_truncated(mask_NxT: jax.Array, truncated_N: jax.Array) -> jax.Array:
-  """DAPO's overlong filtering: zeroes the loss mask of truncated responses."""
-  chex.assert_rank([mask_NxT, truncated_N], [2, 1])
-  chex.assert_shape(truncated_N, mask_NxT.shape[:1])
-  return mask_NxT * ~truncated_N.astype(bool)[:, None]
 
 
 def dynamic_sampling_filter(correct_BxG: jax.Array, valid_BxG: jax.Array) -> jax.Array:

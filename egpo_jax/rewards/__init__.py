@@ -1,9 +1,8 @@
 """Verifiable rewards: answer checkers, the worker pool that runs them, and the registry.
 
     from egpo_jax import rewards
-    r_N = rewards.math_rewards(responses, references)          # float32 +1/-1 (Eq. 1)
     out = rewards.verify_batch(responses, references, kind="gsm8k")
-    out.correct, out.rewards, out.reasons
+    out.correct, out.rewards, out.reasons        # bool, float32 +1/-1 (Eq. 1), why
 
 Registered in `egpo_jax.core.registry.reward_functions` as "math", "gsm8k",
 "multiple_choice" and "synthetic"; each is `fn(responses, references, *, timeout=5.0,
@@ -28,7 +27,7 @@ from egpo_jax.rewards.verifiers import (KINDS, check, choice_letter, last_boxed,
 
 __all__ = [
     "KINDS", "PoolError", "RewardOutput", "Verdicts", "VerifierPool", "check",
-    "check_in_process", "choice_letter", "default_pool", "last_boxed", "math_rewards",
+    "check_in_process", "choice_letter", "default_pool", "last_boxed",
     "plain_number", "rewards_from_correct", "synthetic_answer", "verifiers", "verify_batch",
 ]
 
@@ -73,16 +72,6 @@ def verify_batch(responses: Sequence[str], references: Sequence[str], *,
   return RewardOutput(verdicts.correct,
                       rewards_from_correct(verdicts.correct, correct_reward, wrong_reward),
                       verdicts.reasons)
-
-
-def math_rewards(responses: Sequence[str], references: Sequence[str], *, timeout: float = 5.0,
-                 correct_reward: float = 1.0, wrong_reward: float = -1.0,
-                 kind: str | Sequence[str] = "math", pool: VerifierPool | None = None
-                 ) -> np.ndarray:
-  """float32 [N] rewards (+1 correct / -1 wrong by default) for boxed math answers."""
-  return verify_batch(responses, references, kind=kind, timeout=timeout,
-                      correct_reward=correct_reward, wrong_reward=wrong_reward,
-                      pool=pool).rewards
 
 
 def _reward_fn(kind: str):

@@ -116,7 +116,7 @@ class VerifierPool:
     start_timeout: seconds a new worker may take to import math-verify.
     python: interpreter for the workers (the current one by default).
 
-  Use as a context manager or call `close()`; `math_rewards` keeps a shared default pool.
+  Use as a context manager or call `close()`; `verify_batch` uses the shared `default_pool()`.
   Not thread-safe: one `check` at a time.
   """
 

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from egpo_jax.core import losses, registry
 from egpo_jax.core.logprobs import token_logprobs
 from egpo_jax.core.losses import (AGG_MODES, aggregate, clipped_surrogate,
-                                  dynamic_sampling_filter, kl_penalty, mask_truncated,
+                                  dynamic_sampling_filter, kl_penalty,
                                   overlong_penalty, policy_loss, select_groups,
                                   truncated_is_weights)
 
@@ -309,12 +309,6 @@ def test_overlong_penalty_boundaries():
   assert overlong_penalty(lengths, max_len=10, cache_len=4).dtype == jnp.float32
 
 
-def test_mask_truncated():
-  mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 0, 0]], jnp.float32)
-  out = mask_truncated(mask, jnp.array([False, True, False]))
-  np.testing.assert_array_equal(out, [[1, 1, 0], [0, 0, 0], [1, 0, 0]])
-
-
 def test_dynamic_sampling_filter_hand_groups():
   correct = jnp.array([
       [1, 1, 1, 1],  # all correct: dropped
@@ -452,9 +446,6 @@ class PublicFunctionVariantsTest(chex.TestCase):
     filt = self.variant(dynamic_sampling_filter)
     kept = filt(jnp.array([[1, 0], [1, 1]], bool), jnp.ones((2, 2), bool))
     np.testing.assert_array_equal(kept, [[True, True], [False, False]])
-    trunc = self.variant(mask_truncated)
-    np.testing.assert_array_equal(trunc(jnp.ones((2, 2)), jnp.array([True, False])),
-                                  [[0, 0], [1, 1]])
 
 
 def _numpy_seq_mean(x, m):

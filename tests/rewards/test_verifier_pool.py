@@ -33,12 +33,12 @@ def test_pool_matches_in_process(pool):
 
 
 def test_math_rewards_values(pool):
-  r = rewards.math_rewards(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], pool=pool)
+  r = rewards.verify_batch(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], pool=pool).rewards
   np.testing.assert_array_equal(r, np.array([1.0, -1.0], np.float32))
-  r = rewards.math_rewards(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], pool=pool,
-                           correct_reward=1.0, wrong_reward=0.0)
+  r = rewards.verify_batch(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], pool=pool,
+                           correct_reward=1.0, wrong_reward=0.0).rewards
   np.testing.assert_array_equal(r, [1.0, 0.0])
-  assert rewards.math_rewards([], [], pool=pool).shape == (0,)
+  assert rewards.verify_batch([], [], pool=pool).rewards.shape == (0,)
 
 
 def test_hanging_answer_is_wrong_within_the_timeout_and_the_batch_finishes(pool):

@@ -215,3 +215,30 @@ def test_host_iteration_equals_jitted_iteration(state, run_jit):
   for k in ("accuracy", "loss", "frac_all_wrong", "mean_weight_wrong"):
     np.testing.assert_allclose(m_host[k], m_jit[k][0], rtol=1e-6, err_msg=k)
   assert m_host["time_rollout"] > 0 and m_host["time_update"] > 0
+
+
+def test_mask_truncated_takes_truncated_responses_out_of_the_group_and_the_loss(state):
+  """DAPO's overlong filter (loss.mask_truncated): a truncated response leaves the group
+  statistics (a group left with one valid response gets A = 0) and the loss mask."""
+  b, g, p, t = 2, 2, 3, 4
+  ids = jax.random.randint(jax.random.PRNGKey(1), (b, g, t), 3, 200)
+  truncated = jnp.array([[True, False], [False, False]])
+  gen = {"completion_ids_NxT": ids, "completion_mask_NxT": jnp.ones((b, g, t), bool),
+         "logps_NxT": -jnp.ones((b, g, t)), "lengths_N": jnp.full((b, g), t),
+         "truncated_N": truncated}
+  correct = jnp.array([[True, False], [True, False]])
+  groups = iteration.GroupBatch(
+      prompt_ids=jnp.ones((b, g, p), jnp.int32), prompt_mask=jnp.ones((b, g, p), bool),
+      gen=gen, correct=correct, rewards=jnp.where(correct, 1.0, -1.0),
+      valid=jnp.ones((b, g), bool))
+  for masked in (False, True):
+    settings = iteration.IterationSettings(
+        prompts_per_batch=b, sampling=SPEC, update=update.UpdateSettings(),
+        advantage="grpo", mask_truncated=masked)
+    batch, _ = iteration.prepare_batch(state.params, None, groups,
+                                       iteration.AlgoArrays.create(), model_config=CFG,
+                                       settings=settings)
+    keep = ~truncated.reshape(-1) if masked else jnp.ones(b * g, bool)
+    np.testing.assert_array_equal(batch.completion_mask_NxT.any(-1), keep)
+    a = np.asarray(batch.adv_N).reshape(b, g)
+    assert np.all(a[1] != 0) and (np.all(a[0] == 0) if masked else np.all(a[0] != 0))
