@@ -44,9 +44,10 @@ IMPLEMENTATIONS = ("reference", "blockwise", "cudnn", "splash")
 
 
 def check_implementation(implementation: str, *, dtype, head_dim: int,
-                         backend: str | None = None) -> None:
+                         backend: str | None = None,
+                         field: str = "ModelConfig.attention") -> None:
   """Raises a one-line ValueError if `implementation` cannot run on `backend` (default:
-  JAX's) with this compute dtype and head width, naming the field and what can."""
+  JAX's) with this compute dtype and head width, naming `field` and what can run."""
   backend = backend or jax.default_backend()
   dtype = jnp.dtype(dtype)
   runs = {"reference": None, "blockwise": None,
@@ -55,11 +56,10 @@ def check_implementation(implementation: str, *, dtype, head_dim: int,
                     "a GPU, bfloat16/float16 compute and head_dim <= 128, a multiple of 8"),
           "splash": None if backend == "tpu" else "a TPU"}
   if implementation not in runs:
-    raise ValueError(f"ModelConfig.attention={implementation!r} is not one of "
-                     f"{IMPLEMENTATIONS}")
+    raise ValueError(f"{field}={implementation!r} is not one of {IMPLEMENTATIONS}")
   if runs[implementation] is not None:
     can = tuple(name for name, why in runs.items() if why is None)
-    raise ValueError(f"ModelConfig.attention={implementation!r} needs {runs[implementation]} "
+    raise ValueError(f"{field}={implementation!r} needs {runs[implementation]} "
                      f"(here: backend {backend}, {dtype.name}, head_dim {head_dim}); use one "
                      f"of {can}")
 

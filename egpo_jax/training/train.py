@@ -25,7 +25,7 @@ import tqdm
 
 from egpo_jax.data import synthetic
 from egpo_jax.evaluation import calibration, runner
-from egpo_jax.models import hf_io, transformer
+from egpo_jax.models import attention, hf_io, transformer
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import ModelConfig, get_config, load_hf_config
 from egpo_jax.models.tokenizer import HFTokenizer
@@ -79,14 +79,18 @@ def build(c: ml_collections.ConfigDict) -> Experiment:
   checked that its input files exist, readers of a finished run do not need them)."""
   c = config_lib.checked(c, inputs_exist=False)
   if _loads_hf_checkpoint(c):
-    model_config = load_hf_config(c.model.path, dtype=c.model.dtype, remat=c.model.remat)
+    model_config = load_hf_config(c.model.path, dtype=c.model.dtype,
+                                  remat=c.model.remat_policy or c.model.remat,
+                                  attention=c.model.attention)
     tokenizer = HFTokenizer.from_pretrained(c.model.path)
   else:
     # A named preset; or "hf" without a checkpoint folder: model.name's shapes, random
     # weights and the byte tokenizer (a dry run of a paper config on its real shapes).
     name = c.model.name if c.model.preset == "hf" else c.model.preset
     tokenizer = ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS)
-    model_config = get_config(name, dtype=c.model.dtype, remat=c.model.remat)
+    model_config = get_config(name, dtype=c.model.dtype,
+                              remat=c.model.remat_policy or c.model.remat,
+                              attention=c.model.attention)
   if tokenizer.vocab_size > model_config.vocab_size:
     raise config_lib.ConfigError(
         f"config.model: the model's vocabulary ({model_config.vocab_size}) is smaller than "
@@ -170,6 +174,12 @@ def train(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   c = config_lib.checked(c)
   distributed.initialize(distributed.spec_from_config(c))
   exp = build(c)
+  try:   # a kernel this backend lacks fails here, not at the first compile
+    attention.check_implementation(exp.model_config.attention, dtype=exp.model_config.dtype,
+                                   head_dim=exp.model_config.head_size,
+                                   field="config.model.attention")
+  except ValueError as err:
+    raise config_lib.ConfigError(str(err)) from None
   mesh = distributed.mesh_from_config(c)
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_metrics_writer():
