@@ -59,12 +59,15 @@ def model_spec(model_section) -> ModelSpec:
   # pylint: disable=g-import-not-at-top
   from egpo_jax.models import byte_tokenizer, config as model_config_lib, tokenizer
   m = model_section
-  remat = m.get("remat", False)   # absent from the config.json of older runs
+  # remat_policy and attention are absent from the config.json of older runs.
+  kwargs = {"remat": m.get("remat_policy") or m.get("remat", False)}
+  if m.get("attention"):
+    kwargs["attention"] = m.attention
   if loads_hf_checkpoint(m):
-    return ModelSpec(model_config_lib.load_hf_config(m.path, dtype=m.dtype, remat=remat),
+    return ModelSpec(model_config_lib.load_hf_config(m.path, dtype=m.dtype, **kwargs),
                      tokenizer.HFTokenizer.from_pretrained(m.path))
   name = m.name if m.preset == "hf" else m.preset
-  return ModelSpec(model_config_lib.get_config(name, dtype=m.dtype, remat=remat),
+  return ModelSpec(model_config_lib.get_config(name, dtype=m.dtype, **kwargs),
                    byte_tokenizer.ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS))
 
 

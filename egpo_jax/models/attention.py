@@ -1,5 +1,19 @@
 """Attention: one entry point, `attend`, for the training forward, the shared-prompt
-("extend") layout and one-token decoding.
+("extend") layout and one-token decoding; `ModelConfig.attention` picks the implementation:
+
+  * "reference": plain XLA, float32 scores [B, G, (H / G) * T, S] materialised; its
+    backward recomputes them (`_attend_recompute`). Kept for tests.
+  * "blockwise": flash-style attention in plain JAX (`attend_blockwise`): online softmax
+    over key/value blocks, a custom VJP that recomputes each block; O(T x block) memory
+    per row and head on every backend. The default.
+  * "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bfloat16 or
+    float16, head_dim <= 128 and a multiple of 8): padding goes in as sequence lengths
+    (`attend_seq_lengths`), so the shared-prompt layout, which lengths cannot express,
+    runs blockwise (logged once per trace).
+  * "splash": JAX's Pallas splash attention for TPU (`attend_splash`).
+
+Decoding (one query per row) uses the single-query path `_attend_one` under every
+implementation: its scores are [B, H, S], small, and it reads the decode cache layout.
 
     out_BxTxHxK = attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS,
                          implementation=config.attention)
@@ -16,6 +30,7 @@ query row with no valid key (a left pad) gets finite garbage, never NaN.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -25,7 +40,28 @@ import numpy as np
 # Finite, so that a row with no valid key (a left pad) gives a uniform softmax, not NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
-IMPLEMENTATIONS = ("reference", "blockwise")
+IMPLEMENTATIONS = ("reference", "blockwise", "cudnn", "splash")
+
+
+def check_implementation(implementation: str, *, dtype, head_dim: int,
+                         backend: str | None = None,
+                         field: str = "ModelConfig.attention") -> None:
+  """Raises a one-line ValueError if `implementation` cannot run on `backend` (default:
+  JAX's) with this compute dtype and head width, naming `field` and what can run."""
+  backend = backend or jax.default_backend()
+  dtype = jnp.dtype(dtype)
+  runs = {"reference": None, "blockwise": None,
+          "cudnn": (None if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+                    and head_dim <= 128 and head_dim % 8 == 0 else
+                    "a GPU, bfloat16/float16 compute and head_dim <= 128, a multiple of 8"),
+          "splash": None if backend == "tpu" else "a TPU"}
+  if implementation not in runs:
+    raise ValueError(f"{field}={implementation!r} is not one of {IMPLEMENTATIONS}")
+  if runs[implementation] is not None:
+    can = tuple(name for name, why in runs.items() if why is None)
+    raise ValueError(f"{field}={implementation!r} needs {runs[implementation]} "
+                     f"(here: backend {backend}, {dtype.name}, head_dim {head_dim}); use one "
+                     f"of {can}")
 
 
 def attend(q, k, v, kv_mask_BxS, *, implementation: str = "reference", prefix=None):
@@ -43,18 +79,24 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "reference", prefix=No
   Returns:
     [B, T, H, K] (or [B, H, K]) in v's dtype.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is not one of "
-                     f"{IMPLEMENTATIONS}")
+  check_implementation(implementation, dtype=q.dtype, head_dim=q.shape[-1])
   if q.ndim == 3:
     # One query: the scores are [B, H, S], nothing to save; every implementation uses
     # the single-query path, which reads the decode cache layout without copies.
     return _attend_one(q, k, v, kv_mask_BxS, prefix)
   if prefix is not None:
     raise ValueError("attend: prefix is for one query per row (decoding) only")
-  if implementation == "blockwise":
-    return attend_blockwise(q, k, v, kv_mask_BxS)
-  return _attend_recompute(q, k, v, kv_mask_BxS)
+  if implementation == "reference":
+    return _attend_recompute(q, k, v, kv_mask_BxS)
+  if implementation == "splash":
+    return attend_splash(q, k, v, kv_mask_BxS)
+  if implementation == "cudnn":
+    if q.shape[1] == k.shape[1]:
+      return attend_seq_lengths(q, k, v, kv_mask_BxS, implementation="cudnn")
+    logging.getLogger(__name__).warning(
+        "attention 'cudnn': queries after a shared prompt (S=%d > T=%d) cannot be given as "
+        "sequence lengths; this call runs 'blockwise'", k.shape[1], q.shape[1])
+  return attend_blockwise(q, k, v, kv_mask_BxS, BLOCK_SIZE)
 
 
 def causal_allowed(kv_mask_BxS, t):
@@ -164,8 +206,8 @@ def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix=None):
 # --- blockwise: flash-style attention in plain JAX ---------------------------------------
 
 # Query and key block length. Each step's scores are [B, G, block * H / G, block] float32;
-# 512 keeps the matmuls big enough for XLA:CPU (see benchmarks/scenarios/attention.py).
-BLOCK_SIZE = 512
+# 256 keeps the matmuls big enough for XLA:CPU (see benchmarks/scenarios/attention.py).
+BLOCK_SIZE = 256
 
 
 def _block_plan(t: int, s: int, block: int):
@@ -332,3 +374,80 @@ def _attend_blockwise_fwd(q, k, v, kv_mask, block):
 
 
 attend_blockwise.defvjp(_attend_blockwise_fwd, _blockwise_bwd_impl)
+
+
+# --- cudnn: jax.nn.dot_product_attention's cuDNN kernel ----------------------------------
+
+
+def attend_seq_lengths(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, kv_mask_BxT, *,
+                       implementation: str = "cudnn"):
+  """A causal pass (S = T) through `jax.nn.dot_product_attention`, its padding given as
+  sequence lengths (the cuDNN kernel takes no dense mask; its XLA fallback builds the
+  scores, so implementation="xla" is for checking this function on a CPU only).
+
+  Sequence lengths describe right padding; a left-padded row (pads, then one run of valid
+  slots, then pads) is rotated left by its leading pads, so its valid run starts at slot
+  0, and the output rotated back: causality and RoPE (applied before) are unchanged by
+  the rotation. A batch whose mask is not one run per row cannot be expressed that way
+  and runs `attend_blockwise` instead (a lax.cond on the mask).
+  """
+  b, t = kv_mask_BxT.shape
+  mask = kv_mask_BxT.astype(jnp.bool_)
+  lead_B = jnp.argmax(mask, axis=1).astype(jnp.int32)      # 0 for an all-pad row
+  len_B = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  slots = jnp.arange(t, dtype=jnp.int32)
+  one_run = jnp.all(mask == ((slots >= lead_B[:, None]) & (slots < (lead_B + len_B)[:, None])))
+
+  def rotated(q, k, v):
+    take = lambda x, idx: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+    fwd_idx = (slots[None] + lead_B[:, None]) % t            # rotated slot i <- slot i + lead
+    out = jax.nn.dot_product_attention(
+        take(q, fwd_idx), take(k, fwd_idx), take(v, fwd_idx), is_causal=True,
+        # At least one slot: an all-pad row then reads a pad (finite) instead of nothing.
+        query_seq_lengths=jnp.maximum(len_B, 1), key_value_seq_lengths=jnp.maximum(len_B, 1),
+        implementation=implementation)
+    return take(out, (slots[None] - lead_B[:, None]) % t)
+
+  return jax.lax.cond(one_run, rotated,
+                      lambda q, k, v: attend_blockwise(q, k, v, mask, BLOCK_SIZE),
+                      q_BxTxHxK, k_BxTxGxK, v_BxTxGxK)
+
+
+# --- splash: JAX's Pallas splash attention kernel for TPU ---------------------------------
+
+
+def attend_splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, *, interpret: bool = False):
+  """Causal grouped-query attention through `splash_attention` (Pallas, TPU).
+
+  Lengths are padded at the end to multiples of 128 (the kernel's tiles). Validity is
+  given as segment ids (valid slots 1, pads 0: a valid query reads only valid keys), and
+  the queries' offset S - T in the causal mask places them after a shared prompt (the
+  "extend" layout). Every query row keeps at least one allowed key, as the kernel needs:
+  its own slot (valid or pad) or, for the padded tail of queries, a padded key slot S.
+  A left-pad query row gets finite garbage (the pads' average), as in `_attend`.
+  interpret=True runs the kernel in the Pallas interpreter (CPU tests).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  b, t, h, hd = q_BxTxHxK.shape
+  s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  up = lambda n: -(-n // 128) * 128
+  tp = up(t)
+  sp = up(s + (tp > t))              # a padded key for the padded queries to read
+  block = next(n for n in (512, 256, 128) if tp % n == 0 and sp % n == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block,
+                            block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = splash.MultiHeadMask([splash.CausalMask((tp, sp), offset=s - t)] * h)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  # The kernel does not scale the scores.
+  q = jnp.pad(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(hd), q_BxTxHxK.dtype),
+              ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  k, v = (jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+          for x in (k_BxSxGxK, v_BxSxGxK))
+  kv_ids = jnp.pad(kv_mask_BxS.astype(jnp.int32), ((0, 0), (0, sp - s)))
+  q_ids = jnp.pad(kv_mask_BxS[:, s - t:].astype(jnp.int32), ((0, 0), (0, tp - t)))
+  out = jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, segment_ids=splash.SegmentIds(qi, ki)))(
+      q, k, v, q_ids, kv_ids)
+  return out.transpose(0, 2, 1, 3)[:, :t].astype(v_BxSxGxK.dtype)

@@ -209,7 +209,14 @@ FIELDS: tuple[Field, ...] = (
     Field("model.path", path("dir"), "",
           "the Hugging Face checkpoint folder (config.json + safetensors); needed for 'hf'"),
     Field("model.dtype", choice(dtypes), "float32", "the compute dtype (params stay float32)"),
-    Field("model.remat", boolean(), False, "True recomputes activations in the backward pass"),
+    Field("model.remat", boolean(), False,
+          "deprecated (model.remat_policy): True = 'full', recompute each layer's activations"),
+    Field("model.remat_policy", choice(("",) + model_config_lib.REMAT_POLICIES), "",
+          "each layer's rematerialisation policy (egpo_jax/models/config.py REMAT_POLICIES); "
+          "'' follows model.remat", optional=True),
+    Field("model.attention", choice(model_config_lib.ATTENTION_IMPLEMENTATIONS), "blockwise",
+          "the attention implementation (egpo_jax/models/attention.py): 'cudnn' needs a GPU "
+          "and bfloat16, 'splash' a TPU", optional=True),
     # task
     Field("task.name", choice(TASKS), "synthetic",
           "'synthetic' (jnp task, jitted loop) or 'jsonl' (host-verified math problems)"),

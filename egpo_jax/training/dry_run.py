@@ -659,11 +659,15 @@ def spec_from_config(c) -> DryRunSpec:
   c = config_lib.checked(c)
   m = c.model
   if m.path:
-    model_config = model_config_lib.load_hf_config(m.path, dtype=m.dtype, remat=m.remat)
+    model_config = model_config_lib.load_hf_config(m.path, dtype=m.dtype,
+                                                   remat=m.remat_policy or m.remat,
+                                                   attention=m.attention)
   else:
     name = m.name if m.preset == "hf" else m.preset
     try:
-      model_config = model_config_lib.get_config(name, dtype=m.dtype, remat=m.remat)
+      model_config = model_config_lib.get_config(name, dtype=m.dtype,
+                                                 remat=m.remat_policy or m.remat,
+                                                 attention=m.attention)
     except KeyError as err:
       raise DryRunError(f"config.model.name={name!r}: {err.args[0]}") from None
   delimiter = (1,) if c.algo.entropy_segment != "joint" else None

@@ -32,6 +32,7 @@ import numpy as np
 import tqdm
 
 from egpo_jax.evaluation import calibration, report
+from egpo_jax.models import attention
 from egpo_jax.training import checkpointing
 from egpo_jax.training import config as config_lib
 from egpo_jax.training import distributed, experiment, host_loop, preemption, tasks
@@ -138,6 +139,12 @@ def start_job(c: ml_collections.ConfigDict, workdir: str) -> tuple[Job, Run]:
   """The job of the checked config `c` in `workdir` (config.json written there), and the
   run it starts from when there is no checkpoint: the policy before training, step 0."""
   exp = experiment.build(c)
+  try:   # a kernel this backend lacks fails here, not at the first compile
+    attention.check_implementation(exp.model_config.attention, dtype=exp.model_config.dtype,
+                                   head_dim=exp.model_config.head_size,
+                                   field="config.model.attention")
+  except ValueError as err:
+    raise config_lib.ConfigError(str(err)) from None
   mesh = distributed.mesh_from_config(c)
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_metrics_writer():

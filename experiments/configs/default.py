@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.path = ""                # for "hf": checkpoint folder (config.json + safetensors)
   c.model.dtype = "float32"        # compute dtype; params stay float32
   c.model.remat = False
+  c.model.remat_policy = ""        # none | full | dots_saveable | ...; "" follows remat
+  c.model.attention = "blockwise"  # reference | blockwise | cudnn (GPU) | splash (TPU)
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "synthetic"        # "synthetic" (jnp verifier, jitted loop) or "jsonl"

@@ -1,4 +1,5 @@
-"""The training attention: heads-first layout and the recomputing custom VJP.
+"""The reference attention ("reference"): heads-first layout and the recomputing custom
+VJP; and the shared-prompt ("extend") layout under each CPU implementation.
 
 The reference is the textbook formulation (scores in [B, G, R, T, S] layout, plain
 autodiff), so the layout change and the custom backward are checked against maths that
@@ -11,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from egpo_jax.models import attention
 from egpo_jax.models import transformer as tr
@@ -86,7 +88,7 @@ def test_forward_gradient_matches_reference_attention(monkeypatch):
   # against the same decoder with the reference attention and plain autodiff. (Under
   # remat=True the layer is the same; test_model_core checks remat's gradients.)
   config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                       num_heads=H, num_kv_heads=G)
+                       num_heads=H, num_kv_heads=G, attention="reference")
   params = tr.init_params(config, jax.random.key(3))
   ids = jax.random.randint(jax.random.key(4), (B, T), 0, 64)
   mask = jnp.arange(T)[None] >= jnp.array([0, 2, 5])[:, None]
@@ -102,11 +104,15 @@ def test_forward_gradient_matches_reference_attention(monkeypatch):
   chex.assert_trees_all_close(mine, ref, atol=2e-5, rtol=2e-5)
 
 
-def test_response_hidden_runs_each_prompt_once_and_equals_forward():
+@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+def test_response_hidden_runs_each_prompt_once_and_equals_forward(implementation,
+                                                                   monkeypatch):
   # G completions per left-padded prompt: the prefill + "extend" path against the full
-  # forward over each row's prompt + completion, values and parameter gradients.
+  # forward over each row's prompt + completion, values and parameter gradients (blockwise
+  # in 4-slot blocks: the extend layout's queries start mid-block, after the prompt).
+  monkeypatch.setattr(attention, "BLOCK_SIZE", 4)
   config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                       num_heads=H, num_kv_heads=G)
+                       num_heads=H, num_kv_heads=G, attention=implementation)
   params = tr.init_params(config, jax.random.key(0))
   b, g, p, t = 3, 4, 6, 5
   prompts = jax.random.randint(jax.random.key(1), (b, p), 1, 64)

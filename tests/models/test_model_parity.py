@@ -7,6 +7,7 @@ max |logits_ours - logits_torch| <= 1e-5 at float32, over real (non-pad) positio
 weights drawn at std 0.2 so that the logits span about +-1.5 (not near-uniform).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from egpo_jax.models import attention as attention_lib  # noqa: E402
 from egpo_jax.models import config as config_lib  # noqa: E402
 from egpo_jax.models import hf_io  # noqa: E402
 from egpo_jax.models import transformer as tr  # noqa: E402
@@ -95,13 +97,19 @@ def test_config_mapping(imported):
   assert "lm_head" not in imported["qwen2_tied"][0]
 
 
+@pytest.mark.parametrize("attention", ["reference", "blockwise"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_logits_match_transformers(hf_models, imported, name):
+def test_logits_match_transformers(hf_models, imported, name, attention, monkeypatch):
+  # Every attention implementation a CPU runs ("cudnn" and "splash" need a GPU / TPU);
+  # blockwise with 8-slot blocks, so the 24 positions span several of them.
   model, _ = hf_models[name]
   params, config = imported[name]
+  config = config.replace(attention=attention)
+  monkeypatch.setattr(attention_lib, "BLOCK_SIZE", 8)
   ids, mask = _batch()
   ref = _torch_logits(model, ids, mask)
-  ours = np.asarray(forward(params, jnp.asarray(ids), jnp.asarray(mask), config=config))
+  ours = np.asarray(jax.jit(functools.partial(tr.forward, config=config))(
+      params, jnp.asarray(ids), jnp.asarray(mask)))
   assert np.abs(ref).max() > 0.5  # logits are far from uniform
   assert np.abs(ours - ref)[mask].max() <= ATOL
 
