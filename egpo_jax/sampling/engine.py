@@ -307,21 +307,6 @@ def start_rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
   return _sample_into(_constrain(state), logits_NxV, spec)
 
 
-def _gathered(x: jax.Array, spec: jax.sharding.PartitionSpec) -> jax.Array:
-  """`x` constrained to `spec` (`sharding.decode_param_specs`: the FSDP shards gathered).
-
-  A 16-bit float is gathered as its bits: XLA:CPU runs bf16 collectives in float32, and
-  after that widening it kept every gathered weight in float32 through the decode loop
-  (twice the bytes; 1.5B: +3 GB per device), converting it on each step. The bitcasts
-  are free on every backend, and a GPU or TPU gathers the same 2 bytes an element.
-  """
-  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jax.lax.with_sharding_constraint(bits, spec),
-                                        x.dtype)
-  return jax.lax.with_sharding_constraint(x, spec)
-
-
 def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
                      ) -> DecodeState:
   """Decodes until every row is done or max_new_tokens tokens have been sampled: one
@@ -336,7 +321,9 @@ def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
                                      fuse=not tensor_parallel)
   if mesh is not None:
     # Gathered once, here, for every phase, not inside the token loop.
-    params = jax.tree.map(_gathered, params, sharding.decode_param_specs(params, mesh))
+    # (XLA:CPU then keeps a float32 copy of them for its dots: the dry run's caveat.)
+    params = jax.lax.with_sharding_constraint(params,
+                                              sharding.decode_param_specs(params, mesh))
 
   def body(s):
     logits_NxV, cache = transformer.decode(params, s.last_tokens_N, s.cache, config=config)
