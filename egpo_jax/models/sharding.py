@@ -249,6 +249,25 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
 
 
+def embedding_output(x_BxTxD: jax.Array) -> jax.Array:
+  """The embedding lookup's output [B, T, D] laid out as the table leaves it: rows over
+  `data`, model width over `fsdp` (the table's own D split). Call it before constraining
+  the rows over data x fsdp.
+
+  On a data x fsdp mesh GSPMD cannot go between "D over fsdp" (the lookup, and in the
+  backward pass the table's scatter-add) and "rows over data x fsdp" in one step
+  ("Involuntary full rematerialization": it replicated the whole [B, T, D] float32 array
+  on every device, then sliced it). Through this layout each direction is one all-to-all
+  within the fsdp groups (a sharding constraint is its own transpose, so the gradient
+  takes the same route back). The identity without a mesh.
+  """
+  mesh = active_mesh()
+  if mesh is None:
+    return x_BxTxD
+  spec = _fit(P("data", None, "fsdp"), tuple(x_BxTxD.shape), mesh)
+  return jax.lax.with_sharding_constraint(x_BxTxD, spec)
+
+
 def batch_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   """Spec for a batch-leading array (ids_BxL, mask_BxL, hidden_BxLxD, logps_NxT...)."""
   return _fit(P(BATCH), tuple(shape), mesh)
