@@ -1,7 +1,7 @@
 """Side-by-side report of two or more runs (e.g. GRPO vs EGPO): tables and overlaid plots.
 
-    python -m experiments.compare workdir/grpo workdir/egpo --out report/
-    python -m experiments.compare workdir/grpo workdir/egpo eval/qwen_base --labels GRPO,EGPO,base
+    python -m experiments.compare workdir/grpo workdir/egpo --out=report/
+    python -m experiments.compare workdir/grpo workdir/egpo eval/qwen_base --labels=GRPO,EGPO,base
 
 Each argument is a training workdir (metrics.jsonl, config.json, summary.json, and the
 newest eval/step_<N>/results.json that `experiments.evaluate` wrote there, if any), an
@@ -20,7 +20,6 @@ outside --out.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -28,6 +27,10 @@ import os
 import re
 import sys
 from typing import Any
+
+from absl import flags
+
+from experiments import cli
 
 CURVES = ("accuracy", "reward", "entropy_gap", "mean_entropy_correct", "mean_entropy_wrong",
           "frac_all_wrong", "frac_nsr_only_adv", "mean_weight_correct", "mean_weight_wrong",
@@ -37,6 +40,12 @@ EVAL_COLUMNS = (("pass@1", "pass@1"), ("pass@max", "pass@k"), ("maj@max", "maj@k
                 ("ece", "ECE"), ("brier", "Brier"), ("auroc", "AUROC"),
                 ("mean_entropy_correct", "H~ correct"), ("mean_entropy_wrong", "H~ wrong"),
                 ("entropy_gap", "gap"), ("overconfident_failure_frac", "overconf. fail."))
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", "report", "output folder", flag_values=FLAGS)
+flags.DEFINE_list("labels", [], "comma-separated run labels, one per run", flag_values=FLAGS)
+flags.DEFINE_list("keys", list(CURVES), "training metrics to overlay (val_* metrics are "
+                  "added)", flag_values=FLAGS)
 
 
 def _read_json(path: str) -> Any:
@@ -174,61 +183,51 @@ def evaluation_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("runs", nargs="+", help="workdirs, evaluation folders or results.json")
-  parser.add_argument("--out", default="report", help="output folder")
-  parser.add_argument("--labels", default="", help="comma-separated run labels")
-  parser.add_argument("--keys", default=",".join(CURVES),
-                      help="training metrics to overlay (val_* metrics are added)")
-  args = parser.parse_args(argv)
-  if len(args.runs) < 2:
-    parser.error("give at least two runs to compare")
-  labels = [s.strip() for s in args.labels.split(",")] if args.labels else []
-  if labels and len(labels) != len(args.runs):
-    parser.error(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+def _load_runs(argv: list[str] | None) -> list[dict[str, Any]]:
+  """The runs the command line names, with unique labels; raises cli.Exit."""
+  paths = cli.parse(FLAGS, argv, doc=__doc__)
+  if len(paths) < 2:
+    raise cli.error("give at least two runs to compare (workdirs, evaluation folders or "
+                    "results.json files)")
+  labels = [s.strip() for s in FLAGS.labels]
+  if labels and len(labels) != len(paths):
+    raise cli.error(f"--labels has {len(labels)} names for {len(paths)} runs")
   try:
-    runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(args.runs)]
+    runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(paths)]
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise cli.error(str(e)) from None
   seen: dict[str, int] = {}
   for r in runs:  # Unique labels, so that legends and tables tell runs apart.
     seen[r["label"]] = seen.get(r["label"], 0) + 1
     if seen[r["label"]] > 1:
       r["label"] = f"{r['label']} ({seen[r['label']]})"
+  return runs
 
-  from egpo_jax.evaluation import plots, report  # pylint: disable=g-import-not-at-top
-  os.makedirs(args.out, exist_ok=True)
-  train_rows = training_rows(runs)
-  eval_rows = evaluation_rows(runs)
-  curves = {r["label"]: curve_rows(r) for r in runs if r["rows"]}
-  keys = [k for k in args.keys.split(",") if k]
-  keys += sorted({k for rows in curves.values() for row in rows for k in row
-                  if k.startswith(VALIDATION_PREFIXES) and k not in keys})
-  keys, dropped_curves = plots.informative_keys(curves, keys)
-  missing = left_out(runs)
-  for line in missing:
-    print(f"note: {line}", file=sys.stderr)
-  figures = {
-      "curves": plots.overlay_curves(curves, keys, os.path.join(args.out, "curves.png"),
+
+def _figures(runs, eval_rows, curves, keys, out_dir: str) -> dict[str, str | None]:
+  """The overlaid curves and the per-benchmark bars and reliability diagrams."""
+  from egpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+
+  def per_run(key):
+    return {r["label"]: {e["benchmark"]: e.get(key) for e in eval_rows
+                         if e["run"] == r["label"]} for r in runs}
+  return {
+      "curves": plots.overlay_curves(curves, keys, os.path.join(out_dir, "curves.png"),
                                      title="training curves"),
-      "pass@1": plots.grouped_bars(
-          {r["label"]: {e["benchmark"]: e["pass@1"] for e in eval_rows if e["run"] == r["label"]}
-           for r in runs}, os.path.join(args.out, "eval_pass1.png"), title="pass@1",
-          ylabel="pass@1"),
-      "AUROC": plots.grouped_bars(
-          {r["label"]: {e["benchmark"]: e.get("auroc") for e in eval_rows
-                        if e["run"] == r["label"]} for r in runs},
-          os.path.join(args.out, "eval_auroc.png"),
-          title="AUROC of exp(-H~) for correctness", ylabel="AUROC"),
+      "pass@1": plots.grouped_bars(per_run("pass@1"), os.path.join(out_dir, "eval_pass1.png"),
+                                   title="pass@1", ylabel="pass@1"),
+      "AUROC": plots.grouped_bars(per_run("auroc"), os.path.join(out_dir, "eval_auroc.png"),
+                                  title="AUROC of exp(-H~) for correctness", ylabel="AUROC"),
       "reliability": plots.overlay_reliability(
           {r["label"]: {b: v["reliability"] for b, v in r["eval"]["benchmarks"].items()
                         if "reliability" in v} for r in runs if r["eval"]},
-          os.path.join(args.out, "reliability.png")),
+          os.path.join(out_dir, "reliability.png")),
   }
 
+
+def _markdown(runs, missing, train_rows, eval_rows, made, dropped_curves) -> list[str]:
+  """report.md's lines: the runs, what was left out, the two tables, the figures."""
+  from egpo_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   md = ["# Run comparison", ""]
   md += [f"- {r['label']}: {r['path']} (algo {r['algo']}"
          + (f"; evaluation {r['eval_path']}" if r["eval_path"] else "") + ")" for r in runs]
@@ -250,20 +249,44 @@ def main(argv: list[str] | None = None) -> int:
   else:
     md += ["No run has evaluation results; run `python -m experiments.evaluate "
            "--checkpoint=WORKDIR` first.", ""]
-  made = {name: os.path.basename(p) for name, p in figures.items() if p}
   if made:
     md += ["## Figures", ""] + [f"- {name}: ![{name}]({p})" for name, p in made.items()] + [""]
   if dropped_curves:
     md += ["Curves without a panel: " + "; ".join(f"{k} ({why})" for k, why in
                                                    dropped_curves.items()), ""]
-  with open(os.path.join(args.out, "report.md"), "w") as f:
+  return md
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs are the positional arguments (workdirs, evaluation folders or results.json)."""
+  try:
+    runs = _load_runs(argv)
+  except cli.Exit as done:
+    return done.code
+  from egpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  out_dir = FLAGS.out
+  os.makedirs(out_dir, exist_ok=True)
+  train_rows = training_rows(runs)
+  eval_rows = evaluation_rows(runs)
+  curves = {r["label"]: curve_rows(r) for r in runs if r["rows"]}
+  keys = [k for k in FLAGS.keys if k]
+  keys += sorted({k for rows in curves.values() for row in rows for k in row
+                  if k.startswith(VALIDATION_PREFIXES) and k not in keys})
+  keys, dropped_curves = plots.informative_keys(curves, keys)
+  missing = left_out(runs)
+  for line in missing:
+    print(f"note: {line}", file=sys.stderr)
+  figures = _figures(runs, eval_rows, curves, keys, out_dir)
+  made = {name: os.path.basename(p) for name, p in figures.items() if p}
+  md = _markdown(runs, missing, train_rows, eval_rows, made, dropped_curves)
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write("\n".join(md))
-  with open(os.path.join(args.out, "comparison.json"), "w") as f:
+  with open(os.path.join(out_dir, "comparison.json"), "w") as f:
     json.dump({"runs": [{k: r[k] for k in ("label", "path", "algo", "eval_path")} for r in runs],
                "training": train_rows, "evaluation": eval_rows, "figures": made,
                "left_out": missing, "curves_left_out": dropped_curves}, f, indent=2)
   print("\n".join(md))
-  print(f"report: {os.path.abspath(args.out)}")
+  print(f"report: {os.path.abspath(out_dir)}")
   return 0
 
 

@@ -21,86 +21,81 @@ Hugging Face folder): results.json, results.md, <benchmark>_reliability.png,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import types
 from typing import Any
 
+from absl import flags
+
 from egpo_jax.evaluation import benchmarks as benchmarks_lib
+from experiments import cli
 
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
-
-def _auto_bool(text: str) -> bool | None:
-  key = text.strip().lower()
-  if key == "auto":
-    return None
-  if key not in _BOOL:
-    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
-  return _BOOL[key]
-
-
-def _ks(text: str) -> tuple[int, ...]:
-  try:
-    ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--ks must be comma-separated ints, got {text!r}") from None
-  if not ks or ks[0] < 1:
-    raise argparse.ArgumentTypeError(f"--ks must be positive ints, got {text!r}")
-  return ks
-
-
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True,
-                 help="training workdir (or its checkpoints/ or a step folder), or a Hugging "
-                      "Face folder")
-  p.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: newest)")
-  p.add_argument("--benchmarks", default=",".join(benchmarks_lib.PAPER_BENCHMARKS),
-                 help=f"comma-separated subset of {','.join(benchmarks_lib.BENCHMARKS)}")
-  p.add_argument("--num_samples", type=int, default=8, help="responses per problem")
-  p.add_argument("--temperature", type=float, default=0.6)
-  p.add_argument("--top_p", type=float, default=0.95)
-  p.add_argument("--top_k", type=int, default=20)
-  p.add_argument("--max_new_tokens", type=int, default=3072)
-  p.add_argument("--max_prompt_len", type=int, default=1024,
-                 help="longer prompts are skipped (counted and listed in the results)")
-  p.add_argument("--limit", type=int, default=None, help="problems per benchmark")
-  p.add_argument("--batch_size", type=int, default=16, help="prompts per sampler call")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--ks", type=_ks, default=(1, 2, 4, 8), help="pass@k / maj@k budgets")
-  p.add_argument("--num_bins", type=int, default=10, help="equal-mass ECE bins")
-  p.add_argument("--template", default="auto",
-                 help="prompt template: qwen25_math | r1_distill | plain | auto (a workdir's "
-                      "training template; r1_distill for R1-Distill folders; else qwen25_math)")
-  p.add_argument("--chat", type=_auto_bool, default=None,
-                 help="use the tokenizer's chat template: auto | true | false")
-  p.add_argument("--add_bos", type=_auto_bool, default=None,
-                 help="prepend BOS to rendered prompts: auto | true | false")
-  p.add_argument("--segment_delimiter", default=None,
-                 help="reasoning delimiter of the answer segment (default: the workdir's, "
-                      "else </think>); '' to skip")
-  p.add_argument("--data_dir", default=None,
-                 help="folder with <benchmark>/test.jsonl (default: $EGPO_SHARED_DATA or "
-                      "../shared/data)")
-  p.add_argument("--tfds_dir", default=None, help="tfds data_dir when no local file exists")
-  p.add_argument("--synthetic_difficulty", type=int, default=None,
-                 help="synthetic task level (default: the workdir's, else 2)")
-  p.add_argument("--synthetic_seed", type=int, default=0)
-  p.add_argument("--dtype", default="float32", help="compute dtype of a Hugging Face model")
-  p.add_argument("--param_dtype", default="float32",
-                 help="parameter dtype of a Hugging Face model (bfloat16 halves its memory)")
-  p.add_argument("--verify_timeout", type=float, default=5.0)
-  p.add_argument("--out", default=None, help="output folder")
-  p.add_argument("--no_plots", action="store_true")
-  p.add_argument("--no_save_responses", action="store_true")
-  p.add_argument("--no_progress", action="store_true")
-  return p
+FLAGS = flags.FlagValues()
+_flag = dict(flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ or a step "
+                    "folder), or a Hugging Face folder", **_flag)
+flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "workdir checkpoint step (default: newest)", **_flag)
+flags.DEFINE_string("benchmarks", ",".join(benchmarks_lib.PAPER_BENCHMARKS),
+                    f"comma-separated subset of {','.join(benchmarks_lib.BENCHMARKS)}", **_flag)
+flags.DEFINE_integer("num_samples", 8, "responses per problem", **_flag)
+flags.DEFINE_float("temperature", 0.6, "sampling temperature", **_flag)
+flags.DEFINE_float("top_p", 0.95, "nucleus sampling mass", **_flag)
+flags.DEFINE_integer("top_k", 20, "top-k sampling (0 = off)", **_flag)
+flags.DEFINE_integer("max_new_tokens", 3072, "response length limit", **_flag)
+flags.DEFINE_integer("max_prompt_len", 1024, "longer prompts are skipped (counted and "
+                     "listed in the results)", **_flag)
+flags.DEFINE_integer("limit", None, "problems per benchmark", **_flag)
+flags.DEFINE_integer("batch_size", 16, "prompts per sampler call", **_flag)
+flags.DEFINE_integer("seed", 0, "sampling seed", **_flag)
+flags.DEFINE_list("ks", ["1", "2", "4", "8"], "pass@k / maj@k budgets (comma-separated)",
+                  **_flag)
+flags.register_validator(
+    "ks", lambda ks: bool(ks) and all(k.strip().isdigit() and int(k) >= 1 for k in ks),
+    "--ks must be comma-separated positive ints", flag_values=FLAGS)
+flags.DEFINE_integer("num_bins", 10, "equal-mass ECE bins", **_flag)
+flags.DEFINE_string("template", "auto", "prompt template: qwen25_math | r1_distill | plain | "
+                    "auto (a workdir's training template; r1_distill for R1-Distill folders; "
+                    "else qwen25_math)", **_flag)
+flags.DEFINE_enum("chat", "auto", ["auto", *_BOOL], "use the tokenizer's chat template: "
+                  "auto | true | false", case_sensitive=False, **_flag)
+flags.DEFINE_enum("add_bos", "auto", ["auto", *_BOOL], "prepend BOS to rendered prompts: "
+                  "auto | true | false", case_sensitive=False, **_flag)
+flags.DEFINE_string("segment_delimiter", None, "reasoning delimiter of the answer segment "
+                    "(default: the workdir's, else </think>); '' to skip", **_flag)
+flags.DEFINE_string("data_dir", None, "folder with <benchmark>/test.jsonl (default: "
+                    "$EGPO_SHARED_DATA or ../shared/data)", **_flag)
+flags.DEFINE_string("tfds_dir", None, "tfds data_dir when no local file exists", **_flag)
+flags.DEFINE_integer("synthetic_difficulty", None, "synthetic task level (default: the "
+                     "workdir's, else 2)", **_flag)
+flags.DEFINE_integer("synthetic_seed", 0, "seed of the synthetic benchmark's problems", **_flag)
+flags.DEFINE_string("dtype", "float32", "compute dtype of a Hugging Face model", **_flag)
+flags.DEFINE_string("param_dtype", "float32", "parameter dtype of a Hugging Face model "
+                    "(bfloat16 halves its memory)", **_flag)
+flags.DEFINE_float("verify_timeout", 5.0, "seconds per response for the answer check", **_flag)
+flags.DEFINE_string("out", None, "output folder", **_flag)
+flags.DEFINE_bool("no_plots", False, "write no figures", **_flag)
+flags.DEFINE_bool("no_save_responses", False, "write no responses_<benchmark>.jsonl", **_flag)
+flags.DEFINE_bool("no_progress", False, "print no progress lines", **_flag)
 
 
-def _defaults(args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> types.SimpleNamespace:
+  """The flags of `argv` as attributes; chat/add_bos are None for auto, ks a sorted tuple.
+  Raises cli.Exit (help shown, or a bad flag reported in one line)."""
+  cli.parse(FLAGS, argv, doc=__doc__)
+  args = cli.namespace(FLAGS)
+  args.ks = tuple(sorted({int(k) for k in args.ks}))
+  for name in ("chat", "add_bos"):
+    value = getattr(args, name).lower()
+    setattr(args, name, None if value == "auto" else _BOOL[value])
+  return args
+
+
+def _defaults(args: types.SimpleNamespace, info: dict[str, Any]) -> dict[str, Any]:
   """Fills the 'auto' settings from what was loaded."""
   workdir = info["kind"] == "workdir"
   template = args.template
@@ -125,7 +120,7 @@ def default_out(info: dict[str, Any]) -> str:
   return os.path.join("eval", os.path.basename(info["path"].rstrip("/")))
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def run(args: types.SimpleNamespace) -> tuple[dict[str, Any], str]:
   """Loads, evaluates and writes everything; returns (results, output folder)."""
   from egpo_jax.evaluation import loading, plots, report, runner  # heavy: jax, models
 
@@ -178,7 +173,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  try:
+    args = parse_args(argv)
+  except cli.Exit as done:
+    return done.code
   from egpo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   done, code = checkpointing.run_tool(run, args)
   if code:

@@ -1,17 +1,17 @@
 """Exports a trained checkpoint of this project as a Hugging Face folder.
 
-    python -m experiments.export_hf --checkpoint WORKDIR --out exported/
-    python -m experiments.export_hf --checkpoint WORKDIR --step 700 --dtype bfloat16 \\
-        --out exported/
-    python -m experiments.export_hf --checkpoint ROOT/checkpoints --model tiny \\
-        --tokenizer byte --byte-special-tokens '<think>,</think>' --out exported/
+    python -m experiments.export_hf --checkpoint=WORKDIR --out=exported/
+    python -m experiments.export_hf --checkpoint=WORKDIR --step=700 --dtype=bfloat16 \\
+        --out=exported/
+    python -m experiments.export_hf --checkpoint=ROOT/checkpoints --model=tiny \\
+        --tokenizer=byte --byte_special_tokens='<think>,</think>' --out=exported/
 
 --checkpoint is a training workdir (config.json + checkpoints/, or its checkpoints/ or
 one step folder): the model preset and the tokenizer (the byte tokenizer with the
 trainer's special tokens, or the Hugging Face model's own) come from its config.json.
 Or it is a bare orbax checkpoint root, step or `state` item folder in the layout
 egpo_jax.training.checkpointing writes (`<root>/<step>/{state,extra}`, the params at
-`train.params` or `params`); then --model or --hf-config and --tokenizer say what it is.
+`train.params` or `params`); then --model or --hf_config and --tokenizer say what it is.
 
 The checkpoint is only read, and verified before anything is written (commit markers,
 save-time fingerprints of every params array; `checkpointing.read_params`): a damaged
@@ -24,18 +24,22 @@ The output folder holds config.json, model*.safetensors (+ index when sharded),
 generation_config.json and the tokenizer files (all mode 0644 under the usual umask),
 and loads with transformers' AutoModelForCausalLM.from_pretrained and
 PreTrainedTokenizerFast.
+
+The flags follow experiments/cli.py; the old spellings --hf-config, --param-dtype,
+--byte-special-tokens and --max-shard-gb still work, with a warning.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import sys
+import types
 
 import jax
+from absl import flags
 
 from egpo_jax.evaluation import loading
 from egpo_jax.models import config as config_lib
@@ -43,6 +47,7 @@ from egpo_jax.models import hf_io, sharding
 from egpo_jax.models.byte_tokenizer import ByteTokenizer
 from egpo_jax.models.config import ModelConfig
 from egpo_jax.training import checkpointing
+from experiments import cli
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
@@ -106,32 +111,31 @@ def write_tokenizer(spec: str, out: str, config: ModelConfig, byte_special_token
   return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True,
-                      help="training workdir (or its checkpoints/ or a step folder), or a "
-                           "bare orbax root, step or item folder")
-  parser.add_argument("--step", type=int, default=None, help="step to export (default: newest)")
-  model = parser.add_mutually_exclusive_group()
-  model.add_argument("--model", help=f"named config {sorted(config_lib.NAMED_CONFIGS)} "
-                                     "(a workdir's own is read from its config.json)")
-  model.add_argument("--hf-config", help="config.json (or its folder) of the base checkpoint "
-                                         "(a workdir's own is read from its config.json)")
-  parser.add_argument("--param-dtype", default="float32",
-                      help="bare checkpoints only: the model config's param dtype")
-  parser.add_argument("--tokenizer", default=None,
-                      help="'byte' or a tokenizer folder (default for a workdir: its own; "
-                           "required for a bare checkpoint)")
-  parser.add_argument("--byte-special-tokens", default=None,
-                      help="comma-separated extra special tokens of the byte tokenizer "
-                           "(default for a workdir: the trainer's <think>,</think>)")
-  parser.add_argument("--out", required=True, help="output folder (created)")
-  parser.add_argument("--dtype", default=None, choices=sorted(hf_io.EXPORT_DTYPES),
-                      help="safetensors dtype (default: the dtype the params were trained "
-                           "in, which is printed)")
-  parser.add_argument("--max-shard-gb", type=float, default=5.0)
-  return parser
+FLAGS = flags.FlagValues()
+_flag = dict(flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "training workdir (or its checkpoints/ or a step "
+                    "folder), or a bare orbax root, step or item folder", **_flag)
+flags.DEFINE_integer("step", None, "step to export (default: newest)", **_flag)
+flags.DEFINE_string("model", None, f"named config {sorted(config_lib.NAMED_CONFIGS)} (a "
+                    "workdir's own is read from its config.json)", **_flag)
+flags.DEFINE_string("hf_config", None, "config.json (or its folder) of the base checkpoint "
+                    "(a workdir's own is read from its config.json)", **_flag)
+flags.DEFINE_string("param_dtype", "float32", "bare checkpoints only: the model config's "
+                    "param dtype", **_flag)
+flags.DEFINE_string("tokenizer", None, "'byte' or a tokenizer folder (default for a "
+                    "workdir: its own; required for a bare checkpoint)", **_flag)
+flags.DEFINE_string("byte_special_tokens", None, "comma-separated extra special tokens of "
+                    "the byte tokenizer (default for a workdir: the trainer's "
+                    "<think>,</think>)", **_flag)
+flags.DEFINE_string("out", None, "output folder (created)", **_flag)
+flags.DEFINE_enum("dtype", None, sorted(hf_io.EXPORT_DTYPES), "safetensors dtype (default: "
+                  "the dtype the params were trained in, which is printed)", **_flag)
+flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors file, in GiB", **_flag)
+flags.mark_flags_as_required(["checkpoint", "out"], flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["model", "hf_config"], flag_values=FLAGS)
+# Spellings before the experiments/ convention (cli.py); they still work, with a warning.
+RENAMED = {"hf-config": "hf_config", "param-dtype": "param_dtype",
+           "byte-special-tokens": "byte_special_tokens", "max-shard-gb": "max_shard_gb"}
 
 
 def _workdir(path: str, step: int | None) -> tuple[str, int | None] | None:
@@ -143,8 +147,8 @@ def _workdir(path: str, step: int | None) -> tuple[str, int | None] | None:
   return (folder, step) if kind == "workdir" else None
 
 
-def _check_model_flags(args: argparse.Namespace, c) -> None:
-  """--model/--hf-config may restate a workdir's model, not contradict it."""
+def _check_model_flags(args: types.SimpleNamespace, c) -> None:
+  """--model/--hf_config may restate a workdir's model, not contradict it."""
   preset = c.model.preset
   if args.model and args.model != preset:
     raise ValueError(f"--model={args.model} contradicts the workdir's model.preset={preset}; "
@@ -152,11 +156,11 @@ def _check_model_flags(args: argparse.Namespace, c) -> None:
   if args.hf_config and (preset != "hf" or os.path.realpath(args.hf_config).rstrip("/")
                          not in (os.path.realpath(c.model.path),
                                  os.path.join(os.path.realpath(c.model.path), "config.json"))):
-    raise ValueError(f"--hf-config={args.hf_config} contradicts the workdir's model "
-                     f"({preset} {c.model.path}); drop --hf-config")
+    raise ValueError(f"--hf_config={args.hf_config} contradicts the workdir's model "
+                     f"({preset} {c.model.path}); drop --hf_config")
 
 
-def export(args: argparse.Namespace) -> tuple[str, list[str]]:
+def export(args: types.SimpleNamespace) -> tuple[str, list[str]]:
   """Reads and verifies the checkpoint, then writes the HF folder; (source, files)."""
   workdir = _workdir(args.checkpoint, args.step)
   if workdir is not None:
@@ -171,7 +175,7 @@ def export(args: argparse.Namespace) -> tuple[str, list[str]]:
   else:
     if not (args.model or args.hf_config) or not args.tokenizer:
       raise ValueError(f"--checkpoint={args.checkpoint} is no training workdir (no "
-                       "config.json), so give --model or --hf-config, and --tokenizer")
+                       "config.json), so give --model or --hf_config, and --tokenizer")
     if args.model:
       config = config_lib.get_config(args.model, param_dtype=args.param_dtype)
     else:
@@ -194,7 +198,11 @@ def export(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  try:
+    cli.parse(FLAGS, argv, doc=__doc__, renamed=RENAMED)
+  except cli.Exit as done:
+    return done.code
+  args = cli.namespace(FLAGS)
   done, code = checkpointing.run_tool(export, args)
   if done:
     print(f"exported {done[0]} -> {args.out}: {', '.join(done[1])}")

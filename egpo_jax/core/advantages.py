@@ -19,7 +19,7 @@ With r the rewards, n the group's valid count, mean/std over valid members:
       full-vocabulary Shannon entropy of response i (`shannon_BxG`). The factor is the
       same for both signs and is returned as the weights.
 
-EGPO (arXiv 2602.22751, EGPO_METHOD.md sections 2-4), with H~_i = `entropy_BxG`
+EGPO (arXiv 2602.22751, docs/METHOD.md sections 2-4), with H~_i = `entropy_BxG`
 (Eq. 5, see `egpo_jax.core.entropy`):
 
   H_bar  = mean over the group's valid responses of H~_i             (Eq. 6)
@@ -54,12 +54,14 @@ Numerical guards (never active at the paper's settings): the denominator of Eq. 
 floored at the smallest normal float32 and w^ is capped at `W_HAT_MAX` = 1e12, so eps_h = 0
 with a zero entropy stays finite; a renormalisation by a zero group mean is skipped.
 
-Every estimator has the registry's keyword signature
+Every estimator here accepts the keywords
 
     fn(rewards_BxG, *, correct_BxG=None, valid_BxG=None, entropy_BxG=None,
        shannon_BxG=None, **hparams) -> AdvantageOutput(advantages, weights)
 
-(both [B, G] float32; weights are 1 where an estimator has none). Unknown hparams raise
+(both [B, G] float32; weights are 1 where an estimator has none). The trainer passes each
+only the keywords it declares (`registry.call`), so a new estimator may declare fewer;
+`requires=` at registration names the entropies it cannot do without. Unknown hparams raise
 TypeError rather than being ignored. Shapes and dtypes are checked always; values (finite
 rewards, non-negative entropies, +-1 rewards, hyperparameter ranges) only where inputs
 are concrete, i.e. when called outside jit/vmap/shard_map.
@@ -311,7 +313,7 @@ def rloo_advantages(rewards_BxG: jax.Array, *, correct_BxG: jax.Array | None = N
   return AdvantageOutput(adv, _ones_like(r))
 
 
-@registry.advantage_estimators.register("edge_grpo")
+@registry.advantage_estimators.register("edge_grpo", requires=("shannon_BxG",))
 def edge_grpo_advantages(rewards_BxG: jax.Array, *, correct_BxG: jax.Array | None = None,
                          valid_BxG: jax.Array | None = None,
                          entropy_BxG: jax.Array | None = None,
@@ -470,7 +472,7 @@ def egpo_weights(entropy_BxG: jax.Array, correct_BxG: jax.Array,
   return _egpo_weights(ex["entropy_BxG"], correct, valid, eps_h, v)
 
 
-@registry.advantage_estimators.register("egpo")
+@registry.advantage_estimators.register("egpo", requires=("entropy_BxG",))
 def egpo_advantages(rewards_BxG: jax.Array, entropy_BxG: jax.Array | None = None, *,
                     correct_BxG: jax.Array | None = None,
                     valid_BxG: jax.Array | None = None,

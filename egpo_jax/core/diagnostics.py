@@ -1,4 +1,4 @@
-"""Training diagnostics as pure functions: group outcomes, signal, weights, entropy, clip, KL.
+"""Training diagnostics as pure functions: group outcomes, signal, weights, entropy.
 
 Each function returns a dict of scalar jnp arrays, ready to be merged into one metrics
 dict (a key that two functions share, e.g. num_correct, has the same value in both). Means over an empty class (no correct response, no valid
@@ -15,12 +15,9 @@ group takes part only if it has at least `MIN_VALID_PER_GROUP` (2) valid respons
   weights by sign:   mean EGPO weight of correct and of wrong valid responses.
   entropy by sign:   mean entropy of correct and of wrong valid responses and the gap
                      wrong - correct (EGPO Fig. 3: 0.129 - 0.080 = 0.048 after EGPO).
-  clip fraction:     fraction of valid tokens whose ratio lies outside
-                     [1 - eps_low, 1 + eps_high] (split low/high); given advantages, only
-                     tokens where the clipped branch is active (zero gradient) count.
-  approximate KL:    KL(pi_old || pi_new) from tokens sampled by pi_old, per valid token:
-                     k1 = log pi_old - log pi_new, k3 = (rho - 1) - log rho (Schulman's
-                     low-variance, always >= 0); log rho is clamped to [-20, 20] in k3.
+
+The token-level metrics of the update (clip fractions, the policy's drift
+`kl_old_new_k3`, the reference KL) are computed once, by `losses.policy_loss`.
 """
 
 from __future__ import annotations
@@ -29,12 +26,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from egpo_jax.core import losses
 from egpo_jax.core.advantages import MIN_VALID_PER_GROUP
 
 Metrics = dict[str, jax.Array]
-
-_LOG_RATIO_CLAMP = 20.0
 
 
 def _mask(name: str, m, like, default_shape) -> jax.Array:
@@ -153,69 +147,3 @@ def group_diagnostics(advantages_BxG: jax.Array, weights_BxG: jax.Array,
   out.update(weights_by_sign(weights_BxG, correct_BxG, valid_BxG))
   out.update(entropy_by_correctness(entropy_BxG, correct_BxG, valid_BxG))
   return out
-
-
-def clip_fraction(ratio_NxT: jax.Array, mask_NxT: jax.Array, *, eps_low: float,
-                  eps_high: float, advantages_N: jax.Array | None = None) -> Metrics:
-  """Fraction of valid tokens whose importance ratio is clipped (PPO/DAPO clip-higher).
-
-  Args:
-    ratio_NxT: pi_new / pi_old per token.
-    mask_NxT: valid tokens (bool or 0/1).
-    eps_low, eps_high: the clip range [1 - eps_low, 1 + eps_high].
-    advantages_N: optional per-response (or per-token [N, T]) advantages; if given,
-      a token counts only where the clip is active: ratio > 1 + eps_high with A > 0, or
-      ratio < 1 - eps_low with A < 0 (verl's pg_clipfrac).
-
-  Returns:
-    clip_frac, clip_frac_low, clip_frac_high (float32; 0 without valid tokens) and
-    num_tokens (int32).
-  """
-  ratio_NxT = jnp.asarray(ratio_NxT, jnp.float32)
-  chex.assert_rank(ratio_NxT, 2, custom_message="ratio_NxT must be [N, T]",
-                   exception_type=ValueError)
-  mask_NxT = _mask("mask_NxT", mask_NxT, "ratio_NxT", ratio_NxT.shape)
-  low_NxT = ratio_NxT < 1.0 - eps_low
-  high_NxT = ratio_NxT > 1.0 + eps_high
-  if advantages_N is not None:
-    adv = jnp.asarray(advantages_N, jnp.float32)
-    if adv.ndim == 1:
-      chex.assert_shape(adv, ratio_NxT.shape[:1], custom_message=(
-          "advantages_N must be [N] (or [N, T]) like ratio_NxT"), exception_type=ValueError)
-      adv = adv[:, None]
-    else:
-      chex.assert_shape(adv, ratio_NxT.shape, custom_message=(
-          "advantages_N must be [N] (or [N, T]) like ratio_NxT"), exception_type=ValueError)
-    low_NxT = low_NxT & (adv < 0)
-    high_NxT = high_NxT & (adv > 0)
-  frac_low, num = _safe_mean(low_NxT, mask_NxT)
-  frac_high, _ = _safe_mean(high_NxT, mask_NxT)
-  return {"clip_frac": frac_low + frac_high, "clip_frac_low": frac_low,
-          "clip_frac_high": frac_high, "num_tokens": num}
-
-
-def approx_kl(logp_new_NxT: jax.Array, logp_old_NxT: jax.Array,
-              mask_NxT: jax.Array) -> Metrics:
-  """Token-mean estimates of KL(pi_old || pi_new) on tokens sampled from pi_old.
-
-  Returns:
-    approx_kl_k1 = mean(logp_old - logp_new) (unbiased, can be negative) and
-    approx_kl_k3 = mean(rho - 1 - log rho), rho = exp(logp_new - logp_old) (>= 0);
-    0 without valid tokens.
-  """
-  logp_new_NxT = jnp.asarray(logp_new_NxT, jnp.float32)
-  logp_old_NxT = jnp.asarray(logp_old_NxT, jnp.float32)
-  chex.assert_rank(logp_new_NxT, 2, custom_message="logp_new_NxT must be [N, T]",
-                   exception_type=ValueError)
-  chex.assert_equal_shape([logp_new_NxT, logp_old_NxT], custom_message=(
-      "logp_new_NxT and logp_old_NxT must have the same [N, T] shape"),
-                          exception_type=ValueError)
-  mask_NxT = _mask("mask_NxT", mask_NxT, "logp_new_NxT", logp_new_NxT.shape)
-  log_ratio = jnp.where(mask_NxT, logp_new_NxT - logp_old_NxT, 0.0)
-  zeros = jnp.zeros_like(log_ratio)
-  # The estimators of losses.kl_penalty with pi_old as the sampling policy; k3's ratio is
-  # clamped so that one diverged token cannot overflow the diagnostic.
-  k1, _ = _safe_mean(losses.kl_penalty(zeros, log_ratio, "k1"), mask_NxT)
-  clamped = jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-  k3, _ = _safe_mean(losses.kl_penalty(zeros, clamped, "k3"), mask_NxT)
-  return {"approx_kl_k1": k1, "approx_kl_k3": k3}

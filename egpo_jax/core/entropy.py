@@ -16,7 +16,7 @@ before the reasoning delimiter (e.g. the tokens of "</think>"), "answer" the tok
 it. The delimiter is located in response coordinates at its FIRST occurrence among the
 valid tokens; the delimiter tokens themselves belong to neither segment (they are a fixed
 template string, not a decision of the model). A segment that cannot be located or has
-no valid token falls back to the whole response (EGPO_METHOD.md section 1): without the
+no valid token falls back to the whole response (docs/METHOD.md section 1): without the
 fallback a truncated failure that never closes its reasoning would get H~ = 0 and look
 maximally confident. The per-response fallback flags are returned so that their sum can
 be logged as a count.

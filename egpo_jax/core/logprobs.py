@@ -25,7 +25,7 @@ linear cross-entropy also makes), while vocabulary chunks would need an online
 log-sum-exp and a second pass over the embedding. The number of chunks is
 ceil(N*T / chunk_size), with equal chunks (the last rows zero-padded).
 
-Convention (EGPO_METHOD.md section 1, as in verl): logits are float32,
+Convention (docs/METHOD.md section 1, as in verl): logits are float32,
 (hidden @ embedding.T + bias) / temperature, and a log-prob is the log-softmax of these
 logits at the target token, without top-k/top-p truncation. The matmuls run in the
 hidden states' dtype, the model's compute dtype (bfloat16 hidden states with float32

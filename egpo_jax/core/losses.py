@@ -1,4 +1,4 @@
-"""The clipped policy-gradient loss of EGPO_METHOD.md and its parts, as pure functions.
+"""The clipped policy-gradient loss of docs/METHOD.md and its parts, as pure functions.
 
     rho_t = exp(logp_t - logp_old_t)                                   (per token)
     J_t   = min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A)      (Eqs. 3-4, 12)
@@ -226,8 +226,12 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
 
   Returns:
     (loss, aux): float32 scalar loss and a dict of float32 scalars: pg_loss,
-    clipfrac_low, clipfrac_high (+ clipfrac_dual), ratio_mean, approx_kl (k3 of new vs
-    old), and kl_ref, kl_loss, is_weight_mean, entropy when their inputs are given.
+    clipfrac_low, clipfrac_high (+ clipfrac_dual), ratio_mean, kl_old_new_k3, and kl_ref,
+    kl_loss, is_weight_mean, entropy when their inputs are given. kl_old_new_k3 is
+    KL(pi_old || pi_new), the policy's drift, estimated on the tokens pi_old sampled
+    (`kl_penalty(p, q)` estimates KL(p || q) from tokens of p; here p = pi_old): k3 =
+    rho - 1 - log rho with rho = pi_new / pi_old. It was logged as "approx_kl" in the
+    opposite direction, KL(pi_new || pi_old), which those tokens do not sample.
     Token metrics are sums over valid tokens divided by num_tokens (default: this
     batch's count), so with the global count they too add up across parts of a batch.
     Padded tokens get a log-ratio of 0 before exp and valid ones a clamped one (module
@@ -275,7 +279,8 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
   # From the clamped ratio: exp of an unclamped log-ratio could overflow here too.
   log_ratio_NxT = jnp.clip(jax.lax.stop_gradient(logps_NxT) - old_logps_NxT,
                            -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-  aux["approx_kl"] = token_mean(kl_penalty(log_ratio_NxT, jnp.zeros_like(log_ratio_NxT), "k3"))
+  aux["kl_old_new_k3"] = token_mean(kl_penalty(jnp.zeros_like(log_ratio_NxT), log_ratio_NxT,
+                                               "k3"))
   if entropy_NxT is not None:
     chex.assert_shape(entropy_NxT, mask_NxT.shape)
     aux["entropy"] = token_mean(jax.lax.stop_gradient(entropy_NxT))

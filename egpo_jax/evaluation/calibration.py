@@ -2,7 +2,7 @@
 
 EGPO's metacognitive claim (paper Fig. 3, Table 3) is that after training the policy's
 uncertainty separates its right answers from its wrong ones. The uncertainty of a
-response is the entropy proxy H~ of EGPO_METHOD.md (Eq. 5: the mean negative
+response is the entropy proxy H~ of docs/METHOD.md (Eq. 5: the mean negative
 log-probability of its sampled tokens) and its confidence is
 
     confidence = exp(-H~)      (the geometric-mean probability of its sampled tokens).

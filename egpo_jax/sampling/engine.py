@@ -22,7 +22,7 @@ each step samples its token and scores it in one pass over the logits
 (`filters.sample_with_logps`).
 
 Exactness. The log-prob of each sampled token is log softmax(logits / T) over the full
-vocabulary, untruncated (EGPO_METHOD.md section 1, Eq. 5's pi_old), which is what a
+vocabulary, untruncated (docs/METHOD.md section 1, Eq. 5's pi_old), which is what a
 teacher-forced forward pass over prompt + completion gives (see `filters`). Greedy
 decoding (greedy=True or temperature=0) reports temperature-1 log-probs.
 

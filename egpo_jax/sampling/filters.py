@@ -9,7 +9,7 @@ kept and at least one token always survives. A token is drawn from the survivors
 inverse CDF from one uniform number per row.
 
 The log-probability reported for a sampled token is log softmax(logits / T) over the
-FULL vocabulary, without the top-k/top-p truncation (EGPO_METHOD.md section 1, verl's
+FULL vocabulary, without the top-k/top-p truncation (docs/METHOD.md section 1, verl's
 convention), so the trainer recomputes the same number from a teacher-forced pass.
 Greedy decoding reports T = 1 log-probs (the raw policy).
 """
@@ -229,7 +229,7 @@ def token_logps_and_entropy(logits_NxV: jax.Array, tokens_N: jax.Array, *,
                             temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """log softmax(logits / T)[token] and the Shannon entropy of softmax(logits / T).
 
-  Both over the full vocabulary, untruncated (EGPO_METHOD.md section 1). Pass
+  Both over the full vocabulary, untruncated (docs/METHOD.md section 1). Pass
   temperature=1 for greedy decoding. temperature may be traced here.
 
   Returns:

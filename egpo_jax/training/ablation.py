@@ -6,13 +6,14 @@
     summary = stats.summarize(result["val"]["accuracy"][:, :, -1], result["names"])  # evaluation.stats
 
 Every algorithm is an `iteration.AlgoArrays` with all switches set, so GRPO, Dr.GRPO,
-DAPO, EDGE-GRPO, EGPO and C1-C6 (paper Table 2) differ only in array values and train
-in ONE compiled `lax.scan`, vmapped over runs = algorithms x seeds. What each name means
-here (EGPO_METHOD.md, "Baselines"), on top of the config's shared settings (token-mean
-aggregation, clip 0.2/0.2, +1/-1 rewards, no KL):
+RLOO, DAPO, EDGE-GRPO, EGPO and C1-C6 (paper Table 2) differ only in array values and
+train in ONE compiled `lax.scan`, vmapped over runs = algorithms x seeds. What each name
+means here (docs/METHOD.md, "Baselines"), on top of the config's shared settings
+(token-mean aggregation, clip 0.2/0.2, +1/-1 rewards, no KL):
 
   grpo       GRPO z-score (Eq. 2); degenerate groups get 0.
   dr_grpo    r - mean(r) (no std division) and the seq-mean-token-sum-norm loss.
+  rloo       r_i minus the mean of the other responses' rewards.
   dapo       GRPO z-score + clip-higher (eps_high 0.28) + soft overlong shaping (buffer
              `overlong_buffer`) + dynamic sampling: with `oversample` k > 1 EVERY run
              samples k * B prompts (one static shape); DAPO keeps the first B mixed groups
@@ -23,6 +24,9 @@ aggregation, clip 0.2/0.2, +1/-1 rewards, no KL):
              EDGE-GRPO's guided error correction (hint regeneration).
   egpo, c1..c6  EGPO (Eqs. 6-11) and its Table 2 variants (c3 is "lock_one").
   egpo_no_nsr   EGPO with all-wrong groups at A = 0 (no Eq. 10 NSR; the study's ablation).
+  any other registered estimator that traces as arrays (`iteration.estimator_codes()`):
+             that estimator with the shared loss. `iteration.host_only_estimators()`
+             names those that do not, and why; `algorithm` refuses them with that reason.
 
 Runs of one seed share the warm-started model, the RL random stream (prompts and
 sampling keys) and the validation prompts, so differences between algorithms at one
@@ -43,6 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from egpo_jax.core import advantages as adv_lib
 from egpo_jax.core import entropy as entropy_lib
 from egpo_jax.evaluation import calibration
 from egpo_jax.models import transformer
@@ -51,8 +56,8 @@ from egpo_jax.sampling import engine
 from egpo_jax.training import iteration, train
 from egpo_jax.types import TrainState
 
-ALGORITHMS = ("grpo", "dr_grpo", "dapo", "edge_grpo", "egpo", "c1", "c2", "c3", "c4", "c5",
-              "c6")
+# The baselines, then EGPO and its Table 2 variants (egpo, c1..c6).
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "dapo", "edge_grpo") + adv_lib.EGPO_PRESETS
 STUDY_ARMS = ("egpo", "grpo", "egpo_no_nsr")   # the study's primary comparison
 DAPO_EPS_HIGH = 0.28
 VALIDATION_METRICS = ("accuracy", "auroc", "entropy_gap", "mean_entropy_correct",
@@ -67,7 +72,8 @@ def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
   """The named algorithm (see the module doc) as fully switched `AlgoArrays`.
 
   Args:
-    name: one of `ALGORITHMS`, "egpo_no_nsr" (or "lock_one" for c3); case-insensitive.
+    name: one of `ALGORITHMS`, "egpo_no_nsr" (or "lock_one" for c3), or a registered
+      estimator of `iteration.estimator_codes()`; case-insensitive.
     lam_min, lam_max: EGPO's clamp bounds (Eq. 8) for egpo and c1-c6.
     eps_high: the upper ratio clip of every algorithm but DAPO (the config's 0.2).
     dapo_eps_high: DAPO's clip-higher.
@@ -76,21 +82,23 @@ def algorithm(name: str, *, lam_min: float = 0.8, lam_max: float = 2.0,
   key = "c3" if key == "lock_one" else key
   create = functools.partial(iteration.AlgoArrays.create_switched, lam_min=lam_min,
                              lam_max=lam_max, eps_high=eps_high)
-  if key == "grpo":
-    return create(estimator="grpo", calibrate=False, nsr=False)
   if key == "dr_grpo":
     return create(estimator="dr_grpo", calibrate=False, nsr=False, seq_sum_norm=True)
   if key == "dapo":
     return create(estimator="grpo", calibrate=False, nsr=False, eps_high=dapo_eps_high,
                   overlong=True, dynamic_sampling=True)
-  if key == "edge_grpo":
-    return create(estimator="edge_grpo", calibrate=False, nsr=False)
-  if key == "egpo" or key in ("c1", "c2", "c3", "c4", "c5", "c6"):
+  if key in adv_lib.EGPO_PRESETS:
     return create(key, estimator="egpo")
   if key == "egpo_no_nsr":
     return create(estimator="egpo", nsr=False)
+  if key in iteration.estimator_codes():   # grpo, rloo, edge_grpo, a user's estimator
+    return create(estimator=key, calibrate=False, nsr=False)
+  why = iteration.host_only_estimators().get(key)
+  if why:
+    raise ValueError(f"algorithm {name!r}: the registered estimator does not trace as "
+                     f"arrays ({why}), so it cannot join a vmapped ablation")
   raise ValueError(f"unknown algorithm {name!r}; known: {list(ALGORITHMS)}, 'egpo_no_nsr' "
-                   "(or 'lock_one')")
+                   f"(or 'lock_one'), or an estimator of {list(iteration.estimator_codes())}")
 
 
 def algorithms(names: Sequence[str] = ALGORITHMS, **kwargs) -> dict[str, iteration.AlgoArrays]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from egpo_jax.core import registry
 from egpo_jax.data import synthetic
 from egpo_jax.models import config as model_config_lib
 from egpo_jax.sampling import engine
@@ -38,6 +39,36 @@ def _leaves(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+# Config sections whose extra fields may be the chosen registered function's own
+# hyperparameters: section -> (the field naming the function, its registry).
+_HPARAM_SECTIONS = {"algo": ("advantage", registry.advantage_estimators),
+                    "loss": ("name", registry.policy_losses),
+                    "task": ("reward", registry.reward_functions)}
+
+
+def _own_hparams(c: ml_collections.ConfigDict, section: str | None = None
+                 ) -> dict[str, Any]:
+  """{'algo.adv_scale': 3.0, ...}: fields without a domain row that the chosen estimator,
+  loss or reward function declares as a parameter (`registry.hyperparameters`); they
+  pass to it by name."""
+  out = {}
+  for sec, (field, reg) in _HPARAM_SECTIONS.items():
+    node = c.get(sec)
+    if (section not in (None, sec) or node is None or not isinstance(node.get(field), str)
+        or node.get(field) not in reg):
+      continue
+    declared = registry.hyperparameters(reg.get(node[field]))
+    out.update({f"{sec}.{k}": v for k, v in node.items()
+                if f"{sec}.{k}" not in domains.BY_NAME and k in declared})
+  return out
+
+
+def hparam_pairs(c: ml_collections.ConfigDict, section: str) -> tuple[tuple[str, Any], ...]:
+  """`_own_hparams` of one section as hashable (name, value) pairs, for static settings."""
+  return tuple(sorted((k.partition(".")[2], tuple(v) if isinstance(v, list) else v)
+                      for k, v in _own_hparams(c, section).items()))
+
+
 def unknown_field_error(name: str) -> ConfigError:
   near = difflib.get_close_matches(name, domains.BY_NAME, n=1, cutoff=0.6)
   hint = f"did you mean {near[0]}? " if near else ""
@@ -55,7 +86,7 @@ def validate(c: ml_collections.ConfigDict, *, inputs_exist: bool = True) -> None
   a tool that reads a finished run's config.json does not need them."""
   leaves = _leaves(c)
   for name in leaves:
-    if name not in domains.BY_NAME:
+    if name not in domains.BY_NAME and name not in _own_hparams(c):
       raise unknown_field_error(name)
   for f in domains.FIELDS:
     if f.name not in leaves:
@@ -150,7 +181,8 @@ def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
       dual_clip=c.loss.dual_clip if c.loss.dual_clip > 0 else None,
       aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
       kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk,
-      loss=c.loss.name, share_prompts=c.ppo.share_prompts)
+      loss=c.loss.name, share_prompts=c.ppo.share_prompts,
+      loss_hparams=hparam_pairs(c, "loss"))
 
 
 def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...], pad_id: int,
@@ -160,7 +192,7 @@ def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...]
       eos_ids=tuple(eos_ids), pad_id=pad_id, temperature=c.rollout.temperature,
       top_k=c.rollout.top_k, top_p=c.rollout.top_p, cache_phases=c.rollout.cache_phases,
       shared_prompt_min_len=c.rollout.shared_prompt_min_len,
-      return_entropy=c.algo.advantage == "edge_grpo")
+      return_entropy=iteration.needs_shannon(c.algo.advantage))
   oversample = c.dynamic_sampling.oversample if c.dynamic_sampling.enabled else 1
   return iteration.IterationSettings(
       prompts_per_batch=c.rollout.prompts_per_batch, sampling=spec,
@@ -171,7 +203,7 @@ def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...]
       segment_delimiter=delimiter_ids if c.algo.entropy_segment != "joint" else None,
       overlong_buffer=c.loss.overlong_buffer, mask_truncated=c.loss.mask_truncated,
       dynamic_sampling_oversample=oversample, old_logps=c.loss.old_logps,
-      tis_cap=c.loss.tis_cap)
+      tis_cap=c.loss.tis_cap, advantage_hparams=hparam_pairs(c, "algo"))
 
 
 def with_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]

@@ -23,14 +23,14 @@ from typing import Any
 
 from egpo_jax.core import advantages, entropy, losses, registry
 from egpo_jax.data import synthetic, templates
+from egpo_jax.evaluation import benchmarks
 from egpo_jax.models import config as model_config_lib
 from egpo_jax import rewards  # registers the reward functions  # noqa: F401
-from egpo_jax.training import distributed, optimizer
+from egpo_jax.training import distributed, iteration, optimizer
 
 # Choice lists, each read from its single source.
 TASKS = ("synthetic", "jsonl")
 BAD_RECORD_POLICIES = ("skip", "raise")
-OLD_LOGPS = ("sampler", "recompute")
 HF_PRESET = "hf"
 
 
@@ -153,6 +153,15 @@ def path(kind: str) -> Domain:
                 "/nonexistent/egpo_jax_input", input_kind=kind)
 
 
+def held_out_set() -> Domain:
+  """'' (none), a benchmark name, or an existing .jsonl file (checked at start-up)."""
+  return Domain(lambda: f"'', one of {', '.join(benchmarks.BENCHMARKS)}, or an existing "
+                ".jsonl file",
+                lambda v: isinstance(v, str) and (v in ("",) + benchmarks.BENCHMARKS or (
+                    v.endswith(".jsonl") and os.path.isfile(v))),
+                "/nonexistent/held_out.jsonl", input_kind="file")
+
+
 def strings() -> Domain:
   """A tuple (or list) of non-empty strings; () = none."""
   return _domain("tuple of non-empty str",
@@ -246,13 +255,13 @@ FIELDS: tuple[Field, ...] = (
           "EGPO needs 0 < lam_min <= 1 (Eq. 8)"),
     Field("algo.lam_max", floats(lo=1), 2.0, "EGPO needs lam_max >= 1 (Eq. 8)"),
     Field("algo.eps_h", floats(lo=0, lo_open=True), 1e-5,
-          "use a small positive number (Eq. 6 divides by mean entropy + eps_h)"),
+          "use a small positive number (Eq. 7 divides by entropy + eps_h)"),
     Field("algo.nsr_advantage", floats(hi=0, hi_open=True), -1.0,
           "use < 0 (the advantage of an all-wrong group's responses)"),
     Field("algo.ddof", ints(lo=0, hi=1), 1, "use 0 (population std) or 1 (sample std)"),
     Field("algo.std_eps", floats(lo=0, lo_open=True), 1e-6, "use a small positive number"),
     Field("algo.entropy_segment", choice(entropy.SEGMENTS), "joint",
-          "the response segment whose entropy calibrates (EGPO_METHOD.md)"),
+          "the response segment whose entropy calibrates (docs/METHOD.md)"),
     Field("algo.segment_delimiter", text(allow_empty=False), "</think>",
           "the text that ends the thinking segment"),
     Field("algo.edge_clamp", clamp_pair(), (0.5, 2.0),
@@ -268,7 +277,7 @@ FIELDS: tuple[Field, ...] = (
           "a loss aggregation of egpo_jax/core/losses.py"),
     Field("loss.kl_coef", floats(lo=0), 0.0, "use >= 0 (0 = no KL term)"),
     Field("loss.kl_estimator", choice(losses.KL_ESTIMATORS), "k3", "Schulman's KL estimator"),
-    Field("loss.old_logps", choice(OLD_LOGPS), "sampler",
+    Field("loss.old_logps", choice(iteration.OLD_LOGPS), "sampler",
           "'sampler' (the sampler's log-probs) or 'recompute' (the trainer's forward)"),
     Field("loss.tis_cap", floats(lo=0), 0.0, "use >= 0 (0 = off)"),
     Field("loss.overlong_buffer", ints(lo=0), 0, "use >= 0 tokens (0 = off)"),
@@ -310,6 +319,11 @@ FIELDS: tuple[Field, ...] = (
     Field("train.max_consecutive_nonfinite", ints(lo=1), 5, "use >= 1"),
     Field("train.eval_prompts", ints(lo=1), 256, "use >= 1"),
     Field("train.eval_every", ints(lo=0), 20, "use >= 0 (0 = validate only at the end)"),
+    Field("train.eval_set", held_out_set(), "",
+          "the held-out set of a host-verified task (task.name='jsonl'): a benchmark name "
+          "or a JSONL like task.train_file; its first train.eval_prompts problems that fit "
+          "are evaluated before RL, every train.eval_every iterations and after; '' = none",
+          optional=True),
     Field("train.tensorboard", boolean(), True, "True also writes TensorBoard scalars"),
     # mesh
     Field("mesh.data", ints(lo=1, also=(-1,)), 1, "use >= 1, or -1 (= the remaining devices)",
@@ -418,7 +432,9 @@ CROSS_CHECKS = (
     "ppo.micro_batches`",
     "`train.eval_every` need not be a multiple of `train.iterations_per_call`: chunks also "
     "end at multiples of `train.eval_every`, so validations run on exactly those iterations",
-    "unknown fields are refused (with the nearest known name)",
+    "unknown fields are refused (with the nearest known name), except a field of `algo`, "
+    "`loss` or `task` that the chosen registered estimator, loss or reward function "
+    "declares as a parameter: it is that function's own hyperparameter, passed by name",
 )
 
 # Bad inputs to `python -m experiments.main` and the exact line it prints, with its exit

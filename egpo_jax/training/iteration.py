@@ -42,8 +42,40 @@ class JaxTask(NamedTuple):
   verify: Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
-# Codes of `AlgoArrays.estimator`: index into the stacked outputs of the estimators.
-ESTIMATORS = ("egpo", "grpo", "dr_grpo", "edge_grpo")
+def estimator_codes() -> tuple[str, ...]:
+  """The estimators an `AlgoArrays.estimator` code selects: every registered one that is
+  expressible as arrays (`host_only_estimators` lists the others and why), in
+  registration order, so registering one more never renumbers the others."""
+  return tuple(n for n in registry.advantage_estimators.in_order()
+               if _array_reason(registry.advantage_estimators.get(n)) is None)
+
+
+def host_only_estimators() -> dict[str, str]:
+  """{name: why}: registered estimators that do not trace under jit, so the vmapped
+  ablation cannot select them (the host-mode trainer still can)."""
+  out = {}
+  for name in registry.advantage_estimators.in_order():
+    why = _array_reason(registry.advantage_estimators.get(name))
+    if why is not None:
+      out[name] = why
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _array_reason(fn: Callable) -> str | None:
+  """None when `fn` traces on abstract [2, 2] inputs (its hyperparameters at their
+  defaults), else the first line of the error."""
+  f32, b = jax.ShapeDtypeStruct((2, 2), jnp.float32), jax.ShapeDtypeStruct((2, 2), jnp.bool_)
+  algo = AlgoArrays.create()
+  try:
+    out = jax.eval_shape(lambda r, c, v, e, s, a: registry.call(
+        fn, r, correct_BxG=c, valid_BxG=v, entropy_BxG=e, shannon_BxG=s,
+        variant=a.variant, nsr=a.nsr, calibrate=a.calibrate), f32, b, b, f32, f32, algo)
+  except Exception as err:  # pylint: disable=broad-except
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+  if not isinstance(out, adv_lib.AdvantageOutput) or any(x.shape != (2, 2) for x in out):
+    return "it does not return an AdvantageOutput of [B, G] arrays"
+  return None
 
 
 class AlgoArrays(NamedTuple):
@@ -54,7 +86,7 @@ class AlgoArrays(NamedTuple):
   extend that to Dr.GRPO, DAPO and EDGE-GRPO; a switch left None keeps the behaviour of
   the static `IterationSettings` (so `create(...)` runs exactly as before):
 
-    estimator: int32 index into `ESTIMATORS`, the advantage of this run (all four are
+    estimator: int32 index into `estimator_codes()`, the advantage of this run (all are
       computed and one is selected; "edge_grpo" needs SamplingSpec.return_entropy).
     eps_high: float32 upper ratio clip (DAPO's clip-higher: 0.28).
     seq_sum_norm: bool, Dr.GRPO's "seq-mean-token-sum-norm" loss aggregation instead of
@@ -86,14 +118,18 @@ class AlgoArrays(NamedTuple):
                       overlong: bool = False, dynamic_sampling: bool = False
                       ) -> "AlgoArrays":
     """Every switch set, so that runs of different algorithms stack and vmap together."""
-    if estimator not in ESTIMATORS:
-      raise ValueError(f"AlgoArrays.estimator={estimator!r}: use one of {ESTIMATORS}")
+    codes = estimator_codes()
+    if estimator not in codes:
+      why = host_only_estimators().get(estimator)
+      raise ValueError(f"AlgoArrays.estimator={estimator!r}: " + (
+          f"it does not trace as arrays ({why}); train it with the host loop" if why
+          else f"use one of {list(codes)}"))
     if eps_high < 0:
       raise ValueError(f"AlgoArrays.eps_high={eps_high} must be >= 0")
     base = cls.create(variant, lam_min=lam_min, lam_max=lam_max, calibrate=calibrate,
                       nsr=nsr)
     return base._replace(
-        estimator=jnp.int32(ESTIMATORS.index(estimator)),
+        estimator=jnp.int32(codes.index(estimator)),
         eps_high=jnp.float32(eps_high), seq_sum_norm=jnp.asarray(seq_sum_norm),
         overlong=jnp.asarray(overlong), dynamic_sampling=jnp.asarray(dynamic_sampling))
 
@@ -102,6 +138,15 @@ class AlgoArrays(NamedTuple):
     if self.eps_high is None and self.seq_sum_norm is None:
       return None
     return update_lib.LossSwitches(self.eps_high, self.seq_sum_norm)
+
+
+# Where the old log-probs of the ratio come from (config loss.old_logps).
+OLD_LOGPS = ("sampler", "recompute")
+
+
+def needs_shannon(advantage: str) -> bool:
+  """Whether the estimator was registered as requiring the sampler's Shannon entropy."""
+  return "shannon_BxG" in registry.advantage_estimators.requires(advantage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,18 +170,21 @@ class IterationSettings:
   dynamic_sampling_oversample: int = 1
   old_logps: str = "sampler"
   tis_cap: float = 0.0
+  # A registered estimator's own hyperparameters ((name, value) pairs: hashable), read
+  # from config.algo under their parameter names (`registry.hyperparameters`).
+  advantage_hparams: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
-    if self.old_logps not in ("sampler", "recompute"):
-      raise ValueError(f"loss.old_logps={self.old_logps!r}: use 'sampler' or 'recompute'")
+    if self.old_logps not in OLD_LOGPS:
+      raise ValueError(f"loss.old_logps={self.old_logps!r}: use one of {list(OLD_LOGPS)}")
     if self.advantage not in registry.advantage_estimators:
       raise ValueError(f"algo.advantage={self.advantage!r} is not registered; known: "
                        f"{registry.advantage_estimators.names()}")
     if self.dynamic_sampling_oversample < 1:
       raise ValueError("dynamic_sampling.oversample must be >= 1")
-    if self.advantage == "edge_grpo" and not self.sampling.return_entropy:
-      raise ValueError("algo.advantage='edge_grpo' needs the sampler's Shannon entropy: "
-                       "build the SamplingSpec with return_entropy=True")
+    if needs_shannon(self.advantage) and not self.sampling.return_entropy:
+      raise ValueError(f"algo.advantage={self.advantage!r} needs the sampler's Shannon "
+                       "entropy: build the SamplingSpec with return_entropy=True")
 
   @property
   def group_size(self) -> int:
@@ -146,40 +194,34 @@ class IterationSettings:
 def compute_advantages(rewards_BxG, correct_BxG, valid_BxG, entropy_BxG, shannon_BxG,
                        algo: AlgoArrays, settings: IterationSettings
                        ) -> adv_lib.AdvantageOutput:
-  """Dispatches to the registered estimator; EGPO reads its variant from `algo`.
+  """Calls the registered estimator with the inputs and hyperparameters it declares.
 
-  With `algo.estimator` set, the estimators of `ESTIMATORS` are all evaluated (each is
+  With `algo.estimator` set, every estimator of `estimator_codes()` is evaluated (each is
   [B, G] arithmetic) and the run's is selected, so the choice can be traced.
   """
-  if algo.estimator is not None:
-    if shannon_BxG is None:
-      raise ValueError("AlgoArrays.estimator may select edge_grpo, which needs the "
-                       "sampler's Shannon entropy: build the SamplingSpec with "
-                       "return_entropy=True")
-    outs = [_static_advantages(name, rewards_BxG, correct_BxG, valid_BxG, entropy_BxG,
-                               shannon_BxG, algo, settings) for name in ESTIMATORS]
-    return jax.tree.map(lambda *x: jnp.stack(x)[algo.estimator], *outs)
-  return _static_advantages(settings.advantage, rewards_BxG, correct_BxG, valid_BxG,
-                            entropy_BxG, shannon_BxG, algo, settings)
+  inputs = {"correct_BxG": correct_BxG, "valid_BxG": valid_BxG, "entropy_BxG": entropy_BxG,
+            "shannon_BxG": shannon_BxG, **estimator_hparams(algo, settings)}
+  if algo.estimator is None:
+    return registry.call(registry.advantage_estimators.get(settings.advantage), rewards_BxG,
+                         **inputs)
+  codes = estimator_codes()
+  if shannon_BxG is None and any(map(needs_shannon, codes)):
+    raise ValueError(f"AlgoArrays.estimator may select {[c for c in codes if needs_shannon(c)]}"
+                     ", which need the sampler's Shannon entropy: build the SamplingSpec "
+                     "with return_entropy=True")
+  outs = [registry.call(registry.advantage_estimators.get(name), rewards_BxG, **inputs)
+          for name in codes]
+  return jax.tree.map(lambda *x: jnp.stack(x)[algo.estimator], *outs)
 
 
-def _static_advantages(name, rewards_BxG, correct_BxG, valid_BxG, entropy_BxG, shannon_BxG,
-                       algo: AlgoArrays, settings: IterationSettings
-                       ) -> adv_lib.AdvantageOutput:
-  if name == "egpo":
-    return adv_lib.egpo_advantages(
-        rewards_BxG, entropy_BxG, correct_BxG=correct_BxG, valid_BxG=valid_BxG,
-        eps_h=settings.eps_h, variant=algo.variant, nsr=algo.nsr,
-        nsr_advantage=settings.nsr_advantage, calibrate=algo.calibrate,
-        ddof=settings.ddof, std_eps=settings.std_eps)
-  fn = registry.advantage_estimators.get(name)
-  kwargs: dict[str, Any] = {"correct_BxG": correct_BxG, "valid_BxG": valid_BxG,
-                            "entropy_BxG": entropy_BxG, "shannon_BxG": shannon_BxG}
-  if name in ("grpo", "edge_grpo"):
-    kwargs.update(ddof=settings.ddof, std_eps=settings.std_eps)
-  if name == "edge_grpo":
-    kwargs.update(clamp=settings.edge_clamp)
-  return fn(rewards_BxG, **kwargs)
+def estimator_hparams(algo: AlgoArrays, settings: IterationSettings) -> dict[str, Any]:
+  """Every hyperparameter the trainer has for an estimator, by parameter name; each
+  estimator receives those it declares. EGPO's calibration (variant, nsr, calibrate) is
+  traced, from `algo`; `clamp` is config algo.edge_clamp (EDGE-GRPO's factor bounds)."""
+  return {"variant": algo.variant, "nsr": algo.nsr, "calibrate": algo.calibrate,
+          "eps_h": settings.eps_h, "nsr_advantage": settings.nsr_advantage,
+          "ddof": settings.ddof, "std_eps": settings.std_eps, "clamp": settings.edge_clamp,
+          **dict(settings.advantage_hparams)}
 
 
 class GroupBatch(NamedTuple):

@@ -1,5 +1,10 @@
 """Tasks from the config: the synthetic task (jnp, runs inside jit) and a user's JSONL of
-math problems (prompts through the grain iterator, answers verified on the host)."""
+math problems (prompts through the grain iterator, answers verified on the host by the
+reward function config.task.reward names in `registry.reward_functions`).
+
+The synthetic task verifies inside jit with its jnp verifier (`data.synthetic`); the
+registered "synthetic" reward function is the same check on decoded text, for host mode
+and evaluation."""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from egpo_jax import rewards
+from egpo_jax import rewards  # noqa: F401  (registers the reward functions)
+from egpo_jax.core import registry
 from egpo_jax.data import loader, records, synthetic, templates
+from egpo_jax.training import config as config_lib
 from egpo_jax.training.host_loop import HostTask
 from egpo_jax.training.iteration import JaxTask
 
@@ -26,7 +33,8 @@ DATA_REPORT = "data_report.json"
 
 class JsonlTask:
   """Prompts from a JSONL file (shuffled epochs, this host's shard, exact resume) and
-  rewards from `egpo_jax.rewards` (math-verify in worker processes, hard timeouts).
+  verdicts from the registered reward function `task.reward` (`egpo_jax.rewards`'s run
+  math-verify in worker processes, with hard timeouts).
 
   With several processes, process i reads (and later verifies) rows
   [i B / n, (i + 1) B / n) of every global batch of B prompts, so the global batches are
@@ -47,7 +55,8 @@ class JsonlTask:
                                            verifier=c.task.reward)
     recs, report = records.read_jsonl(c.task.train_file, parse)
     self.tokenizer = tokenizer
-    self.reward_kind = c.task.reward
+    self.reward_fn = registry.reward_functions.get(c.task.reward)
+    self.reward_hparams = dict(config_lib.hparam_pairs(c, "task"))   # its own, by name
     self.stop_strings = tuple(c.rollout.stop_strings)
     # Found on the decoded text unless it is one token (a special token, which decoding
     # would skip, stays a token match: host_loop's module doc).
@@ -92,7 +101,8 @@ class JsonlTask:
   def score(self, ids_NxT: np.ndarray, mask_NxT: np.ndarray, answers_N) -> np.ndarray:
     texts = [self.tokenizer.decode(ids[m.astype(bool)].tolist())
              for ids, m in zip(ids_NxT, mask_NxT)]
-    return rewards.verify_batch(texts, list(answers_N), kind=self.reward_kind).correct
+    out = registry.call(self.reward_fn, texts, list(answers_N), **self.reward_hparams)
+    return np.asarray(out.correct, bool)
 
   def decode(self, ids) -> str:
     """One response's text with its special tokens, for stop strings and the delimiter."""

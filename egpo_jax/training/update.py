@@ -47,6 +47,8 @@ class UpdateSettings:
   kl_estimator: str = "k3"
   logprob_chunk: int = 1024
   loss: str = "ppo_clip"   # a name in egpo_jax.core.registry.policy_losses
+  # The loss's own hyperparameters ((name, value) pairs), from config.loss by name.
+  loss_hparams: tuple[tuple[str, Any], ...] = ()
   sort_by_length: bool = True
   # Run each prompt once per micro-batch for its G responses (`transformer.response_hidden`)
   # when `update` is given group_size > 1 and micro-batches hold whole groups.
@@ -107,8 +109,9 @@ def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_conf
                             model_config=model_config, temperature=settings.temperature,
                             chunk_size=settings.logprob_chunk, group_size=group_size)
   switches = switches or LossSwitches()
+  # Each keyword reaches the loss only if its signature declares it (`registry.call`).
   loss_fn = functools.partial(
-      registry.policy_losses.get(settings.loss),
+      registry.call, registry.policy_losses.get(settings.loss),
       logps, batch.old_logps_NxT, batch.adv_N, batch.completion_mask_NxT,
       eps_low=settings.eps_low,
       eps_high=settings.eps_high if switches.eps_high is None else switches.eps_high,
@@ -116,7 +119,7 @@ def _micro_loss(params, batch: RolloutBatch, num_tokens, num_seqs, *, model_conf
       max_len=batch.completion_ids_NxT.shape[1],
       ref_logps_NxT=batch.ref_logps_NxT if settings.kl_coef else None,
       kl_coef=settings.kl_coef, kl_estimator=settings.kl_estimator,
-      is_weights_NxT=batch.is_weights_NxT)
+      is_weights_NxT=batch.is_weights_NxT, **dict(settings.loss_hparams))
   if switches.seq_sum_norm is None:
     return loss_fn(agg=settings.aggregation)
   # A select, not a branch: the unselected loss contributes an exact zero gradient.

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.stop_strings = ()      # host mode: a response ends after the first of these
 
   c.algo = ml_collections.ConfigDict()
-  c.algo.advantage = "egpo"        # grpo | drgrpo | rloo | edge_grpo | egpo (registry names)
+  c.algo.advantage = "egpo"        # a name in egpo_jax.core.registry.advantage_estimators
   c.algo.variant = "egpo"          # egpo | C1 ... C6 | lock_one
   c.algo.lam_min = 0.8
   c.algo.lam_max = 2.0
@@ -110,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_consecutive_nonfinite = 5
   c.train.eval_prompts = 256       # validation prompts (x4 samples), a fixed set
   c.train.eval_every = 20          # validation (accuracy, calibration) every N iterations
+  c.train.eval_set = ""            # host-verified tasks: held-out benchmark or JSONL
   c.train.tensorboard = True
 
   # Devices: a (data, fsdp, tensor) mesh over every device of every process; -1 = the

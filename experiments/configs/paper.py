@@ -1,4 +1,4 @@
-"""The paper's training setup (EGPO_METHOD.md, "Training setup"), per algorithm and backbone.
+"""The paper's training setup (docs/METHOD.md, "Training setup"), per algorithm and backbone.
 
     python -m experiments.main --config=experiments/configs/paper.py:egpo,qwen2.5-math-1.5b \
         --config.model.path=/ckpt/Qwen2.5-Math-1.5B --config.task.train_file=/data/train.jsonl

@@ -1,4 +1,4 @@
-"""Loop-based NumPy reference of the group advantages, written from EGPO_METHOD.md.
+"""Loop-based NumPy reference of the group advantages, written from docs/METHOD.md.
 
 Deliberately naive (plain Python loops over groups and responses, float64) and independent
 of egpo_jax: it encodes the documented conventions directly. Shared conventions: only
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-# EGPO_METHOD.md, "Variants (paper Table 2)": (correct [lo, hi], wrong [lo, hi], NSR weight
+# docs/METHOD.md, "Variants (paper Table 2)": (correct [lo, hi], wrong [lo, hi], NSR weight
 # mode, renorm order), spelled out with the symbols of the table.
 VARIANT_TABLE = {
     "egpo": (("1", "lam_max"), ("lam_min", "1"), "w", "none"),

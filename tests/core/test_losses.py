@@ -208,7 +208,7 @@ def test_micro_batches_with_global_counts_add_up(batch, agg):
   np.testing.assert_allclose(jnp.sum(losses_4), full, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grads_4.reshape(8, 6), full_grad, rtol=1e-5, atol=1e-7)
   # Token metrics are normalised by num_tokens too, so they add up the same way.
-  for key in ("clipfrac_low", "clipfrac_high", "ratio_mean", "approx_kl", "pg_loss",
+  for key in ("clipfrac_low", "clipfrac_high", "ratio_mean", "kl_old_new_k3", "pg_loss",
               "kl_ref"):
     np.testing.assert_allclose(jnp.sum(aux_4[key]), full_aux[key], rtol=1e-5, atol=1e-7,
                                err_msg=key)
@@ -428,11 +428,12 @@ class PublicFunctionVariantsTest(chex.TestCase):
     chex.assert_shape(loss, ())
     chex.assert_type(loss, jnp.float32)
     for key in ("pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac_dual", "ratio_mean",
-                "approx_kl", "kl_ref", "kl_loss", "entropy"):
+                "kl_old_new_k3", "kl_ref", "kl_loss", "entropy"):
       chex.assert_shape(aux[key], ())
+    assert "approx_kl" not in aux   # one name, one direction
     np.testing.assert_allclose(aux["entropy"], aggregate(-logps, mask), rtol=1e-6)
     np.testing.assert_allclose(
-        aux["approx_kl"], aggregate(kl_penalty(logps, old, "k3"), mask), rtol=1e-6)
+        aux["kl_old_new_k3"], aggregate(kl_penalty(old, logps, "k3"), mask), rtol=1e-6)
     np.testing.assert_allclose(loss, aux["pg_loss"] + aux["kl_loss"], rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -486,6 +487,18 @@ def test_bad_shapes_and_dapo_arguments(batch):
     overlong_penalty(jnp.arange(3), max_len=10, cache_len=12)
   with pytest.raises(ValueError, match="k must be a positive int"):
     select_groups(jnp.ones(3, bool), k=0)
+
+
+def test_kl_old_new_is_kl_of_the_sampling_policy_hand_computed():
+  """KL(pi_old || pi_new) on tokens from pi_old: mean(rho - 1 - log rho), rho = new / old;
+  the reverse direction, mean(1 / rho - 1 + log rho), would differ here."""
+  old = jnp.log(jnp.array([[0.5, 0.1, 0.2]]))
+  new = jnp.log(jnp.array([[0.25, 0.3, 0.3]]))
+  mask = jnp.array([[True, True, False]])
+  _, aux = policy_loss(new, old, jnp.ones(1), mask)
+  d = np.log([0.5, 3.0])   # log rho on the valid tokens
+  np.testing.assert_allclose(aux["kl_old_new_k3"], np.mean(np.exp(d) - 1 - d), rtol=1e-6)
+  assert not np.isclose(aux["kl_old_new_k3"], np.mean(np.exp(-d) - 1 + d), rtol=1e-3)
 
 
 def test_registered_by_name():

@@ -76,3 +76,19 @@ def test_registration_does_not_leak_between_tests():
 def test_invalid_registry_names_raise():
   with pytest.raises(ValueError, match="non-empty string"):
     registry.Registry("thing").register("")
+
+
+def test_requires_is_registration_metadata_checked_against_the_signature():
+  assert registry.advantage_estimators.requires("edge_grpo") == ("shannon_BxG",)
+  assert registry.advantage_estimators.requires("egpo") == ("entropy_BxG",)
+  assert registry.advantage_estimators.requires("grpo") == ()
+  reg = registry.Registry("thing")
+  with pytest.raises(ValueError, match=r"requires=\['h_BxG'\] are not parameters"):
+    reg.register("a", requires=("h_BxG",))(lambda r, *, e_BxG=None: r)
+  reg.register("b")(len)
+  reg.register("a")(abs)
+  assert reg.in_order() == ("b", "a") and reg.names() == ["a", "b"]
+  reg.unregister("b")
+  assert reg.in_order() == ("a",)
+  with pytest.raises(KeyError, match="unknown thing 'b'"):
+    reg.unregister("b")

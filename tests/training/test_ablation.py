@@ -1,7 +1,7 @@
 """The ablation's traced algorithm switches.
 
-Switched AlgoArrays (one compilation for GRPO, Dr.GRPO, DAPO, EDGE-GRPO, EGPO, C1-C6 and
-EGPO without NSR) must reproduce the static estimators and settings they stand for. (The
+Switched AlgoArrays (one compilation for GRPO, Dr.GRPO, RLOO, DAPO, EDGE-GRPO, EGPO, C1-C6
+and EGPO without NSR, and any other registered estimator that traces) must reproduce the static estimators and settings they stand for. (The
 statistics over seeds are tested in tests/evaluation/test_stats.py.)
 """
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from egpo_jax.core import advantages
+from egpo_jax.core import advantages, registry
 from egpo_jax.models import transformer
 from egpo_jax.models.config import get_config
 from egpo_jax.sampling import engine
@@ -64,6 +64,8 @@ def _expected(name):
     return advantages.grpo_advantages(REWARDS, valid_BxG=VALID)
   if name == "dr_grpo":
     return advantages.dr_grpo_advantages(REWARDS, valid_BxG=VALID)
+  if name == "rloo":
+    return advantages.rloo_advantages(REWARDS, valid_BxG=VALID)
   if name == "edge_grpo":
     return advantages.edge_grpo_advantages(REWARDS, valid_BxG=VALID, shannon_BxG=SHANNON,
                                            clamp=(0.5, 2.0))
@@ -113,7 +115,7 @@ class SwitchedAdvantagesTest(chex.TestCase):
 
   def test_dr_grpo_and_dapo_arrays(self):
     dr = ablation.algorithm("dr_grpo")
-    assert int(dr.estimator) == iteration.ESTIMATORS.index("dr_grpo")
+    assert int(dr.estimator) == iteration.estimator_codes().index("dr_grpo")
     assert bool(dr.seq_sum_norm) and not bool(dr.dynamic_sampling)
     dapo = ablation.algorithm("dapo")
     assert float(dapo.eps_high) == pytest.approx(0.28)
@@ -128,7 +130,7 @@ def test_bad_algorithms_raise_clearly():
   with pytest.raises(ValueError, match="all switches"):
     ablation.stack([ablation.algorithm("egpo"), iteration.AlgoArrays.create("egpo")])
   with pytest.raises(ValueError, match="estimator"):
-    iteration.AlgoArrays.create_switched(estimator="rloo")
+    iteration.AlgoArrays.create_switched(estimator="ppo_gae")
   with pytest.raises(ValueError, match="unique"):
     ablation.algorithms(["egpo", "egpo"])
   with pytest.raises(ValueError, match="eval_batch=0"):
@@ -140,6 +142,46 @@ def test_bad_algorithms_raise_clearly():
   with pytest.raises(ValueError, match="return_entropy"):
     iteration.compute_advantages(REWARDS, CORRECT, VALID, H, None,
                                  ablation.algorithm("grpo"), _settings())
+
+
+@pytest.fixture
+def scratch_estimator():
+  """Registers estimators for one test and removes them afterwards."""
+  names = []
+
+  def register(name, fn):
+    registry.advantage_estimators.register(name)(fn)
+    names.append(name)
+  yield register
+  for name in names:
+    registry.advantage_estimators.unregister(name)
+
+
+def test_every_registered_estimator_is_covered_or_named_as_host_only(scratch_estimator):
+  """RLOO and a newly registered jnp estimator join the vmapped ablation by name; one
+  that needs concrete values is refused, naming why."""
+  assert set(registry.advantage_estimators.names()) <= (
+      set(ablation.ALGORITHMS) | set(iteration.host_only_estimators()))
+
+  def doubled(rewards_BxG, *, valid_BxG=None):
+    out = advantages.rloo_advantages(rewards_BxG, valid_BxG=valid_BxG)
+    return out._replace(advantages=2 * out.advantages)
+
+  def host_only(rewards_BxG, *, valid_BxG=None):
+    r = np.asarray(rewards_BxG)   # needs concrete values: no tracing
+    return advantages.AdvantageOutput(jnp.asarray(r - r.mean()), jnp.ones_like(rewards_BxG))
+
+  codes_before = iteration.estimator_codes()
+  scratch_estimator("rloo_doubled", doubled)
+  scratch_estimator("numpy_centred", host_only)
+  assert iteration.estimator_codes() == codes_before + ("rloo_doubled",)  # none renumbered
+  assert "numpy_centred" in iteration.host_only_estimators()
+  with pytest.raises(ValueError, match="numpy_centred.*does not trace as arrays"):
+    ablation.algorithm("numpy_centred")
+  settings = _settings(edge_clamp=(0.5, 2.0))
+  got = jax.jit(lambda a: iteration.compute_advantages(
+      REWARDS, CORRECT, VALID, H, SHANNON, a, settings))(ablation.algorithm("rloo_doubled"))
+  np.testing.assert_allclose(got.advantages, 2 * _expected("rloo").advantages, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- whole runs
