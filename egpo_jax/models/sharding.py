@@ -138,6 +138,27 @@ def param_partition_specs(params: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def unsplit_params(params: Any, mesh: Mesh) -> list[str]:
+  """One line per parameter dimension that a mesh axis of size > 1 in its spec does not
+  divide: `_fit` leaves that dimension whole on that axis (replicated there), which costs
+  memory and collectives silently. Empty when every split applies."""
+  lines = []
+  def check(path, leaf):
+    key = _path_key(path)
+    full = _PARAM_SPECS[key]
+    kept = _fit(full, tuple(leaf.shape), mesh)
+    pad = lambda spec: tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+    names = lambda a: (a,) if isinstance(a, str) else tuple(a or ())
+    for dim, (want, got) in enumerate(zip(pad(full), pad(kept))):
+      for axis in names(want):
+        if axis not in names(got) and mesh.shape[axis] > 1:
+          lines.append(f"parameter {'/'.join(key)} {tuple(leaf.shape)}: dimension {dim} "
+                       f"({leaf.shape[dim]}) is not split over mesh axis {axis!r} (size "
+                       f"{mesh.shape[axis]}, which does not divide it): replicated there")
+  jax.tree_util.tree_map_with_path(check, params)
+  return lines
+
+
 def param_shardings(params: Any, mesh: Mesh) -> Any:
   """NamedShardings for a params pytree (use as jit in/out_shardings or device_put)."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), param_partition_specs(params, mesh))
@@ -156,6 +177,36 @@ def abstract_params(config: ModelConfig, mesh: Mesh | None = None) -> Any:
 def shard_params(params: Any, mesh: Mesh) -> Any:
   """Places a params pytree on the mesh with its partition specs."""
   return jax.device_put(params, param_shardings(params, mesh))
+
+
+# Fused decode weights (`transformer.decode_params(fuse=True)`, used when tensor = 1).
+_DECODE_FUSED = ("qkv_proj", "gate_up_proj")
+
+
+def decode_param_specs(params: Any, mesh) -> Any:
+  """Specs for the decode loop's params (`transformer.decode_params`: per-layer tuples,
+  optionally fused): each weight whole over the batch axes, its heads / MLP columns over
+  `tensor`, and the embedding and output head whole.
+
+  Constraining the params to these once, before the token loop, gathers the FSDP shards
+  once per decode phase; left D-split, every step would contract over `fsdp` and
+  all-reduce each layer's activations (3.0 GB per token step for 1.5B on 16 devices).
+  The head whole makes each device's logits complete: sampling needs the full
+  vocabulary, and vocab-split logits would be gathered every step ([rows, V] over
+  `tensor`, far more than the head's own bytes once). `mesh` may be abstract.
+  """
+  def spec(path, leaf):
+    # Without the per-layer tuple's index ("[i]").
+    key = tuple(k for k in _path_key(path) if not str(k).startswith("["))
+    if key[0] != "layers" or key[1] in _DECODE_FUSED:
+      return P()
+    if ("layers",) + key[1:] not in _PARAM_SPECS:
+      raise KeyError(f"no partition spec for decode parameter {'/'.join(key)}; add it to "
+                     "egpo_jax.models.sharding._PARAM_SPECS")
+    full = tuple(_PARAM_SPECS[("layers",) + key[1:]])[1:]   # without the layer axis
+    local = P(*(None if a == "fsdp" else a for a in full))
+    return _fit(local, tuple(leaf.shape), mesh)
+  return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def cache_partition_specs(cache: Any, mesh: Mesh) -> Any:
@@ -196,6 +247,25 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
+
+
+def embedding_output(x_BxTxD: jax.Array) -> jax.Array:
+  """The embedding lookup's output [B, T, D] laid out as the table leaves it: rows over
+  `data`, model width over `fsdp` (the table's own D split). Call it before constraining
+  the rows over data x fsdp.
+
+  On a data x fsdp mesh GSPMD cannot go between "D over fsdp" (the lookup, and in the
+  backward pass the table's scatter-add) and "rows over data x fsdp" in one step
+  ("Involuntary full rematerialization": it replicated the whole [B, T, D] float32 array
+  on every device, then sliced it). Through this layout each direction is one all-to-all
+  within the fsdp groups (a sharding constraint is its own transpose, so the gradient
+  takes the same route back). The identity without a mesh.
+  """
+  mesh = active_mesh()
+  if mesh is None:
+    return x_BxTxD
+  spec = _fit(P("data", None, "fsdp"), tuple(x_BxTxD.shape), mesh)
+  return jax.lax.with_sharding_constraint(x_BxTxD, spec)
 
 
 def batch_spec(shape: tuple[int, ...], mesh: Mesh) -> P:

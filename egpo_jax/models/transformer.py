@@ -292,7 +292,7 @@ class Decoder(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=pdtype,
                      embedding_init=nn.initializers.normal(_INIT_STD), name="embed")
     # The table is split over (tensor, fsdp); its rows land on every device's tokens.
-    x = sharding.constrain(embed(input_ids_BxT), _BTD)
+    x = sharding.constrain(sharding.embedding_output(embed(input_ids_BxT)), _BTD)
     cos, sin = _rope_tables(positions_BxT, c)
     layer_cls = DecoderLayer
     if c.remat != "none":

@@ -176,9 +176,16 @@ def _sample_into(state: DecodeState, logits_NxV: jax.Array, spec: SamplingSpec
   else:
     uniforms_N = jax.lax.dynamic_index_in_dim(state.uniforms_NxT, state.step, axis=1,
                                               keepdims=False)
-  tokens_N, logps_N, entropy_N = filters.sample_with_logps(
-      uniforms_N, logits_NxV, temperature=spec.temperature, top_k=spec.top_k,
+  sample = functools.partial(
+      filters.sample_with_logps, temperature=spec.temperature, top_k=spec.top_k,
       top_p=spec.top_p, greedy=spec.is_greedy, return_entropy=spec.return_entropy)
+  mesh = sharding.active_mesh()
+  if mesh is not None:
+    # Each device samples its own rows: GSPMD gathered every row's logits for top-k
+    # ([N, V] per step). The logits are whole per row (`decode_param_specs`).
+    rows = sharding.batch_spec(uniforms_N.shape, mesh)
+    sample = jax.shard_map(sample, in_specs=(rows, rows), out_specs=rows)
+  tokens_N, logps_N, entropy_N = sample(uniforms_N, logits_NxV)
   active_N = ~state.done_N
   tokens_N = jnp.where(active_N, tokens_N, spec.pad_id)
   is_eos_N = jnp.isin(tokens_N, jnp.asarray(spec.eos_ids, jnp.int32)) if spec.eos_ids else (
@@ -307,9 +314,16 @@ def continue_rollout(params, state: DecodeState, *, config, spec: SamplingSpec
 
   # Sliced (and q/k/v, gate/up fused) once here: slicing the stacked layer weights inside
   # the loop copies them on every step.
-  mesh = jax.sharding.get_abstract_mesh()
-  tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
-  params = transformer.decode_params(params, fuse=not tensor_parallel)
+  mesh = sharding.active_mesh()
+  tensor_parallel = mesh is not None and mesh.shape["tensor"] > 1
+  # In the compute dtype (the layers cast to it anyway), so the gathered copy is narrow.
+  params = transformer.decode_params(transformer.compute_params(params, config),
+                                     fuse=not tensor_parallel)
+  if mesh is not None:
+    # Gathered once, here, for every phase, not inside the token loop.
+    # (XLA:CPU then keeps a float32 copy of them for its dots: the dry run's caveat.)
+    params = jax.lax.with_sharding_constraint(params,
+                                              sharding.decode_param_specs(params, mesh))
 
   def body(s):
     logits_NxV, cache = transformer.decode(params, s.last_tokens_N, s.cache, config=config)

@@ -681,9 +681,25 @@ def spec_from_config(c) -> DryRunSpec:
                     label)
 
 
-def run(c, *, devices: int = 0, log=None) -> dict[str, Any]:
+def unsplit_warnings(spec: DryRunSpec, mesh: Mesh) -> list[str]:
+  """What the mesh cannot split and so replicates: parameter dimensions
+  (`sharding.unsplit_params`) and batch rows that data x fsdp does not divide."""
+  lines = sharding.unsplit_params(sharding.abstract_params(spec.model_config), mesh)
+  batch_devices = math.prod(mesh.shape[a] for a in sharding.BATCH)
+  s, u = spec.settings, spec.settings.update
+  rows = s.prompts_per_batch * s.group_size
+  for what, n in (("prompts", s.prompts_per_batch), ("responses", rows),
+                  ("rows per micro-batch", rows // max(u.minibatches * u.micro_batches, 1))):
+    if batch_devices > 1 and n % batch_devices:
+      lines.append(f"{what}: {n} are not split over data x fsdp = {batch_devices} (which "
+                   "does not divide them): every device of the batch axes computes all of them")
+  return lines
+
+
+def run(c, *, devices: int = 0, log=None, warn=None) -> dict[str, Any]:
   """The dry run of config `c` as the report dict (`report_json`); raises DryRunError
-  (or config.ConfigError) on bad input before compiling anything."""
+  (or config.ConfigError) on bad input before compiling anything. `warn` gets one line
+  per dimension the mesh cannot split (`unsplit_warnings`), before compiling."""
   from egpo_jax.training import distributed
   if devices:
     use_devices(devices)
@@ -692,9 +708,13 @@ def run(c, *, devices: int = 0, log=None) -> dict[str, Any]:
     mesh = distributed.mesh_from_config(c)
   except ValueError as err:
     raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
+  warnings = unsplit_warnings(spec, mesh)
+  for line in warnings:
+    (warn or (lambda _msg: None))(line)
   phases = run_phases(spec, mesh, log=log)
   state = abstract_state(spec.model_config, spec.optimizer, mesh)
-  return report_json(phases, spec, mesh, sharding.per_device_bytes(state))
+  return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state)),
+              warnings=warnings)
 
 
 def main(c, *, devices: int = 0, json_path: str = "", device_memory_gb: float = 0.0) -> int:
@@ -704,7 +724,8 @@ def main(c, *, devices: int = 0, json_path: str = "", device_memory_gb: float = 
     if device_memory_gb < 0:
       raise DryRunError(f"--device_memory_gb={device_memory_gb:g}: use > 0 (0 = no check)")
     report = run(c, devices=devices,
-                 log=lambda msg: print(f"dry run: {msg}", flush=True))
+                 log=lambda msg: print(f"dry run: {msg}", flush=True),
+                 warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
   except (ValueError, OSError) as err:   # DryRunError, ConfigError, a missing config.json
     print("error: " + (str(err).splitlines()[0] if str(err) else repr(err)), file=sys.stderr)
     return 2

@@ -78,6 +78,11 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   # own rows' prompts, the same FLOPs per device at 1 row per device.
   c.ppo.share_prompts = False
 
+  if backbone.endswith("7b"):
+    # Heads and MLP columns over 2 devices: the rollout's decode holds the gathered bf16
+    # weights (15 GB for 7B) whole on each device otherwise; 2 keeps the update's
+    # activation all-reduces small (4 would double them; see BENCHMARKS.md paper_scale).
+    c.mesh.tensor = 2
   c.warmup.steps = 0
   c.train.iterations = 770                # ~5 epochs of OpenR1-stable-10K at 64 prompts
   c.train.iterations_per_call = 1

@@ -11,7 +11,8 @@ def _report(devices, *, update_peak, state, rollout_peak, coll, floor, decode=No
   rollout = {"peak_bytes_per_device": rollout_peak * GB}
   if decode is not None:
     rollout["decode_bytes_per_step"] = decode
-  return {"devices": devices, "state_bytes_per_device": state * GB,
+  return {"devices": devices, "mesh": {"data": 1, "fsdp": devices // 2, "tensor": 2},
+          "state_bytes_per_device": state * GB,
           "phases": {"rollout": rollout,
                      "old_logps": {"peak_bytes_per_device": 1.0 * GB},
                      "update": {"peak_bytes_per_device": update_peak * GB,
@@ -26,7 +27,7 @@ R16 = _report(16, update_peak=20.0, state=5.0, rollout_peak=12.0, coll=2000.0, f
 
 def test_row_reads_peaks_state_collectives_and_decode_bytes():
   row = paper_scale.row(R8)
-  assert row == {"devices": 8, "rollout peak GB": 20.0, "old_logps peak GB": 1.0,
+  assert row == {"devices": 8, "mesh": "1x4x2", "rollout peak GB": 20.0, "old_logps peak GB": 1.0,
                  "update peak GB": 30.0, "state GB": 10.0, "update coll. GB": 1200.0,
                  "update floor GB": 1000.0, "update x floor": 1.2, "decode MB/step": 2.5}
   assert "decode MB/step" not in paper_scale.row(R16)
@@ -39,6 +40,7 @@ def test_targets_fit_floor_and_activation_shrink():
                                             "floor target": "met"}
   c16 = checks[("qwen2.5-math-7b", 16)]
   assert c16["fit target"] == "<= 28 GB: met"
+  assert c16["rollout target"] == "<= 14 GB: met"         # the rollout alone, 12 GB
   assert c16["floor target"] == "missed (1.33x)"          # 2.0 / 1.5
   # Activations (peak - state): 15 GB on 16 vs 20 GB on 8 = 0.75 > 0.6.
   assert c16["activations 16/8"] == "0.75: missed (1.25x)"

@@ -224,3 +224,23 @@ def test_head_gradient_is_not_reduced_per_logprob_chunk(layout, num_devices):
         if any(dim & vocab for dim in dims):
           found.append(line.strip()[:200])
   assert not found, f"head-gradient reductions inside the log-prob chunk loop: {found}"
+
+
+@pytest.mark.parametrize("layout", [(1, 8, 1), (2, 4, 1), (2, 2, 2)])
+def test_no_collective_holds_a_whole_micro_batch_of_activations(layout, num_devices):
+  """GSPMD's "Involuntary full rematerialization" (between the embedding's D-over-fsdp
+  layout and rows over data x fsdp, forward and backward) replicated a micro-batch's
+  whole [16 rows, 12 positions, width] activation on every device: an all-gather of
+  16 * 12 * width elements (seen on (2, 4, 1) and (2, 2, 2) before
+  `sharding.embedding_output`). With data >= 2 a legitimate activation collective holds
+  at most half the rows. (XLA's warning itself is not checked: a compilation served from
+  the persistent cache prints nothing.)"""
+  mesh, compiled = _compiled(layout)
+  whole = []
+  for line in compiled.as_text().splitlines():
+    match = _OP.search(line)
+    # Float activations [16, 12, width] (the token ids and masks, [16, 12], may move:
+    # each device looks up every row's embedding in its slice of the table).
+    if match and re.search(r"(?:f32|bf16)\[16,%d,\d+" % (P_LEN + T_LEN), match.group(1)):
+      whole.append(line.strip()[:160])
+  assert not whole, f"collectives of a whole micro-batch on mesh {layout}: {whole}"

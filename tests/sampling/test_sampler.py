@@ -458,3 +458,45 @@ def test_bad_prompts_raise(params):
   with pytest.raises(ValueError, match="integer token ids"):
     sampling.generate(params, ids.astype(np.float32), mask, jax.random.key(0),
                       config=CONFIG, group_size=1, max_new_tokens=4, eos_ids=2)
+
+
+# A trip count no real loop here has: collectives inside the decode loops count this often.
+_IN_LOOP = 10 ** 6
+
+
+@pytest.mark.parametrize("layout", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_decode_loop_moves_no_weights_and_only_tensor_all_reduces(layout, num_devices):
+  """Issue 25: the weights are gathered before the token loops, never inside them; with
+  tensor = 1 the loop body has no collective at all; with tensor = 2 only the two
+  per-layer all-reduces of [local rows, D] over `tensor` (attention out, MLP down)."""
+  from egpo_jax.training import dry_run
+  mesh = sharding.make_mesh(sharding.MeshConfig(*layout))
+  batch, group, prompt_len = 8, 4, 16
+  spec = sampling.SamplingSpec(group_size=group, max_new_tokens=40, eos_ids=EOS,
+                               cache_phases=2, **SAMPLED)
+  params = sharding.abstract_params(CONFIG, mesh)
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=NamedSharding(mesh, sharding.batch_spec(shape, mesh)))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(functools.partial(sampling.rollout, config=CONFIG, spec=spec)).lower(
+        params, rows((batch, prompt_len), jnp.int32), rows((batch, prompt_len), jnp.int32),
+        jax.random.key(0), rows((batch,), jnp.int32)).compile().as_text()
+  summary = dry_run.parse_hlo(hlo, [_IN_LOOP] * 4)
+  assert len(summary.unknown_loops) == 2   # two decode phases
+  in_loop = [c for c in summary.collectives if c.executions >= _IN_LOOP]
+  data, fsdp, tensor = layout
+  if tensor == 1:
+    assert in_loop == [], in_loop
+  else:
+    local_rows = batch * group // (data * fsdp)
+    # Two per layer per loop, each [local rows, D] float32, within groups of `tensor`.
+    assert len(in_loop) == 2 * CONFIG.num_layers * 2, in_loop
+    for c in in_loop:
+      assert (c.kind, c.group_size) == ("all-reduce", tensor), c
+      assert c.bytes == local_rows * CONFIG.hidden_size * 4, c
+  # Outside the loops: prefill's gathers plus one gather of the decode weights, for both
+  # phases together (not one per phase or step): at most two gathered copies of the
+  # params (float32 here, as CONFIG computes).
+  gathered = sum(c.total_bytes for c in summary.collectives
+                 if c.kind == "all-gather" and c.executions < _IN_LOOP)
+  assert gathered <= 2 * 4 * CONFIG.num_params()

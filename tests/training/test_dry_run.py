@@ -326,3 +326,24 @@ def test_paper_config_needs_no_weights_data_or_tokenizer(tmp_path):
   c = paper.get_config("egpo,qwen2.5-math-1.5b")
   c.model.path, c.model.name = str(tmp_path), ""
   assert dry_run.spec_from_config(c).model_config.num_layers == 3
+
+
+def test_a_mesh_that_does_not_divide_is_named_not_silently_replicated(num_devices):
+  # The tiny model's dimensions are powers of two: fsdp = 6 divides none of them.
+  six = sharding.make_mesh(sharding.MeshConfig(1, 6, 1), devices=jax.devices()[:6])
+  params = sharding.abstract_params(get_config("tiny"))
+  lines = sharding.unsplit_params(params, six)
+  specs = jax.tree.leaves(sharding.param_partition_specs(params, _mesh(1, 8, 1)),
+                         is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  assert len(lines) == sum("fsdp" in tuple(s) for s in specs) > 0
+  line = next(l for l in lines if l.startswith("parameter layers/q_proj/kernel "))
+  assert "'fsdp'" in line and "size 6" in line and "\n" not in line
+  # Nothing to say where every axis divides (or has size 1).
+  assert sharding.unsplit_params(params, _mesh(1, 8, 1)) == []
+  assert sharding.unsplit_params(params, _mesh(2, 2, 2)) == []
+  # The dry run also names batch rows that data x fsdp does not divide (8 prompts x 4).
+  spec = dry_run.spec_from_config(_tiny_config())
+  warnings = dry_run.unsplit_warnings(spec, six)
+  assert warnings[:len(lines)] == lines
+  assert any(w.startswith("prompts: 8 ") and "data x fsdp = 6" in w for w in warnings)
+  assert dry_run.unsplit_warnings(spec, _mesh(1, 8, 1)) == []
