@@ -332,8 +332,14 @@ _apply_donated = jax.jit(_apply, static_argnames=("optimizer",), donate_argnames
 
 
 @jax.jit
-def _minibatch_counts(mask_MxT):
-  mask = mask_MxT.astype(jnp.float32)
+def _lengths(mask_NxT):
+  return mask_NxT.sum(-1).astype(jnp.int32)
+
+
+@jax.jit
+def _minibatch_counts(mask_NxT, rows_M):
+  """Eq. 4's normalisers over the minibatch's rows (all its micro-batches)."""
+  mask = mask_NxT[rows_M].astype(jnp.float32)
   return (jnp.maximum(mask.sum(), 1.0),
           jnp.maximum((mask.sum(-1) > 0).sum().astype(jnp.float32), 1.0))
 
@@ -348,6 +354,76 @@ def _epoch_order(key, lengths_N, *, minibatches, sort):
     perm = jnp.take_along_axis(perm_MxR, jnp.argsort(-lengths_N[perm_MxR], axis=-1,
                                                      stable=True), -1).reshape(-1)
   return perm
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "settings", "max_len"))
+def _zero_acc(params, micro, switches, *, model_config, settings, max_len):
+  """Zeros shaped like (loss, aux, grads) of `_micro_loss` (traced once per shape)."""
+  one = jnp.ones((), jnp.float32)
+  (loss, aux), grads = jax.eval_shape(
+      lambda p: jax.value_and_grad(_micro_loss, has_aux=True)(
+          p, micro, one, one, model_config=model_config, settings=settings,
+          switches=switches, max_len=max_len), params)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, aux, grads))
+
+
+def _loss_settings(settings: UpdateSettings) -> UpdateSettings:
+  """The settings the micro-batch gradient reads (the batch split is the driver's), so
+  that its compilations do not depend on minibatches or micro_batches."""
+  return dataclasses.replace(settings, ppo_epochs=1, minibatches=1, micro_batches=1)
+
+
+def _prompt_columns(prompt_mask_NxP, prompt_bucket_min: int) -> int:
+  longest = int(np.asarray(prompt_mask_NxP).astype(bool).sum(1).max())
+  return min(prompt_mask_NxP.shape[1], engine.bucket_length(longest, prompt_bucket_min))
+
+
+def compile_bucketed_update(state: TrainState, batch: RolloutBatch, *,
+                            optimizer: optax.GradientTransformation,
+                            model_config: ModelConfig, settings: UpdateSettings,
+                            switches: LossSwitches | None = None,
+                            length_buckets_count: int = 8, prompt_bucket_min: int = 16,
+                            prompt_len: int | None = None) -> int:
+  """Compiles (ahead of time, from shapes) every piece `bucketed_update` may run on a
+  batch of this shape: one gradient per length bucket. Returns how many gradient shapes.
+
+  So that a first iteration (or a benchmark) does not compile mid-run; prompt_len: the
+  prompt columns to compile for (default: this batch's prompt bucket).
+  """
+  n, total_len = batch.completion_ids_NxT.shape
+  rows_mb = n // settings.minibatches
+  rows_micro = rows_mb // settings.micro_batches
+  if prompt_len is None:
+    prompt_len = _prompt_columns(batch.prompt_mask_NxP, prompt_bucket_min)
+  switches = switches or LossSwitches()
+  loss_settings = _loss_settings(settings)
+  lengths_N = jax.ShapeDtypeStruct((n,), jnp.int32)
+  _epoch_order.lower(jax.random.PRNGKey(0), lengths_N, minibatches=settings.minibatches,
+                     sort=settings.sort_by_length).compile()
+  mask_NxT = jax.ShapeDtypeStruct((n, total_len), batch.completion_mask_NxT.dtype)
+  _lengths.lower(mask_NxT).compile()
+  _minibatch_counts.lower(mask_NxT, jax.ShapeDtypeStruct((rows_mb,), jnp.int32)).compile()
+  rows_R = jax.ShapeDtypeStruct((rows_micro,), jnp.int32)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  grads = None
+  for length in length_buckets(total_len, length_buckets_count):
+    _take_rows.lower(batch, rows_R, prompt_len=prompt_len, length=length).compile()
+    micro = jax.eval_shape(functools.partial(_take_rows, prompt_len=prompt_len,
+                                             length=length), batch, rows_R)
+    acc = jax.eval_shape(lambda p, b, c: jax.value_and_grad(_micro_loss, has_aux=True)(
+        p, b, c, c, model_config=model_config, settings=loss_settings,
+        switches=switches, max_len=total_len), state.params, micro, scalar)
+    acc = (acc[0][0], acc[0][1], acc[1])
+    _accumulate.lower(state.params, acc, micro, scalar, scalar, switches,
+                      model_config=model_config, settings=loss_settings,
+                      max_len=total_len).compile()
+    # The first micro-batch of a minibatch may be in any bucket.
+    _zero_acc.lower(state.params, micro, switches, model_config=model_config,
+                    settings=loss_settings, max_len=total_len).compile()
+    grads = acc
+  for apply in (_apply_jit, _apply_donated):
+    apply.lower(state, grads[2], grads[0], optimizer=optimizer).compile()
+  return len(length_buckets(total_len, length_buckets_count))
 
 
 def bucketed_update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
@@ -386,12 +462,11 @@ def bucketed_update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
                      "; make prompts_per_batch * group_size divisible by their product")
   total_len = batch.completion_ids_NxT.shape[1]
   buckets = length_buckets(total_len, length_buckets_count)
-  prompt_mask = np.asarray(batch.prompt_mask_NxP)
-  longest_prompt = int(prompt_mask.astype(bool).sum(1).max())
-  prompt_len = min(prompt_mask.shape[1], engine.bucket_length(longest_prompt, prompt_bucket_min))
-  lengths_N = jnp.asarray(batch.completion_mask_NxT).sum(-1).astype(jnp.int32)
+  prompt_len = _prompt_columns(batch.prompt_mask_NxP, prompt_bucket_min)
+  lengths_N = _lengths(batch.completion_mask_NxT)
   lengths_host = np.asarray(lengths_N)
   switches = switches or LossSwitches()
+  loss_settings = _loss_settings(settings)
   rows_mb = n // settings.minibatches
   rows_micro = rows_mb // settings.micro_batches
   valid, computed = 0, 0
@@ -401,7 +476,8 @@ def bucketed_update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
                                    sort=settings.sort_by_length))
     for m in range(settings.minibatches):
       rows = perm[m * rows_mb:(m + 1) * rows_mb]
-      num_tokens, num_seqs = _minibatch_counts(batch.completion_mask_NxT[jnp.asarray(rows)])
+      num_tokens, num_seqs = _minibatch_counts(batch.completion_mask_NxT,
+                                               np.asarray(rows, np.int32))
       acc = None
       for j in range(settings.micro_batches):
         micro_rows = rows[j * rows_micro:(j + 1) * rows_micro]
@@ -411,14 +487,11 @@ def bucketed_update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
         micro = _take_rows(batch, jnp.asarray(micro_rows, jnp.int32), prompt_len=prompt_len,
                            length=length)
         if acc is None:
-          shapes = jax.eval_shape(
-              lambda p, b: jax.value_and_grad(_micro_loss, has_aux=True)(
-                  p, b, num_tokens, num_seqs, model_config=model_config, settings=settings,
-                  switches=switches, max_len=total_len), state.params, micro)
-          (loss_s, aux_s), grads_s = shapes
-          acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, aux_s, grads_s))
+          acc = _zero_acc(state.params, micro, switches, model_config=model_config,
+                          settings=loss_settings, max_len=total_len)
         acc = _accumulate(state.params, acc, micro, num_tokens, num_seqs, switches,
-                          model_config=model_config, settings=settings, max_len=total_len)
+                          model_config=model_config, settings=loss_settings,
+                          max_len=total_len)
       loss, aux, grads = acc
       apply = _apply_donated if donate or step_metrics else _apply_jit
       state, opt_metrics = apply(state, grads, loss, optimizer=optimizer)
