@@ -96,6 +96,7 @@ _DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", 0.0, "With --dry_run:
 def run(config, workdir: str, *, verbose: bool = False) -> int:
   """Trains (or resumes) `config` in `workdir`; returns the exit code (module docstring)."""
   from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from egpo_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from egpo_jax.training import preemption, train  # pylint: disable=g-import-not-at-top
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     return _usage_error(f"--workdir={workdir}: this is a file; give a folder (new or a run's "
@@ -107,7 +108,7 @@ def run(config, workdir: str, *, verbose: bool = False) -> int:
   except preemption.Preempted as err:
     print(err, file=sys.stderr, flush=True)
     return err.exit_code
-  print(train.format_summary(summary))
+  print(report.before_after_table(summary))
   print(f"workdir: {os.path.abspath(workdir)} (metrics.jsonl, curves.png, "
         "checkpoints/, tensorboard/, summary.json)")
   return 0

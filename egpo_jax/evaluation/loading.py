@@ -10,9 +10,14 @@ Accepted:
 Nothing is unpickled: orbax reads array files, the HF loader safetensors, configs JSON.
 
 A workdir is read read-only (`read_workdir`, also export's reader): only the params of
-one step, checked by `checkpointing.read_params` (commit markers, fingerprints); a
-damaged step is an error naming it and the other steps, never a silent fallback, and
-nothing in the workdir is moved, deleted or written.
+one step, picked by `checkpointing.read_step` and checked by `checkpointing.read_params`
+(commit markers, fingerprints); a damaged step is an error naming it and the other
+steps, never a silent fallback, and nothing in the workdir is moved, deleted or written.
+
+`model_spec` turns a training config's `model` section into a ModelConfig and tokenizer;
+the trainer builds its model through it too. Evaluation imports no training module but
+the checkpoint reader (`training.checkpointing`, which imports no evaluation): the
+arrows go one way (tests/evaluation/test_layering.py).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import glob
 import json
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -29,10 +34,44 @@ from egpo_jax.evaluation.runner import Model
 
 KINDS = ("workdir", "hf")
 
+# Special tokens the byte tokenizer of a named preset adds (the reasoning delimiters).
+BYTE_SPECIAL_TOKENS = ("<think>", "</think>")
+
+
+class ModelSpec(NamedTuple):
+  """The model a training config names: its ModelConfig and tokenizer."""
+  model_config: Any   # models.config.ModelConfig
+  tokenizer: Any      # ByteTokenizer or models.tokenizer.HFTokenizer
+
+
+def loads_hf_checkpoint(model_section) -> bool:
+  """Whether a training config's `model` section names a Hugging Face checkpoint folder."""
+  return model_section.preset == "hf" and bool(model_section.path)
+
+
+def model_spec(model_section) -> ModelSpec:
+  """The ModelConfig and tokenizer of a training config's `model` section (preset, name,
+  path, dtype, remat): the one place a config becomes a model, for training and reading.
+
+  A named preset, or "hf" without a checkpoint folder (model.name's shapes, random
+  weights: a dry run of a paper config on its real shapes), uses the byte tokenizer.
+  """
+  from egpo_jax.models.byte_tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  from egpo_jax.models.config import get_config, load_hf_config  # pylint: disable=g-import-not-at-top
+  from egpo_jax.models.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  m = model_section
+  remat = bool(m.get("remat", False))
+  if loads_hf_checkpoint(m):
+    return ModelSpec(load_hf_config(m.path, dtype=m.dtype, remat=remat),
+                     HFTokenizer.from_pretrained(m.path))
+  name = m.name if m.preset == "hf" else m.preset
+  return ModelSpec(get_config(name, dtype=m.dtype, remat=remat),
+                   ByteTokenizer(extra_special_tokens=BYTE_SPECIAL_TOKENS))
+
 
 def read_workdir(folder: str, step: int | None = None, *, mesh=None
-                 ) -> tuple[int, Any, dict[str, Any], Any, Any]:
-  """(step, params, extra, config, experiment) of a training workdir, read-only.
+                 ) -> tuple[int, Any, dict[str, Any], Any, ModelSpec]:
+  """(step, params, extra, config, model spec) of a training workdir, read-only.
 
   Args:
     folder: the workdir (config.json + checkpoints/).
@@ -42,31 +81,18 @@ def read_workdir(folder: str, step: int | None = None, *, mesh=None
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from egpo_jax.models import sharding  # pylint: disable=g-import-not-at-top
-  from egpo_jax.training import checkpointing, train  # pylint: disable=g-import-not-at-top
+  from egpo_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(_read_json(os.path.join(folder, "config.json")))
-  exp = train.build(c)
-  directory = os.path.join(folder, "checkpoints")
-  steps = checkpointing.step_folders(directory)
-  if not steps:
-    raise FileNotFoundError(f"{directory} holds no checkpoint step folder")
-  chosen = steps[-1] if step is None else step
-  if chosen not in steps:
-    raise FileNotFoundError(f"--step={step}: no such checkpoint under {directory}; "
-                            f"found steps {steps}")
-  abstract = sharding.abstract_params(exp.model_config, mesh)
+  spec = model_spec(c.model)
+  abstract = sharding.abstract_params(spec.model_config, mesh)
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
                             abstract)
-  try:
-    params, extra = checkpointing.read_params(os.path.join(directory, str(chosen)), abstract)
-  except checkpointing.CorruptCheckpointError as err:
-    others = [s for s in steps if s != chosen]
-    raise checkpointing.CorruptCheckpointError(
-        err.path, f"{err.reason}. Nothing was changed; "
-        + (f"pass --step with one of {others} to read another checkpoint" if others
-           else "no other checkpoint to read")) from err
-  return chosen, params, extra, c, exp
+  chosen, (params, extra) = checkpointing.read_step(
+      os.path.join(folder, "checkpoints"), step,
+      lambda path: checkpointing.read_params(path, abstract))
+  return chosen, params, extra, c, spec
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -115,13 +141,13 @@ def load(path: str, *, step: int | None = None, dtype: str = "float32",
   """
   kind, folder, step = resolve(path, step)
   if kind == "workdir":
-    restored_step, params, extra, c, exp = read_workdir(folder, step)
+    restored_step, params, extra, c, spec = read_workdir(folder, step)
     info = {"kind": kind, "path": folder, "step": int(restored_step),
             "model": c.model.preset, "algo": c.algo.advantage, "variant": c.algo.variant,
             "task": c.task.name, "synthetic_difficulty": int(c.task.difficulty),
             "template": c.task.template, "segment_delimiter": c.algo.segment_delimiter,
             "rl_iteration": extra.get("iteration")}
-    return Model(params, exp.model_config, exp.tokenizer, info)
+    return Model(params, spec.model_config, spec.tokenizer, info)
   from egpo_jax.models import hf_io, tokenizer  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
     raise FileNotFoundError(f"{folder}: no tokenizer.json; the evaluation needs the model's "

@@ -1,4 +1,5 @@
-"""Markdown tables of evaluation results (and the table helper `experiments.compare` uses).
+"""Markdown tables of evaluation results (and the table helper `experiments.compare` uses),
+and the plain-text before/after-RL table a training run prints (`before_after_table`).
 
 pass@k and maj@k are printed in percent, like the paper's tables; an undefined metric
 prints as "n/a" and its reason is listed under the table.
@@ -122,3 +123,39 @@ def results_markdown(results: Mapping[str, Any], *, figures: Mapping[str, Sequen
       out.append(f"- {name}: " + ", ".join(f"[{p}]({p})" for p in paths))
     out.append("")
   return "\n".join(out)
+
+
+SUMMARY_ROWS = (("accuracy", "accuracy (sampled, pass@1)"), ("auroc", "AUROC conf. -> correct"),
+                ("ece", "ECE (equal-mass bins)"),
+                ("mean_entropy_correct", "entropy proxy, correct"),
+                ("mean_entropy_wrong", "entropy proxy, wrong"),
+                ("entropy_gap", "entropy gap (wrong - correct)"),
+                ("response_length", "mean response length"))
+
+
+def before_after_table(summary: Mapping[str, Any]) -> str:
+  """The table `experiments.main` prints at the end of a training run (its summary.json).
+
+  A metric the evaluation could not define (e.g. AUROC when every response was right)
+  prints "undefined"; an evaluation that did not run prints "not run", with a note.
+  """
+  b, a = summary["eval_before_rl"], summary["eval_after_rl"]
+
+  def cell(d, k):
+    if not d:
+      return "not run"
+    if d.get(k) is None:
+      return "undefined" if k in d else "-"
+    return f"{d[k]:.4f}"
+
+  lines = [f"{'metric':32s} {'before RL':>12s} {'after RL':>12s}"]
+  for k, name in SUMMARY_ROWS:
+    lines.append(f"{name:32s} {cell(b, k):>12s} {cell(a, k):>12s}")
+  if not b and not a:
+    lines.append("no evaluation ran: a host-verified task evaluates on train.eval_set "
+                 "(a benchmark name or a JSONL of held-out problems)")
+  spi = summary.get("median_seconds_per_iteration")
+  if spi:
+    lines.append(f"median seconds per RL iteration: {spi:.3f}")
+  lines.append(f"updates skipped as non-finite: {summary['nonfinite_skipped']}")
+  return "\n".join(lines)

@@ -16,8 +16,8 @@ All batches of one evaluation are left-padded to one prompt length and one batch
 so the sampler compiles once per evaluation. Response j of the prompt at position i of a
 benchmark's records uses the random stream (seed, benchmark, i, j), whatever the batch.
 
-`evaluate_jax_task` is the small version for the trainer's periodic validation on a
-jnp task (no host verification, no files).
+The trainer's own evaluation during a run (a jnp task, or a held-out set verified on the
+host) is `training.validation`; this module imports nothing from training.
 """
 
 from __future__ import annotations
@@ -406,36 +406,3 @@ def response_rows(prompts: Prompts, resp: Responses, num_samples: int):
       row["answer_entropy"] = float(resp.answer_entropy[n])
       row["answer_fallback"] = bool(resp.answer_fallback[n])
     yield row
-
-
-def evaluate_jax_task(params, rng: jax.Array, *, task, model_config,
-                      spec: engine.SamplingSpec, num_prompts: int,
-                      delimiter_ids: Sequence[int] | None = None,
-                      num_bins: int = calibration.DEFAULT_NUM_BINS) -> dict[str, Any]:
-  """The trainer's periodic validation on a jnp task: sample, verify, `evaluate_generation`.
-
-  Args:
-    params: the policy's parameters.
-    rng: key of the validation prompts and samples; keep it fixed across calls so every
-      validation sees the same prompts.
-    task: a `training.iteration.JaxTask` (sample_prompts, verify).
-    model_config: the model's ModelConfig.
-    spec: the sampling settings (`engine.SamplingSpec`; group_size = samples per prompt).
-    num_prompts: validation prompts.
-    delimiter_ids: reasoning delimiter token ids for the answer-segment metrics.
-    num_bins: ECE bins.
-
-  Returns:
-    `calibration.evaluate_generation`'s dict (accuracy, pass@k, calibration, ...).
-  """
-  k_prompts, k_sample = jax.random.split(rng)
-  ids, mask, answers = task.sample_prompts(k_prompts, num_prompts)
-  gen = engine.generate(params, ids, mask, k_sample, config=model_config,
-                        group_size=spec.group_size, max_new_tokens=spec.max_new_tokens,
-                        eos_ids=spec.eos_ids, temperature=spec.temperature, top_p=spec.top_p,
-                        top_k=spec.top_k, greedy=spec.greedy, pad_id=spec.pad_id)
-  answers_n = jax.tree.map(lambda a: jnp.repeat(a, spec.group_size, axis=0), answers)
-  correct = np.asarray(jax.device_get(
-      task.verify(gen.completion_ids_NxT, gen.completion_mask_NxT, answers_n)), bool)
-  return calibration.evaluate_generation(gen, correct, group_size=spec.group_size,
-                                         delimiter_ids=delimiter_ids, num_bins=num_bins)

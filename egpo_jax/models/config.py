@@ -16,10 +16,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from egpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Rope types this model implements; anything else is refused rather than approximated.
 _ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+# What each decoder layer keeps for the backward pass (transformer.REMAT_POLICIES maps them
+# to jax.checkpoint policies): "none" keeps everything autodiff saves; "full" recomputes the
+# layer from its input (nothing_saveable); "dots_saveable" keeps every matmul output;
+# "dots_no_batch_saveable" keeps the projections' outputs but not batched (attention) ones.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable")
 
 
 def to_dtype(name: str):
@@ -52,7 +59,11 @@ class ModelConfig:
     max_position_embeddings: longest sequence the checkpoint was trained for.
     param_dtype: dtype of the stored parameters.
     dtype: compute dtype (matmuls, activations, KV cache); logits are always float32.
-    remat: rematerialise each layer's activations in the backward pass (jax.checkpoint).
+    remat: the per-layer rematerialisation policy, one of REMAT_POLICIES. Deprecated: a
+      bool, mapped to "full" (True) or "none" (False).
+    attention: the attention implementation, one of ATTENTION_IMPLEMENTATIONS (see
+      egpo_jax/models/attention.py): "blockwise" everywhere by default; "cudnn" (GPU,
+      bfloat16/float16) and "splash" (TPU) when asked for; "reference" for tests.
   """
   vocab_size: int
   hidden_size: int
@@ -69,7 +80,8 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
+  remat: str | bool = "none"
+  attention: str = "blockwise"
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -87,6 +99,14 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim={self.head_size} must be even for RoPE")
     to_dtype(self.param_dtype)
     to_dtype(self.dtype)
+    if isinstance(self.remat, bool):    # deprecated spelling
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat={self.remat!r} is not a remat policy; use one of "
+                       f"{REMAT_POLICIES} (or True/False, deprecated)")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r} is not an attention "
+                       f"implementation; use one of {ATTENTION_IMPLEMENTATIONS}")
     if self.rope_scaling is not None:
       if not isinstance(self.rope_scaling, tuple):
         raise ValueError("ModelConfig.rope_scaling must be a hashable tuple of (key, value) "
@@ -171,7 +191,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 
 def from_hf_dict(hf: Mapping[str, Any], *, param_dtype: str = "float32",
-                 dtype: str = "float32", remat: bool = False) -> ModelConfig:
+                 dtype: str = "float32", remat: bool | str = "none",
+                 attention: str = "blockwise") -> ModelConfig:
   """Maps a Hugging Face config.json dict to a ModelConfig, refusing what it cannot run."""
   archs = hf.get("architectures") or []
   model_type = hf.get("model_type")
@@ -217,7 +238,7 @@ def from_hf_dict(hf: Mapping[str, Any], *, param_dtype: str = "float32",
       # Both transformers config classes default to untied when the key is absent.
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       max_position_embeddings=hf.get("max_position_embeddings", 32768),
-      param_dtype=param_dtype, dtype=dtype, remat=remat)
+      param_dtype=param_dtype, dtype=dtype, remat=remat, attention=attention)
 
 
 def to_hf_dict(config: ModelConfig, *, torch_dtype: str = "float32",

@@ -33,8 +33,7 @@ under a bfloat16 config.
 Numerics: on GPUs JAX's default matmul precision runs float32 dots as TF32 (measured on
 an H100: 8e-4 max logit difference from transformers at float32, 5e-7 under
 `jax.default_matmul_precision("highest")`); bfloat16 compute differs by ~1e-2. Attention
-is plain XLA (scores [B, heads, T, S] in float32), not a fused flash kernel; its backward
-pass recomputes the scores instead of keeping them (`_attend_recompute`).
+goes through `attention.attend` (the implementation is `config.attention`).
 """
 
 from __future__ import annotations
@@ -50,12 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from egpo_jax.models import sharding
-from egpo_jax.models.config import ModelConfig, to_dtype
+from egpo_jax.models import attention, sharding
+from egpo_jax.models.config import REMAT_POLICIES, ModelConfig, to_dtype
 
 Params = Any
-# Finite, so that a row with no valid key (a left pad) gives a uniform softmax, not NaN.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 _INIT_STD = 0.02  # transformers' initializer_range for these models
 
 # Logical axes of the activations (`sharding.LOGICAL_RULES` maps them to the mesh).
@@ -65,6 +62,14 @@ _BTGK = ("activation_batch", "activation_length", "activation_kv_heads",
          "activation_head_dim")
 _BTI = ("activation_batch", "activation_length", "activation_mlp")
 _BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+# ModelConfig.remat's names -> the jax.checkpoint policy of each scanned layer.
+_REMAT_POLICY = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert set(_REMAT_POLICY) | {"none"} == set(REMAT_POLICIES)
 
 
 def _constrain_rows(x_MxF, b, t, logical_axes):
@@ -223,62 +228,11 @@ def _dense(features, name, config, *, axis=-1, use_bias=False):
                          kernel_init=nn.initializers.normal(_INIT_STD), name=name)
 
 
-def _attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxTxS):
-  """Grouped-query softmax attention in float32; query head h reads kv head h // (H / G).
-
-  Heads are moved in front of the positions once, and the H / G query heads that share a
-  kv head are stacked along the rows, so both products are plain batched matmuls over
-  (B, G) with the contraction in the last dimension: XLA:CPU then needs no transposes of
-  the [B, heads, T, S] scores in the backward pass, and K/V are never repeated per head.
-  """
-  b, t, h, hd = q_BxTxHxK.shape
-  s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
-  r = h // g
-  q_BxGxRTxK = q_BxTxHxK.reshape(b, t, g, r, hd).transpose(0, 2, 3, 1, 4).reshape(
-      b, g, r * t, hd)
-  k_BxGxSxK = jnp.swapaxes(k_BxSxGxK, 1, 2)
-  v_BxGxSxK = jnp.swapaxes(v_BxSxGxK, 1, 2)
-  scores = jnp.einsum("bgtk,bgsk->bgts", q_BxGxRTxK, k_BxGxSxK,
-                      preferred_element_type=jnp.float32) / math.sqrt(hd)
-  allowed = jnp.broadcast_to(allowed_BxTxS[:, None, None], (b, 1, r, t, s)).reshape(
-      b, 1, r * t, s)
-  scores = jnp.where(allowed, scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
-  out = jnp.einsum("bgts,bgsk->bgtk", probs, v_BxGxSxK)
-  return out.reshape(b, g, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
-
-
-@jax.custom_vjp
-def _attend_recompute(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxTxS):
-  """`_attend`, keeping only its inputs for the backward pass, which recomputes the rest.
-
-  Autodiff of `_attend` inside the layer scan stacks two float32 [B, heads, T, S]
-  arrays per layer (zero-filled, then written layer by layer); recomputing the scores in
-  the backward pass costs two small matmuls and is faster on CPU (with the flattened
-  projections: the benchmark update 1.28x faster, tiny and small models). A custom VJP
-  rather than jax.checkpoint, so that the `remat` flag keeps meaning "rematerialise the
-  whole layer". Reverse mode only (no jax.jvp), like the log-probs.
-  """
-  return _attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxTxS)
-
-
-def _attend_recompute_fwd(q, k, v, allowed):
-  return _attend(q, k, v, allowed), (q, k, v, allowed)
-
-
-def _attend_recompute_bwd(residuals, g_out):
-  q, k, v, allowed = residuals
-  _, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, allowed), q, k, v)
-  return (*vjp(g_out), None)
-
-
-_attend_recompute.defvjp(_attend_recompute_fwd, _attend_recompute_bwd)
-
-
 class DecoderLayer(nn.Module):
   """Pre-norm attention + SwiGLU MLP; one step of the layer scan.
 
-  Attends among the T new tokens (allowed_BxTxS has S = T). mode "prefill" also returns
+  Attends causally among the T new tokens (kv_mask_BxS has S = T), or in mode "extend"
+  after a shared prompt's P slots (S = P + T). mode "prefill" also returns
   the new keys/values; one-token decoding is `decode`, written with the same maths on
   the same parameters.
   """
@@ -286,7 +240,7 @@ class DecoderLayer(nn.Module):
   mode: str
 
   @nn.compact
-  def __call__(self, x_BxTxD, cos_BxTxF, sin_BxTxF, allowed_BxTxS, past_kv=None):
+  def __call__(self, x_BxTxD, cos_BxTxF, sin_BxTxF, kv_mask_BxS, past_kv=None):
     c = self.config
     dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     b, t, d = x_BxTxD.shape
@@ -312,7 +266,8 @@ class DecoderLayer(nn.Module):
       k, v = (sharding.constrain(
           jnp.concatenate([jnp.repeat(past.astype(new.dtype), b // past.shape[0], 0), new],
                           axis=1), _BTGK) for past, new in zip(past_kv, (k, v)))
-    attn = sharding.constrain(_attend_recompute(q, k, v, allowed_BxTxS), _BTHK)
+    attn = sharding.constrain(
+        attention.attend(q, k, v, kv_mask_BxS, implementation=c.attention), _BTHK)
     attn = attn.reshape(b * t, c.num_heads, c.head_size)
     x_MxD = x_MxD + _dense(c.hidden_size, "o_proj", c, axis=(-2, -1))(attn)
     x_MxD = _constrain_rows(x_MxD, b, t, _BTD)
@@ -330,7 +285,7 @@ class Decoder(nn.Module):
   mode: str = "forward"
 
   @nn.compact
-  def __call__(self, input_ids_BxT, positions_BxT, allowed_BxTxS, *, logits: bool = True,
+  def __call__(self, input_ids_BxT, positions_BxT, kv_mask_BxS, *, logits: bool = True,
                last_only: bool = False, past_kv=None):
     c = self.config
     dtype, pdtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
@@ -340,13 +295,13 @@ class Decoder(nn.Module):
     x = sharding.constrain(embed(input_ids_BxT), _BTD)
     cos, sin = _rope_tables(positions_BxT, c)
     layer_cls = DecoderLayer
-    if c.remat:
-      layer_cls = nn.remat(layer_cls, prevent_cse=False)
+    if c.remat != "none":
+      layer_cls = nn.remat(layer_cls, prevent_cse=False, policy=_REMAT_POLICY[c.remat])
     layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast)
                      + ((0,) if past_kv is not None else ()),
                      out_axes=0, length=c.num_layers)(c, self.mode, name="layers")
-    x, new_kv = layers(x, cos, sin, allowed_BxTxS,
+    x, new_kv = layers(x, cos, sin, kv_mask_BxS,
                        *(() if past_kv is None else (past_kv,)))
     x = sharding.constrain(RMSNorm(c.rms_norm_eps, dtype, pdtype, name="final_norm")(x),
                            _BTD)
@@ -379,9 +334,9 @@ def padded_positions(mask_BxL: jax.Array) -> jax.Array:
 
 
 def _causal_allowed(mask_BxL):
-  length = mask_BxL.shape[1]
-  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-  return causal[None] & mask_BxL.astype(jnp.bool_)[:, None, :]
+  """The attention mask `Decoder` takes for a causal pass over a left-padded batch: the
+  keys' validity [B, L] (`attention.attend` applies causality itself)."""
+  return mask_BxL.astype(jnp.bool_)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
@@ -453,7 +408,7 @@ def response_hidden(params: Params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: 
                               completion_mask_NxT.astype(jnp.bool_)], axis=1)
   hidden_NxTxD, _ = Decoder(config, mode="extend").apply(
       {"params": params}, completion_ids_NxT, padded_positions(mask_NxL)[:, p:],
-      _causal_allowed(mask_NxL)[:, p:], logits=False, past_kv=past_kv)
+      _causal_allowed(mask_NxL), logits=False, past_kv=past_kv)
   # Left-padded prompts: slot P - 1 holds each prompt's last token.
   last_NxD = jnp.repeat(prompt_hidden[:, -1], group, 0)
   return jnp.concatenate([last_NxD[:, None], hidden_NxTxD[:, :-1]], axis=1)
@@ -589,8 +544,8 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
     if cache.prefix_mask_BpxP is not None:
       prefix = (cache.prefix_k[i].astype(dtype), cache.prefix_v[i].astype(dtype),
                 cache.prefix_mask_BpxP)
-    attn_BxHxK = _attend_one(q_BxHxK, k_BxGxKxS.astype(dtype), v_BxGxSxK.astype(dtype),
-                             mask_BxS, prefix)
+    attn_BxHxK = attention.attend(q_BxHxK, k_BxGxKxS.astype(dtype), v_BxGxSxK.astype(dtype),
+                                  mask_BxS, prefix=prefix, implementation=c.attention)
     x_BxD = x_BxD + jnp.einsum("bhk,hkd->bd", attn_BxHxK, p["o_proj"]["kernel"].astype(dtype))
     h_BxD = _rms_norm(x_BxD, p["post_attn_norm"]["scale"], c.rms_norm_eps, dtype)
     if "gate_up_proj" in p:
@@ -722,44 +677,3 @@ def _project(h_BxD, layer_params, dtype):
   if "bias" in layer_params:
     out = out + layer_params["bias"].astype(dtype)
   return out
-
-
-def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix=None):
-  """`_attend` for one query token per row, keys [B, kv heads, head_dim, S] and values
-  [B, kv heads, S, head_dim].
-
-  prefix: optional (keys [Bp, kv heads, head_dim, P], values [Bp, kv heads, P, head_dim],
-  mask [Bp, P]) shared by groups of B / Bp consecutive rows (`share_prefix`). The group's
-  queries are stacked along the rows, so the prefix is read once per group in one
-  [C * r, head_dim] @ [head_dim, P] product per (prompt, kv head), C = B / Bp; its scores
-  join the rows' own in one softmax.
-  """
-  b, h, hd = q_BxHxK.shape
-  g = k_BxGxKxS.shape[1]
-  r = h // g
-  q = q_BxHxK.reshape(b, g, r, hd)
-  scores = jnp.einsum("bgrk,bgks->bgrs", q, k_BxGxKxS,
-                      preferred_element_type=jnp.float32) / math.sqrt(hd)
-  scores = jnp.where(mask_BxS[:, None, None], scores, _MASK_VALUE)
-  if prefix is None:
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
-    return jnp.einsum("bgrs,bgsk->bgrk", probs, v_BxGxSxK).reshape(b, h, hd)
-  k_BpxGxKxP, v_BpxGxPxK, mask_BpxP = prefix
-  bp, p = mask_BpxP.shape
-  c = b // bp
-  # [B, g, r, K] -> [Bp, g, C * r, K]: row b * C + j's query heads under prompt b.
-  q_grouped = q.reshape(bp, c, g, r, hd).transpose(0, 2, 1, 3, 4).reshape(bp, g, c * r, hd)
-  prefix_scores = jnp.einsum("bgqk,bgkp->bgqp", q_grouped, k_BpxGxKxP,
-                             preferred_element_type=jnp.float32) / math.sqrt(hd)
-  prefix_scores = jnp.where(mask_BpxP[:, None, None], prefix_scores, _MASK_VALUE)
-  prefix_scores = prefix_scores.reshape(bp, g, c, r, p).transpose(0, 2, 1, 3, 4).reshape(
-      b, g, r, p)
-  probs = jax.nn.softmax(jnp.concatenate([prefix_scores, scores], axis=-1), axis=-1)
-  probs = probs.astype(v_BxGxSxK.dtype)
-  prefix_probs = probs[..., :p].reshape(bp, c, g, r, p).transpose(0, 2, 1, 3, 4).reshape(
-      bp, g, c * r, p)
-  prefix_out = jnp.einsum("bgqp,bgpk->bgqk", prefix_probs, v_BpxGxPxK)
-  prefix_out = prefix_out.reshape(bp, g, c, r, hd).transpose(0, 2, 1, 3, 4).reshape(
-      b, g, r, hd)
-  out = jnp.einsum("bgrs,bgsk->bgrk", probs[..., p:], v_BxGxSxK) + prefix_out
-  return out.reshape(b, h, hd)

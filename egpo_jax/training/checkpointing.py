@@ -22,7 +22,10 @@ step folder directly (no CheckpointManager, which would delete temporary folders
 run still saving), applies the same checks as `restore` (commit markers, then the
 save-time fingerprint of every array it restores), restores only the params (never the
 optimizer state) onto the given shardings, and raises CorruptCheckpointError without
-moving, deleting or writing anything. `step_folders` lists a folder's steps likewise.
+moving, deleting or writing anything. `read_state` does the same for the whole saved
+state (a finished run's train state, for tests and analysis); `read_step` is the one way
+a tool picks a step folder (the newest, or a given one; a damaged step is an error
+naming the others); `step_folders` lists a folder's steps likewise.
 
 A checkpoint whose stored tree differs from the one the job restores (another config or
 code version) is not corrupt: `restore` raises `CheckpointMismatchError` naming the first
@@ -229,6 +232,47 @@ def _quiet_absl():
     absl_log.setLevel(level)
 
 
+def _stored_tree(ckptr, path: str) -> Any:
+  """The tree metadata of the step folder's state item (shapes and dtypes per leaf)."""
+  try:
+    # orbax answers None (and logs a warning) for metadata it cannot read.
+    stored = getattr(ckptr.metadata(os.path.join(path, "state")).item_metadata, "tree", None)
+  except Exception as err:  # noqa: BLE001 - classified just below
+    if is_environment_error(err):
+      raise
+    stored, cause = None, err
+  else:
+    cause = None
+  if stored is None:
+    raise CorruptCheckpointError(path, "the tree metadata of its state item is unreadable"
+                                 ) from cause
+  return stored
+
+
+def _first_difference(stored: Any, target: Any) -> str | None:
+  """'leaf <path>: stored <shape>, expected <shape>' for the first differing leaf."""
+  have = {_path_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  want = {_path_key(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for key in sorted(set(have) | set(want)):
+    if have.get(key) != want.get(key):
+      return f"leaf {key}: stored {have.get(key, 'absent')}, expected {want.get(key, 'absent')}"
+  return None
+
+
+def _restore_read_only(ckptr, path: str, target: Any, *, partial: bool) -> Any:
+  """Restores `target` (ShapeDtypeStructs with shardings) from the state item; a failure
+  that is not the environment's is a CorruptCheckpointError naming `path`."""
+  try:
+    return ckptr.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=partial))
+  except Exception as err:  # noqa: BLE001 - classified just below
+    if is_environment_error(err):
+      raise
+    first_line = (str(err).splitlines() or [""])[0][:300]   # TensorStore dumps its spec
+    raise CorruptCheckpointError(path, f"{type(err).__name__}: {first_line}") from err
+
+
 def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   """Restores only the params of the step folder `path`, read-only; returns (params, extra).
 
@@ -241,52 +285,77 @@ def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   """
   check_complete(path)
   extra, integrity = read_extra(path)
-  item = os.path.join(path, "state")
   with ocp.PyTreeCheckpointer() as ckptr, _quiet_absl():
-    try:
-      # orbax answers None (and logs a warning) for metadata it cannot read.
-      stored = getattr(ckptr.metadata(item).item_metadata, "tree", None)
-    except Exception as err:  # noqa: BLE001 - classified just below
-      if is_environment_error(err):
-        raise
-      stored, cause = None, err
-    else:
-      cause = None
-    if stored is None:
-      raise CorruptCheckpointError(path, "the tree metadata of its state item is unreadable"
-                                   ) from cause
+    stored = _stored_tree(ckptr, path)
     top = stored if isinstance(stored, dict) else {}
     trainer_layout = "train" in top
     stored_params = (top["train"] if trainer_layout else top).get("params")
     if not isinstance(stored_params, dict):
       raise CheckpointMismatchError(f"checkpoint {path} holds no 'params' tree (its top "
                                     f"keys: {sorted(top)})")
-    have = {_path_key(p): tuple(m.shape)
-            for p, m in jax.tree_util.tree_flatten_with_path(stored_params)[0]}
-    want = {_path_key(p): tuple(s.shape)
-            for p, s in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    if have != want:
-      key = next(k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+    diff = _first_difference(stored_params, abstract_params)
+    if diff:
       raise CheckpointMismatchError(
           f"checkpoint {path}: cannot restore a 'params' tree matching the model config "
-          f"(leaf {key}: stored {have.get(key, 'absent')}, expected "
-          f"{want.get(key, 'absent')}); check the model config")
+          f"({diff}); check the model config")
     # In the stored (trained) dtype, so that every array is checked bit for bit.
     target = {"params": jax.tree.map(
         lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=a.sharding),
         abstract_params, stored_params)}
     target = {"train": target} if trainer_layout else target
-    try:
-      out = ckptr.restore(item, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
-    except Exception as err:  # noqa: BLE001 - classified just below
-      if is_environment_error(err):
-        raise
-      first_line = (str(err).splitlines() or [""])[0][:300]
-      raise CorruptCheckpointError(path, f"{type(err).__name__}: {first_line}") from err
+    out = _restore_read_only(ckptr, path, target, partial=True)
   verify_fingerprint(path, integrity, out)
   return (out["train"] if trainer_layout else out)["params"], extra
+
+
+def read_state(path: str, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  """Restores the whole saved state of the step folder `path` (train state, rng, ...)
+  onto `abstract_state`'s structure, dtypes and shardings, read-only; (state, extra).
+
+  The same checks as `read_params` (commit markers, fingerprint of every array), and a
+  CheckpointMismatchError naming the first differing leaf when the stored tree is
+  another one; nothing on disk is changed.
+  """
+  check_complete(path)
+  extra, integrity = read_extra(path)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  with ocp.PyTreeCheckpointer() as ckptr, _quiet_absl():
+    try:
+      out = _restore_read_only(ckptr, path, target, partial=False)
+    except CorruptCheckpointError:
+      diff = _first_difference(_stored_tree(ckptr, path), target)
+      if diff:
+        raise CheckpointMismatchError(   # pylint: disable=raise-missing-from
+            f"checkpoint {path} holds another state tree than the one asked for ({diff}); "
+            "read it with the config that wrote it")
+      raise
+  verify_fingerprint(path, integrity, out)
+  return out, extra
+
+
+def read_step(directory: str, step: int | None, read: Callable[[str], Any]
+              ) -> tuple[int, Any]:
+  """(step, read(<directory>/<step>)): the newest step folder, or `step`, read-only.
+
+  The one way a tool picks a step: a missing step is a FileNotFoundError listing those
+  found, a damaged one a CorruptCheckpointError naming the other steps (never a silent
+  fallback to an older one).
+  """
+  steps = step_folders(directory)
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no checkpoint step folder")
+  chosen = steps[-1] if step is None else step
+  if chosen not in steps:
+    raise FileNotFoundError(f"--step={step}: no such checkpoint under {directory}; "
+                            f"found steps {steps}")
+  try:
+    return chosen, read(os.path.join(directory, str(chosen)))
+  except CorruptCheckpointError as err:
+    others = [s for s in steps if s != chosen]
+    raise CorruptCheckpointError(
+        err.path, f"{err.reason}. Nothing was changed; "
+        + (f"pass --step with one of {others} to read another checkpoint" if others
+           else "no other checkpoint to read")) from err
 
 
 class Checkpointer:
@@ -294,6 +363,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._closed = False
     self.quarantine_directory = self.directory + ".quarantine"
     # The newest `max_to_keep` steps, and always step 0 (the model before RL), which the
     # evaluation of "before vs after RL" needs.
@@ -368,17 +438,9 @@ class Checkpointer:
     """The first difference between the stored tree and `target`, if both are readable."""
     try:
       stored = self._manager.item_metadata(step)["state"].tree
-      have = {_path_key(p): tuple(m.shape)
-              for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
     except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
       return None
-    want = {_path_key(p): tuple(s.shape)
-            for p, s in jax.tree_util.tree_flatten_with_path(target)[0]}
-    for key in sorted(set(have) | set(want)):
-      if have.get(key) != want.get(key):
-        return (f"leaf {key}: stored {have.get(key, 'absent')}, "
-                f"expected {want.get(key, 'absent')}")
-    return None
+    return _first_difference(stored, target)
 
   def quarantine(self, step: int) -> str | None:
     """Moves `step` out of the managed folder; returns its new path (process 0 moves)."""
@@ -422,5 +484,9 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and closes; closing again does nothing."""
+    if self._closed:
+      return
+    self._closed = True
     self._manager.wait_until_finished()
     self._manager.close()

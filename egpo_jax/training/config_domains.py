@@ -23,6 +23,7 @@ from typing import Any
 
 from egpo_jax.core import advantages, entropy, losses, registry
 from egpo_jax.data import synthetic, templates
+from egpo_jax.evaluation import benchmarks
 from egpo_jax.models import config as model_config_lib
 from egpo_jax import rewards  # registers the reward functions  # noqa: F401
 from egpo_jax.training import distributed, optimizer
@@ -151,6 +152,15 @@ def path(kind: str) -> Domain:
   return Domain(lambda: f"'' or an existing {kind}",
                 lambda v: isinstance(v, str) and (v == "" or exists(v)),
                 "/nonexistent/egpo_jax_input", input_kind=kind)
+
+
+def held_out_set() -> Domain:
+  """'' (none), a benchmark name, or an existing .jsonl file (checked at start-up)."""
+  return Domain(lambda: f"'', one of {', '.join(benchmarks.BENCHMARKS)}, or an existing "
+                ".jsonl file",
+                lambda v: isinstance(v, str) and (v in ("",) + benchmarks.BENCHMARKS or (
+                    v.endswith(".jsonl") and os.path.isfile(v))),
+                "/nonexistent/held_out.jsonl", input_kind="file")
 
 
 def strings() -> Domain:
@@ -310,6 +320,11 @@ FIELDS: tuple[Field, ...] = (
     Field("train.max_consecutive_nonfinite", ints(lo=1), 5, "use >= 1"),
     Field("train.eval_prompts", ints(lo=1), 256, "use >= 1"),
     Field("train.eval_every", ints(lo=0), 20, "use >= 0 (0 = validate only at the end)"),
+    Field("train.eval_set", held_out_set(), "",
+          "the held-out set of a host-verified task (task.name='jsonl'): a benchmark name "
+          "or a JSONL like task.train_file; its first train.eval_prompts problems that fit "
+          "are evaluated before RL, every train.eval_every iterations and after; '' = none",
+          optional=True),
     Field("train.tensorboard", boolean(), True, "True also writes TensorBoard scalars"),
     # mesh
     Field("mesh.data", ints(lo=1, also=(-1,)), 1, "use >= 1, or -1 (= the remaining devices)",

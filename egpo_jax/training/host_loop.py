@@ -126,10 +126,22 @@ def _cut(gen: engine.Generation, lengths_N: jax.Array, pad_id: jax.Array) -> eng
       truncated_N=gen.truncated_N & ~cut_N)
 
 
+# The rollout phase: (params, prompt_ids_BxP, prompt_mask_BxP, rng) -> engine.Generation
+# with G responses per prompt (rows b * G + g) at the iteration's sampling settings.
+RolloutFn = Callable[[Any, jax.Array, jax.Array, jax.Array], engine.Generation]
+
+
 @functools.partial(jax.jit, static_argnames=("model_config", "settings"))
 def _rollout(params, ids, mask, rng, *, model_config, settings):
   return engine.rollout(params, ids, mask, rng, jnp.arange(ids.shape[0]),
                         config=model_config, spec=settings.sampling)
+
+
+def jitted_rollout(model_config: ModelConfig, settings: iteration.IterationSettings
+                   ) -> RolloutFn:
+  """The default rollout of `host_iteration`: `engine.rollout` as one jitted call (the
+  same sampler as the jitted loop). Another engine plugs in as another `RolloutFn`."""
+  return functools.partial(_rollout, model_config=model_config, settings=settings)
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
@@ -184,17 +196,19 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
                    task: HostTask, model_config: ModelConfig,
                    optimizer: optax.GradientTransformation,
                    settings: iteration.IterationSettings, ref_params: Any = None,
-                   max_tries: int = 1, placement: Any = None, donate: bool = False
-                   ) -> tuple[TrainState, dict[str, Any]]:
+                   max_tries: int = 1, placement: Any = None, donate: bool = False,
+                   rollout: RolloutFn | None = None) -> tuple[TrainState, dict[str, Any]]:
   """sample -> rollout -> verify (host) -> [re-sample for mixed groups] -> advantages ->
   update, with seconds per phase in the metrics. With dynamic sampling off and one try,
   it computes exactly what `iteration.rl_iteration` computes for the same rng.
 
   `placement` (a `distributed.BatchPlacement`) splits the prompts and the verification
   over processes; `process_prompts`, `process_rollouts` and `process_verified` count this
-  process's share. `donate` lets the update reuse the buffers of `state`.
+  process's share. `donate` lets the update reuse the buffers of `state`. `rollout`
+  samples the responses (default `jitted_rollout(model_config, settings)`).
   """
   place = _OneProcess() if placement is None else placement
+  rollout = rollout or jitted_rollout(model_config, settings)
   if (task.stop_strings or task.delimiter_text) and task.decode is None:
     raise ValueError("HostTask.stop_strings/delimiter_text need HostTask.decode")
   b = settings.prompts_per_batch
@@ -213,8 +227,7 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     t0 = time.perf_counter()
     ids, mask, answers = task.sample_prompts(kp, b_local)
     ids, mask = place.to_global((ids, mask))
-    gen = jax.block_until_ready(_rollout(state.params, ids, mask, kr,
-                                         model_config=model_config, settings=settings))
+    gen = jax.block_until_ready(rollout(state.params, ids, mask, kr))
     t1 = time.perf_counter()
     answers_n = [a for a in answers for _ in range(g)]
     if task.stop_strings:

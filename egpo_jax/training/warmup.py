@@ -1,19 +1,31 @@
-"""Supervised warm-up: next-token cross-entropy on worked solutions, so a tiny model
-starts RL with non-trivial accuracy (RL needs mixed groups to learn from)."""
+"""The SFT warm-up (config section `warmup`): supervised next-token cross-entropy on the
+synthetic task's worked solutions before RL, so a tiny model starts RL with non-trivial
+accuracy (RL needs mixed groups to learn from).
+
+Not to be confused with the learning-rate warm-up of the RL optimizer
+(`optim.warmup_steps`) nor with compiling before timing (a benchmark's "compile" run).
+"""
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 
 from egpo_jax.core import logprobs as logprobs_lib
 from egpo_jax.models import transformer
+from egpo_jax.data import synthetic
 from egpo_jax.models.config import ModelConfig
-from egpo_jax.training.optimizer import apply_gradients
+from egpo_jax.training import preemption
+from egpo_jax.training.optimizer import apply_gradients, make_optimizer
 from egpo_jax.types import TrainState
 
 
@@ -50,3 +62,41 @@ def run_warmup(state: TrainState, keys_S: jax.Array, *,
     return state, loss
 
   return jax.lax.scan(step, state, keys_S)
+
+
+SFT_STEPS_PER_CALL = 50   # SFT warm-up steps per jitted call; signals are honoured between
+
+
+def sft_warm_up(state: TrainState, rng: jax.Array, exp, c: ml_collections.ConfigDict, *,
+                steps_per_call: int = SFT_STEPS_PER_CALL) -> tuple[TrainState, dict[str, Any]]:
+  """The SFT warm-up of config `c.warmup` on the synthetic task; returns the state (its
+  optimizer state is the warm-up's own: the caller starts RL with a fresh one) and
+  {"steps", "first_loss", "final_loss", "seconds"}.
+
+  `exp` is the job's `experiment.Experiment` (its model config). Runs as jitted chunks of
+  `steps_per_call` steps (bitwise the same as one scan); a SIGTERM or SIGINT stops it at
+  the next chunk boundary (`preemption.raise_in_warmup`: nothing saved, the next run
+  redoes the warm-up exactly).
+  """
+  total = int(c.warmup.steps)
+  opt = make_optimizer(lr=c.warmup.lr, schedule="cosine", warmup_steps=min(50, total),
+                       total_steps=total, grad_clip=1.0)
+  state = TrainState.create(state.params, opt.init(state.params))
+  batch_fn = functools.partial(synthetic.sft_batch, batch_size=c.warmup.batch_size,
+                               difficulty=c.task.difficulty, prompt_len=c.task.max_prompt_len,
+                               response_len=c.rollout.max_new_tokens)
+  run = jax.jit(functools.partial(run_warmup, batch_fn=batch_fn, optimizer=opt,
+                                  model_config=exp.model_config))
+  keys = jax.random.split(rng, total)
+  t0 = time.perf_counter()
+  losses = []
+  for start in range(0, total, steps_per_call):
+    done = min(start + steps_per_call, total)
+    state, chunk = run(state, keys[start:done])
+    losses.append(np.asarray(chunk))
+    if done < total and preemption.stop_requested(done, warmup=True):
+      preemption.raise_in_warmup(done, total)
+  losses = np.concatenate(losses)
+  return state, {"steps": total, "first_loss": float(losses[0]),
+                 "final_loss": float(losses[-10:].mean()),
+                 "seconds": time.perf_counter() - t0}

@@ -110,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_consecutive_nonfinite = 5
   c.train.eval_prompts = 256       # validation prompts (x4 samples), a fixed set
   c.train.eval_every = 20          # validation (accuracy, calibration) every N iterations
+  c.train.eval_set = ""            # host-verified tasks: held-out benchmark or JSONL
   c.train.tensorboard = True
 
   # Devices: a (data, fsdp, tensor) mesh over every device of every process; -1 = the

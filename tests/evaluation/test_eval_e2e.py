@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from egpo_jax.evaluation import benchmarks, calibration, loading, runner
+from egpo_jax.evaluation import benchmarks, calibration, loading
 from egpo_jax.models import hf_io
+from egpo_jax.training import experiment, validation
 from egpo_jax.training import train as train_lib
 from experiments import compare, evaluate, export_hf
 from experiments.configs import tiny
@@ -142,9 +143,9 @@ def test_synthetic_before_and_after_rl_and_from_the_hf_export(demo_workdir, tmp_
 
 
 def test_validation_hook_for_the_trainer(demo_workdir):
-  exp = train_lib.build(tiny_config())
+  exp = experiment.build(tiny_config())
   _, params, _, _, _ = loading.read_workdir(demo_workdir)
-  out = runner.evaluate_jax_task(params, jax.random.PRNGKey(3), task=exp.task,
+  out = validation.evaluate_jax_task(params, jax.random.PRNGKey(3), task=exp.task,
                                  model_config=exp.model_config, spec=exp.settings.sampling,
                                  num_prompts=8, delimiter_ids=(300,))
   assert out["num_responses"] == 32 and 0.0 <= out["accuracy"] <= 1.0

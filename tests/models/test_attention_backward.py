@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from egpo_jax.models import attention
 from egpo_jax.models import transformer as tr
 from egpo_jax.models.config import ModelConfig
 
@@ -36,19 +37,23 @@ def _inputs(seed):
   w = jax.random.normal(ks[3], (B, T, H, K))
   # Row 0 unpadded, row 1 left-padded by 3, row 2 by T - 1 (one real token).
   mask = jnp.arange(T)[None] >= jnp.array([0, 3, T - 1])[:, None]
-  allowed = jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]
-  return q, k, v, w, allowed
+  return q, k, v, w, mask
+
+
+def _allowed(mask):
+  return jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]
 
 
 class AttentionBackwardTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_values_and_gradients_match_where_reference(self):
-    q, k, v, w, allowed = _inputs(0)
+    q, k, v, w, mask = _inputs(0)
+    allowed = _allowed(mask)
 
     @self.variant
     def both(q, k, v):
-      mine = lambda q, k, v: jnp.sum(tr._attend_recompute(q, k, v, allowed) * w)
+      mine = lambda q, k, v: jnp.sum(attention._attend_recompute(q, k, v, mask) * w)
       ref = lambda q, k, v: jnp.sum(_reference(q, k, v, allowed) * w)
       return (jax.value_and_grad(mine, (0, 1, 2))(q, k, v),
               jax.value_and_grad(ref, (0, 1, 2))(q, k, v))
@@ -60,19 +65,20 @@ class AttentionBackwardTest(chex.TestCase):
   def test_fully_masked_query_rows_give_the_uniform_average(self):
     # Row 2's first T - 1 query positions are pads: no allowed key, so the softmax is
     # uniform over all keys instead of NaN.
-    q, k, v, _, allowed = _inputs(1)
-    out = tr._attend(q, k, v, allowed)
+    q, k, v, _, mask = _inputs(1)
+    out = attention._attend(q, k, v, _allowed(mask))
     assert bool(jnp.isfinite(out).all())
     mean_v = jnp.repeat(v[2].mean(0), H // G, axis=0)
     np.testing.assert_allclose(out[2, 0], mean_v, atol=1e-5)
 
   def test_backward_keeps_only_the_inputs(self):
     # The point of the custom VJP: no float32 [B, heads, T, S] scores or probabilities
-    # are saved between the forward and backward passes, only q, k, v and the bool mask.
-    q, k, v, _, allowed = _inputs(2)
-    _, residuals = jax.jit(tr._attend_recompute_fwd)(q, k, v, allowed)
+    # are saved between the forward and backward passes, only q, k, v and the [B, S]
+    # key mask.
+    q, k, v, _, mask = _inputs(2)
+    _, residuals = jax.jit(attention._attend_recompute_fwd)(q, k, v, mask)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(residuals)] == [
-        (x.shape, x.dtype) for x in (q, k, v, allowed)]
+        (x.shape, x.dtype) for x in (q, k, v, mask)]
 
 
 def test_forward_gradient_matches_reference_attention(monkeypatch):
@@ -90,7 +96,8 @@ def test_forward_gradient_matches_reference_attention(monkeypatch):
     return jnp.sum(jnp.where(mask[..., None], logits, 0.0) ** 2)
 
   mine = jax.jit(jax.value_and_grad(loss))(params)
-  monkeypatch.setattr(tr, "_attend_recompute", _reference)
+  monkeypatch.setattr(attention, "_attend_recompute", lambda q, k, v, kv_mask: _reference(
+      q, k, v, attention.causal_allowed(kv_mask, q.shape[1])))
   ref = jax.jit(jax.value_and_grad(loss))(params)
   chex.assert_trees_all_close(mine, ref, atol=2e-5, rtol=2e-5)
 

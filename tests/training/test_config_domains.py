@@ -140,7 +140,7 @@ def test_model_name_is_checked_against_the_checkpoint_and_gives_the_shapes_witho
     tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   from egpo_jax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
-  from egpo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  from egpo_jax.training import experiment  # pylint: disable=g-import-not-at-top
   with open(tmp_path / "config.json", "w") as f:
     json.dump(model_config_lib.to_hf_dict(model_config_lib.get_config("tiny")), f)
   c = config_lib.with_overrides(tiny.get_config(), {"model.preset": "hf",
@@ -151,7 +151,7 @@ def test_model_name_is_checked_against_the_checkpoint_and_gives_the_shapes_witho
     config_lib.validate(config_lib.with_overrides(c, {"model.name": "small"}))
   # No checkpoint folder: model.name gives the shapes (a dry run with random weights).
   dry = config_lib.with_overrides(c, {"model.path": "", "model.name": "small"})
-  assert train_lib.build(dry).model_config == model_config_lib.get_config("small")
+  assert experiment.build(dry).model_config == model_config_lib.get_config("small")
 
 
 @pytest.mark.parametrize("name", sorted(domains.BY_NAME))
@@ -198,9 +198,9 @@ def test_documented_bad_inputs_print_the_documented_line(args, code, message, tm
 
 
 def test_a_finished_runs_config_builds_without_its_training_inputs(tmp_path):
-  from egpo_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  from egpo_jax.training import experiment  # pylint: disable=g-import-not-at-top
   c = config_lib.with_overrides(tiny.get_config(), {"task.train_file": "/gone/train.jsonl"})
   with pytest.raises(config_lib.ConfigError, match="config.task.train_file="):
     config_lib.validate(c)
   config_lib.validate(c, inputs_exist=False)
-  assert train_lib.build(c).model_config.hidden_size == 64
+  assert experiment.build(c).model_config.hidden_size == 64

@@ -25,6 +25,7 @@ import chex
 import pytest
 
 from egpo_jax.training import preemption
+from egpo_jax.training import experiment
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
 
@@ -68,8 +69,8 @@ def _finalized_steps(workdir):
 
 
 def _assert_same_run(workdir, reference):
-  step, state, _ = train_lib.load_checkpoint(str(workdir))
-  ref_step, ref_state, _ = train_lib.load_checkpoint(str(reference))
+  step, state, _ = experiment.read_train_state(str(workdir))
+  ref_step, ref_state, _ = experiment.read_train_state(str(reference))
   assert step == ref_step == 6
   chex.assert_trees_all_equal(state.params, ref_state.params)
   chex.assert_trees_all_equal(state.opt_state, ref_state.opt_state)

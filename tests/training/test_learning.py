@@ -8,6 +8,7 @@ prompt distribution and sampling temperature as the validation), compared with t
 model's validation accuracy on 4,096 responses.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -17,7 +18,7 @@ import pytest
 
 from egpo_jax.models import transformer
 from egpo_jax.training import iteration
-from egpo_jax.training import train as train_lib
+from egpo_jax.training import experiment, validation, warmup
 from egpo_jax.types import TrainState
 from experiments.configs import default
 
@@ -30,15 +31,19 @@ ITERATIONS = 40
 
 def test_warmup_band_and_rl_lift():
   c = default.get_config()
-  exp = train_lib.build(c)
+  exp = experiment.build(c)
   params = transformer.init_params(exp.model_config, jax.random.PRNGKey(0))
-  warm, info = train_lib.warm_up(TrainState.create(params, None), jax.random.PRNGKey(1),
+  warm, info = warmup.sft_warm_up(TrainState.create(params, None), jax.random.PRNGKey(1),
                                   exp, c)
   eval_key = jax.random.PRNGKey(2)
-  before = train_lib.evaluate(warm.params, eval_key, exp, num_prompts=1024)["accuracy"]
+  spec = dataclasses.replace(exp.settings.sampling, group_size=validation.EVAL_SAMPLES,
+                             return_entropy=False)
+  evaluate = functools.partial(validation.evaluate_jax_task, task=exp.task,
+                               model_config=exp.model_config, spec=spec, num_prompts=1024)
+  before = evaluate(warm.params, eval_key)["accuracy"]
   assert WARMUP_BAND[0] <= before <= WARMUP_BAND[1], (before, info)
 
-  opt = train_lib.rl_optimizer(c, ITERATIONS)
+  opt = experiment.rl_optimizer(c, ITERATIONS)
   state = TrainState.create(warm.params, opt.init(warm.params))
   algos = {"egpo": iteration.AlgoArrays.create("egpo"),
            "grpo": iteration.AlgoArrays.create("egpo", calibrate=False, nsr=False)}

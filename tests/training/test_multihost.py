@@ -16,6 +16,7 @@ import sys
 import chex
 import pytest
 
+from egpo_jax.training import experiment
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
 
@@ -97,8 +98,8 @@ def test_each_process_handles_its_own_share(runs):
 def test_two_processes_train_like_one(runs):
   tmp, _ = runs
   single, multi = str(tmp / "work_single"), str(tmp / "work_multi")
-  step_s, state_s, extra_s = train_lib.load_checkpoint(single)
-  step_m, state_m, extra_m = train_lib.load_checkpoint(multi)
+  step_s, state_s, extra_s = experiment.read_train_state(single)
+  step_m, state_m, extra_m = experiment.read_train_state(multi)
   assert step_s == step_m == ITERATIONS
   # Same global batches and per-response keys, so the same responses; the update differs
   # only in the order of its float32 reductions over the mesh.

@@ -19,6 +19,7 @@ from egpo_jax.models import transformer
 from egpo_jax.training import config as config_lib
 from egpo_jax.training import metrics as metrics_lib
 from egpo_jax.training import preemption
+from egpo_jax.training import experiment, warmup
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.checkpointing import Checkpointer
 from egpo_jax.types import TrainState
@@ -70,26 +71,26 @@ def test_the_second_ctrl_c_aborts_even_after_a_sigterm(monkeypatch, capfd):
 
 def test_a_signal_in_the_warmup_stops_at_its_next_chunk(monkeypatch):
   c = config_lib.with_overrides(tiny.get_config(), {"warmup.steps": 6})
-  exp = train_lib.build(c)
+  exp = experiment.build(c)
   state = TrainState.create(transformer.init_params(exp.model_config, jax.random.PRNGKey(0)),
                             None)
   steps = []
   monkeypatch.setattr(preemption, "stop_requested",
                       lambda step, warmup=False: steps.append((step, warmup)) or step >= 4)
   with pytest.raises(preemption.Preempted, match="warm-up after step 4 of 6") as info:
-    train_lib.warm_up(state, jax.random.PRNGKey(1), exp, c, steps_per_call=2)
+    warmup.sft_warm_up(state, jax.random.PRNGKey(1), exp, c, steps_per_call=2)
   assert steps == [(2, True), (4, True)] and info.value.checkpoint_path is None
 
 
 @pytest.mark.slow
 def test_warmup_in_chunks_is_bitwise_one_scan():
   c = config_lib.with_overrides(tiny.get_config(), {"warmup.steps": 6})
-  exp = train_lib.build(c)
+  exp = experiment.build(c)
   state = TrainState.create(transformer.init_params(exp.model_config, jax.random.PRNGKey(0)),
                             None)
-  whole, info_whole = train_lib.warm_up(state, jax.random.PRNGKey(1), exp, c,
+  whole, info_whole = warmup.sft_warm_up(state, jax.random.PRNGKey(1), exp, c,
                                         steps_per_call=6)
-  parts, info_parts = train_lib.warm_up(state, jax.random.PRNGKey(1), exp, c,
+  parts, info_parts = warmup.sft_warm_up(state, jax.random.PRNGKey(1), exp, c,
                                         steps_per_call=4)   # chunks of 4 and 2
   chex.assert_trees_all_equal(whole.params, parts.params)
   chex.assert_trees_all_equal(whole.opt_state, parts.opt_state)
@@ -100,10 +101,10 @@ def test_warmup_in_chunks_is_bitwise_one_scan():
 def test_chunks_end_at_checkpoints_validations_and_multiples_of_k():
   ends, it = [], 0
   while it < 20:
-    it = train_lib._chunk_end(it, 20, 4, 10, 6)  # pylint: disable=protected-access
+    it = train_lib.chunk_end(it, 20, 4, 10, 6)
     ends.append(it)
   assert ends == [4, 6, 8, 10, 12, 16, 18, 20]
-  assert train_lib._chunk_end(3, 20, 4, 10, 0) == 4   # pylint: disable=protected-access
+  assert train_lib.chunk_end(3, 20, 4, 10, 0) == 4
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from egpo_jax.training import config as config_lib
+from egpo_jax.training import experiment
 from egpo_jax.training import train as train_lib
 from egpo_jax.training.metrics import read_jsonl
 from experiments.configs import tiny
@@ -58,8 +59,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
   assert read_jsonl(os.path.join(resumed, "metrics.jsonl"))[-1]["step"] == 2
   train_lib.train(c, resumed, progress=False)
 
-  step_a, state_a, _ = train_lib.load_checkpoint(straight)
-  step_b, state_b, _ = train_lib.load_checkpoint(resumed)
+  step_a, state_a, _ = experiment.read_train_state(straight)
+  step_b, state_b, _ = experiment.read_train_state(resumed)
   assert step_a == step_b == 4
   chex.assert_trees_all_equal(state_a.params, state_b.params)   # bitwise on CPU
   chex.assert_trees_all_equal(state_a.opt_state, state_b.opt_state)

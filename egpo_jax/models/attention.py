@@ -1,0 +1,334 @@
+"""Attention: one entry point, `attend`, for the training forward, the shared-prompt
+("extend") layout and one-token decoding.
+
+    out_BxTxHxK = attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS,
+                         implementation=config.attention)
+    out_BxHxK = attend(q_BxHxK, k_BxGxKxS, v_BxGxSxK, kv_mask_BxS, prefix=...,
+                       implementation=config.attention)       # decoding, one query per row
+
+Grouped-query softmax attention: query head h reads kv head h // (H / G). With T queries
+per row they are the last T of the S key slots and attend causally (query t sees slots
+s <= S - T + t) to the slots whose kv_mask_BxS is set: a causal pass has S = T, the
+"extend" layout S = P + T (the shared prompt's P slots first). Padding is on the left; a
+query row with no valid key (a left pad) gets finite garbage, never NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Finite, so that a row with no valid key (a left pad) gives a uniform softmax, not NaN.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+IMPLEMENTATIONS = ("reference", "blockwise")
+
+
+def attend(q, k, v, kv_mask_BxS, *, implementation: str = "reference", prefix=None):
+  """Softmax attention of q over the keys k and values v; see the module docstring.
+
+  Args:
+    q: [B, T, H, K] queries (RoPE applied); or [B, H, K], one query per row (decoding).
+    k, v: [B, S, G, K] keys and values; for one query per row the decode layout,
+      keys [B, G, K, S] and values [B, G, S, K] (`transformer.decode_layout`).
+    kv_mask_BxS: bool, slot s of row b holds a valid key.
+    implementation: one of IMPLEMENTATIONS (`ModelConfig.attention`).
+    prefix: one query per row only: an optional shared prefix (keys [Bp, G, K, P],
+      values [Bp, G, P, K], mask [Bp, P]) read by groups of B / Bp consecutive rows.
+
+  Returns:
+    [B, T, H, K] (or [B, H, K]) in v's dtype.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of "
+                     f"{IMPLEMENTATIONS}")
+  if q.ndim == 3:
+    # One query: the scores are [B, H, S], nothing to save; every implementation uses
+    # the single-query path, which reads the decode cache layout without copies.
+    return _attend_one(q, k, v, kv_mask_BxS, prefix)
+  if prefix is not None:
+    raise ValueError("attend: prefix is for one query per row (decoding) only")
+  if implementation == "blockwise":
+    return attend_blockwise(q, k, v, kv_mask_BxS)
+  return _attend_recompute(q, k, v, kv_mask_BxS)
+
+
+def causal_allowed(kv_mask_BxS, t):
+  """bool [B, T, S]: query t (the last T of the S slots) may read slot s."""
+  s = kv_mask_BxS.shape[1]
+  causal_TxS = jnp.arange(s)[None, :] <= jnp.arange(s - t, s)[:, None]
+  return causal_TxS[None] & kv_mask_BxS.astype(jnp.bool_)[:, None, :]
+
+
+def _attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, allowed_BxTxS):
+  """Grouped-query softmax attention in float32; query head h reads kv head h // (H / G).
+
+  Heads are moved in front of the positions once, and the H / G query heads that share a
+  kv head are stacked along the rows, so both products are plain batched matmuls over
+  (B, G) with the contraction in the last dimension: XLA:CPU then needs no transposes of
+  the [B, heads, T, S] scores in the backward pass, and K/V are never repeated per head.
+  """
+  b, t, h, hd = q_BxTxHxK.shape
+  s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  r = h // g
+  q_BxGxRTxK = q_BxTxHxK.reshape(b, t, g, r, hd).transpose(0, 2, 3, 1, 4).reshape(
+      b, g, r * t, hd)
+  k_BxGxSxK = jnp.swapaxes(k_BxSxGxK, 1, 2)
+  v_BxGxSxK = jnp.swapaxes(v_BxSxGxK, 1, 2)
+  scores = jnp.einsum("bgtk,bgsk->bgts", q_BxGxRTxK, k_BxGxSxK,
+                      preferred_element_type=jnp.float32) / math.sqrt(hd)
+  allowed = jnp.broadcast_to(allowed_BxTxS[:, None, None], (b, 1, r, t, s)).reshape(
+      b, 1, r * t, s)
+  scores = jnp.where(allowed, scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxK.dtype)
+  out = jnp.einsum("bgts,bgsk->bgtk", probs, v_BxGxSxK)
+  return out.reshape(b, g, r, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+
+@jax.custom_vjp
+def _attend_recompute(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS):
+  """`_attend`, keeping only its inputs for the backward pass, which recomputes the rest.
+
+  Autodiff of `_attend` inside the layer scan stacks two float32 [B, heads, T, S]
+  arrays per layer (zero-filled, then written layer by layer); recomputing the scores in
+  the backward pass costs two small matmuls and is faster on CPU (with the flattened
+  projections: the benchmark update 1.28x faster, tiny and small models). A custom VJP
+  rather than jax.checkpoint, so that the `remat` flag keeps meaning "rematerialise the
+  whole layer". Reverse mode only (no jax.jvp), like the log-probs. The dense [B, T, S]
+  mask is rebuilt from kv_mask_BxS in both passes, so a layer scan saves only the
+  [B, S] key mask per layer.
+  """
+  return _attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK,
+                 causal_allowed(kv_mask_BxS, q_BxTxHxK.shape[1]))
+
+
+def _attend_recompute_fwd(q, k, v, kv_mask):
+  return _attend(q, k, v, causal_allowed(kv_mask, q.shape[1])), (q, k, v, kv_mask)
+
+
+def _attend_recompute_bwd(residuals, g_out):
+  q, k, v, kv_mask = residuals
+  allowed = causal_allowed(kv_mask, q.shape[1])
+  _, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, allowed), q, k, v)
+  return (*vjp(g_out), None)
+
+
+_attend_recompute.defvjp(_attend_recompute_fwd, _attend_recompute_bwd)
+
+
+def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix=None):
+  """`_attend` for one query token per row, keys [B, kv heads, head_dim, S] and values
+  [B, kv heads, S, head_dim].
+
+  prefix: optional (keys [Bp, kv heads, head_dim, P], values [Bp, kv heads, P, head_dim],
+  mask [Bp, P]) shared by groups of B / Bp consecutive rows (`share_prefix`). The group's
+  queries are stacked along the rows, so the prefix is read once per group in one
+  [C * r, head_dim] @ [head_dim, P] product per (prompt, kv head), C = B / Bp; its scores
+  join the rows' own in one softmax.
+  """
+  b, h, hd = q_BxHxK.shape
+  g = k_BxGxKxS.shape[1]
+  r = h // g
+  q = q_BxHxK.reshape(b, g, r, hd)
+  scores = jnp.einsum("bgrk,bgks->bgrs", q, k_BxGxKxS,
+                      preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores = jnp.where(mask_BxS[:, None, None], scores, _MASK_VALUE)
+  if prefix is None:
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
+    return jnp.einsum("bgrs,bgsk->bgrk", probs, v_BxGxSxK).reshape(b, h, hd)
+  k_BpxGxKxP, v_BpxGxPxK, mask_BpxP = prefix
+  bp, p = mask_BpxP.shape
+  c = b // bp
+  # [B, g, r, K] -> [Bp, g, C * r, K]: row b * C + j's query heads under prompt b.
+  q_grouped = q.reshape(bp, c, g, r, hd).transpose(0, 2, 1, 3, 4).reshape(bp, g, c * r, hd)
+  prefix_scores = jnp.einsum("bgqk,bgkp->bgqp", q_grouped, k_BpxGxKxP,
+                             preferred_element_type=jnp.float32) / math.sqrt(hd)
+  prefix_scores = jnp.where(mask_BpxP[:, None, None], prefix_scores, _MASK_VALUE)
+  prefix_scores = prefix_scores.reshape(bp, g, c, r, p).transpose(0, 2, 1, 3, 4).reshape(
+      b, g, r, p)
+  probs = jax.nn.softmax(jnp.concatenate([prefix_scores, scores], axis=-1), axis=-1)
+  probs = probs.astype(v_BxGxSxK.dtype)
+  prefix_probs = probs[..., :p].reshape(bp, c, g, r, p).transpose(0, 2, 1, 3, 4).reshape(
+      bp, g, c * r, p)
+  prefix_out = jnp.einsum("bgqp,bgpk->bgqk", prefix_probs, v_BpxGxPxK)
+  prefix_out = prefix_out.reshape(bp, g, c, r, hd).transpose(0, 2, 1, 3, 4).reshape(
+      b, g, r, hd)
+  out = jnp.einsum("bgrs,bgsk->bgrk", probs[..., p:], v_BxGxSxK) + prefix_out
+  return out.reshape(b, h, hd)
+
+
+# --- blockwise: flash-style attention in plain JAX ---------------------------------------
+
+# Query and key block length. Each step's scores are [B, G, block * H / G, block] float32;
+# 512 keeps the matmuls big enough for XLA:CPU (see benchmarks/scenarios/attention.py).
+BLOCK_SIZE = 512
+
+
+def _block_plan(t: int, s: int, block: int):
+  """Static block bounds of a causal pass: T queries as the last T of S slots.
+
+  Returns (bq, bk, nq, nk, kv_blocks, q_first): query block i reads key blocks
+  [0, kv_blocks[i]); key block j is read by query blocks [q_first[j], nq).
+  """
+  bq, bk = min(block, t), min(block, s)
+  nq, nk = -(-t // bq), -(-s // bk)
+  offset = s - t
+  last_slot = offset + (np.arange(nq) + 1) * bq - 1      # of each query block
+  kv_blocks = np.minimum(nk, last_slot // bk + 1).astype(np.int32)
+  q_first = np.array([int(np.argmax(kv_blocks > j)) for j in range(nk)], np.int32)
+  return bq, bk, nq, nk, kv_blocks, q_first
+
+
+def _grouped_queries(x_BxTxHxK, g, tp):
+  """[B, T, H, K] -> [B, G, Tp * R, K], padded at the end to Tp positions: position-major,
+  the R = H / G query heads of a kv head adjacent, so a block of positions is contiguous."""
+  b, t, h, hd = x_BxTxHxK.shape
+  x = jnp.pad(x_BxTxHxK, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  return x.reshape(b, tp, g, h // g, hd).transpose(0, 2, 1, 3, 4).reshape(b, g, -1, hd)
+
+
+def _grouped_keys(x_BxSxGxK, sp):
+  """[B, S, G, K] -> [B, G, Sp, K], padded at the end to Sp slots."""
+  s = x_BxSxGxK.shape[1]
+  return jnp.pad(jnp.swapaxes(x_BxSxGxK, 1, 2), ((0, 0), (0, 0), (0, sp - s), (0, 0)))
+
+
+def _ungrouped(x_BxGxTRxK, t, h):
+  """[B, G, Tp * R, K] -> [B, T, H, K] (the inverse of `_grouped`'s query layout)."""
+  b, g, tpr, hd = x_BxGxTRxK.shape
+  r = h // g
+  x = x_BxGxTRxK.reshape(b, g, tpr // r, r, hd).transpose(0, 2, 1, 3, 4)
+  return x.reshape(b, tpr // r, h, hd)[:, :t]
+
+
+def _block_allowed(mask_BxK, first_slot_kv, pos_Q):
+  """[B, 1, Q, K]: query rows at slots pos_Q may read keys first_slot_kv + k (causal, valid)."""
+  slots = first_slot_kv + jnp.arange(mask_BxK.shape[1])
+  return mask_BxK[:, None, None, :] & (slots[None, :] <= pos_Q[:, None])[None, None]
+
+
+def _blockwise_fwd_impl(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, block):
+  """Online-softmax forward (Dao et al., 2022): returns the output [B, T, H, K] and the
+  log-sum-exp of every grouped query row [B, G, Tp * R] (float32; +huge where a row has no
+  valid key, whose output is 0)."""
+  b, t, h, hd = q_BxTxHxK.shape
+  s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  r, scale = h // g, 1.0 / math.sqrt(hd)
+  bq, bk, nq, nk, kv_blocks, _ = _block_plan(t, s, block)
+  q = _grouped_queries(q_BxTxHxK, g, nq * bq)
+  k, v = _grouped_keys(k_BxSxGxK, nk * bk), _grouped_keys(v_BxSxGxK, nk * bk)
+  mask = jnp.pad(kv_mask_BxS.astype(jnp.bool_), ((0, 0), (0, nk * bk - s)))
+  kv_blocks = jnp.asarray(kv_blocks)
+  rows = bq * r
+
+  def query_block(i):
+    q_i = jax.lax.dynamic_slice_in_dim(q, i * rows, rows, axis=2)
+    pos = (s - t) + i * bq + jnp.arange(rows) // r
+
+    def key_block(j, carry):
+      acc, m, l = carry
+      k_j, v_j = (jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=2) for x in (k, v))
+      mask_j = jax.lax.dynamic_slice_in_dim(mask, j * bk, bk, axis=1)
+      scores = jnp.einsum("bgqk,bgsk->bgqs", q_i, k_j,
+                          preferred_element_type=jnp.float32) * scale
+      scores = jnp.where(_block_allowed(mask_j, j * bk, pos), scores, _MASK_VALUE)
+      m_new = jnp.maximum(m, scores.max(-1))
+      p = jnp.exp(scores - m_new[..., None])
+      alpha = jnp.exp(m - m_new)
+      acc = acc * alpha[..., None] + jnp.einsum(
+          "bgqs,bgsk->bgqk", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+      return acc, m_new, l * alpha + p.sum(-1)
+
+    init = (jnp.zeros((b, g, rows, hd), jnp.float32),
+            jnp.full((b, g, rows), _MASK_VALUE, jnp.float32), jnp.zeros((b, g, rows), jnp.float32))
+    acc, m, l = jax.lax.fori_loop(0, kv_blocks[i], key_block, init)
+    valid = m > _MASK_VALUE / 2       # some key was allowed
+    out = jnp.where(valid[..., None], acc / l[..., None], 0.0).astype(v.dtype)
+    return out, jnp.where(valid, m + jnp.log(l), -_MASK_VALUE)
+
+  out_N, lse_N = jax.lax.map(query_block, jnp.arange(nq))
+  # [nq, B, G, rows, ...] -> [B, G, nq * rows, ...]
+  out = jnp.moveaxis(out_N, 0, 2).reshape(b, g, nq * rows, hd)
+  lse = jnp.moveaxis(lse_N, 0, 2).reshape(b, g, nq * rows)
+  return _ungrouped(out, t, h), lse
+
+
+def _blockwise_bwd_impl(block, residuals, g_out):
+  """One pass over the (query block, key block) pairs the causal mask leaves: each key
+  block accumulates its dK, dV over the query blocks that read it, and dQ accumulates in
+  place, so nothing larger than one [B, G, block * R, block] score block is live."""
+  q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, out_BxTxHxK, lse = residuals
+  b, t, h, hd = q_BxTxHxK.shape
+  s, g = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+  r, scale = h // g, 1.0 / math.sqrt(hd)
+  bq, bk, nq, nk, _, q_first = _block_plan(t, s, block)
+  q, do, o = (_grouped_queries(x, g, nq * bq)
+               for x in (q_BxTxHxK, g_out.astype(q_BxTxHxK.dtype), out_BxTxHxK))
+  k, v = _grouped_keys(k_BxSxGxK, nk * bk), _grouped_keys(v_BxSxGxK, nk * bk)
+  mask = jnp.pad(kv_mask_BxS.astype(jnp.bool_), ((0, 0), (0, nk * bk - s)))
+  # D_i = rowsum(dO * O): the softmax backward's correction term.
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  q_first = jnp.asarray(q_first)
+  rows = bq * r
+
+  def key_block(dq, j):
+    k_j, v_j = (jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=2) for x in (k, v))
+    mask_j = jax.lax.dynamic_slice_in_dim(mask, j * bk, bk, axis=1)
+
+    def query_block(i, carry):
+      dq, dk, dv = carry
+      q_i, do_i = (jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=2) for x in (q, do))
+      lse_i, delta_i = (jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=2)
+                        for x in (lse, delta))
+      pos = (s - t) + i * bq + jnp.arange(rows) // r
+      scores = jnp.einsum("bgqk,bgsk->bgqs", q_i, k_j,
+                          preferred_element_type=jnp.float32) * scale
+      scores = jnp.where(_block_allowed(mask_j, j * bk, pos), scores, _MASK_VALUE)
+      p = jnp.exp(scores - lse_i[..., None])
+      dv = dv + jnp.einsum("bgqs,bgqk->bgsk", p.astype(do.dtype), do_i,
+                           preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bgqk,bgsk->bgqs", do_i, v_j, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+      dq_i = jax.lax.dynamic_slice_in_dim(dq, i * rows, rows, axis=2) + jnp.einsum(
+          "bgqs,bgsk->bgqk", ds, k_j, preferred_element_type=jnp.float32)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * rows, axis=2)
+      dk = dk + jnp.einsum("bgqs,bgqk->bgsk", ds, q_i, preferred_element_type=jnp.float32)
+      return dq, dk, dv
+
+    zeros = jnp.zeros((b, g, bk, hd), jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(q_first[j], nq, query_block, (dq, zeros, zeros))
+    return dq, (dk, dv)
+
+  dq, (dk_N, dv_N) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+  dq = _ungrouped(dq, t, h).astype(q_BxTxHxK.dtype)
+  # [nk, B, G, bk, K] -> [B, S, G, K]
+  dk, dv = (jnp.moveaxis(x, 0, 2).reshape(b, g, nk * bk, hd)[:, :, :s].swapaxes(1, 2)
+            for x in (dk_N, dv_N))
+  return dq, dk.astype(k_BxSxGxK.dtype), dv.astype(v_BxSxGxK.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend_blockwise(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, block=BLOCK_SIZE):
+  """Causal grouped-query attention over key/value blocks, never materialising the
+  [T, S] scores: O(T x block) memory per row and head, forward and backward.
+
+  The forward keeps a running max and sum per query row (online softmax) and rescales its
+  accumulator as each key block arrives; only the key blocks at or before a query block's
+  last position are visited. The custom VJP saves q, k, v, the output and the rows'
+  log-sum-exp, and recomputes each block's probabilities in the backward pass. Values
+  equal `_attend`'s wherever a query row has a valid key; a row with none (a left pad)
+  gives 0 and passes no gradient (reference: the uniform average).
+  """
+  return _blockwise_fwd_impl(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, block)[0]
+
+
+def _attend_blockwise_fwd(q, k, v, kv_mask, block):
+  out, lse = _blockwise_fwd_impl(q, k, v, kv_mask, block)
+  return out, (q, k, v, kv_mask, out, lse)
+
+
+attend_blockwise.defvjp(_attend_blockwise_fwd, _blockwise_bwd_impl)
