@@ -433,3 +433,41 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     if reported.all():
       return _finish_jit(nxt)
     state = nxt
+
+
+class HostRollout:
+  """Host mode's rollout (`host_loop.RolloutFn`) on continuous batching.
+
+  Prompts come left-padded to the task's max_prompt_len; each batch is cut to the
+  power-of-two bucket of its longest prompt (a few compiled sizes instead of one at
+  max_prompt_len). `streams`: `host_loop.host_iteration` passes `on_finished` to verify
+  finished responses while decoding continues (every `chunk_steps` steps). After each
+  call `last_stats` holds the slot utilisation and step counts.
+  """
+  streams = True
+
+  def __init__(self, model_config, spec: ContinuousSpec, *, chunk_steps: int = 32):
+    self.model_config, self.spec, self.chunk_steps = model_config, spec, int(chunk_steps)
+    self.last_stats: dict[str, float] = {}
+
+  def __call__(self, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, caps_N=None,
+               on_finished: Callable | None = None) -> engine.Generation:
+    if jax.process_count() > 1:
+      raise ValueError("rollout.slots > 0 (continuous batching) runs in one process: its "
+                       "host-side chunk loop reads every response; set rollout.slots=0 for "
+                       "a multi-process run")
+    ids, mask = np.asarray(prompt_ids_BxP), np.asarray(prompt_mask_BxP)
+    bucket = engine.bucket_length(int(mask.astype(bool).sum(1).max()))
+    if bucket < ids.shape[1]:
+      ids, mask = ids[:, -bucket:], mask[:, -bucket:]
+    out = generate(params, ids, mask, rng, config=self.model_config, spec=self.spec,
+                   caps_N=caps_N, chunk_steps=self.chunk_steps if on_finished else 0,
+                   on_finished=on_finished)
+    steps, busy = int(out.num_steps), int(out.busy_slot_steps)
+    self.last_stats = {"slot_utilisation": busy / max(1, steps * self.spec.slots),
+                       "rollout_steps": steps, "prompt_bucket": ids.shape[1]}
+    return engine.Generation(
+        completion_ids_NxT=out.completion_ids_NxT,
+        completion_mask_NxT=out.completion_mask_NxT, logps_NxT=out.logps_NxT,
+        entropy_NxT=out.entropy_NxT, lengths_N=out.lengths_N, truncated_N=out.truncated_N,
+        num_steps=out.num_steps)

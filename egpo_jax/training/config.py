@@ -150,14 +150,16 @@ def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
       dual_clip=c.loss.dual_clip if c.loss.dual_clip > 0 else None,
       aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
       kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk,
-      loss=c.loss.name, share_prompts=c.ppo.share_prompts)
+      loss=c.loss.name, share_prompts=c.ppo.share_prompts,
+      length_buckets=c.ppo.get("length_buckets", 0))
 
 
 def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...], pad_id: int,
                        delimiter_ids: tuple[int, ...] | None) -> iteration.IterationSettings:
   spec = engine.SamplingSpec(
       group_size=c.rollout.group_size, max_new_tokens=c.rollout.max_new_tokens,
-      eos_ids=tuple(eos_ids), pad_id=pad_id, temperature=c.rollout.temperature,
+      eos_ids=tuple(eos_ids) + tuple(c.rollout.get("stop_token_ids", ())),
+      pad_id=pad_id, temperature=c.rollout.temperature,
       top_k=c.rollout.top_k, top_p=c.rollout.top_p, cache_phases=c.rollout.cache_phases,
       shared_prompt_min_len=c.rollout.shared_prompt_min_len,
       return_entropy=c.algo.advantage == "edge_grpo")

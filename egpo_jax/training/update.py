@@ -53,11 +53,16 @@ class UpdateSettings:
   # Run each prompt once per micro-batch for its G responses (`transformer.response_hidden`)
   # when `update` is given group_size > 1 and micro-batches hold whole groups.
   share_prompts: bool = True
+  # > 0: host mode trims each micro-batch to one of this many response-length buckets
+  # (`bucketed_update`); the jitted loop, one static program, always pads (0).
+  length_buckets: int = 0
 
   def __post_init__(self):
     for field in ("ppo_epochs", "minibatches", "micro_batches", "logprob_chunk"):
       if getattr(self, field) < 1:
         raise ValueError(f"update.{field}={getattr(self, field)} must be >= 1")
+    if self.length_buckets < 0:
+      raise ValueError(f"update.length_buckets={self.length_buckets} must be >= 0")
 
 
 class LossSwitches(NamedTuple):
