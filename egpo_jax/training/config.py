@@ -95,6 +95,14 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
     _need(c.warmup.steps == 0 or r.max_new_tokens >= need, "rollout.max_new_tokens",
           r.max_new_tokens, f"the warm-up's worked solutions of task.difficulty="
           f"{c.task.difficulty} take up to {need} tokens; use >= {need} or warmup.steps=0")
+  for field, value in (("rollout.slots", r.get("slots", 0)),
+                       ("ppo.length_buckets", u.get("length_buckets", 0))):
+    _need(not value or c.task.name != "synthetic", field, value,
+          "continuous batching and the length-bucketed update run in host mode only "
+          "(task.name='jsonl'); set it to 0")
+  if r.get("slots", 0) and "distributed" in c:
+    _need(c.distributed.num_processes <= 1, "rollout.slots", r.slots,
+          "continuous batching runs in one process; set it to 0 for a multi-process run")
   n = r.prompts_per_batch * r.group_size
   _need(n % (u.minibatches * u.micro_batches) == 0, "ppo.minibatches/micro_batches",
         (u.minibatches, u.micro_batches),

@@ -453,6 +453,8 @@ CROSS_CHECKS = (
     "ppo.micro_batches`",
     "`train.eval_every` need not be a multiple of `train.iterations_per_call`: chunks also "
     "end at multiples of `train.eval_every`, so validations run on exactly those iterations",
+    "`rollout.slots` and `ppo.length_buckets` act in host mode only (`task.name='jsonl'`), "
+    "and `rollout.slots` in one process",
     "unknown fields are refused (with the nearest known name)",
 )
 

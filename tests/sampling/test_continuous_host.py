@@ -102,3 +102,18 @@ def test_host_iteration_with_bucketed_update(state):
       model_config=CFG, optimizer=OPT, settings=settings, rollout=rollout)
   assert np.isfinite(m["loss"])
   assert m["padding_fraction"] < m["padding_fraction_untrimmed"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"rollout.slots": 8}, "^config.rollout.slots=8: .*host mode only"),
+    ({"ppo.length_buckets": 4}, "^config.ppo.length_buckets=4: .*host mode only"),
+    ({"rollout.slots": 8, "task.name": "jsonl", "task.train_file": "x.jsonl",
+      "warmup.steps": 0, "distributed.num_processes": 2},
+     "^config.rollout.slots=8: continuous batching runs in one process"),
+])
+def test_config_refuses_continuous_batching_outside_host_mode(overrides, match):
+  from experiments.configs import default
+  from egpo_jax.training import config as config_lib
+  c = config_lib.with_overrides(default.get_config(), overrides)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c, inputs_exist=False)
