@@ -482,6 +482,9 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   axis cost extra relayouts (together about 1.6x the time per step on CPU). Only the new
   token's key/value slot of each layer is written, so a donated cache is updated in place.
   Writing past the last slot is not checked inside jit: callers stop at max_len.
+  cache.index may also be int32 [B], one slot per row (with the cache in `decode_layout`):
+  rows then write where their own index says (`sampling.continuous`, whose slots hold
+  responses of different lengths).
 
   params may have their layers stacked (as `init_params` returns them) or be prepared by
   `decode_params`, and the cache may be stacked or in `decode_layout`; a decode loop
@@ -492,14 +495,21 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   chex.assert_shape(cache.mask_BxS, (tokens_B.shape[0], None))
   c = config
   dtype = to_dtype(c.dtype)
-  # The rows' own slots come after a shared prefix's.
+  # The rows' own slots come after a shared prefix's. A per-row index [B] (the continuous
+  # batching engine's slots, each at its own response length) writes by scatter.
   index = cache.index - cache.prefix_len
-  mask_BxS = jax.lax.dynamic_update_slice_in_dim(
-      cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
+  rows_B = jnp.arange(tokens_B.shape[0])
+  if index.ndim == 1:
+    mask_BxS = cache.mask_BxS.at[rows_B, index].set(True)
+  else:
+    mask_BxS = jax.lax.dynamic_update_slice_in_dim(
+        cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
   x_BxD = jnp.take(params["embed"]["embedding"].astype(dtype), tokens_B, axis=0)
   cos_Bx1xF, sin_Bx1xF = (jnp.take(table, cache.positions_B[:, None], axis=0)
                           for table in (cache.rope_cos_SxF, cache.rope_sin_SxF))
   per_layer = isinstance(cache.k, tuple)
+  if index.ndim == 1 and not per_layer:
+    raise ValueError("decode: a per-row cache.index needs the cache in decode_layout")
   if cache.prefix_mask_BpxP is not None and not per_layer:
     raise ValueError("decode: a cache with a shared prefix must be in decode_layout")
   k_cache, v_cache = (list(cache.k), list(cache.v)) if per_layer else (cache.k, cache.v)
@@ -516,7 +526,11 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
                                    for name in ("q_proj", "k_proj", "v_proj"))
     q_BxHxK = _apply_rope(q_BxHxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
     k_BxGxK = _apply_rope(k_BxGxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
-    if per_layer:
+    if per_layer and index.ndim == 1:
+      k_cache[i] = k_cache[i].at[rows_B, :, :, index].set(k_BxGxK.astype(k_cache[i].dtype))
+      v_cache[i] = v_cache[i].at[rows_B, :, index, :].set(v_BxGxK.astype(v_cache[i].dtype))
+      k_BxGxKxS, v_BxGxSxK = k_cache[i], v_cache[i]
+    elif per_layer:
       k_cache[i] = _write_slot(k_cache[i], k_BxGxK[:, :, :, None], (0, 0, 0, index))
       v_cache[i] = _write_slot(v_cache[i], v_BxGxK[:, :, None], (0, 0, index, 0))
       k_BxGxKxS, v_BxGxSxK = k_cache[i], v_cache[i]

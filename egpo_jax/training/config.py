@@ -126,6 +126,14 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
     _need(c.warmup.steps == 0 or r.max_new_tokens >= need, "rollout.max_new_tokens",
           r.max_new_tokens, f"the warm-up's worked solutions of task.difficulty="
           f"{c.task.difficulty} take up to {need} tokens; use >= {need} or warmup.steps=0")
+  for field, value in (("rollout.slots", r.get("slots", 0)),
+                       ("ppo.length_buckets", u.get("length_buckets", 0))):
+    _need(not value or c.task.name != "synthetic", field, value,
+          "continuous batching and the length-bucketed update run in host mode only "
+          "(task.name='jsonl'); set it to 0")
+  if r.get("slots", 0) and "distributed" in c:
+    _need(c.distributed.num_processes <= 1, "rollout.slots", r.slots,
+          "continuous batching runs in one process; set it to 0 for a multi-process run")
   n = r.prompts_per_batch * r.group_size
   _need(n % (u.minibatches * u.micro_batches) == 0, "ppo.minibatches/micro_batches",
         (u.minibatches, u.micro_batches),
@@ -182,14 +190,16 @@ def update_settings(c: ml_collections.ConfigDict) -> update.UpdateSettings:
       aggregation=c.loss.aggregation, kl_coef=c.loss.kl_coef,
       kl_estimator=c.loss.kl_estimator, logprob_chunk=c.loss.logprob_chunk,
       loss=c.loss.name, share_prompts=c.ppo.share_prompts,
-      loss_hparams=hparam_pairs(c, "loss"))
+      loss_hparams=hparam_pairs(c, "loss"),
+      length_buckets=c.ppo.get("length_buckets", 0))
 
 
 def iteration_settings(c: ml_collections.ConfigDict, *, eos_ids: tuple[int, ...], pad_id: int,
                        delimiter_ids: tuple[int, ...] | None) -> iteration.IterationSettings:
   spec = engine.SamplingSpec(
       group_size=c.rollout.group_size, max_new_tokens=c.rollout.max_new_tokens,
-      eos_ids=tuple(eos_ids), pad_id=pad_id, temperature=c.rollout.temperature,
+      eos_ids=tuple(eos_ids) + tuple(c.rollout.get("stop_token_ids", ())),
+      pad_id=pad_id, temperature=c.rollout.temperature,
       top_k=c.rollout.top_k, top_p=c.rollout.top_p, cache_phases=c.rollout.cache_phases,
       shared_prompt_min_len=c.rollout.shared_prompt_min_len,
       return_entropy=iteration.needs_shannon(c.algo.advantage))

@@ -169,6 +169,13 @@ def strings() -> Domain:
                                                                for s in v), ("",))
 
 
+def int_tuple(lo: int = 0) -> Domain:
+  """A tuple (or list) of ints >= lo; () = none."""
+  return _domain(f"tuple of int >= {lo}",
+                 lambda v: isinstance(v, (tuple, list)) and all(_is_int(i) and i >= lo
+                                                                for i in v), [-1])
+
+
 def clamp_pair() -> Domain:
   """(low, high) with 0 < low <= 1 <= high, or () = no clamp."""
   return _domain("() or (low, high) with 0 < low <= 1 <= high",
@@ -253,6 +260,15 @@ FIELDS: tuple[Field, ...] = (
     Field("rollout.stop_strings", strings(), (),
           "a tuple of non-empty strings; host mode cuts a response after the first one",
           optional=True),
+    Field("rollout.stop_token_ids", int_tuple(), (),
+          "token ids that end a response besides the tokenizer's EOS ids (e.g. "
+          "<|im_end|>'s); the sampler keeps the token and stops", optional=True),
+    Field("rollout.slots", ints(lo=0), 0,
+          "use >= 0; > 0 runs host mode's rollout on that many continuous-batching decode "
+          "slots (one process), 0 the static sampler", optional=True),
+    Field("rollout.chunk_steps", ints(lo=1), 32,
+          "use >= 1: with rollout.slots, decode steps between hand-offs of finished "
+          "responses to the verifier", optional=True),
     # algo
     Field("algo.advantage", choice(registry.advantage_estimators.names), "egpo",
           "a name in egpo_jax.core.registry.advantage_estimators"),
@@ -313,6 +329,10 @@ FIELDS: tuple[Field, ...] = (
           "use >= 1 dividing prompts_per_batch x group_size / minibatches"),
     Field("ppo.share_prompts", boolean(), True,
           "True runs a prompt's forward once for its group"),
+    Field("ppo.length_buckets", ints(lo=0), 0,
+          "use >= 0; > 0 trims host mode's update micro-batches to this many response-"
+          "length buckets (update.bucketed_update), 0 pads every row to max_new_tokens",
+          optional=True),
     # warm-up
     Field("warmup.steps", ints(lo=0), 500, "use >= 0 (0 = no SFT warm-up before RL)"),
     Field("warmup.batch_size", ints(lo=1), 64, "use >= 1"),
@@ -439,6 +459,8 @@ CROSS_CHECKS = (
     "ppo.micro_batches`",
     "`train.eval_every` need not be a multiple of `train.iterations_per_call`: chunks also "
     "end at multiples of `train.eval_every`, so validations run on exactly those iterations",
+    "`rollout.slots` and `ppo.length_buckets` act in host mode only (`task.name='jsonl'`), "
+    "and `rollout.slots` in one process",
     "unknown fields are refused (with the nearest known name), except a field of `algo`, "
     "`loss` or `task` that the chosen registered estimator, loss or reward function "
     "declares as a parameter: it is that function's own hyperparameter, passed by name",

@@ -166,6 +166,12 @@ def _prepare_and_update(state, ref_params, groups, algo, rng, *, model_config, s
   return state, {**metrics, **update_metrics}
 
 
+@functools.partial(jax.jit, static_argnames=("model_config", "settings"))
+def _prepare(params, ref_params, groups, algo, *, model_config, settings):
+  return iteration.prepare_batch(params, ref_params, groups, algo,
+                                 model_config=model_config, settings=settings)
+
+
 # The same, donating the train state (the trainer does not reuse it): params and optimizer
 # state are updated in place instead of being held twice.
 _prepare_and_update_donated = jax.jit(_prepare_and_update.__wrapped__, donate_argnums=(0,),
@@ -190,6 +196,47 @@ class _OneProcess:
 
 def _concat_groups(parts: list[iteration.GroupBatch]) -> iteration.GroupBatch:
   return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *parts)
+
+
+class StreamingVerifier:
+  """Verifies responses as a streaming rollout (`RolloutFn.streams`) reports them, in a
+  background thread (one batch at a time: `HostTask.score` need not be thread-safe), so
+  verification overlaps the decoding of the rest. Stop strings cut each response first,
+  as the after-rollout path does."""
+
+  def __init__(self, task: HostTask, answers_n: Sequence[Any], max_new_tokens: int,
+               pad_id: int):
+    import concurrent.futures  # only host mode's streaming path needs it
+    self.task, self.answers_n, self.pad_id = task, answers_n, pad_id
+    n = len(answers_n)
+    self.correct_N = np.zeros((n,), bool)
+    self.lengths_N = np.zeros((n,), np.int32)
+    self.steps = max_new_tokens
+    self.busy_s = 0.0
+    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._futures = []
+
+  def _score(self, resp_R, ids_RxT, lengths_R):
+    t0 = time.perf_counter()
+    if self.task.stop_strings:
+      lengths_R = stop_lengths(ids_RxT, lengths_R, self.task.decode, self.task.stop_strings)
+    mask_RxT = np.arange(ids_RxT.shape[1])[None] < np.asarray(lengths_R)[:, None]
+    ids_RxT = np.where(mask_RxT, ids_RxT, self.pad_id)
+    self.correct_N[resp_R] = np.asarray(self.task.score(
+        ids_RxT, mask_RxT, [self.answers_n[r] for r in resp_R]), bool)
+    self.lengths_N[resp_R] = lengths_R
+    self.busy_s += time.perf_counter() - t0
+
+  def submit(self, resp_R, ids_RxT, lengths_R) -> None:
+    self._futures.append(self._executor.submit(self._score, np.asarray(resp_R),
+                                               np.asarray(ids_RxT), np.asarray(lengths_R)))
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    """(correct_N, lengths_N after stop strings), once every batch is verified."""
+    for f in self._futures:
+      f.result()
+    self._executor.shutdown()
+    return self.correct_N, self.lengths_N
 
 
 def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays, *,
@@ -227,16 +274,31 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     t0 = time.perf_counter()
     ids, mask, answers = task.sample_prompts(kp, b_local)
     ids, mask = place.to_global((ids, mask))
-    gen = jax.block_until_ready(rollout(state.params, ids, mask, kr))
-    t1 = time.perf_counter()
     answers_n = [a for a in answers for _ in range(g)]
-    if task.stop_strings:
-      lengths = stop_lengths(place.local_rows(gen.completion_ids_NxT),
-                             place.local_rows(gen.lengths_N), task.decode, task.stop_strings)
-      gen = _cut(gen, place.to_global(lengths), jnp.int32(settings.sampling.pad_id))
-    ids_local = place.local_rows(gen.completion_ids_NxT)
-    correct = np.asarray(task.score(ids_local, place.local_rows(gen.completion_mask_NxT),
-                                    answers_n), bool)
+    # A streaming rollout (continuous batching) hands finished responses to the verifier
+    # while it decodes the others.
+    stream = (StreamingVerifier(task, answers_n, settings.sampling.max_new_tokens,
+                                settings.sampling.pad_id)
+              if getattr(rollout, "streams", False) and place.num_processes == 1 else None)
+    extra = {} if stream is None else {"on_finished": stream.submit}
+    gen = jax.block_until_ready(rollout(state.params, ids, mask, kr, **extra))
+    t1 = time.perf_counter()
+    if stream is not None:
+      correct, lengths = stream.result()
+      times["verify_hidden"] = times.get("verify_hidden", 0.0) + max(
+          0.0, stream.busy_s - (time.perf_counter() - t1))
+      if task.stop_strings:
+        gen = _cut(gen, place.to_global(lengths), jnp.int32(settings.sampling.pad_id))
+      ids_local = place.local_rows(gen.completion_ids_NxT)
+    else:
+      if task.stop_strings:
+        lengths = stop_lengths(place.local_rows(gen.completion_ids_NxT),
+                               place.local_rows(gen.lengths_N), task.decode,
+                               task.stop_strings)
+        gen = _cut(gen, place.to_global(lengths), jnp.int32(settings.sampling.pad_id))
+      ids_local = place.local_rows(gen.completion_ids_NxT)
+      correct = np.asarray(task.score(ids_local, place.local_rows(gen.completion_mask_NxT),
+                                      answers_n), bool)
     counts["process_prompts"] += len(answers)
     counts["process_rollouts"] += len(ids_local)
     counts["process_verified"] += len(correct)
@@ -273,17 +335,30 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     fill_rate = 1.0
 
   t2 = time.perf_counter()
-  update_fn = _prepare_and_update_donated if donate else _prepare_and_update
-  state, metrics = update_fn(state, ref_params, groups, algo, k_update,
-                             model_config=model_config, settings=settings,
-                             optimizer=optimizer, placement=placement)
-  metrics = jax.device_get(metrics)
+  if settings.update.length_buckets:
+    # The length-bucketed update is host-driven (one compiled gradient per bucket).
+    batch, metrics = _prepare(state.params, ref_params, groups, algo,
+                              model_config=model_config, settings=settings)
+    state, update_metrics = update_lib.bucketed_update(
+        state, batch, k_update, optimizer=optimizer, model_config=model_config,
+        settings=settings.update, switches=algo.loss_switches(),
+        length_buckets_count=settings.update.length_buckets, donate=donate)
+    if getattr(placement, "state_shardings", None) is not None:
+      state = jax.device_put(state, placement.state_shardings)
+    metrics = {**jax.device_get(metrics), **update_metrics}
+  else:
+    update_fn = _prepare_and_update_donated if donate else _prepare_and_update
+    state, metrics = update_fn(state, ref_params, groups, algo, k_update,
+                               model_config=model_config, settings=settings,
+                               optimizer=optimizer, placement=placement)
+    metrics = jax.device_get(metrics)
   times["update"] = time.perf_counter() - t2
   metrics.update({f"time_{k}": v for k, v in times.items()})
   metrics["dynamic_sampling_fill_rate"] = fill_rate
   metrics["dynamic_sampling_tries"] = tries
   metrics["prompts_sampled"] = sampled
   metrics.update(counts)
+  metrics.update(getattr(rollout, "last_stats", {}))
   metrics["rollout_tokens_per_s"] = float(metrics["rollout_tokens"]) / max(times["rollout"],
                                                                            1e-9)
   if (settings.entropy_segment != "joint"

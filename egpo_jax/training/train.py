@@ -33,6 +33,7 @@ import tqdm
 
 from egpo_jax.evaluation import calibration, report
 from egpo_jax.models import attention
+from egpo_jax.sampling import continuous
 from egpo_jax.training import checkpointing
 from egpo_jax.training import config as config_lib
 from egpo_jax.training import distributed, experiment, host_loop, preemption, tasks
@@ -261,7 +262,13 @@ def chunk_runner(job: Job, run: Run):
 
 
 def host_rollout(job: Job) -> host_loop.RolloutFn:
-  """The sampler of host mode's iterations: the place to plug in another rollout engine."""
+  """The sampler of host mode's iterations: the place to plug in another rollout engine.
+  rollout.slots > 0: continuous batching (`sampling.continuous.HostRollout`)."""
+  slots = job.c.rollout.get("slots", 0)
+  if slots:
+    spec = continuous.ContinuousSpec(sampling=job.exp.settings.sampling, slots=slots)
+    return continuous.HostRollout(job.exp.model_config, spec,
+                                  chunk_steps=job.c.rollout.get("chunk_steps", 32))
   return host_loop.jitted_rollout(job.exp.model_config, job.exp.settings)
 
 

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   # once per group instead of G times (engine docstring); 0 = always.
   c.rollout.shared_prompt_min_len = 64
   c.rollout.stop_strings = ()      # host mode: a response ends after the first of these
+  c.rollout.stop_token_ids = ()    # ids ending a response besides EOS (e.g. <|im_end|>)
+  c.rollout.slots = 0              # host mode: > 0 = continuous batching on that many slots
+  c.rollout.chunk_steps = 32       # with slots: steps between hand-offs to the verifier
 
   c.algo = ml_collections.ConfigDict()
   c.algo.advantage = "egpo"        # a name in egpo_jax.core.registry.advantage_estimators
@@ -98,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Each prompt's forward/backward runs once for its G responses (the same update up to
   # float rounding) when micro-batches hold whole groups; False runs it per response.
   c.ppo.share_prompts = True
+  c.ppo.length_buckets = 0         # host mode: > 0 trims micro-batches to length buckets
 
   c.warmup = ml_collections.ConfigDict()   # the SFT warm-up before RL (training/warmup.py)
   c.warmup.steps = 500             # lands the tiny model at ~45% sampled accuracy

@@ -1,0 +1,473 @@
+"""Continuous batching: a fixed number of decode slots that take the next pending
+(prompt, sample) as soon as a response ends, so no decode step goes to a finished row.
+
+The static sampler (`engine.generate`) decodes B x G rows in one loop that stops when the
+last row stops; with math responses of 300-1,500 tokens and a few at the 3,072 cap, most
+of its row-steps go to rows that have already finished, and its cache holds B x G full
+rows. Here the cache holds S slots (`ContinuousSpec.slots`), whatever B x G is:
+
+  * Prompt table. The B prompts are prefilled once, in one batch (`prefill_table`), into a
+    table of B entries: per layer keys [B, kv heads, head_dim, P] and values
+    [B, kv heads, P, head_dim] (`transformer.share_prefix`'s prefix layout), the prompt
+    mask, its length and the logits of its last token.
+  * Slots. Each of the S slots holds one response at a time: the prompt's P slots,
+    copied from the table entry when the slot takes the response (P slots per response,
+    one copy), then the response's own T - 1. Slot s's response is
+    `slot_resp_S[s]`, its prompt `slot_resp_S[s] // G`.
+  * Queue. Responses are taken in `order_N` (default n = b * G + g, FIFO); a slot whose
+    response ended (a stop token: `SamplingSpec.eos_ids`, which the config's extra stop
+    ids join, or its cap `caps_N[n]`) takes the next one in the same loop iteration, so
+    every busy slot emits a token every step. A fresh slot's first token comes from its
+    table entry's logits; its decode that step is discarded.
+
+Why the table's keys are copied into the slot rather than read through an index at every
+step: slots of one prompt are not adjacent once refills scatter them, so the grouped
+product of `share_prefix` (one [G * r, head_dim] @ [head_dim, P] read per group) has no
+group to serve; a per-step gather by slot -> prompt index would re-copy S x P keys and
+values per layer at every step, whereas the copy at refill moves P slots once per
+response. The table still prefills each prompt once (not G times), and the cache holds
+S x (P + T - 1) slots plus the table's B x P.
+
+Attention reads the slot's full capacity (P + T - 1 slots, masked) at every step: on CPU
+that is what the static sampler's last cache phase reads. A paged kernel is not built.
+
+Refill decisions are made inside the jitted `lax.while_loop`, at every step, with no
+host round trip. The loop may be cut into chunks of `chunk_steps` steps (one jitted call
+each, the same compiled loop): between chunks the host sees which responses finished and
+can hand them to a verifier (`on_finished`) while the next chunk decodes (JAX's
+asynchronous dispatch queues chunk k + 1 before the host reads chunk k's results).
+Chunking does not change any token: a chunk boundary only stops the loop and resumes it.
+
+Determinism. Response n's step t draws uniform(fold_in(key_n, t)), key_n as in
+`engine.response_keys`, so its tokens are those of `engine.step_uniforms`' stream. A
+response stays in one slot from its first token to its last and writes its own t-th key
+at the same cache slot P + t whatever the slot, so its computation does not depend on the
+slot it lands in, its neighbours, the step it starts at or the queue's order (rows of the
+batched matmuls are computed independently); tests check bit-identity under permuted
+queues. Compiled shapes depend on (S, B, G, P bucket, T) only: caps, order and stop
+conditions are data.
+
+Memory: the cache is S x (P + T - 1) slots (+ B x P for the table), against the static
+sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1) with a shared prefix); the
+outputs are N x T as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from collections.abc import Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from egpo_jax.models import sharding, transformer
+from egpo_jax.sampling import engine, filters
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuousSpec:
+  """The static part of a continuous-batching rollout (one compilation per value).
+
+  sampling: the sampler's settings; its `eos_ids` are all the stop tokens (EOS and any
+    extra stop ids), `max_new_tokens` is T (the largest cap), `cache_phases` and
+    `shared_prompt_min_len` are unused.
+  slots: S, decode slots (rows of the decode step).
+  """
+  sampling: engine.SamplingSpec
+  slots: int
+
+  def __post_init__(self):
+    if not isinstance(self.slots, numbers.Integral) or self.slots < 1:
+      raise ValueError(f"ContinuousSpec.slots must be an int >= 1 (rollout.slots), got "
+                       f"{self.slots!r}")
+
+
+class PromptTable(flax.struct.PyTreeNode):
+  """The B prompts, prefilled once: keys/values in `share_prefix`'s prefix layout."""
+  k: tuple[jax.Array, ...]          # per layer [B, kv heads, head_dim, P]
+  v: tuple[jax.Array, ...]          # per layer [B, kv heads, P, head_dim]
+  mask_BxP: jax.Array               # bool, left-padded prompt tokens
+  lengths_B: jax.Array              # int32, real prompt tokens (position of token 0)
+  logits_BxV: jax.Array             # float32, logits at the last prompt token
+
+
+class SlotState(flax.struct.PyTreeNode):
+  """What the decode loop carries.
+
+  slot_resp_S: the response each slot holds (N: idle); slot_t_S: tokens of it sampled so
+  far; fresh_S: the slot took its response this step (its next token comes from the
+  prompt table's logits). lengths_N: tokens per response (set when it finishes);
+  finished_N: it finished (stop token or cap); stopped_N: by a stop token; finish_step_N:
+  the loop step it finished at (-1: not yet). busy: slot-steps that emitted a token.
+  """
+  cache: transformer.KVCache
+  slot_resp_S: jax.Array
+  slot_t_S: jax.Array
+  fresh_S: jax.Array
+  last_tokens_S: jax.Array
+  next_q: jax.Array
+  completion_ids_NxT: jax.Array
+  logps_NxT: jax.Array
+  entropy_NxT: jax.Array | None
+  lengths_N: jax.Array
+  finished_N: jax.Array
+  stopped_N: jax.Array
+  finish_step_N: jax.Array
+  step: jax.Array
+  busy: jax.Array
+
+
+@flax.struct.dataclass
+class ContinuousGeneration:
+  """`engine.Generation`'s fields (row n = b * G + g) plus the slot statistics.
+
+  truncated_N: the response ended at its cap without a stop token. num_steps: decode
+  steps run. busy_slot_steps: slot-steps that emitted a token (utilisation = busy /
+  (slots x num_steps)). finish_step_N: the step each response finished at.
+  """
+  completion_ids_NxT: jax.Array
+  completion_mask_NxT: jax.Array
+  logps_NxT: jax.Array
+  entropy_NxT: jax.Array | None
+  lengths_N: jax.Array
+  truncated_N: jax.Array
+  num_steps: jax.Array
+  busy_slot_steps: jax.Array
+  finish_step_N: jax.Array
+
+
+def prefill_table(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, *,
+                  config, cache_dtype=None) -> PromptTable:
+  """Prefills the B (left-padded) prompts once, in one batch."""
+  chex.assert_rank([prompt_ids_BxP, prompt_mask_BxP], 2)
+  chex.assert_equal_shape([prompt_ids_BxP, prompt_mask_BxP])
+  batch, prompt_len = prompt_ids_BxP.shape
+  cache = transformer.init_cache(config, batch, prompt_len, dtype=cache_dtype)
+  logits_BxV, cache = transformer.prefill(params, prompt_ids_BxP, prompt_mask_BxP, cache,
+                                          config=config)
+  laid = transformer.decode_layout(cache)
+  return PromptTable(k=laid.k, v=laid.v, mask_BxP=cache.mask_BxS,
+                     lengths_B=cache.positions_B, logits_BxV=logits_BxV)
+
+
+def _constrain(state: SlotState) -> SlotState:
+  """Under a (data, fsdp, ...) mesh: the slots (and the cache's rows) split over data x
+  fsdp, the per-response outputs too; scalars replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.BATCH) <= set(mesh.axis_names):
+    return state
+  constrain = jax.lax.with_sharding_constraint
+  # The cache's index is per slot here: shard it like the rows.
+  cache = state.cache
+  cache = jax.tree.map(constrain, cache.replace(index=jnp.zeros((), jnp.int32)),
+                       engine._cache_specs(cache.replace(index=jnp.zeros((), jnp.int32)),
+                                           mesh)).replace(index=cache.index)
+  rows = state.replace(cache=None, next_q=None, step=None, busy=None)
+  rows = jax.tree.map(lambda x: constrain(x, sharding.batch_spec(x.shape, mesh)), rows)
+  return rows.replace(cache=cache, next_q=state.next_q, step=state.step, busy=state.busy)
+
+
+def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size: int
+            ) -> SlotState:
+  """Gives every free slot (idle or just finished) the next queued response, FIFO over
+  the free slots in slot order, and copies its prompt's table entry into the slot."""
+  n = order_N.shape[0]
+  free_S = state.slot_resp_S >= n
+  rank_S = jnp.cumsum(free_S.astype(jnp.int32)) - 1
+  q_S = state.next_q + rank_S
+  take_S = free_S & (q_S < n)
+  new_resp_S = jnp.where(take_S, order_N[jnp.minimum(q_S, n - 1)], n)
+  slot_resp_S = jnp.where(free_S, new_resp_S, state.slot_resp_S)
+  next_q = jnp.minimum(state.next_q + jnp.sum(free_S, dtype=jnp.int32), n)
+
+  # Copy the prompt's keys, values and mask into each refilled slot: one slot at a time,
+  # in place, so the work is P slots per refill (not S x P per step).
+  slots = take_S.shape[0]
+  (refilled_S,) = jnp.nonzero(take_S, size=slots, fill_value=slots)
+  count = jnp.sum(take_S, dtype=jnp.int32)
+  prompt_len = table.mask_BxP.shape[1]
+
+  def copy_one(carry):
+    i, cache = carry
+    s = refilled_S[i]
+    b = slot_resp_S[s] // group_size
+    k = tuple(jax.lax.dynamic_update_slice(
+        layer, jax.lax.dynamic_index_in_dim(src, b, 0, keepdims=True), (s, 0, 0, 0))
+        for layer, src in zip(cache.k, table.k))
+    v = tuple(jax.lax.dynamic_update_slice(
+        layer, jax.lax.dynamic_index_in_dim(src, b, 0, keepdims=True), (s, 0, 0, 0))
+        for layer, src in zip(cache.v, table.v))
+    row_mask = jnp.zeros((1, cache.mask_BxS.shape[1]), jnp.bool_)
+    row_mask = row_mask.at[0, :prompt_len].set(table.mask_BxP[b])
+    mask = jax.lax.dynamic_update_slice(cache.mask_BxS, row_mask, (s, 0))
+    return i + 1, cache.replace(k=k, v=v, mask_BxS=mask)
+
+  _, cache = jax.lax.while_loop(lambda c: c[0] < count, copy_one,
+                                (jnp.zeros((), jnp.int32), state.cache))
+  return state.replace(cache=cache, slot_resp_S=slot_resp_S,
+                       slot_t_S=jnp.where(free_S, 0, state.slot_t_S),
+                       fresh_S=take_S | (state.fresh_S & ~free_S), next_q=next_q)
+
+
+def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
+          caps_N: jax.Array, order_N: jax.Array, *, config, spec: ContinuousSpec
+          ) -> SlotState:
+  """One decode step of every slot: sample, record, finish, refill."""
+  sspec = spec.sampling
+  g, n = sspec.group_size, order_N.shape[0]
+  prompt_len = table.mask_BxP.shape[1]
+  active_S = state.slot_resp_S < n
+  resp_S = jnp.minimum(state.slot_resp_S, n - 1)
+  prompt_S = resp_S // g
+  t_S = state.slot_t_S
+  # Feed token t - 1 at own slot P + t - 1, position len + t - 1 (fresh slots: a dummy at
+  # slot P, overwritten by their token 0 next step).
+  fed_S = jnp.maximum(t_S - 1, 0)
+  cache = state.cache.replace(index=prompt_len + fed_S,
+                              positions_B=table.lengths_B[prompt_S] + fed_S)
+  logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config)
+  logits_SxV = jnp.where(state.fresh_S[:, None], table.logits_BxV[prompt_S], logits_SxV)
+  if sspec.is_greedy:
+    uniforms_S = jnp.zeros(t_S.shape, jnp.float32)
+  else:
+    uniforms_S = jax.vmap(lambda key, t: jax.random.uniform(jax.random.fold_in(key, t)))(
+        keys_N[resp_S], t_S)
+  tokens_S, logps_S, entropy_S = filters.sample_with_logps(
+      uniforms_S, logits_SxV, temperature=sspec.temperature, top_k=sspec.top_k,
+      top_p=sspec.top_p, greedy=sspec.is_greedy, return_entropy=sspec.return_entropy)
+  stop_S = (jnp.isin(tokens_S, jnp.asarray(sspec.eos_ids, jnp.int32)) if sspec.eos_ids
+            else jnp.zeros_like(active_S))
+  done_S = active_S & (stop_S | (t_S + 1 >= caps_N[resp_S]))
+  # Idle slots write to row N, which the scatter drops.
+  row_S = jnp.where(active_S, resp_S, n)
+
+  def put(buf_NxT, col_S):
+    return buf_NxT.at[row_S, t_S].set(col_S.astype(buf_NxT.dtype), mode="drop")
+
+  def put_n(buf_N, col_S):
+    return buf_N.at[jnp.where(done_S, resp_S, n)].set(col_S.astype(buf_N.dtype),
+                                                       mode="drop")
+
+  state = state.replace(
+      cache=cache,
+      completion_ids_NxT=put(state.completion_ids_NxT, tokens_S),
+      logps_NxT=put(state.logps_NxT, logps_S),
+      entropy_NxT=None if state.entropy_NxT is None else put(state.entropy_NxT, entropy_S),
+      lengths_N=put_n(state.lengths_N, t_S + 1),
+      finished_N=put_n(state.finished_N, jnp.ones_like(done_S)),
+      stopped_N=put_n(state.stopped_N, stop_S),
+      finish_step_N=put_n(state.finish_step_N, jnp.broadcast_to(state.step, t_S.shape)),
+      slot_resp_S=jnp.where(done_S, n, state.slot_resp_S),
+      slot_t_S=t_S + active_S.astype(jnp.int32),
+      fresh_S=jnp.zeros_like(state.fresh_S),
+      last_tokens_S=tokens_S,
+      step=state.step + 1,
+      busy=state.busy + jnp.sum(active_S, dtype=jnp.int32))
+  return _constrain(_refill(state, table, order_N, g))
+
+
+def start(table: PromptTable, caps_N: jax.Array, order_N: jax.Array, *, config,
+          spec: ContinuousSpec, cache_dtype=None) -> SlotState:
+  """The loop's initial state: empty slots, filled from the head of the queue."""
+  chex.assert_rank([caps_N, order_N], 1)
+  chex.assert_equal_shape([caps_N, order_N])
+  sspec, n, slots = spec.sampling, order_N.shape[0], spec.slots
+  steps, prompt_len = sspec.max_new_tokens, table.mask_BxP.shape[1]
+  # Room for the prompt and T - 1 fed-back tokens (the last sampled one is never fed).
+  capacity = prompt_len + max(steps - 1, 1)
+  cache = transformer.decode_layout(transformer.init_cache(
+      config, slots, capacity, dtype=cache_dtype))
+  state = SlotState(
+      cache=cache.replace(index=jnp.zeros((slots,), jnp.int32)),
+      slot_resp_S=jnp.full((slots,), n, jnp.int32),
+      slot_t_S=jnp.zeros((slots,), jnp.int32),
+      fresh_S=jnp.zeros((slots,), bool),
+      last_tokens_S=jnp.full((slots,), sspec.pad_id, jnp.int32),
+      next_q=jnp.zeros((), jnp.int32),
+      completion_ids_NxT=jnp.full((n, steps), sspec.pad_id, jnp.int32),
+      logps_NxT=jnp.zeros((n, steps), jnp.float32),
+      entropy_NxT=jnp.zeros((n, steps), jnp.float32) if sspec.return_entropy else None,
+      lengths_N=jnp.zeros((n,), jnp.int32),
+      finished_N=jnp.zeros((n,), bool),
+      stopped_N=jnp.zeros((n,), bool),
+      finish_step_N=jnp.full((n,), -1, jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+      busy=jnp.zeros((), jnp.int32))
+  return _constrain(_refill(state, table, order_N, sspec.group_size))
+
+
+def run_steps(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
+              caps_N: jax.Array, order_N: jax.Array, max_steps: jax.Array, *, config,
+              spec: ContinuousSpec) -> SlotState:
+  """Decodes until every response has finished or `max_steps` more steps have run.
+
+  params may be stacked or `transformer.decode_params`' (converted here once, before the
+  loop, as the static sampler does)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+  params = transformer.decode_params(params, fuse=not tensor_parallel)
+  n = order_N.shape[0]
+  limit = state.step + max_steps
+  cond = lambda s: (s.step < limit) & jnp.any(s.slot_resp_S < n)
+  body = lambda s: _step(params, s, table, keys_N, caps_N, order_N, config=config,
+                         spec=spec)
+  return jax.lax.while_loop(cond, body, state)
+
+
+def finish(state: SlotState) -> ContinuousGeneration:
+  steps = state.completion_ids_NxT.shape[1]
+  mask_NxT = jnp.arange(steps)[None, :] < state.lengths_N[:, None]
+  return ContinuousGeneration(
+      completion_ids_NxT=state.completion_ids_NxT, completion_mask_NxT=mask_NxT,
+      logps_NxT=state.logps_NxT, entropy_NxT=state.entropy_NxT, lengths_N=state.lengths_N,
+      truncated_N=state.finished_N & ~state.stopped_N, num_steps=state.step,
+      busy_slot_steps=state.busy, finish_step_N=state.finish_step_N)
+
+
+def rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: jax.Array,
+            prompt_ids_B: jax.Array, caps_N: jax.Array, order_N: jax.Array, *, config,
+            spec: ContinuousSpec, cache_dtype=None) -> ContinuousGeneration:
+  """The whole continuous rollout as one pure, jittable function (no host checks)."""
+  table = prefill_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
+                        cache_dtype=cache_dtype)
+  keys_N = engine.response_keys(rng, prompt_ids_B, spec.sampling.group_size)
+  state = start(table, caps_N, order_N, config=config, spec=spec, cache_dtype=cache_dtype)
+  big = jnp.asarray(np.iinfo(np.int32).max // 2, jnp.int32)
+  state = run_steps(params, state, table, keys_N, caps_N, order_N, big, config=config,
+                    spec=spec)
+  return finish(state)
+
+
+# ----------------------------------------------------------------------------- host side
+
+@functools.partial(jax.jit, static_argnames=("config", "spec", "cache_dtype"))
+def _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B, caps_N,
+               order_N, *, config, spec, cache_dtype):
+  engine._TRACES["continuous_start"] += 1
+  table = prefill_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
+                        cache_dtype=cache_dtype)
+  keys_N = engine.response_keys(rng, prompt_ids_B, spec.sampling.group_size)
+  return table, keys_N, start(table, caps_N, order_N, config=config, spec=spec,
+                              cache_dtype=cache_dtype)
+
+
+def _run(params, state, cache, table, keys_N, caps_N, order_N, max_steps, *, config, spec):
+  engine._TRACES["continuous_decode"] += 1
+  return run_steps(params, state.replace(cache=cache), table, keys_N, caps_N, order_N,
+                   max_steps, config=config, spec=spec)
+
+
+# The cache is donated (updated in place); the outputs are not, so that the host can read
+# chunk k's finished responses while chunk k + 1 decodes.
+_run_jit = jax.jit(_run, static_argnames=("config", "spec"), donate_argnames=("cache",))
+_finish_jit = jax.jit(finish)
+
+
+def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
+             spec: ContinuousSpec, caps_N=None, order_N=None, prompt_ids_B=None,
+             chunk_steps: int = 0, on_finished: Callable | None = None,
+             min_prompt_bucket: int = 16, cache_dtype=None) -> ContinuousGeneration:
+  """Samples G responses per prompt with S continuous-batching slots.
+
+  Args:
+    params, prompt_ids_BxP, prompt_mask_BxP, rng, config: as `engine.generate` (prompts
+      LEFT-padded; they are padded further to a power-of-two length bucket).
+    spec: a `ContinuousSpec` (slots, and the sampling settings; T = max_new_tokens).
+    caps_N: int per-response length caps in [1, T] (default T), row n = b * G + g.
+    order_N: the queue, a permutation of range(N) (default FIFO, range(N)).
+    prompt_ids_B: each prompt's id for its random stream (default arange(B)).
+    chunk_steps: > 0 runs the loop in chunks of this many steps and calls on_finished
+      between them; 0 runs it in one call.
+    on_finished: called as on_finished(resp_ids, completion_ids_RxT, lengths_R) (numpy)
+      with the responses finished since the last call, while the next chunk decodes.
+  Returns:
+    a `ContinuousGeneration` with N = B * G rows.
+  """
+  sspec = spec.sampling
+  engine._check_generate_args(prompt_ids_BxP, prompt_mask_BxP, config, sspec.group_size,
+                              sspec.max_new_tokens, sspec.eos_ids, sspec.pad_id)
+  batch, prompt_len = np.shape(prompt_ids_BxP)
+  n, steps = batch * sspec.group_size, sspec.max_new_tokens
+  caps_N = np.full((n,), steps, np.int32) if caps_N is None else np.asarray(caps_N, np.int32)
+  if caps_N.shape != (n,) or (caps_N < 1).any() or (caps_N > steps).any():
+    raise ValueError(f"caps_N must be {n} ints in [1, max_new_tokens={steps}], got shape "
+                     f"{caps_N.shape} range [{caps_N.min()}, {caps_N.max()}]")
+  order_N = np.arange(n, dtype=np.int32) if order_N is None else np.asarray(order_N,
+                                                                            np.int32)
+  if order_N.shape != (n,) or not np.array_equal(np.sort(order_N), np.arange(n)):
+    raise ValueError(f"order_N must be a permutation of range({n}) (the queue)")
+  if prompt_ids_B is None:
+    prompt_ids_B = np.arange(batch, dtype=np.int32)
+  bucket = engine.bucket_length(prompt_len, min_prompt_bucket)
+  ids = np.asarray(prompt_ids_BxP, np.int32)
+  mask = np.asarray(prompt_mask_BxP, np.int32)
+  if bucket > prompt_len:
+    pad = ((0, 0), (bucket - prompt_len, 0))
+    ids, mask = np.pad(ids, pad, constant_values=sspec.pad_id), np.pad(mask, pad)
+  table, keys_N, state = _start_jit(params, ids, mask, rng, jnp.asarray(prompt_ids_B),
+                                    jnp.asarray(caps_N), jnp.asarray(order_N),
+                                    config=config, spec=spec, cache_dtype=cache_dtype)
+  caps, order = jnp.asarray(caps_N), jnp.asarray(order_N)
+  run = functools.partial(_run_jit, params, table=table, keys_N=keys_N, caps_N=caps,
+                          order_N=order, config=config, spec=spec)
+  if chunk_steps <= 0:
+    state = run(state.replace(cache=None), state.cache,
+                max_steps=jnp.asarray(np.iinfo(np.int32).max // 2, jnp.int32))
+    return _finish_jit(state)
+  reported = np.zeros((n,), bool)
+  chunk = jnp.asarray(chunk_steps, jnp.int32)
+  while True:
+    nxt = run(state.replace(cache=None), state.cache, max_steps=chunk)
+    # Read chunk k while chunk k + 1 (queued above) decodes.
+    finished = np.asarray(state.finished_N)
+    new = np.flatnonzero(finished & ~reported)
+    if on_finished is not None and len(new):
+      on_finished(new, np.asarray(state.completion_ids_NxT)[new],
+                  np.asarray(state.lengths_N)[new])
+    reported |= finished
+    if reported.all():
+      return _finish_jit(nxt)
+    state = nxt
+
+
+class HostRollout:
+  """Host mode's rollout (`host_loop.RolloutFn`) on continuous batching.
+
+  Prompts come left-padded to the task's max_prompt_len; each batch is cut to the
+  power-of-two bucket of its longest prompt (a few compiled sizes instead of one at
+  max_prompt_len). `streams`: `host_loop.host_iteration` passes `on_finished` to verify
+  finished responses while decoding continues (every `chunk_steps` steps). After each
+  call `last_stats` holds the slot utilisation and step counts.
+  """
+  streams = True
+
+  def __init__(self, model_config, spec: ContinuousSpec, *, chunk_steps: int = 32):
+    self.model_config, self.spec, self.chunk_steps = model_config, spec, int(chunk_steps)
+    self.last_stats: dict[str, float] = {}
+
+  def __call__(self, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, caps_N=None,
+               on_finished: Callable | None = None) -> engine.Generation:
+    if jax.process_count() > 1:
+      raise ValueError("rollout.slots > 0 (continuous batching) runs in one process: its "
+                       "host-side chunk loop reads every response; set rollout.slots=0 for "
+                       "a multi-process run")
+    ids, mask = np.asarray(prompt_ids_BxP), np.asarray(prompt_mask_BxP)
+    bucket = engine.bucket_length(int(mask.astype(bool).sum(1).max()))
+    if bucket < ids.shape[1]:
+      ids, mask = ids[:, -bucket:], mask[:, -bucket:]
+    out = generate(params, ids, mask, rng, config=self.model_config, spec=self.spec,
+                   caps_N=caps_N, chunk_steps=self.chunk_steps if on_finished else 0,
+                   on_finished=on_finished)
+    steps, busy = int(out.num_steps), int(out.busy_slot_steps)
+    self.last_stats = {"slot_utilisation": busy / max(1, steps * self.spec.slots),
+                       "rollout_steps": steps, "prompt_bucket": ids.shape[1]}
+    return engine.Generation(
+        completion_ids_NxT=out.completion_ids_NxT,
+        completion_mask_NxT=out.completion_mask_NxT, logps_NxT=out.logps_NxT,
+        entropy_NxT=out.entropy_NxT, lengths_N=out.lengths_N, truncated_N=out.truncated_N,
+        num_steps=out.num_steps)

@@ -1,0 +1,219 @@
+"""Tests for egpo_jax.sampling.continuous (continuous batching) on a tiny random Qwen2:
+bit-identity whatever the slot, neighbours, start step or queue order; exactness against
+teacher forcing and the static sampler; caps, stop ids, chunking, FIFO utilisation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.scenarios.rollout_lengths import draw_caps, fifo_simulation
+from egpo_jax import sampling
+from egpo_jax.models import sharding, transformer
+from egpo_jax.sampling import continuous, engine
+from tests.sampling.test_sampler import CONFIG, LOGP_ATOL, _prompts
+
+T, G = 16, 4
+LENGTHS = [3, 9, 14, 6, 1, 12]          # 6 prompts x 4 samples = 24 responses
+EOS = (5, 17)
+PROMPT_IDS_B = np.arange(200, 206)
+
+
+@pytest.fixture(scope="module")
+def params():
+  # 10x the init scale, as in test_sampler: peaked logits, few near-ties.
+  base = transformer.init_params(CONFIG, jax.random.key(0))
+  return jax.tree.map(lambda x: x * 10.0 if x.ndim >= 2 else x, base)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return _prompts(LENGTHS, seed=3)
+
+
+def _spec(slots, eos=(), **kwargs):
+  return continuous.ContinuousSpec(
+      sampling=engine.SamplingSpec(group_size=G, max_new_tokens=T, eos_ids=eos, **kwargs),
+      slots=slots)
+
+
+def _run(params, prompts, slots=5, eos=(), seed=1, **kwargs):
+  ids, mask = prompts
+  sampling_kwargs = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p")
+                     if k in kwargs}
+  return jax.device_get(continuous.generate(
+      params, ids, mask, jax.random.key(seed), config=CONFIG,
+      spec=_spec(slots, eos, **sampling_kwargs), prompt_ids_B=PROMPT_IDS_B, **kwargs))
+
+
+CAPS = draw_caps(len(LENGTHS) * G, T, seed=4)
+
+
+@pytest.fixture(scope="module")
+def capped_run(params, prompts):
+  return _run(params, prompts, caps_N=CAPS, eos=EOS)
+
+
+def _fields(out):
+  return (out.completion_ids_NxT, out.completion_mask_NxT, out.logps_NxT, out.lengths_N,
+          out.truncated_N)
+
+
+def test_bit_identical_whatever_slot_neighbours_start_and_order(params, prompts, capped_run):
+  """Permuted queues put each response in another slot, beside other responses, from
+  another step; chunked runs stop and resume the loop; reruns repeat. All bit-equal."""
+  n = len(CAPS)
+  for seed in (0, 1):
+    order = np.random.default_rng(seed).permutation(n)
+    out = _run(params, prompts, caps_N=CAPS, eos=EOS, order_N=order)
+    assert not np.array_equal(out.finish_step_N, capped_run.finish_step_N)
+    for got, want in zip(_fields(out), _fields(capped_run)):
+      np.testing.assert_array_equal(got, want)
+  reported = []
+  chunked = _run(params, prompts, caps_N=CAPS, eos=EOS, order_N=order, chunk_steps=3,
+                 on_finished=lambda r, ids, lens: reported.append((r, ids, lens)))
+  rerun = _run(params, prompts, caps_N=CAPS, eos=EOS)
+  for other in (chunked, rerun):
+    for got, want in zip(_fields(other), _fields(capped_run)):
+      np.testing.assert_array_equal(got, want)
+  # Every response reported once, with its final tokens and length, over several chunks.
+  resp = np.concatenate([r for r, _, _ in reported])
+  assert sorted(resp.tolist()) == list(range(n)) and len(reported) > 2
+  for r, ids, lens in reported:
+    np.testing.assert_array_equal(lens, capped_run.lengths_N[r])
+    np.testing.assert_array_equal(ids, capped_run.completion_ids_NxT[r])
+
+
+def test_caps_and_stop_ids(capped_run):
+  out = capped_run
+  ids = out.completion_ids_NxT
+  is_stop = np.isin(ids, EOS) & out.completion_mask_NxT
+  stopped = is_stop.any(1)
+  # A response ends at its first stop token, else at its cap (then truncated).
+  assert stopped.any() and (~stopped).any()
+  first = np.argmax(is_stop, axis=1) + 1
+  np.testing.assert_array_equal(out.lengths_N, np.where(stopped, np.minimum(first, CAPS),
+                                                        CAPS))
+  np.testing.assert_array_equal(out.truncated_N, ~stopped)
+  assert (out.lengths_N <= CAPS).all()
+  masked = ~out.completion_mask_NxT
+  assert (ids[masked] == 0).all() and (out.logps_NxT[masked] == 0).all()
+
+
+def _teacher_forced_logits(params, ids, mask, out):
+  prompt_ids = np.repeat(ids, G, axis=0)
+  prompt_mask = np.repeat(mask, G, axis=0)
+  full = np.concatenate([prompt_ids, out.completion_ids_NxT], axis=1)
+  full_mask = np.concatenate([prompt_mask, out.completion_mask_NxT.astype(np.int32)], 1)
+  logits = jax.jit(functools.partial(transformer.forward, config=CONFIG))(
+      params, full, full_mask)
+  return np.asarray(logits[:, ids.shape[1] - 1:-1], np.float64)
+
+
+def test_tokens_are_inverse_cdf_choices_of_teacher_forced_probs(params, prompts, capped_run):
+  """Each token is the first whose teacher-forced CDF exceeds its uniform, except where
+  the uniform lies within 1e-4 of a CDF boundary; log-probs match within LOGP_ATOL."""
+  ids, mask = prompts
+  out = capped_run
+  logits = _teacher_forced_logits(params, ids, mask, out)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  cdf = np.cumsum(probs, -1)
+  keys = engine.response_keys(jax.random.key(1), jnp.asarray(PROMPT_IDS_B), G)
+  u = np.asarray(engine.step_uniforms(keys, T), np.float64)
+  valid = out.completion_mask_NxT
+  choice = (cdf <= u[..., None]).sum(-1)
+  margin = np.abs(cdf - u[..., None]).min(-1)
+  checked = valid & (margin > 1e-4)
+  assert checked.sum() > 0.9 * valid.sum()
+  np.testing.assert_array_equal(out.completion_ids_NxT[checked], choice[checked])
+  logp = np.log(np.take_along_axis(probs, out.completion_ids_NxT[..., None], -1))[..., 0]
+  np.testing.assert_allclose(out.logps_NxT[valid], logp[valid], atol=LOGP_ATOL)
+
+
+def test_equals_static_sampler_without_near_ties(params, prompts):
+  """No caps below T, EOS on, temperature 0.9: the static sampler's tokens and log-probs.
+
+  The fixture (seed 3, found by trying seeds 1-11) has no uniform within 5e-5 of a
+  teacher-forced CDF boundary; both samplers decode with the KV cache in float32 and
+  differ by ~1e-6 in probability, so no token can flip."""
+  ids, mask = prompts
+  kw = dict(temperature=0.9)
+  seed = 3
+  ours = _run(params, prompts, slots=7, eos=EOS, seed=seed, **kw)
+  static = jax.device_get(sampling.generate(
+      params, ids, mask, jax.random.key(seed), config=CONFIG, group_size=G,
+      max_new_tokens=T, eos_ids=EOS, prompt_ids_B=PROMPT_IDS_B, **kw))
+  logits = _teacher_forced_logits(params, ids, mask, static) / 0.9
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  cdf = np.cumsum(probs / probs.sum(-1, keepdims=True), -1)
+  keys = engine.response_keys(jax.random.key(seed), jnp.asarray(PROMPT_IDS_B), G)
+  u = np.asarray(engine.step_uniforms(keys, T), np.float64)
+  margin = np.abs(cdf - u[..., None]).min(-1)
+  assert (margin[static.completion_mask_NxT] > 5e-5).all(), "fixture has a near-tie"
+  np.testing.assert_array_equal(ours.completion_ids_NxT, static.completion_ids_NxT)
+  np.testing.assert_array_equal(ours.completion_mask_NxT, static.completion_mask_NxT)
+  np.testing.assert_array_equal(ours.truncated_N, static.truncated_N)
+  np.testing.assert_allclose(ours.logps_NxT, static.logps_NxT, atol=LOGP_ATOL)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_steps_and_utilisation_equal_fifo_simulation(params, prompts, slots):
+  """Without stop tokens responses end at their caps: the engine runs exactly the FIFO
+  simulation's steps and slot-steps (no step lost to a refill)."""
+  out = _run(params, prompts, slots=slots, caps_N=CAPS)
+  steps, util = fifo_simulation(CAPS, slots)
+  assert int(out.num_steps) == steps
+  assert int(out.busy_slot_steps) == CAPS.sum()
+  assert float(out.busy_slot_steps) / (slots * int(out.num_steps)) == pytest.approx(util)
+
+
+def test_fifo_simulation_hand_computed():
+  # Two slots: caps 3, 1, 1, 2 -> slot A: 3; slot B: 1, 1 (steps 1-2), then 2 (3-4).
+  assert fifo_simulation(np.array([3, 1, 1, 2]), 2) == (4, 7 / 8)
+  assert fifo_simulation(np.array([5, 5]), 4) == (5, 10 / 20)
+
+
+def test_pure_rollout_under_jit_equals_generate(params, prompts, capped_run):
+  ids, mask = prompts
+  bucket = engine.bucket_length(ids.shape[1])
+  pad = ((0, 0), (bucket - ids.shape[1], 0))
+  fn = jax.jit(functools.partial(continuous.rollout, config=CONFIG, spec=_spec(5, EOS)))
+  out = jax.device_get(fn(params, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1),
+                          jnp.asarray(PROMPT_IDS_B), jnp.asarray(CAPS),
+                          jnp.arange(len(CAPS))))
+  for got, want in zip(_fields(out), _fields(capped_run)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sharded_mesh_matches_single_device(params, prompts, capped_run, num_devices):
+  ids, mask = prompts
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2, tensor=1))
+  with jax.set_mesh(mesh):
+    sharded = sharding.shard_params(params, mesh)
+    out = continuous.generate(sharded, np.asarray(ids), np.asarray(mask), jax.random.key(1),
+                              config=CONFIG, spec=_spec(8, EOS), caps_N=CAPS,
+                              prompt_ids_B=PROMPT_IDS_B)
+  assert out.logps_NxT.sharding.shard_shape(out.logps_NxT.shape)[0] < len(CAPS)
+  out = jax.device_get(out)
+  want = _run(params, prompts, slots=8, caps_N=CAPS, eos=EOS)
+  np.testing.assert_array_equal(out.completion_ids_NxT, want.completion_ids_NxT)
+  np.testing.assert_array_equal(out.lengths_N, want.lengths_N)
+  np.testing.assert_allclose(out.logps_NxT, want.logps_NxT, atol=LOGP_ATOL)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(caps_N=np.zeros(24, np.int32)), "caps_N"),
+    (dict(caps_N=np.full(24, T + 1)), "caps_N"),
+    (dict(order_N=np.zeros(24, np.int32)), "order_N"),
+])
+def test_bad_arguments_raise(params, prompts, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _run(params, prompts, **kwargs)
+
+
+def test_bad_spec_raises():
+  with pytest.raises(ValueError, match="slots"):
+    _spec(0)
