@@ -36,7 +36,7 @@ REGIMES = {
 SETTINGS = ("full", "pilot", "secondary", "tiny")
 # The confirmatory n per arm, from the pilot (PREREGISTRATION.md, "Sample size"; the
 # overconfident regime's from its pilot, amendment 1).
-SEEDS_PER_ARM = {"default": 35, "all_wrong": 16, "shortcut": 16, "overconfident": 16}
+SEEDS_PER_ARM = {"default": 35, "all_wrong": 16, "shortcut": 16, "overconfident": 18}
 # Amendment 1's secondary arms (ablation.algorithm names), EGPO first: NSR on/off, the
 # Table 2 variants C1-C6 and DAPO (without dynamic sampling: one prompt batch for all
 # runs) and EDGE-GRPO as references.
