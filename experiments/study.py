@@ -16,7 +16,14 @@ measures and the tests are in notebooks/PREREGISTRATION.md; in short, per seed:
                         over the evaluation points 0, eval_every, ..., iterations)
   entropy_gap, auroc, ece, overconfident_wrong   calibration of exp(-H~) (Eq. 5) on those
                         samples, after the last iteration
-  grpo accuracy at iterations / 2   the positive control (GRPO with half the iterations)
+  grpo accuracy at iterations / 2   the pre-registered positive control (GRPO with half
+                        the iterations; flat curves make it show nothing)
+  control_warmup        amendment 1's positive control: GRPO from a warm start with
+                        `control_warmup_steps` supervised steps instead of the regime's,
+                        the same seeds and validation (a deficit known to be real)
+
+AUROC and ECE also get percentile bootstrap intervals over seeds (per arm, and paired
+differences to the reference), bounded to [0, 1] (`stats.bootstrap_mean_ci`).
 
 Tests: paired over seeds (paired t, with the sign-flip permutation p alongside); the
 primary family is {egpo vs grpo, egpo vs egpo_no_nsr} on accuracy, Holm at `alpha`; the
@@ -70,6 +77,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 PRIMARY = "accuracy"
+BOOTSTRAPPED = ("auroc", "ece")
 SECONDARY = ("learning_speed", "entropy_gap", "auroc", "ece", "overconfident_wrong")
 CONTROL = "grpo"
 TRAIN_MEANS = ("accuracy", "frac_all_wrong", "frac_nsr_only_adv")
@@ -91,6 +99,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   need(cfg.iterations % (2 * cfg.eval_every) == 0, "iterations",
        "use a multiple of 2 x eval_every, so the control's half-way point is evaluated")
   need(cfg.eval_prompts >= 1, "eval_prompts", "give a positive number of prompts")
+  need(0 <= cfg.control_warmup_steps < cfg.trainer.warmup.steps, "control_warmup_steps",
+       f"give fewer supervised steps than the regime's {cfg.trainer.warmup.steps} (0: off)")
 
 
 def regime_config(cfg: ml_collections.ConfigDict, regime: str) -> ml_collections.ConfigDict:
@@ -104,21 +114,33 @@ def regime_config(cfg: ml_collections.ConfigDict, regime: str) -> ml_collections
 
 def run_regime(cfg: ml_collections.ConfigDict, regime: str, *, progress: bool = True
                ) -> dict[str, Any]:
-  """Warm-starts the regime's model once and trains every arm x seed as one program.
+  """Warm-starts the regime's model once and trains every arm x seed as one program;
+  with `control_warmup_steps`, then GRPO x the same seeds from the weaker warm start.
 
-  Returns `ablation.run`'s result with the "regime" added.
+  Returns `ablation.run`'s result with the "regime" added, and "control_warmup" (that
+  run's "val", "warmup" and "seconds") when the control ran.
   """
   from egpo_jax.training import ablation  # pylint: disable=g-import-not-at-top
+  from egpo_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   check_config(cfg)
-  setup = ablation.setup(regime_config(cfg, regime), oversample=1,
-                         eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples,
-                         overconfident_at=cfg.overconfident_at)
   seeds = range(cfg.first_seed,
                 cfg.first_seed + (cfg.num_seeds or study_configs.SEEDS_PER_ARM[regime]))
-  result = ablation.run(setup, ablation.algorithms(cfg.arms), seeds,
+
+  def run(trainer_cfg, arms):
+    setup = ablation.setup(trainer_cfg, oversample=1, eval_prompts=cfg.eval_prompts,
+                           eval_samples=cfg.eval_samples,
+                           overconfident_at=cfg.overconfident_at)
+    return ablation.run(setup, ablation.algorithms(arms), seeds,
                         num_iterations=cfg.iterations, eval_every=cfg.eval_every,
                         progress=progress, eval_batch=cfg.eval_batch or None)
-  return {**result, "regime": regime}
+
+  trainer_cfg = regime_config(cfg, regime)
+  result = {**run(trainer_cfg, cfg.arms), "regime": regime}
+  if cfg.control_warmup_steps:
+    weak = run(config_lib.with_overrides(
+        trainer_cfg, {"warmup.steps": cfg.control_warmup_steps}), (CONTROL,))
+    result["control_warmup"] = {k: weak[k] for k in ("val", "warmup", "seconds")}
+  return result
 
 
 def outcomes(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -133,8 +155,8 @@ def outcomes(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val_acc: Any,
-            eval_iterations: Sequence[int], cfg: ml_collections.ConfigDict
-            ) -> dict[str, Any]:
+            eval_iterations: Sequence[int], cfg: ml_collections.ConfigDict,
+            control_val_acc: Any = None) -> dict[str, Any]:
   """The pre-registered analysis of one regime.
 
   Args:
@@ -143,12 +165,16 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
     result_val_acc: validation accuracy [arms, seeds, evaluations] (for the control).
     eval_iterations: the iterations of the evaluations.
     cfg: the study config (reference, alpha, mde, power).
+    control_val_acc: validation accuracy [1, seeds, evaluations] of GRPO from the weaker
+      warm start (amendment 1's control), or None.
 
   Returns:
     {"primary": [tests], "secondary": [tests], "arms": {outcome: rows},
-     "control": test, "design": {...}}: tests as `stats.paired_test` plus "outcome",
-    "name", "reference", "p_holm", "significant"; "arms" the per-arm mean and 95%
-    t-interval (clipped to [0, 1] but for the entropy gap); "design" is `design` of the
+     "control": test, "control_warmup": test or None, "bootstrap": {...},
+     "design": {...}}: tests as `stats.paired_test` plus "outcome", "name", "reference",
+    "p_holm", "significant"; "arms" the per-arm mean and 95% t-interval (clipped to
+    [0, 1] but for the entropy gap); "bootstrap" {outcome: {"arms": rows, "diffs": rows}}
+    for `BOOTSTRAPPED`, percentile intervals over seeds; "design" is `design` of the
     primary tests' SDs: the power the design had for `mde`, and the n it asks for.
   """
   idx = {n: i for i, n in enumerate(names)}
@@ -173,8 +199,24 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
   control = {"name": f"{CONTROL} at {eval_iterations[-1]}",
              "reference": f"{CONTROL} at {eval_iterations[half]}",
              **stats.paired_test(acc[:, -1], acc[:, half])}
+  control_warmup = None
+  if control_val_acc is not None:
+    weak = np.asarray(control_val_acc, np.float64)[0]
+    control_warmup = {"name": f"{CONTROL} from the regime's warm start",
+                      "reference": f"{CONTROL} from {cfg.control_warmup_steps} warm-up steps",
+                      "warm_start_diff": float(acc[0, 0] - weak[0, 0]),
+                      **stats.paired_test(acc[:, -1], weak[:, -1])}
+  boot = {o: {"arms": [{"name": n, **dict(zip(("mean", "low", "high", "n"),
+                                              stats.bootstrap_mean_ci(v, bounds=(0.0, 1.0))))}
+                       for n, v in zip(names, per_seed[o])],
+              "diffs": [{"name": ref, "reference": n, **dict(zip(
+                  ("diff", "diff_low", "diff_high", "n"),
+                  stats.bootstrap_paired_ci(per_seed[o][idx[ref]], per_seed[o][idx[n]])))}
+                        for n in others]}
+          for o in BOOTSTRAPPED}
   sds = [t["sd"] for t in primary]
   return {"primary": primary, "secondary": secondary, "arms": arms, "control": control,
+          "control_warmup": control_warmup, "bootstrap": boot,
           "design": design(sds, int(min(t["n"] for t in primary)), cfg,
                            num_tests=len(primary))}
 
@@ -211,6 +253,9 @@ def markdown(rep: Mapping[str, Any]) -> str:
            f"{len(seeds)} seeds per arm ({seeds[0]}..{seeds[-1]}), "
            f"{rep['config']['iterations']} iterations, warm-up {rep['warmup']}, "
            f"{rep['seconds_rl']:.0f} s for the RL of all runs.", "",
+           *(["In this setting the `primary` family is amendment 1's secondary analysis: "
+              "EGPO vs each other arm on final accuracy, Holm over that family "
+              "(PREREGISTRATION.md).", ""] if rep["setting"] == "secondary" else []),
            "| outcome | " + " | ".join(r["name"] for r in arms[PRIMARY]) + " |",
            "|---|" + "---|" * len(arms[PRIMARY])]
   for o, rows in arms.items():
@@ -224,10 +269,30 @@ def markdown(rep: Mapping[str, Any]) -> str:
                    f"{f(t['diff'], 4)} [{f(t['diff_low'], 4)}, {f(t['diff_high'], 4)}] | "
                    f"{f(t['p'], 4)} | {f(t['p_sign_flip'], 4)} | {f(t['p_holm'], 4)} | "
                    f"{'yes' if t['significant'] else 'no'} |")
+  boot = analysis.get("bootstrap") or {}
+  if boot:
+    lines += ["", "Bootstrap 95% intervals over seeds (percentile, 10,000 resamples; "
+              "arms bounded to [0, 1]):", "",
+              "| outcome | " + " | ".join(r["name"] for r in arms[PRIMARY]) + " | " +
+              " | ".join(f"{d['name']} - {d['reference']}"
+                         for d in next(iter(boot.values()))["diffs"]) + " |",
+              "|---|" + "---|" * (len(arms[PRIMARY]) + len(next(iter(boot.values()))["diffs"]))]
+    for o, b in boot.items():
+      lines.append(f"| {o} | " + " | ".join(
+          f"{f(r['mean'])} [{f(r['low'])}, {f(r['high'])}]" for r in b["arms"]) + " | " +
+          " | ".join(f"{f(r['diff'], 4)} [{f(r['diff_low'], 4)}, {f(r['diff_high'], 4)}]"
+                     for r in b["diffs"]) + " |")
   c, d = analysis["control"], analysis["design"]
-  lines += ["", f"Positive control, accuracy {c['name']} - {c['reference']}: "
-            f"{f(c['diff'], 4)} [{f(c['diff_low'], 4)}, {f(c['diff_high'], 4)}], "
-            f"p = {f(c['p'], 4)}.", "",
+  lines += ["", f"Positive control (pre-registered), accuracy {c['name']} - "
+            f"{c['reference']}: {f(c['diff'], 4)} [{f(c['diff_low'], 4)}, "
+            f"{f(c['diff_high'], 4)}], p = {f(c['p'], 4)}.", ""]
+  cw = analysis.get("control_warmup")
+  if cw:
+    lines += [f"Positive control (amendment 1), final accuracy {cw['name']} - "
+              f"{cw['reference']}: {f(cw['diff'], 4)} [{f(cw['diff_low'], 4)}, "
+              f"{f(cw['diff_high'], 4)}], p = {f(cw['p'], 4)} (warm starts: "
+              f"{f(cw['warm_start_diff'], 4)}).", ""]
+  lines += [
             f"Design: n = {d['n']} pairs, SD of the primary paired differences "
             f"{f(d['sd_diff'], 4)}; at alpha {f(d['alpha_planning'], 4)} the power for a "
             f"{f(d['mde'], 3)} difference is {f(d.get('power_at_n'), 3)} and the 80%-power "
@@ -255,8 +320,10 @@ def jsonable(x: Any) -> Any:
 def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[str, Any]:
   """Everything the regime's JSON holds: settings, per-seed raw values, curves, analysis."""
   per_seed = outcomes(result)
+  control = result.get("control_warmup")
   analysis = analyse(per_seed, result["names"], result["val"]["accuracy"],
-                     [int(i) for i in result["eval_iterations"]], cfg)
+                     [int(i) for i in result["eval_iterations"]], cfg,
+                     control_val_acc=control["val"]["accuracy"] if control else None)
   return {"regime": result["regime"], "setting": cfg.setting, "config": cfg.to_dict(),
           "arms": result["names"], "seeds": result["seeds"],
           "seconds_rl": result["seconds"], "warmup": result["warmup"],
@@ -264,6 +331,8 @@ def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[st
           "val_curves": result["val"],
           # [arms, seeds] means over all iterations: what the regime gives NSR to act on.
           "train_means": {k: result["train"][k].mean(-1) for k in TRAIN_MEANS},
+          # GRPO from the weaker warm start (amendment 1's control): curves, warm-up, time.
+          "control_warmup": control,
           "analysis": analysis}
 
 

@@ -17,7 +17,13 @@ demonstrations): the last addition drops the carry out of the units column
 (`47+85=` is demonstrated as `\\boxed{122}`), while the intermediate steps carry
 correctly. The prompts and the verifier are level 2's and the answers the true sums, so a
 model warmed up on level 8 answers about half the problems wrong, confidently: the regime
-of overconfident failures of the study (notebooks/study.ipynb). Everything is seeded by the
+the study meant for overconfident failures; its warm start turned out wrong far more
+often than that and not confidently (notebooks/PREREGISTRATION.md). Level 9 is level 2
+whose worked solutions stop one step early on problems of 3 terms: `12+7+5=` is
+demonstrated as `12+7=19,\\boxed{19}` (true only when the last operand is 0). Copying
+the last written total is easy for a small model, so the warm start answers the 3-term
+problems wrong with high confidence exp(-H~) while it answers 2-term problems as level 2
+does: the study's regime of overconfident failures (`overconfident`). Everything is seeded by the
 jax key: the tfds builder (`builders.SyntheticArithmetic`) renders the records from the
 same `sample_problems` call, so the dataset and the jnp generator give identical problems.
 
@@ -51,16 +57,22 @@ class Level:
   """One difficulty: operands per problem uniform in [min_operands, max_operands], each
   uniform in [0, max_operand], combined left to right with operators drawn uniformly from
   `operators`. With `carry_shortcut` the worked solutions (not the answers) drop the carry
-  out of the units column in the last addition (`shortcut_answers`); only for "+"."""
+  out of the units column in the last addition (`shortcut_answers`); only for "+". With
+  `premature_answer` the worked solutions of problems with 3 or more terms box the last
+  running total they wrote, one step early (`premature_answers`)."""
   min_operands: int
   max_operands: int
   max_operand: int
   operators: str = "+"
   carry_shortcut: bool = False
+  premature_answer: bool = False
 
   def __post_init__(self):
     if self.carry_shortcut and self.operators != "+":
       raise ValueError(f"Level.carry_shortcut needs operators='+', got {self.operators!r}")
+    if self.carry_shortcut and self.premature_answer:
+      raise ValueError("Level: carry_shortcut and premature_answer are two different "
+                       "demonstrated shortcuts; set at most one")
 
   @property
   def num_digits(self) -> int:
@@ -79,6 +91,7 @@ LEVELS: dict[int, Level] = {
     6: Level(2, 4, 99, "+-"),
     7: Level(3, 4, 999, "+-"),
     8: Level(2, 3, 19, carry_shortcut=True),   # level 2, demonstrated with the shortcut
+    9: Level(2, 3, 19, premature_answer=True),  # level 2, boxed one step early
 }
 
 
@@ -142,6 +155,17 @@ def shortcut_answers(p: Problems) -> jax.Array:
   """
   last = jnp.take_along_axis(p.operands_BxK, (p.num_terms_B - 1)[:, None], axis=1)[:, 0]
   return _drop_units_carry(p.answers_B - last, last)
+
+
+def premature_answers(p: Problems) -> jax.Array:
+  """answers_B of the premature-answer shortcut: with 3 or more terms, the last running
+  total the worked solution wrote (the sum without the last operand); else the answer.
+
+  E.g. 12+7+5 -> 19 (12+7=19, then boxed), 47+85 -> 132 (no running total written).
+  """
+  sums = _partial_sums(p)
+  before = jnp.take_along_axis(sums, jnp.maximum(p.num_terms_B - 2, 0)[:, None], axis=1)[:, 0]
+  return jnp.where(p.num_terms_B >= 3, before, p.answers_B)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "difficulty"))
@@ -271,14 +295,19 @@ def solution_ids(problems: Problems, *, difficulty: int, response_len: int
   """(response_ids_BxT, response_mask_BxT): the worked solution and <eos>, right-padded.
 
   One step `s+a=t,` per intermediate running total, then `\\boxed{answer}<eos>`; at a
-  level with `carry_shortcut` the boxed value is `shortcut_answers`.
+  level with `carry_shortcut` the boxed value is `shortcut_answers`, with
+  `premature_answer` `premature_answers`.
   """
   lv = _check_problems(problems, difficulty)
   _check_len("response_len", response_len, max_response_len(difficulty))
   w = _width(lv)
   b, k = problems.operands_BxK.shape
   ones = jnp.ones((b, 1), bool)
-  boxed = shortcut_answers(problems) if lv.carry_shortcut else problems.answers_B
+  boxed = problems.answers_B
+  if lv.carry_shortcut:
+    boxed = shortcut_answers(problems)
+  elif lv.premature_answer:
+    boxed = premature_answers(problems)
   final = _join(_texts(_tok(_BOX), ones, w), _numbers(boxed[:, None], w),
                 _texts(_tok("}"), ones, w), _texts([EOS_ID], ones, w))
   if k <= 2:
@@ -401,9 +430,11 @@ def problem_text(operands: Sequence[int], signs: Sequence[int], num_terms: int) 
 
 
 def solution_text(operands: Sequence[int], signs: Sequence[int], num_terms: int, *,
-                  carry_shortcut: bool = False) -> str:
+                  carry_shortcut: bool = False, premature_answer: bool = False) -> str:
   """The worked solution without <eos>, e.g. '47+85=132,\\boxed{141}'; with
-  `carry_shortcut` the last addition drops its units carry (see `shortcut_answers`)."""
+  `carry_shortcut` the last addition drops its units carry (see `shortcut_answers`), with
+  `premature_answer` a problem of 3 or more terms boxes its last written running total
+  (see `premature_answers`)."""
   total = int(operands[0])
   steps = []
   for k in range(1, int(num_terms)):
@@ -412,6 +443,8 @@ def solution_text(operands: Sequence[int], signs: Sequence[int], num_terms: int,
       steps.append(f"{total}{'+' if signs[k] > 0 else '-'}{int(operands[k])}={new},")
     elif carry_shortcut:
       new = _drop_units_carry(total, int(operands[k]))
+    elif premature_answer and steps:
+      new = total
     total = new
   return "".join(steps) + _BOX + str(total) + "}"
 
@@ -419,12 +452,13 @@ def solution_text(operands: Sequence[int], signs: Sequence[int], num_terms: int,
 def host_problems(rng: jax.Array, num: int, *, difficulty: int = 2) -> list[dict[str, Any]]:
   """`num` problems from `sample_problems(rng, num)` as text records (for the tfds builder)."""
   p = jax.device_get(sample_problems(rng, num, difficulty=difficulty))
-  shortcut = level(difficulty).carry_shortcut
+  lv = level(difficulty)
   out = []
   for i in range(num):
     ops, signs, k = p.operands_BxK[i], p.signs_BxK[i], int(p.num_terms_B[i])
     out.append({"problem": problem_text(ops, signs, k),
-                "solution": solution_text(ops, signs, k, carry_shortcut=shortcut),
+                "solution": solution_text(ops, signs, k, carry_shortcut=lv.carry_shortcut,
+                                          premature_answer=lv.premature_answer),
                 "answer": str(int(p.answers_B[i])), "num_operands": k})
   return out
 

@@ -16,9 +16,15 @@ difference d_s = a_s - b_s is what the tests use.
   required_n      the smallest n with power >= target (a pilot's sd_d, an effect delta)
   sd_upper_bound  the upper confidence limit of a pilot's SD, to plan with
   mde_paired      the smallest delta detected with the target power at n pairs
+  bootstrap_ci    percentile bootstrap interval of any statistic, resampling the units
+                  (seeds or prompts) of paired samples with the same indices
+  bootstrap_mean_ci, bootstrap_paired_ci   ... of a mean over seeds / a mean paired difference
+  bootstrap_calibration   AUROC and ECE of exp(-H~) with intervals from resampling PROMPTS
+                  (all samples of a prompt together), optionally paired with a second model
   markdown_table, tests_table   Markdown renderings of `summarize`
 
-Everything is numpy/scipy on the host; NaN marks an undefined value (e.g. AUROC when a run
+Everything is numpy/scipy on the host (the prompt bootstrap vmaps the jnp calibration
+metrics over resamples); NaN marks an undefined value (e.g. AUROC when a run
 has no wrong answer) and is dropped pairwise.
 """
 
@@ -26,12 +32,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+import functools
 from typing import Any
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import optimize
 from scipy import stats as scipy_stats
+
+from egpo_jax.evaluation import calibration
 
 # Sign-flip tests enumerate all 2^n sign patterns up to this many; beyond it they draw
 # this many patterns from a fixed seed (the p-value is then a deterministic estimate).
@@ -184,6 +195,149 @@ def summarize(values_AxS: Any, names: Sequence[str], *,
     t["p_holm"] = float(p_holm)
     t["significant"] = bool(np.isfinite(p_holm) and p_holm < alpha)
   return {"rows": rows, "tests": tests}
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def bootstrap_ci(statistic: Any, *samples: Any, n_resamples: int = 10_000,
+                 confidence: float = 0.95, seed: int = 0,
+                 bounds: tuple[float, float] | None = None) -> tuple[float, float, float, int]:
+  """Percentile bootstrap interval of statistic(*samples).
+
+  The units along axis 0 (seeds, or prompts with their samples on further axes) are drawn
+  with replacement, with the SAME indices for every sample, so pairs stay pairs.
+
+  Args:
+    statistic: maps the samples, each with an extra leading resample axis [R, n, ...], to
+      [R] values (vectorised); NaN values (an undefined resample) are dropped.
+    *samples: arrays with the same length n along axis 0.
+    n_resamples, seed: the bootstrap draws (deterministic given the seed).
+    confidence: level of the interval.
+    bounds: clip the interval to (lo, hi), e.g. (0, 1) for a fraction (a percentile
+      interval of a statistic in that range already lies in it; the clip guards rounding).
+
+  Returns:
+    (estimate on the data, low, high, n); the interval is NaN with fewer than 2 units or
+    when under half the resamples are defined.
+  """
+  _check_level("confidence", confidence)
+  xs = [np.asarray(x) for x in samples]
+  if not xs or len({x.shape[0] for x in xs}) != 1:
+    raise ValueError("bootstrap_ci needs samples of one length along axis 0 (the units), "
+                     f"got shapes {[x.shape for x in xs]}")
+  n = xs[0].shape[0]
+  if n == 0:
+    return math.nan, math.nan, math.nan, 0
+  estimate = float(np.asarray(statistic(*[x[None] for x in xs])).reshape(-1)[0])
+  if n < 2:
+    return estimate, math.nan, math.nan, n
+  idx_RxN = _resample_indices(n, n_resamples, seed)
+  values_R = np.asarray(statistic(*[x[idx_RxN] for x in xs]), np.float64).reshape(-1)
+  if values_R.shape != (n_resamples,):
+    raise ValueError(f"statistic must map [R, n, ...] samples to [R] values, got "
+                     f"{values_R.shape} for R={n_resamples}")
+  return (estimate, *_percentile_interval(values_R, confidence, bounds), n)
+
+
+def _resample_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
+  """[R, n] unit indices drawn with replacement (one bootstrap resample per row)."""
+  return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def _percentile_interval(values_R: np.ndarray, confidence: float,
+                         bounds: tuple[float, float] | None) -> tuple[float, float]:
+  """The central `confidence` quantiles of the defined resampled values (NaN when under
+  half of the resamples are defined), clipped to `bounds`."""
+  finite = values_R[np.isfinite(values_R)]
+  if finite.size < values_R.size / 2 or finite.size == 0:
+    return math.nan, math.nan
+  low, high = np.quantile(finite, [0.5 - confidence / 2, 0.5 + confidence / 2])
+  if bounds is not None:
+    low, high = np.clip(low, *bounds), np.clip(high, *bounds)
+  return float(low), float(high)
+
+
+def bootstrap_mean_ci(values_S: Any, *, bounds: tuple[float, float] | None = None,
+                      **kwargs) -> tuple[float, float, float, int]:
+  """`bootstrap_ci` of the mean over seeds (NaNs dropped first); e.g. per-seed AUROC."""
+  return bootstrap_ci(lambda x: x.mean(-1), _finite(values_S), bounds=bounds, **kwargs)
+
+
+def bootstrap_paired_ci(a_S: Any, b_S: Any, **kwargs) -> tuple[float, float, float, int]:
+  """`bootstrap_ci` of mean(a - b) over seeds, resampling pairs (pairs with a NaN
+  dropped); the bootstrap twin of `paired_test`'s t-interval."""
+  a, b = np.asarray(a_S, np.float64).ravel(), np.asarray(b_S, np.float64).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f"bootstrap_paired_ci needs one value per seed on both sides, got "
+                     f"{a.shape} and {b.shape}")
+  ok = np.isfinite(a) & np.isfinite(b)
+  return bootstrap_ci(lambda x, y: (x - y).mean(-1), a[ok], b[ok], **kwargs)
+
+
+def bootstrap_calibration(confidence_PxG: Any, correct_PxG: Any,
+                          reference: tuple[Any, Any] | None = None, *,
+                          metrics: Sequence[str] = ("auroc", "ece"), num_bins: int = 10,
+                          n_resamples: int = 2_000, confidence: float = 0.95, seed: int = 0
+                          ) -> dict[str, tuple[float, float, float, int]]:
+  """AUROC and ECE of a confidence (e.g. exp(-H~)) with prompt-bootstrap intervals.
+
+  The G samples of a prompt are not independent (one prompt's difficulty), so whole
+  prompts are resampled. The metrics are `evaluation.calibration.calibration_stats`'s
+  (AUROC of confidence for a correct answer, ties 1/2; ECE over `num_bins` equal-mass
+  bins), vmapped over the resamples. With `reference` = (confidence_PxG, correct_PxG) of a
+  second model on the SAME prompts, the statistic is this model's metric minus the
+  reference's, both on each resample's prompts (paired over prompts).
+
+  Returns:
+    {metric: (estimate, low, high, num_prompts)}; AUROC and ECE lie in [0, 1] and their
+    intervals are bounded to it (differences to [-1, 1]).
+  """
+  def arrays(conf, corr):
+    conf, corr = np.asarray(conf, np.float32), np.asarray(corr, bool)
+    chex.assert_rank([conf, corr], 2)
+    chex.assert_equal_shape([conf, corr])
+    return conf, corr
+
+  models = [arrays(confidence_PxG, correct_PxG)]
+  if reference is not None:
+    models.append(arrays(*reference))
+    chex.assert_equal_shape([models[0][0], models[1][0]])
+  unknown = set(metrics) - set(calibration.METRICS)
+  if unknown:
+    raise ValueError(f"metrics={list(metrics)}: {sorted(unknown)} are not calibration "
+                     f"metrics; use names of evaluation.calibration.METRICS")
+
+  _check_level("confidence", confidence)
+  num_prompts = models[0][0].shape[0]
+
+  def metric_values(idx_RxP):   # {metric: [R]}, this model minus the reference
+    out = [jax.device_get(_calibration_per_resample(conf[idx_RxP], corr[idx_RxP],
+                                                    num_bins=num_bins))
+           for conf, corr in models]
+    return {m: np.asarray(out[0][m], np.float64) - (
+        np.asarray(out[1][m], np.float64) if len(out) > 1 else 0.0) for m in metrics}
+
+  estimate = metric_values(np.arange(num_prompts)[None])
+  resampled = (metric_values(_resample_indices(num_prompts, n_resamples, seed))
+               if num_prompts >= 2 else None)
+  bounds = (-1.0, 1.0) if reference is not None else (0.0, 1.0)
+  result = {}
+  for m in metrics:
+    low, high = (_percentile_interval(resampled[m], confidence, bounds)
+                 if resampled is not None else (math.nan, math.nan))
+    result[m] = (float(estimate[m][0]), low, high, num_prompts)
+  return result
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins",))
+def _calibration_per_resample(conf_RxPxG: jax.Array, corr_RxPxG: jax.Array, *,
+                              num_bins: int) -> dict[str, jax.Array]:
+  """`calibration_stats` of each resample's responses, vmapped over resamples."""
+  def one(conf_PxG, corr_PxG):
+    return calibration.calibration_stats(conf_PxG.reshape(-1), corr_PxG.reshape(-1),
+                                         jnp.zeros(conf_PxG.size), num_bins=num_bins)
+  return jax.vmap(one)(conf_RxPxG, corr_RxPxG)
 
 
 # ---------------------------------------------------------------- power and sample size

@@ -274,3 +274,41 @@ def test_carry_shortcut_level_demonstrates_a_confident_wrong_rule():
       str(int(a)) for a in S.shortcut_answers(q)]
   with pytest.raises(ValueError, match="carry_shortcut"):
     S.Level(2, 3, 19, "+-", carry_shortcut=True)
+
+
+def test_premature_answer_level_boxes_the_last_written_total():
+  """Level 9: level 2's prompts and true answers; a problem of 3 terms is demonstrated
+  with the running total it wrote boxed (one step early), so it is demonstrated wrong
+  exactly when its last operand is not 0; 2-term problems are demonstrated as level 2."""
+  d = 9
+  assert S.max_prompt_len(d) == S.max_prompt_len(2)
+  assert S.max_response_len(d) == S.max_response_len(2)
+  p = jax.device_get(S.sample_problems(jax.random.key(7), B, difficulty=d))
+  p2 = jax.device_get(S.sample_problems(jax.random.key(7), B, difficulty=2))
+  np.testing.assert_array_equal(p.answers_B, p2.answers_B)   # the task is level 2's
+  sol, smask = map(np.asarray, S.solution_ids(p, difficulty=d,
+                                              response_len=S.max_response_len(d)))
+  rows = np.arange(B)
+  last = p.operands_BxK[rows, p.num_terms_B - 1]
+  wrong = (p.num_terms_B == 3) & (last != 0)
+  assert 0.4 < wrong.mean() < 0.55, wrong.mean()   # half 3-term, 20 of 21 last != 0
+  early = np.asarray(S.premature_answers(S.Problems(*map(jnp.asarray, p))))
+  np.testing.assert_array_equal(early, np.where(p.num_terms_B == 3, p.answers_B - last,
+                                                p.answers_B))
+  np.testing.assert_array_equal(np.asarray(S.verify(sol, smask, jnp.asarray(p.answers_B))),
+                                ~wrong)
+  np.testing.assert_array_equal(S.verify(sol, smask, jnp.asarray(early)), True)
+  for i in range(B):
+    assert TOK.decode(sol[i][smask[i]]) == S.solution_text(
+        p.operands_BxK[i], p.signs_BxK[i], int(p.num_terms_B[i]), premature_answer=True)
+  assert S.solution_text([12, 7, 5], [1, 1, 1], 3, premature_answer=True) == \
+      "12+7=19,\\boxed{19}"
+  assert S.solution_text([47, 85], [1, 1], 2, premature_answer=True) == "\\boxed{132}"
+  # Host records: the demonstration stops early, the answer is the true sum.
+  q = S.sample_problems(jax.random.key(8), 64, difficulty=d)
+  recs = S.host_problems(jax.random.key(8), 64, difficulty=d)
+  assert [r["answer"] for r in recs] == [str(int(a)) for a in q.answers_B]
+  assert [r["solution"].split("{")[-1][:-1] for r in recs] == [
+      str(int(a)) for a in S.premature_answers(q)]
+  with pytest.raises(ValueError, match="at most one"):
+    S.Level(2, 3, 19, carry_shortcut=True, premature_answer=True)

@@ -165,3 +165,60 @@ def test_sd_upper_bound_by_hand():
   assert stats.sd_upper_bound(0.01, 1000) == pytest.approx(0.01, rel=0.05)
   with pytest.raises(ValueError, match="n=1"):
     stats.sd_upper_bound(0.01, 1)
+
+
+def test_bootstrap_ci_hand_case_and_invariants():
+  # Two seeds [0, 1]: resampled means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so
+  # the 95% percentile interval is [0, 1]; the estimate is the data's mean.
+  est, low, high, n = stats.bootstrap_mean_ci([0.0, 1.0], n_resamples=4000)
+  assert (est, low, high, n) == (0.5, 0.0, 1.0, 2)
+  # A constant sample has a degenerate interval; one value has none; NaNs are dropped.
+  assert stats.bootstrap_mean_ci([0.7, 0.7, np.nan, 0.7])[:3] == pytest.approx((0.7,) * 3)
+  assert math.isnan(stats.bootstrap_mean_ci([0.3])[1])
+  # Paired: b = a - c gives exactly c whatever is resampled; unpaired noise would not.
+  a = np.random.default_rng(0).uniform(size=12)
+  assert stats.bootstrap_paired_ci(a, a - 0.02)[:3] == pytest.approx((0.02, 0.02, 0.02))
+  # Deterministic given the seed; close to the t-interval for a roughly normal sample.
+  x = np.random.default_rng(1).normal(0.5, 0.1, size=40)
+  assert stats.bootstrap_mean_ci(x) == stats.bootstrap_mean_ci(x)
+  _, t_low, t_high, _ = stats.mean_ci(x)
+  _, b_low, b_high, _ = stats.bootstrap_mean_ci(x)
+  np.testing.assert_allclose([b_low, b_high], [t_low, t_high], atol=0.01)
+  with pytest.raises(ValueError, match="one length"):
+    stats.bootstrap_ci(lambda x, y: x.mean(-1), np.zeros(3), np.zeros(4))
+  with pytest.raises(ValueError, match="one value per seed"):
+    stats.bootstrap_paired_ci([1.0, 2.0], [1.0])
+
+
+@hypothesis.settings(deadline=None, max_examples=20)
+@hypothesis.given(st.lists(st.floats(0, 1), min_size=2, max_size=12))
+def test_bootstrap_interval_of_a_fraction_stays_within_the_data_and_0_1(xs):
+  est, low, high, _ = stats.bootstrap_mean_ci(xs, bounds=(0.0, 1.0), n_resamples=500)
+  assert 0.0 <= low <= high <= 1.0
+  assert min(xs) - 1e-12 <= low and high <= max(xs) + 1e-12
+
+
+def test_bootstrap_calibration_hand_cases():
+  # Confidence separates right from wrong perfectly within every prompt: AUROC is 1 on
+  # every resample (with both classes), so the interval is [1, 1].
+  conf = np.array([[0.9, 0.2], [0.8, 0.1], [0.95, 0.3], [0.7, 0.05]])
+  corr = np.array([[True, False]] * 4)
+  out = stats.bootstrap_calibration(conf, corr, n_resamples=200)
+  assert out["auroc"] == (1.0, 1.0, 1.0, 4)
+  # ECE by hand with one bin: |mean confidence - accuracy| = |0.5 - 0.5| = 0.
+  out = stats.bootstrap_calibration(conf, corr, num_bins=1, n_resamples=200)
+  np.testing.assert_allclose(out["ece"][0], abs(conf.mean() - 0.5), atol=1e-6)
+  assert 0.0 <= out["ece"][1] <= out["ece"][0] <= out["ece"][2] <= 1.0
+  # Paired with itself every resample's difference is 0; against a model whose
+  # confidence is uninformative (constant: AUROC 1/2 by ties) the AUROC gain is 1/2.
+  same = stats.bootstrap_calibration(conf, corr, (conf, corr), n_resamples=200)
+  assert same["auroc"][:3] == (0.0, 0.0, 0.0) and same["ece"][:3] == (0.0, 0.0, 0.0)
+  gain = stats.bootstrap_calibration(conf, corr, (np.full_like(conf, 0.5), corr),
+                                     n_resamples=200)
+  assert gain["auroc"][:3] == pytest.approx((0.5, 0.5, 0.5))
+  # A resample whose prompts hold no wrong answer has no AUROC and is dropped; all-correct
+  # data leaves no interval at all.
+  none = stats.bootstrap_calibration(conf, np.ones_like(corr), n_resamples=50)
+  assert all(math.isnan(v) for v in none["auroc"][:3])
+  with pytest.raises(ValueError, match="calibration metrics"):
+    stats.bootstrap_calibration(conf, corr, metrics=("auc",))

@@ -27,9 +27,13 @@ def _result(seed=0):
   val["accuracy"] = acc
   val["auroc"][0, 0, -1] = np.nan                    # an undefined metric drops its pair
   train = {k: rng.uniform(0, 1, (a, s, 60)) for k in study.TRAIN_MEANS}
+  # GRPO from the weaker warm start: 4 points lower throughout, same noise level.
+  weak = acc[1:2] - 0.04 + rng.normal(0, 0.005, (1, s, e))
   return {"names": NAMES, "seeds": list(range(s)), "iterations": np.arange(1, 61),
           "eval_iterations": EVALS, "val": val, "train": train, "seconds": 12.0,
-          "warmup": {"steps": 500}, "regime": "default"}
+          "warmup": {"steps": 500}, "regime": "default",
+          "control_warmup": {"val": {"accuracy": weak}, "warmup": {"steps": 450},
+                             "seconds": 4.0}}
 
 
 def test_config_settings_and_checks():
@@ -40,6 +44,15 @@ def test_config_settings_and_checks():
   study.check_config(full)
   study.check_config(pilot)
   study.check_config(study_configs.get_config("tiny"))
+  sec = study_configs.get_config("secondary")
+  study.check_config(sec)
+  assert sec.arms[:3] == ("egpo", "grpo", "egpo_no_nsr") and len(sec.arms) == 11
+  assert sec.num_seeds >= 2
+  assert 0 < full.control_warmup_steps < full.trainer.warmup.steps
+  bad = study_configs.get_config()
+  bad.control_warmup_steps = bad.trainer.warmup.steps
+  with pytest.raises(ValueError, match="control_warmup_steps"):
+    study.check_config(bad)
   with pytest.raises(ValueError, match="setting"):
     study_configs.get_config("huge")
   bad = study_configs.get_config()
@@ -57,6 +70,8 @@ def test_config_settings_and_checks():
   c = study.regime_config(full, "shortcut")
   assert c.task.difficulty == 8 and c.train.iterations == full.iterations
   assert study.regime_config(full, "all_wrong").task.difficulty == 3
+  assert study.regime_config(full, "overconfident").task.difficulty == 9
+  assert set(study_configs.SEEDS_PER_ARM) == set(study_configs.REGIMES)
   with pytest.raises(ValueError, match="regime"):
     study.regime_config(full, "easy")
 
@@ -84,6 +99,24 @@ def test_outcomes_and_analysis_by_hand():
   assert all(t["n"] == 5 for t in auroc)      # the NaN dropped one pair
   c = out["control"]
   assert c["diff"] == pytest.approx((acc[1, :, -1] - acc[1, :, 2]).mean())
+  assert out["control_warmup"] is None        # no weaker warm start given
+  weak = res["control_warmup"]["val"]["accuracy"]
+  cw = study.analyse(per_seed, NAMES, acc, list(EVALS), cfg,
+                     control_val_acc=weak)["control_warmup"]
+  assert cw["diff"] == pytest.approx((acc[1, :, -1] - weak[0, :, -1]).mean())
+  assert cw["warm_start_diff"] == pytest.approx(acc[1, 0, 0] - weak[0, 0, 0])
+  assert cw["p"] < 0.05                       # the known 4-point deficit is detected
+  # Bootstrap intervals over seeds: AUROC and ECE per arm within [0, 1], around the mean;
+  # the paired differences are those of the same pairs the t-tests use.
+  for o in study.BOOTSTRAPPED:
+    for r, t in zip(out["bootstrap"][o]["arms"], out["arms"][o]):
+      assert 0.0 <= r["low"] <= r["mean"] <= r["high"] <= 1.0
+      assert r["mean"] == pytest.approx(t["mean"]) and r["n"] == t["n"]
+    for r in out["bootstrap"][o]["diffs"]:
+      t = next(t for t in out["secondary"]
+               if t["outcome"] == o and t["reference"] == r["reference"])
+      assert r["diff"] == pytest.approx(t["diff"]) and r["n"] == t["n"]
+      assert r["diff_low"] <= r["diff"] <= r["diff_high"]
   design = out["design"]
   sd = max(p1["sd"], p2["sd"])
   assert design["sd_diff"] == pytest.approx(sd) and design["alpha_planning"] == 0.025
@@ -99,9 +132,11 @@ def test_report_is_json_and_renders():
   assert rep["per_seed"]["accuracy"] == res["val"]["accuracy"][:, :, -1].tolist()
   assert rep["val_curves"]["auroc"][0][0][-1] is None       # NaN -> null
   assert np.shape(rep["train_means"]["frac_all_wrong"]) == (3, 6)
+  assert np.shape(rep["control_warmup"]["val"]["accuracy"]) == (1, 6, 5)
   md = study.markdown(rep)
   assert "| primary | accuracy | egpo - grpo |" in md
-  assert "| accuracy | " in md and "Positive control" in md
+  assert "| accuracy | " in md and "Positive control (pre-registered)" in md
+  assert "Positive control (amendment 1)" in md and "| auroc | " in md
 
 
 def test_command_writes_and_never_overwrites(tmp_path, monkeypatch):
