@@ -53,7 +53,7 @@ from egpo_jax.evaluation import calibration
 from egpo_jax.models import transformer
 from egpo_jax.models.config import ModelConfig
 from egpo_jax.sampling import engine
-from egpo_jax.training import iteration, train
+from egpo_jax.training import experiment as experiment_lib, iteration, warmup
 from egpo_jax.types import TrainState
 
 # The baselines, then EGPO and its Table 2 variants (egpo, c1..c6).
@@ -123,7 +123,7 @@ def stack(algos: Sequence[iteration.AlgoArrays]) -> iteration.AlgoArrays:
 class Setup:
   """What every run of an ablation shares: the experiment, the warm-started state, the
   optimizer, the shared iteration settings and the validation settings."""
-  experiment: train.Experiment
+  experiment: experiment_lib.Experiment
   settings: iteration.IterationSettings
   optimizer: optax.GradientTransformation
   state: TrainState
@@ -164,19 +164,19 @@ def setup(c: ml_collections.ConfigDict, *, oversample: int = 2,
   if not 0 < overlong_buffer <= c.rollout.max_new_tokens:
     raise ValueError(f"overlong_buffer={overlong_buffer} must be in [1, "
                      f"rollout.max_new_tokens={c.rollout.max_new_tokens}]")
-  exp = train.build(c)
+  exp = experiment_lib.build(c)
   sampling = dataclasses.replace(exp.settings.sampling, return_entropy=True)
   settings = dataclasses.replace(exp.settings, sampling=sampling, advantage="egpo",
                                  dynamic_sampling_oversample=oversample,
                                  overlong_buffer=overlong_buffer)
-  optimizer = train.rl_optimizer(c, int(c.train.iterations))
+  optimizer = experiment_lib.rl_optimizer(c, int(c.train.iterations))
   # The trainer's key split, so the warm start is the one `train.train` makes.
   k_init, k_warm, k_eval, _ = jax.random.split(jax.random.PRNGKey(c.seed), 4)
   params = transformer.init_params(exp.model_config, k_init)
   state = TrainState.create(params, optimizer.init(params))
   info: dict[str, Any] = {}
   if c.warmup.steps > 0:
-    state, info = train.warm_up(state, k_warm, exp, c)
+    state, info = warmup.sft_warm_up(state, k_warm, exp, c)
     state = TrainState.create(state.params, optimizer.init(state.params))
   eval_spec = dataclasses.replace(sampling, group_size=eval_samples, return_entropy=False)
   return Setup(exp, settings, optimizer, state, info, eval_spec,
