@@ -63,14 +63,18 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """Run as a program: the study's flags join absl's own (so --help lists them); a bad
-  flag is one line and exit 2, as in experiments.main."""
-  flags.FLAGS.append_flag_values(FLAGS)
-  for name in FLAGS:   # --help lists the key flags of the main module
-    flags.declare_key_flag(name, flag_values=flags.FLAGS)
+  flag is one line and exit 2, as in experiments.main.
+
+  The study's own set parses its flags first: parsing --config defines the --config.<field>
+  overrides there (ml_collections), so they exist when absl's set takes the flags over;
+  absl's set then parses what is left (its own flags; anything unknown is an error).
+  """
   try:
-    rest = flags.FLAGS(argv)
-    FLAGS.mark_as_parsed()   # the Flag objects are shared: their values are set
-    return rest
+    rest = FLAGS(argv, known_only=True)
+    flags.FLAGS.append_flag_values(FLAGS)
+    for name in FLAGS:   # --help lists the key flags of the main module
+      flags.declare_key_flag(name, flag_values=flags.FLAGS)
+    return flags.FLAGS(rest)
   except flags.Error as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -341,7 +345,11 @@ def main(argv):
   cfg, regime, out_dir = _CONFIG.value, _REGIME.value, _OUTPUT_DIR.value
   if regime is None:
     raise app.UsageError(f"--regime is required: one of {list(study_configs.REGIMES)}")
-  check_config(cfg)
+  try:
+    check_config(cfg)
+  except ValueError as err:   # a bad --config.<field> is one line, like a bad flag
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
   paths = [os.path.join(out_dir, f"{regime}.{ext}") for ext in ("json", "md")]
   for p in paths:
     if os.path.exists(p):

@@ -15,15 +15,15 @@ prompts and RL sees all-correct, mixed and all-wrong groups.
 Level 8 is level 2 with a tempting wrong shortcut in its worked solutions (the warm-up's
 demonstrations): the last addition drops the carry out of the units column
 (`47+85=` is demonstrated as `\\boxed{122}`), while the intermediate steps carry
-correctly. The prompts and the verifier are level 2's and the answers the true sums, so a
-model warmed up on level 8 answers about half the problems wrong, confidently: the regime
-the study meant for overconfident failures; its warm start turned out wrong far more
-often than that and not confidently (notebooks/PREREGISTRATION.md). Level 9 is level 2
-whose worked solutions stop one step early on problems of 3 terms: `12+7+5=` is
-demonstrated as `12+7=19,\\boxed{19}` (true only when the last operand is 0). Copying
-the last written total is easy for a small model, so the warm start answers the 3-term
-problems wrong with high confidence exp(-H~) while it answers 2-term problems as level 2
-does: the study's regime of overconfident failures (`overconfident`). Everything is seeded by the
+correctly. The prompts and the verifier are level 2's and the answers the true sums. It
+was meant to make a warmed-up model answer about half the problems wrong, confidently; its
+warm start is wrong far more often than that and not confidently
+(notebooks/PREREGISTRATION.md). Level 9 is level 2 whose worked solutions stop one step
+early on problems of 3 terms: `12+7+5=` is demonstrated as `12+7=19,\\boxed{19}` (true
+only when the last operand is 0). Copying the last written total is easy for a small
+model, so the warm start answers 3-term problems wrong with high confidence exp(-H~) (20%
+of all sampled answers at exp(-H~) >= 0.9) and 2-term problems as level 2 does: the
+study's regime of overconfident failures (`overconfident`). Everything is seeded by the
 jax key: the tfds builder (`builders.SyntheticArithmetic`) renders the records from the
 same `sample_problems` call, so the dataset and the jnp generator give identical problems.
 

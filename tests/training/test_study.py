@@ -161,7 +161,11 @@ def test_command_line_lists_its_flags_and_refuses_bad_ones_in_one_line():
   # The flags' own help lines (the module docstring alone also names --regime).
   assert "The regime to run" in shown.stdout
   assert "Where <regime>.json and <regime>.md are written" in shown.stdout
-  for bad, word in (("--regime=nope", "--regime"), ("--bogus=1", "bogus")):
-    done = run(bad)
+  # --config.<field> overrides reach the config (they are defined only when --config is
+  # parsed): a bad value fails the config check, in one line, before anything runs.
+  for bad, word in ((["--regime=nope"], "--regime"), (["--bogus=1"], "bogus"),
+                    (["--regime=default", "--config.num_seeds=1"],
+                     "config.num_seeds=1: paired tests")):
+    done = run(*bad)
     assert done.returncode == 2, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr, done.stderr
