@@ -44,7 +44,8 @@ missed; an empty one has no target for that case.
 Before -> after (2026-12-07, scale branch, with main's blockwise attention): 1.5B update
 peak 13.8 -> 8.5 GB on 8 and 8.1 -> 4.3 GB on 16 ("activations 16/8" 0.61 -> 0.51).
 Blockwise attention alone gave 10.6 / 6.6 GB (0.65: it shrinks the per-row part, so the
-fixed part weighed more); the rest is the log-prob head made vocabulary-parallel over every
+fixed part weighed more; the reference attention path now gives 11.7 / 5.9 GB, 0.51);
+the rest is the log-prob head made vocabulary-parallel over every
 device (`core/logprobs.py`): before, each device held the whole head and a float32
 [V, D] partial sum of its gradient (about 1.4 GB at 1.5B, the same on 8 and 16 devices).
 The rollout no longer runs its decode FSDP-sharded (3.0 GB of activation all-reduces per
