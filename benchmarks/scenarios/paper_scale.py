@@ -41,14 +41,26 @@ is (peak - train state) of the update on 16 devices over the same on 8 (1/2 when
 activations split with the devices). A target column says "met" or by how much it is
 missed; an empty one has no target for that case.
 
-What misses the floor target (2026-12-07, from the reports' `collectives`): the output
-head's float32 [V, D] gradient is all-reduced inside the log-prob chunk loop, once per
-chunk (3,072 times per iteration): 2,868 GB of the 1.5B update's 3,532 GB (933 MB each)
-and 6,697 GB of 7B's 9,991 GB (2.18 GB each). Accumulated over the chunks and
-reduce-scattered once per micro-batch, the 1.5B update would be near its floor. Next come
-per-layer gradient all-reduces (q/v/up projections; 324 GB for 1.5B) that a
-reduce-scatter would halve. The rollout's decode moves 3.0 GB (1.5B) and 5.7 GB (7B) per
-token step, mostly activation all-reduces (the rollout-engine issue's target).
+Before -> after (2026-12-07, scale branch, with main's blockwise attention): 1.5B update
+peak 13.8 -> 8.5 GB on 8 and 8.1 -> 4.3 GB on 16 ("activations 16/8" 0.61 -> 0.51).
+Blockwise attention alone gave 10.6 / 6.6 GB (0.65: it shrinks the per-row part, so the
+fixed part weighed more; the reference attention path now gives 11.7 / 5.9 GB, 0.51);
+the rest is the log-prob head made vocabulary-parallel over every
+device (`core/logprobs.py`): before, each device held the whole head and a float32
+[V, D] partial sum of its gradient (about 1.4 GB at 1.5B, the same on 8 and 16 devices).
+The rollout no longer runs its decode FSDP-sharded (3.0 GB of activation all-reduces per
+token step for 1.5B, 5.7 GB for 7B): the weights are gathered once before the token loops
+(`sampling/engine.py`), so decode moves nothing per step with tensor = 1 and only the
+two per-layer [rows, D] all-reduces over `tensor` for 7B (tensor = 2 in the paper
+config). The price is the gathered weights in the rollout's memory, and on XLA:CPU a
+float32 copy of them (hoisted conversion for its dots; a GPU keeps bf16): 1.5B 14.6 ->
+19.5 GB on 8. The 7B rollout target (<= 14 GB on 16) is out of reach with one rollout
+pass: the bf16 KV cache of 1,024 rows x 4,095 slots is 10.6 GB per device at any mesh,
+the sharded f32 master params 1.9 GB, and the gathered weights 15.2 / tensor GB; it
+needs the responses decoded in several sequential row chunks (not built). With tensor
+> 1 the update's Megatron all-reduces are outside the FSDP floor, hence 7B's ratio
+(fewer bytes than before on 16 devices: 2,924 vs 3,429 GB); and 7B's rollout (30.3 GB,
+CPU estimate) now misses the 28 GB fit target on 16.
 """
 
 

@@ -32,18 +32,21 @@ hidden states' dtype, the model's compute dtype (bfloat16 hidden states with flo
 master embeddings: a bfloat16 matmul, as the sampler's decode computes its logits), and
 accumulate in float32; the embedding's gradient is returned in its own dtype.
 
-Under a mesh set with `jax.set_mesh`, each chunk's positions stay split like the rows
-(data x fsdp) and its logits' vocabulary over tensor (`models.sharding.constrain`). The
-backward pass then accumulates the embedding's (and bias's) gradient as per-device partial
-sums, [row shards, V, D] with the leading axis split like the rows (one [V, D] float32
-per device, as before), and reduces them across devices once after the loop over chunks
-rather than in every chunk (`_row_shards`).
+Under a mesh set with `jax.set_mesh` the head is vocabulary-parallel over every device
+(Megatron's parallel cross-entropy, here over data x fsdp x tensor): each chunk's hidden
+states are gathered ([chunk, D], small), each device computes the logits of its slice of
+the vocabulary for all of the chunk's positions, and the log-sum-exp, target logit and
+entropy are reduced across devices as [chunk] vectors. The backward pass then adds each
+chunk's head gradient into the device's own [V / devices, D] slice: no device holds a
+whole [V, D] (the head gathered, or a float32 partial sum of its gradient), so the
+per-device memory of the log-prob pass shrinks with the devices, and nothing [V, D]-sized
+is reduced (`_vocab_parallel`). The hidden states' gradient is reduce-scattered back to
+the rows, one [chunk, D] per chunk.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import chex
 import jax
@@ -77,25 +80,59 @@ def _validate(hidden_NxTxD, embedding_VxD, targets_NxT, bias_V, temperature, chu
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
+# Under a mesh: a chunk's positions whole, its vocabulary over every device.
+_CHUNK_D = (None, None)
+_CHUNK_V = (None, "vocab_parallel")
+_VOCAB_D = ("vocab_parallel", None)
+_VOCAB = ("vocab_parallel",)
+# Between the head's own layout (V over tensor, D over fsdp) and _VOCAB_D, one all-to-all
+# within the fsdp groups each way: GSPMD could not go directly on a data x fsdp mesh
+# ("Involuntary full rematerialization": the whole float32 [V, D] on every device).
+_VOCAB_NOT_FSDP = ("vocab_parallel_not_fsdp", "param_embed")
 _ROWS_D = ("activation_batch", "activation_embed")
-_ROWS_V = ("activation_batch", "activation_vocab")
+
+
+def _vocab_parallel() -> bool:
+  """Whether a mesh is set (`jax.set_mesh`): the head then runs vocabulary-parallel.
+
+  Before, with the vocabulary split over `tensor` only and the positions over data x
+  fsdp, every device held the whole head (gathered, [V / tensor, D] in the compute
+  dtype) and a float32 partial sum of its gradient, reduced once per micro-batch: at
+  1.5B about 1.4 GB per device that did not shrink with the devices.
+  """
+  return sharding.active_mesh() is not None
 
 
 def _scaled_logits(h_CxD, embedding_VxD, bias_V, temperature):
   """float32 (h @ embedding.T + bias) / temperature for one chunk, the matmul in h's
   dtype (never a silent upcast of bfloat16 hidden states to a float32 matmul)."""
-  h_CxD = sharding.constrain(h_CxD, _ROWS_D)
+  h_CxD = sharding.constrain(h_CxD, _CHUNK_D)
   logits_CxV = lax.dot_general(h_CxD, embedding_VxD.astype(h_CxD.dtype),
                                (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   if bias_V is not None:
     logits_CxV = logits_CxV + bias_V.astype(jnp.float32)
-  return sharding.constrain(logits_CxV / temperature, _ROWS_V)
+  return sharding.constrain(logits_CxV / temperature, _CHUNK_V)
+
+
+def _target_logit(s_CxV, t_C):
+  """s[c, t_c] as a masked sum over the vocabulary: partitions over a split vocabulary
+  (one [C] all-reduce), where a gather would move the logits."""
+  hit_CxV = lax.broadcasted_iota(jnp.int32, s_CxV.shape, 1) == t_C[:, None]
+  return jnp.sum(jnp.where(hit_CxV, s_CxV, 0.0), axis=-1)
 
 
 def _layout(num_rows, chunk_size):
   """(rows per chunk, number of chunks), balanced so that padding is under one chunk."""
   num_chunks = -(-num_rows // chunk_size)
   return -(-num_rows // num_chunks), num_chunks
+
+
+def _chunks(x_M, chunk, num_chunks):
+  """`_chunked`, each chunk's positions kept split like the rows: the loop body gathers
+  one chunk at a time (`_CHUNK_D`); unpinned, GSPMD gathered the whole micro-batch's
+  hidden states before the loop."""
+  x = _chunked(x_M, chunk, num_chunks)
+  return sharding.constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
 
 
 def _chunked(x_M, chunk, num_chunks):
@@ -117,34 +154,6 @@ def _unchunked(x_KxC, num_rows):
   return x.reshape((-1,) + x.shape[2:])[:num_rows]
 
 
-_SHARDS_VD = ("activation_batch", "activation_vocab", "activation_embed")
-_SHARDS_V = ("activation_batch", "activation_vocab")
-
-
-def _row_shards(chunk):
-  """Devices a chunk's rows are split over under the mesh of `jax.set_mesh` (1 without).
-
-  The backward pass keeps one partial sum of the head's gradients per row shard
-  ([shards, V, D], its leading axis split like the rows, so one [V, D] per device) and
-  reduces them across devices once, after the loop over chunks. Summing each chunk's
-  dW = dlogits^T @ h directly into a [V, D] carry made GSPMD all-reduce the float32
-  [V, D] partial sums on every chunk (thousands of times per update at 1.5B).
-  """
-  mesh = sharding.active_mesh()
-  if mesh is None:
-    return 1
-  spec = sharding.logical_spec(("activation_batch",), (chunk,), mesh)
-  axes = spec[0] if len(spec) else None
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh.shape[a] for a in names)
-
-
-def _split_rows(x_CxF, shards):
-  """[C, ...] -> [shards, C / shards, ...], the leading axis split like the rows."""
-  x = x_CxF.reshape((shards, x_CxF.shape[0] // shards) + x_CxF.shape[1:])
-  return sharding.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _stats(chunk_size, with_entropy, hidden_MxD, embedding_VxD, bias_V, targets_M,
            temperature):
@@ -156,12 +165,13 @@ def _stats_fwd(chunk_size, with_entropy, hidden_MxD, embedding_VxD, bias_V, targ
                temperature):
   m = hidden_MxD.shape[0]
   chunk, num_chunks = _layout(m, chunk_size)
+  emb_VxD, b_V = _head(embedding_VxD, bias_V, hidden_MxD.dtype)
 
   def body(_, xs):
     h_CxD, t_C = xs
-    s_CxV = _scaled_logits(h_CxD, embedding_VxD, bias_V, temperature)
+    s_CxV = _scaled_logits(h_CxD, emb_VxD, b_V, temperature)
     lse_C = jax.nn.logsumexp(s_CxV, axis=-1)
-    logp_C = jnp.take_along_axis(s_CxV, t_C[:, None], axis=-1)[:, 0] - lse_C
+    logp_C = _target_logit(s_CxV, t_C) - lse_C
     if with_entropy:
       # Sum of p * (-log p): every term is >= 0, so no cancellation of large logits.
       logp_CxV = s_CxV - lse_C[:, None]
@@ -170,11 +180,27 @@ def _stats_fwd(chunk_size, with_entropy, hidden_MxD, embedding_VxD, bias_V, targ
       ent_C = jnp.zeros_like(lse_C)
     return None, (logp_C, lse_C, ent_C)
 
-  xs = (_chunked(hidden_MxD, chunk, num_chunks), _chunked(targets_M, chunk, num_chunks))
+  xs = (_chunks(hidden_MxD, chunk, num_chunks), _chunks(targets_M, chunk, num_chunks))
   _, outs = lax.scan(body, None, xs)
   logp_M, lse_M, ent_M = (_unchunked(o, m) for o in outs)
   residuals = (hidden_MxD, embedding_VxD, bias_V, targets_M, temperature, lse_M, ent_M)
   return (logp_M, ent_M), residuals
+
+
+def _head(embedding_VxD, bias_V, dtype):
+  """The head in the matmul dtype, its vocabulary over every device under a mesh (one
+  reshard per call, not per chunk)."""
+  emb_VxD = embedding_VxD.astype(dtype)
+  if _vocab_parallel():
+    # Pinned to the parameter's own layout first: a tied table is also the input
+    # embedding, and GSPMD otherwise carried the vocabulary split back to the lookup
+    # (then a masked gather and an all-reduce of the whole [B, T, D] embedded batch).
+    emb_VxD = sharding.constrain(emb_VxD, ("activation_vocab", "param_embed"))
+    emb_VxD = sharding.constrain(emb_VxD, _VOCAB_NOT_FSDP)
+    emb_VxD = sharding.constrain(emb_VxD, _VOCAB_D)
+    if bias_V is not None:
+      bias_V = sharding.constrain(bias_V, _VOCAB)
+  return emb_VxD, bias_V
 
 
 def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
@@ -183,14 +209,14 @@ def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
   m, _ = hidden_MxD.shape
   chunk, num_chunks = _layout(m, chunk_size)
   dtype = hidden_MxD.dtype
-  emb_VxD = embedding_VxD.astype(dtype)
+  emb_VxD, b_V = _head(embedding_VxD, bias_V, dtype)
   vocab = embedding_VxD.shape[0]
-  shards = _row_shards(chunk)
 
   def body(carry, xs):
     g_emb_VxD, g_bias_V, g_temp = carry
     h_CxD, t_C, lse_C, ent_C, g_logp_C, g_ent_C = xs
-    s_CxV = _scaled_logits(h_CxD, embedding_VxD, bias_V, temperature)
+    h_CxD = sharding.constrain(h_CxD, _CHUNK_D)
+    s_CxV = _scaled_logits(h_CxD, emb_VxD, b_V, temperature)
     logp_CxV = s_CxV - lse_C[:, None]
     p_CxV = jnp.exp(logp_CxV)
     # d logp_y / ds = onehot(y) - p; the one-hot is a fused compare, not a scatter.
@@ -202,42 +228,32 @@ def _stats_bwd(chunk_size, with_entropy, residuals, cotangents):
     # s = z / temperature: ds/dz = 1/temperature, ds/dtemperature = -s/temperature.
     # Rows of g_s sum to zero, so log p may stand in for s (better conditioned).
     g_temp = g_temp - jnp.sum(g_s_CxV * logp_CxV) / temperature
-    g_z_CxV = sharding.constrain(g_s_CxV / temperature, _ROWS_V)
+    g_z_CxV = sharding.constrain(g_s_CxV / temperature, _CHUNK_V)
+    # Summed over the vocabulary slices: reduce-scattered back to the chunk's rows.
     g_h_CxD = jnp.dot(g_z_CxV.astype(dtype), emb_VxD, preferred_element_type=jnp.float32)
     g_h_CxD = sharding.constrain(g_h_CxD, _ROWS_D)
-    if shards == 1:
-      g_emb_VxD = g_emb_VxD + lax.dot_general(
-          g_z_CxV.astype(dtype), h_CxD, (((0,), (0,)), ((), ())),
-          preferred_element_type=jnp.float32)
-      if bias_V is not None:
-        g_bias_V = g_bias_V + jnp.sum(g_z_CxV, axis=0)
-    else:
-      # Per-device partial sums (leading axis over the row shards): no collective here.
-      g_z_SxRxV = _split_rows(g_z_CxV.astype(dtype), shards)
-      h_SxRxD = _split_rows(h_CxD, shards)
-      g_emb_VxD = g_emb_VxD + sharding.constrain(lax.dot_general(
-          g_z_SxRxV, h_SxRxD, (((1,), (1,)), ((0,), (0,))),
-          preferred_element_type=jnp.float32), _SHARDS_VD)
-      if bias_V is not None:
-        g_bias_V = g_bias_V + sharding.constrain(
-            jnp.sum(_split_rows(g_z_CxV, shards), axis=1), _SHARDS_V)
+    # Each device's vocabulary slice of the head's gradient: no collective.
+    g_emb_VxD = g_emb_VxD + sharding.constrain(lax.dot_general(
+        g_z_CxV.astype(dtype), h_CxD, (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32), _VOCAB_D)
+    if bias_V is not None:
+      g_bias_V = g_bias_V + sharding.constrain(jnp.sum(g_z_CxV, axis=0), _VOCAB)
     return (g_emb_VxD, g_bias_V, g_temp), g_h_CxD.astype(hidden_MxD.dtype)
 
-  xs = tuple(_chunked(x, chunk, num_chunks)
+  xs = tuple(_chunks(x, chunk, num_chunks)
              for x in (hidden_MxD, targets_M, lse_M, ent_M, g_logp_M, g_ent_M))
-  lead = () if shards == 1 else (shards,)
-  init = (jnp.zeros(lead + (vocab, embedding_VxD.shape[1]), jnp.float32),
-          jnp.zeros(lead + (vocab,) if bias_V is not None else (), jnp.float32),
+  init = (sharding.constrain(jnp.zeros((vocab, embedding_VxD.shape[1]), jnp.float32),
+                             _VOCAB_D),
+          sharding.constrain(jnp.zeros((vocab,), jnp.float32), _VOCAB)
+          if bias_V is not None else jnp.zeros((), jnp.float32),
           jnp.zeros((), jnp.float32))
-  if shards > 1:
-    init = (sharding.constrain(init[0], _SHARDS_VD),
-            sharding.constrain(init[1], _SHARDS_V) if bias_V is not None else init[1],
-            init[2])
   (g_emb_VxD, g_bias_V, g_temp), g_h = lax.scan(body, init, xs)
-  if shards > 1:   # the one cross-device reduction of the head's gradients
-    g_emb_VxD = jnp.sum(g_emb_VxD, axis=0)
-    if bias_V is not None:
-      g_bias_V = jnp.sum(g_bias_V, axis=0)
+  if _vocab_parallel():
+    # Back to the parameter's layout (as in `_head`): with a tied table the input
+    # embedding's scatter-add otherwise ran in this vocabulary split, gathering the
+    # whole embedded batch's gradient to every device.
+    g_emb_VxD = sharding.constrain(g_emb_VxD, _VOCAB_NOT_FSDP)
+    g_emb_VxD = sharding.constrain(g_emb_VxD, ("activation_vocab", "param_embed"))
   g_hidden_MxD = _unchunked(g_h, m)
   g_bias = None if bias_V is None else g_bias_V.astype(bias_V.dtype)
   return (g_hidden_MxD, g_emb_VxD.astype(embedding_VxD.dtype), g_bias, None,

@@ -49,6 +49,9 @@ LOGICAL_RULES = {
     "activation_head_dim": None,
     "activation_mlp": "tensor",
     "activation_vocab": "tensor",
+    "vocab_parallel": ("data", "fsdp", "tensor"),   # the log-prob head (core/logprobs.py)
+    "vocab_parallel_not_fsdp": ("data", "tensor"),
+    "param_embed": "fsdp",   # a weight's model width, as _PARAM_SPECS splits it
     "micro_batches": None,   # the scan axis over micro-batches
 }
 

@@ -69,9 +69,8 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   c.ppo.minibatches = 1
   # 16 rows per pass (update, and the old/reference log-probs), each device computing
   # its rows of every micro-batch (rows over data x fsdp), layers rematerialised.
-  # Compile-only per-device peaks of the update on fake CPU devices (fsdp = devices):
-  # 1.5B 13.8 GB on 8, 8.1 GB on 16; 7B 43.2 GB on 8, 25.0 GB on 16 (CPU estimates;
-  # +1 float32 [V, D] since the log-prob backward keeps per-device head-gradient sums).
+  # Compile-only per-device peaks of the update on fake CPU devices (mesh below):
+  # 1.5B 8.5 GB on 8, 4.3 GB on 16; 7B 34.9 GB on 8, 17.6 GB on 16 (CPU estimates).
   c.ppo.micro_batches = 64
   # 16 rows are one prompt's group: shared, that prompt would run on every device of the
   # batch axes (replicated, with activation all-reduces); unshared each device runs its

@@ -190,10 +190,10 @@ def test_bad_input_names_the_field(data, kwargs, match):
 
 @pytest.mark.parametrize("layout", [(1, 8, 1), (2, 2, 2)])
 def test_sharded_rows_match_one_device(layout, num_devices):
-  """Under a mesh the backward keeps per-device partial sums of the embedding's and
-  bias's gradients and reduces them once after the chunk loop: same values and
-  gradients as one device. 32 positions in 4 chunks of 8, each chunk split over the
-  row devices (8, or 4 with tensor 2)."""
+  """Under a mesh the head runs vocabulary-parallel over all 8 devices (each chunk's
+  positions gathered, the log-sum-exp reduced across the vocabulary slices, the head's
+  gradient kept per slice): same values and gradients as one device. 32 positions in 4
+  chunks of 8, the rows split over data x fsdp."""
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from egpo_jax.core import logprobs as logprobs_lib
@@ -215,7 +215,7 @@ def test_sharded_rows_match_one_device(layout, num_devices):
   mesh = sharding.make_mesh(sharding.MeshConfig(*layout), devices=devices)
   rows = NamedSharding(mesh, P(sharding.BATCH))
   with jax.set_mesh(mesh):
-    assert logprobs_lib._row_shards(8) == layout[0] * layout[1]
+    assert logprobs_lib._vocab_parallel()
     fn = _objective(functools.partial(token_logprobs, chunk_size=8),
                     jax.device_put(targets, rows), jax.device_put(w_logp, rows),
                     jax.device_put(w_ent, rows), jnp.ones((n, t)), True)

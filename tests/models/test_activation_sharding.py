@@ -6,8 +6,9 @@ response lengths (5 and 7) are not, so a collective whose operand has an element
 divisible by 3, 5 or 7 moves activations (per-token values), and one with a power-of-two
 count moves parameter-shaped values (weights, gradients) or per-row scalars.
 
-  (1, 8, 1), (2, 4, 1): no activation all-reduce at all (FSDP gathers weights and
-    reduce-scatters gradients; each device computes only its rows).
+  (1, 8, 1), (2, 4, 1): no activation all-reduce outside the log-prob head (FSDP gathers
+    weights and reduce-scatters gradients; each device computes only its rows; the head
+    is vocabulary-parallel and reduces per-position vectors and [positions, D]).
   (2, 2, 2): activation all-reduces only inside `tensor` groups (Megatron's two per layer).
   Per-device temporaries of the update shrink from 2 to 8 devices (fsdp 2 -> 8).
 """
@@ -118,12 +119,28 @@ def _compiled(layout: tuple[int, int, int], share_prompts: bool = False,
   return mesh, compiled
 
 
+# The log-prob head is vocabulary-parallel over every device (core/logprobs.py): per chunk
+# (here one chunk: a micro-batch's 16 x 7 response positions) it reduces the max and sums
+# of the log-sum-exp ([C] vectors) and the hidden states' gradient ([C, D], which XLA:CPU
+# leaves an all-reduce; a GPU or TPU makes it a reduce-scatter) across all devices.
+_HEAD_POSITIONS = 16 * T_LEN
+
+
+def _is_log_prob_head(counts) -> bool:
+  return all(c in (1, _HEAD_POSITIONS, _HEAD_POSITIONS * CFG.hidden_size) for c in counts)
+
+
 def _activation_all_reduces(layout, share_prompts=False):
   mesh, compiled = _compiled(layout, share_prompts)
   found = collectives(compiled.as_text(), mesh.size)
   assert any(kind == "all-gather" for kind, _, _ in found)   # FSDP gathers weights
+  head = [counts for kind, counts, _ in found
+          if kind == "all-reduce" and any(_is_activation(c) for c in counts)
+          and _is_log_prob_head(counts)]
+  assert head, "no vocabulary-parallel log-prob head reduction found"
   return mesh, [(counts, groups) for kind, counts, groups in found
-                if kind == "all-reduce" and any(_is_activation(c) for c in counts)]
+                if kind == "all-reduce" and any(_is_activation(c) for c in counts)
+                and not _is_log_prob_head(counts)]
 
 
 @pytest.mark.parametrize("layout", [(1, 8, 1), (2, 4, 1)])
@@ -209,7 +226,8 @@ def test_head_gradient_is_not_reduced_per_logprob_chunk(layout, num_devices):
   comps = _computations(hlo)
   bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
   innermost = [b for b in bodies if not any(" while(" in line for line in comps[b])]
-  vocab = {CFG.vocab_size, CFG.vocab_size // mesh.shape["tensor"]}
+  # The head's gradient is kept per vocabulary slice (vocabulary-parallel over all devices).
+  vocab = {CFG.vocab_size, CFG.vocab_size // mesh.shape["tensor"], CFG.vocab_size // mesh.size}
   # The chunk loops: innermost loops that carry a [.., V, D]-shaped head gradient or
   # hold the [V, D] embedding (forward and backward).
   head = re.compile(r"f32\[(?:\d+,)?(%s),%d\]" % ("|".join(map(str, vocab)), CFG.hidden_size))
@@ -220,8 +238,10 @@ def test_head_gradient_is_not_reduced_per_logprob_chunk(layout, num_devices):
     for line in comps[body]:
       match = _OP.search(line)
       if match and match.group(2) in ("all-reduce", "reduce-scatter"):
-        dims = [set(int(d) for d in ds.split(",") if d) for _, ds in _ARRAY.findall(match.group(1))]
-        if any(dim & vocab for dim in dims):
+        shapes = [[int(d) for d in ds.split(",") if d]
+                  for _, ds in _ARRAY.findall(match.group(1))]
+        # [V', D]-shaped (V' = V, V / tensor, or V / devices): the head or its gradient.
+        if any(len(s) >= 2 and s[-2] in vocab and s[-1] == CFG.hidden_size for s in shapes):
           found.append(line.strip()[:200])
   assert not found, f"head-gradient reductions inside the log-prob chunk loop: {found}"
 
