@@ -164,14 +164,13 @@ def export(args: types.SimpleNamespace) -> tuple[str, list[str]]:
   """Reads and verifies the checkpoint, then writes the HF folder; (source, files)."""
   workdir = _workdir(args.checkpoint, args.step)
   if workdir is not None:
-    from egpo_jax.training import train  # pylint: disable=g-import-not-at-top
     step, params, _, c, exp = loading.read_workdir(*workdir)
     _check_model_flags(args, c)
     config = exp.model_config
     source = os.path.join(workdir[0], "checkpoints", str(step), "state")
     hf_model = c.model.preset == "hf"
     tokenizer = args.tokenizer or (c.model.path if hf_model else "byte")
-    specials = (() if hf_model else train.BYTE_SPECIAL_TOKENS)
+    specials = (() if hf_model else loading.BYTE_SPECIAL_TOKENS)
   else:
     if not (args.model or args.hf_config) or not args.tokenizer:
       raise ValueError(f"--checkpoint={args.checkpoint} is no training workdir (no "

@@ -652,7 +652,7 @@ def spec_from_config(c) -> DryRunSpec:
   (EOS, pad, segment delimiter) are placeholders: no shape depends on them."""
   from egpo_jax.models import config as model_config_lib
   from egpo_jax.training import config as config_lib
-  from egpo_jax.training import iteration, train
+  from egpo_jax.training import experiment, iteration
   if c.task.name == "jsonl" and not c.task.train_file:
     # No data is read: check the rest as for the in-memory task (no shape depends on it).
     c = config_lib.with_overrides(c, {"task.name": "synthetic"})
@@ -675,7 +675,7 @@ def spec_from_config(c) -> DryRunSpec:
                                            delimiter_ids=delimiter)
   algo = jax.eval_shape(lambda: iteration.AlgoArrays.create(
       c.algo.variant, lam_min=c.algo.lam_min, lam_max=c.algo.lam_max))
-  optimizer = train.rl_optimizer(c, int(c.train.iterations))
+  optimizer = experiment.rl_optimizer(c, int(c.train.iterations))
   label = f"{c.algo.advantage} on {m.path or m.name or m.preset}"
   return DryRunSpec(model_config, settings, optimizer, algo, int(c.task.max_prompt_len),
                     label)
