@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import os
 import sys
 import time
 
@@ -169,6 +170,10 @@ def run(quick: bool) -> list[harness.Row]:
   main_row.extra["same tokens as static"] = f"{np.concatenate(same).mean():.3f}"
   progress()
 
+  if os.environ.get("ROLLOUT_LENGTHS_ONLY_ROLLOUT"):   # a rerun of the rollout rows alone
+    _unchunked_row(timed, params, ids, mask, rng, config, group, caps, num_prompts, n, t,
+                   static_row)
+    return rows
   # The update on the S = main_slots rollout's batch.
   k = jax.random.split(jax.random.PRNGKey(5), 1)[0]
   n_ids = np.repeat(np.asarray(ids), group, 0)
@@ -203,6 +208,13 @@ def run(quick: bool) -> list[harness.Row]:
   row_b.extra["padding"] = round(m_b["padding_fraction"], 4)
   row_b.extra["loss - padded loss"] = f"{m_b['loss'] - float(m_pad['loss']):.2e}"
   progress()
+  _unchunked_row(timed, params, ids, mask, rng, config, group, caps, num_prompts, n, t,
+                 static_row)
+  return rows
+
+
+def _unchunked_row(timed, params, ids, mask, rng, config, group, caps, num_prompts, n, t,
+                   static_row):
   unchunked = functools.partial(engine.generate, params, ids, mask, rng, config=config,
                                 group_size=group, max_new_tokens=int(caps.max()),
                                 eos_ids=())
@@ -213,7 +225,6 @@ def run(quick: bool) -> list[harness.Row]:
   row.extra.update({"steps": int(caps.max()),
                     "slot util": round(caps.sum() / (n * int(caps.max())), 4),
                     "cache slots": num_prompts * 64 + n * (t - 1)})
-  return rows
 
 
 def compile_static(params, ids, mask, rng, prompt_ids_B, *, config, group, steps):
