@@ -17,7 +17,7 @@ Rows:
     i.e. the static loop stopping when its last row reaches its cap (its best case).
   * static, unchunked: all 512 rows in one `engine.generate` (max_new_tokens = 512).
   * update, padded: `update.update` (jitted, shared prompts on: the default path) on the
-    S = 64 rollout's batch (random advantages), 16 micro-batches of 32 rows.
+    S = 64 rollout's batch (random advantages), 64 micro-batches of 8 rows.
   * update, bucketed: `update.bucketed_update`, same batch and settings, 8 length buckets
     (multiples of 64); "padding" = padded share of the computed response slots.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import os
 import sys
 import time
 
@@ -99,6 +100,9 @@ def run(quick: bool) -> list[harness.Row]:
     print(f"[rollout_lengths] {name}: {row.seconds:.2f} s", file=sys.stderr, flush=True)
     return row, out
 
+  def progress():
+    print(harness.format_table(rows), file=sys.stderr, flush=True)
+
   gens = {}
   # With EOS off the schedule depends only on the caps: the smaller slot counts' steps and
   # utilisation are measured on the tiny model (same draw, T and slots), and only the
@@ -122,7 +126,8 @@ def run(quick: bool) -> list[harness.Row]:
     row.extra.update({"steps": int(gen.num_steps), "FIFO sim steps": sim_steps,
                       "slot util": round(util, 4), "FIFO sim util": round(sim_util, 4),
                       "util / sim": round(util / sim_util, 4),
-                      "cache slots": slots * (64 + t - 1)})
+                      # Own slots plus the prompt table (each prompt once).
+                      "cache slots": slots * (t - 1) + num_prompts * 64})
     gens[slots] = gen
 
   # The static sampler over ceil(N / S) chunks of S rows: S / G prompts per chunk.
@@ -147,7 +152,8 @@ def run(quick: bool) -> list[harness.Row]:
                                  static_chunked, warm_static)
   static_row.extra.update({"steps": sum(chunk_t),
                            "slot util": round(caps.sum() / (main_slots * sum(chunk_t)), 4),
-                           "cache slots": main_slots * (64 + t - 1)})
+                           # The prompt shared by its group (bucket 64).
+                           "cache slots": per_chunk * 64 + main_slots * (t - 1)})
   main_row = next(r for r in rows if r.name == f"continuous, {main_slots} slots")
   for r in rows:
     if r.name.startswith("continuous"):
@@ -162,7 +168,12 @@ def run(quick: bool) -> list[harness.Row]:
     same.append(np.all((np.asarray(out.completion_ids_NxT) ==
                         np.asarray(gen.completion_ids_NxT[rows_n, :steps])) | ~valid, axis=1))
   main_row.extra["same tokens as static"] = f"{np.concatenate(same).mean():.3f}"
+  progress()
 
+  if os.environ.get("ROLLOUT_LENGTHS_ONLY_ROLLOUT"):   # a rerun of the rollout rows alone
+    _unchunked_row(timed, params, ids, mask, rng, config, group, caps, num_prompts, n, t,
+                   static_row)
+    return rows
   # The update on the S = main_slots rollout's batch.
   k = jax.random.split(jax.random.PRNGKey(5), 1)[0]
   n_ids = np.repeat(np.asarray(ids), group, 0)
@@ -173,7 +184,9 @@ def run(quick: bool) -> list[harness.Row]:
       old_logps_NxT=gen.logps_NxT, adv_N=jax.random.normal(k, (n,)),
       ref_logps_NxT=jnp.zeros((n, t)), is_weights_NxT=jnp.ones((n, t)))
   optimizer = make_optimizer(lr=1e-6)
-  micro = max(1, n // 32)
+  # 8 rows (one group) per micro-batch: 32 rows of 576 tokens took ~10 GB on this
+  # machine (the kernel's OOM killer ended that run).
+  micro = max(1, n // 8)
   settings = update.UpdateSettings(micro_batches=micro)
   state = TrainState.create(params, optimizer.init(params))
   padded = jax.jit(functools.partial(update.update, optimizer=optimizer, model_config=config,
@@ -194,6 +207,14 @@ def run(quick: bool) -> list[harness.Row]:
   row_b.baseline = row_pad.name
   row_b.extra["padding"] = round(m_b["padding_fraction"], 4)
   row_b.extra["loss - padded loss"] = f"{m_b['loss'] - float(m_pad['loss']):.2e}"
+  progress()
+  _unchunked_row(timed, params, ids, mask, rng, config, group, caps, num_prompts, n, t,
+                 static_row)
+  return rows
+
+
+def _unchunked_row(timed, params, ids, mask, rng, config, group, caps, num_prompts, n, t,
+                   static_row):
   unchunked = functools.partial(engine.generate, params, ids, mask, rng, config=config,
                                 group_size=group, max_new_tokens=int(caps.max()),
                                 eos_ids=())
@@ -204,7 +225,6 @@ def run(quick: bool) -> list[harness.Row]:
   row.extra.update({"steps": int(caps.max()),
                     "slot util": round(caps.sum() / (n * int(caps.max())), 4),
                     "cache slots": num_prompts * 64 + n * (t - 1)})
-  return rows
 
 
 def compile_static(params, ids, mask, rng, prompt_ids_B, *, config, group, steps):

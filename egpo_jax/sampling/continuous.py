@@ -10,26 +10,26 @@ rows. Here the cache holds S slots (`ContinuousSpec.slots`), whatever B x G is:
     table of B entries: per layer keys [B, kv heads, head_dim, P] and values
     [B, kv heads, P, head_dim] (`transformer.share_prefix`'s prefix layout), the prompt
     mask, its length and the logits of its last token.
-  * Slots. Each of the S slots holds one response at a time: the prompt's P slots,
-    copied from the table entry when the slot takes the response (P slots per response,
-    one copy), then the response's own T - 1. Slot s's response is
-    `slot_resp_S[s]`, its prompt `slot_resp_S[s] // G`.
+  * Slots. Each of the S slots holds one response at a time: its own T - 1 cache slots
+    (the response's fed-back tokens) and a pointer to its prompt's table entry
+    (`slot_resp_S[s] // G`), whose keys and values each decode step gathers as the slot's
+    prefix (`transformer.decode` with a prefix of one row per slot).
   * Queue. Responses are taken in `order_N` (default n = b * G + g, FIFO); a slot whose
     response ended (a stop token: `SamplingSpec.eos_ids`, which the config's extra stop
     ids join, or its cap `caps_N[n]`) takes the next one in the same loop iteration, so
     every busy slot emits a token every step. A fresh slot's first token comes from its
     table entry's logits; its decode that step is discarded.
 
-Why the table's keys are copied into the slot rather than read through an index at every
-step: slots of one prompt are not adjacent once refills scatter them, so the grouped
-product of `share_prefix` (one [G * r, head_dim] @ [head_dim, P] read per group) has no
-group to serve; a per-step gather by slot -> prompt index would re-copy S x P keys and
-values per layer at every step, whereas the copy at refill moves P slots once per
-response. The table still prefills each prompt once (not G times), and the cache holds
-S x (P + T - 1) slots plus the table's B x P.
+Why a gather per step rather than `share_prefix`'s grouped read or a copy at refill:
+slots of one prompt are not adjacent once refills scatter them, so the grouped product
+(one [G * r, head_dim] @ [head_dim, P] read per group) has no group to serve; and copying
+the prompt into the slot's cache at refill (a second in-place write into the loop-carried
+cache, after decode's) made XLA:CPU copy every layer's whole cache at every step (checked
+in the compiled loop, tests/sampling). The gather moves S x P keys and values per layer
+and step, a fraction of the S x (P + T - 1) that attention reads anyway.
 
-Attention reads the slot's full capacity (P + T - 1 slots, masked) at every step: on CPU
-that is what the static sampler's last cache phase reads. A paged kernel is not built.
+Attention reads every slot (P + T - 1, masked) at every step: on CPU that is what the
+static sampler's last cache phase reads. A paged kernel is not built.
 
 Refill decisions are made inside the jitted `lax.while_loop`, at every step, with no
 host round trip. The loop may be cut into chunks of `chunk_steps` steps (one jitted call
@@ -41,15 +41,16 @@ Chunking does not change any token: a chunk boundary only stops the loop and res
 Determinism. Response n's step t draws uniform(fold_in(key_n, t)), key_n as in
 `engine.response_keys`, so its tokens are those of `engine.step_uniforms`' stream. A
 response stays in one slot from its first token to its last and writes its own t-th key
-at the same cache slot P + t whatever the slot, so its computation does not depend on the
+at the slot's own cache slot t whatever the slot, so its computation does not depend on the
 slot it lands in, its neighbours, the step it starts at or the queue's order (rows of the
 batched matmuls are computed independently); tests check bit-identity under permuted
 queues. Compiled shapes depend on (S, B, G, P bucket, T) only: caps, order and stop
 conditions are data.
 
-Memory: the cache is S x (P + T - 1) slots (+ B x P for the table), against the static
-sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1) with a shared prefix); the
-outputs are N x T as before.
+Memory: the cache is S x (T - 1) slots plus the table's B x P (each prompt once), against
+the static sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1) with a shared
+prefix); the outputs are N x T as before. The table holds all B prompts for the whole
+rollout: entries are not freed and refilled as prompts finish (not built).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def _constrain(state: SlotState) -> SlotState:
 def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size: int
             ) -> SlotState:
   """Gives every free slot (idle or just finished) the next queued response, FIFO over
-  the free slots in slot order, and copies its prompt's table entry into the slot."""
+  the free slots in slot order, and empties its own cache slots."""
   n = order_N.shape[0]
   free_S = state.slot_resp_S >= n
   rank_S = jnp.cumsum(free_S.astype(jnp.int32)) - 1
@@ -185,30 +186,9 @@ def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size
   slot_resp_S = jnp.where(free_S, new_resp_S, state.slot_resp_S)
   next_q = jnp.minimum(state.next_q + jnp.sum(free_S, dtype=jnp.int32), n)
 
-  # Copy the prompt's keys, values and mask into each refilled slot: one slot at a time,
-  # in place, so the work is P slots per refill (not S x P per step).
-  slots = take_S.shape[0]
-  (refilled_S,) = jnp.nonzero(take_S, size=slots, fill_value=slots)
-  count = jnp.sum(take_S, dtype=jnp.int32)
-  prompt_len = table.mask_BxP.shape[1]
-
-  def copy_one(carry):
-    i, cache = carry
-    s = refilled_S[i]
-    b = slot_resp_S[s] // group_size
-    k = tuple(jax.lax.dynamic_update_slice(
-        layer, jax.lax.dynamic_index_in_dim(src, b, 0, keepdims=True), (s, 0, 0, 0))
-        for layer, src in zip(cache.k, table.k))
-    v = tuple(jax.lax.dynamic_update_slice(
-        layer, jax.lax.dynamic_index_in_dim(src, b, 0, keepdims=True), (s, 0, 0, 0))
-        for layer, src in zip(cache.v, table.v))
-    row_mask = jnp.zeros((1, cache.mask_BxS.shape[1]), jnp.bool_)
-    row_mask = row_mask.at[0, :prompt_len].set(table.mask_BxP[b])
-    mask = jax.lax.dynamic_update_slice(cache.mask_BxS, row_mask, (s, 0))
-    return i + 1, cache.replace(k=k, v=v, mask_BxS=mask)
-
-  _, cache = jax.lax.while_loop(lambda c: c[0] < count, copy_one,
-                                (jnp.zeros((), jnp.int32), state.cache))
+  # A refilled slot's own slots start empty (their stale keys and values stay, masked).
+  cache = state.cache.replace(
+      mask_BxS=jnp.where(take_S[:, None], False, state.cache.mask_BxS))
   return state.replace(cache=cache, slot_resp_S=slot_resp_S,
                        slot_t_S=jnp.where(free_S, 0, state.slot_t_S),
                        fresh_S=take_S | (state.fresh_S & ~free_S), next_q=next_q)
@@ -228,9 +208,13 @@ def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
   # Feed token t - 1 at own slot P + t - 1, position len + t - 1 (fresh slots: a dummy at
   # slot P, overwritten by their token 0 next step).
   fed_S = jnp.maximum(t_S - 1, 0)
-  cache = state.cache.replace(index=prompt_len + fed_S,
-                              positions_B=table.lengths_B[prompt_S] + fed_S)
+  # Each slot reads its prompt's table entry as its prefix (gathered by slot -> prompt).
+  cache = state.cache.replace(
+      index=prompt_len + fed_S, positions_B=table.lengths_B[prompt_S] + fed_S,
+      prefix_k=tuple(k[prompt_S] for k in table.k),
+      prefix_v=tuple(v[prompt_S] for v in table.v), prefix_mask_BpxP=table.mask_BxP[prompt_S])
   logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config)
+  cache = cache.replace(prefix_k=None, prefix_v=None, prefix_mask_BpxP=None)
   logits_SxV = jnp.where(state.fresh_S[:, None], table.logits_BxV[prompt_S], logits_SxV)
   if sspec.is_greedy:
     uniforms_S = jnp.zeros(t_S.shape, jnp.float32)
@@ -278,10 +262,11 @@ def start(table: PromptTable, caps_N: jax.Array, order_N: jax.Array, *, config,
   chex.assert_equal_shape([caps_N, order_N])
   sspec, n, slots = spec.sampling, order_N.shape[0], spec.slots
   steps, prompt_len = sspec.max_new_tokens, table.mask_BxP.shape[1]
-  # Room for the prompt and T - 1 fed-back tokens (the last sampled one is never fed).
-  capacity = prompt_len + max(steps - 1, 1)
+  # T - 1 own slots for the fed-back tokens (the last sampled one is never fed); the
+  # prompt's P are read from the table. RoPE tables cover positions up to P + T - 1.
+  own = max(steps - 1, 1)
   cache = transformer.decode_layout(transformer.init_cache(
-      config, slots, capacity, dtype=cache_dtype))
+      config, slots, prompt_len + own, dtype=cache_dtype, slots=own))
   state = SlotState(
       cache=cache.replace(index=jnp.zeros((slots,), jnp.int32)),
       slot_resp_S=jnp.full((slots,), n, jnp.int32),

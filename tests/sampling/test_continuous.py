@@ -13,7 +13,7 @@ from benchmarks.scenarios.rollout_lengths import draw_caps, fifo_simulation
 from egpo_jax import sampling
 from egpo_jax.models import sharding, transformer
 from egpo_jax.sampling import continuous, engine
-from tests.sampling.test_sampler import CONFIG, LOGP_ATOL, _prompts
+from tests.sampling.test_sampler import CONFIG, LOGP_ATOL, _prompts, _while_bodies
 
 T, G = 16, 4
 LENGTHS = [3, 9, 14, 6, 1, 12]          # 6 prompts x 4 samples = 24 responses
@@ -217,3 +217,27 @@ def test_bad_arguments_raise(params, prompts, kwargs, match):
 def test_bad_spec_raises():
   with pytest.raises(ValueError, match="slots"):
     _spec(0)
+
+
+def test_decode_loop_copies_no_cache(params, prompts):
+  """The compiled loop body writes each layer's cache in place: no copy of a [S, kv heads,
+  head_dim, T - 1] or [S, kv heads, T - 1, head_dim] buffer (a refill that wrote the prompt
+  into the slots made XLA copy every layer's cache at every step)."""
+  ids, mask = prompts
+  spec, slots = _spec(5, EOS), 5
+  bucket = engine.bucket_length(ids.shape[1])
+  pad = ((0, 0), (bucket - ids.shape[1], 0))
+  caps, order = jnp.asarray(CAPS), jnp.arange(len(CAPS))
+  table, keys, state = continuous._start_jit(
+      params, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1),
+      jnp.asarray(PROMPT_IDS_B), caps, order, config=CONFIG, spec=spec, cache_dtype=None)
+  hlo = continuous._run_jit.lower(params, state.replace(cache=None), state.cache, table,
+                                  keys, caps, order, jnp.int32(10), config=CONFIG,
+                                  spec=spec).compile().as_text()
+  kv, hd = CONFIG.num_kv_heads, CONFIG.head_size
+  shapes = (f"f32[{slots},{kv},{hd},{T - 1}]", f"f32[{slots},{kv},{T - 1},{hd}]")
+  bodies = _while_bodies(hlo)
+  assert any(shapes[0] in b for b in bodies)     # the cache is carried by a loop
+  copies = [line for b in bodies for line in b.splitlines()
+            if " copy(" in line and any(s in line for s in shapes)]
+  assert not copies, copies[:2]
