@@ -64,7 +64,7 @@ def check_implementation(implementation: str, *, dtype, head_dim: int,
                      f"of {can}")
 
 
-def attend(q, k, v, kv_mask_BxS, *, implementation: str = "reference", prefix=None):
+def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=None):
   """Softmax attention of q over the keys k and values v; see the module docstring.
 
   Args:
@@ -139,8 +139,8 @@ def _attend_recompute(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS):
   arrays per layer (zero-filled, then written layer by layer); recomputing the scores in
   the backward pass costs two small matmuls and is faster on CPU (with the flattened
   projections: the benchmark update 1.28x faster, tiny and small models). A custom VJP
-  rather than jax.checkpoint, so that the `remat` flag keeps meaning "rematerialise the
-  whole layer". Reverse mode only (no jax.jvp), like the log-probs. The dense [B, T, S]
+  rather than jax.checkpoint, so that `ModelConfig.remat`'s policies keep applying to
+  the whole layer. Reverse mode only (no jax.jvp), like the log-probs. The dense [B, T, S]
   mask is rebuilt from kv_mask_BxS in both passes, so a layer scan saves only the
   [B, S] key mask per layer.
   """
