@@ -72,7 +72,7 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   # device computing its rows of every micro-batch (rows over data x fsdp), layers
   # rematerialised, blockwise attention. Compile-only per-device update peaks on fake CPU
   # devices (fsdp = devices; CPU estimates, see BENCHMARKS.md "attention"):
-  # 1.5B 20.3 GB on 8, 11.5 GB on 16; 7B 44.5 GB on 8, 25.3 GB on 16.
+  # 1.5B 20.6 GB on 8, 11.5 GB on 16; 7B 44.5 GB on 8, 25.3 GB on 16.
   c.ppo.micro_batches = 32 if "7b" in backbone else 16
   # 16 rows are one prompt's group: shared, that prompt would run on every device of the
   # batch axes (replicated, with activation all-reduces); unshared each device runs its
