@@ -60,6 +60,11 @@ largest micro-batch that keeps every fit target: 4x fewer passes for 1.5B, 2x fo
 rows would put 7B x16 at 32.9 GB). Rollout peaks are unchanged (decoding keeps its
 single-query path); old_logps peaks grow with the rows per pass (1.5B x16 2.7 GB, 7B x16
 7.1 GB).
+The A/B rows' workloads (sequences of 32 to 80 tokens) fit in one 256-slot block, where the
+entry point runs the dense computation for "blockwise" too (the same O(T x S) memory), so
+their ratios show this machine's noise between identical programs. Before that choice,
+blockwise's one-block online softmax gave speed-ups of 0.95x, 1.16x, 0.96x (tiny
+iteration) and 1.15x, 1.00x, 0.93x (small iteration) in three same-run A/Bs: noise, no gain.
 """
 
 

@@ -96,6 +96,11 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=No
     logging.getLogger(__name__).warning(
         "attention 'cudnn': queries after a shared prompt (S=%d > T=%d) cannot be given as "
         "sequence lengths; this call runs 'blockwise'", k.shape[1], q.shape[1])
+  if q.shape[1] <= BLOCK_SIZE and k.shape[1] <= BLOCK_SIZE:
+    # One block holds the whole pass: the dense computation is that block, with the same
+    # O(T x S) memory, and XLA's fused softmax was faster at these lengths (the CPU
+    # grpo_iteration A/B, benchmarks/scenarios/attention.py).
+    return _attend_recompute(q, k, v, kv_mask_BxS)
   return attend_blockwise(q, k, v, kv_mask_BxS, BLOCK_SIZE)
 
 
