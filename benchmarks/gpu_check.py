@@ -1,6 +1,6 @@
 """The GPU check: one L = 4,096 update micro-batch of a Qwen2.5-Math-1.5B-shaped random model.
 
-    python -m benchmarks.gpu_check            # on one GPU, whenever one is at hand (<= 6 min)
+    python -m benchmarks.gpu_check            # on one GPU, whenever one is at hand (<= 8 min)
     python -m benchmarks.gpu_check --smoke    # a tiny model on CPU in seconds (tested)
 
 It runs the trainer's own update (`update.update`, state donated) with the paper config's
@@ -16,9 +16,15 @@ one prompt each group, every token valid (prompt 1,024 + response 3,072), one Ad
     same program (compiled on the CPU backend from abstract shapes, as
     `experiments.main --dry_run` does) and the GPU compiler's own (`memory_analysis()`).
 
-Prints one JSON line, then one markdown row for BENCHMARKS.md's "gpu_check" table. An
-out-of-memory step is a result, not a crash: the JSON says so and the exit code is 1.
-Never run in CI.
+Attention: `--attention` names the implementations to compare (default on a GPU
+"cudnn,blockwise"; elsewhere the paper config's); each runs in its own process, so each
+peak is its own. With "cudnn" on a GPU it also checks cuDNN parity (`cudnn_parity`): on
+one left-padded L = 4,096 bf16 batch, cuDNN's values and q/k/v gradients must be as close
+to the float32 reference as blockwise's are (the exit code is 1 if not).
+
+Prints one JSON line per implementation, then the markdown rows for BENCHMARKS.md's
+"gpu_check" table. An out-of-memory step is a result, not a crash: the JSON says so and
+the exit code is 1. Never run in CI.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -35,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
+from egpo_jax.models import attention as attention_lib
 from egpo_jax.models import config as model_config_lib
 from egpo_jax.models import transformer
 from egpo_jax.training import config as config_lib
@@ -45,7 +54,7 @@ from experiments.configs import paper
 
 SMOKE = dict(model="tiny", rows=4, group_size=2, prompt_len=8, response_len=24, repeats=2)
 COLUMNS = ("device", "model", "rows x L", "step s", "TFLOP/s", "bf16 dot TFLOP/s", "MFU",
-           "peak GB", "dry-run GB", "GPU-compiled GB")
+           "peak GB", "dry-run GB", "GPU-compiled GB", "attention")
 
 
 def update_flops(config: model_config_lib.ModelConfig, *, rows: int, group_size: int,
@@ -82,12 +91,15 @@ def _random_batch(key, config, *, rows, group_size, prompt_len, response_len) ->
 
 
 def check(model: str, rows: int, group_size: int, prompt_len: int, response_len: int,
-          repeats: int, cpu_estimate: bool = True) -> dict[str, Any]:
-  """Runs the check on the default device; returns the JSON record."""
+          repeats: int, cpu_estimate: bool = True, attention: str = "") -> dict[str, Any]:
+  """Runs the check on the default device (attention: the paper config's unless named);
+  returns the JSON record."""
   c = paper.get_config(f"egpo,{model if model in paper.BACKBONES else paper.BACKBONES[0]}")
   c.rollout.prompts_per_batch, c.rollout.group_size = rows // group_size, group_size
   c.ppo.micro_batches = 1
-  cfg = model_config_lib.get_config(model, dtype=c.model.dtype, remat=c.model.remat)
+  cfg = model_config_lib.get_config(
+      model, dtype=c.model.dtype, remat=c.model.get("remat_policy") or c.model.remat,
+      attention=attention or c.model.get("attention", "blockwise"))
   settings = config_lib.update_settings(c)
   optimizer = train.rl_optimizer(c, int(c.train.iterations))
   shapes = dict(rows=rows, group_size=group_size, prompt_len=prompt_len,
@@ -96,6 +108,7 @@ def check(model: str, rows: int, group_size: int, prompt_len: int, response_len:
   record: dict[str, Any] = {
       "backend": jax.default_backend(), "device": device.device_kind, "model": model,
       **shapes, "params": cfg.num_params(), "dtype": cfg.dtype, "remat": cfg.remat,
+      "attention": cfg.attention,
       "flops_per_step": update_flops(cfg, **shapes)}
   record["matmul_tflops"] = harness.matmul_gflops(dtype=jnp.bfloat16) / 1e3
 
@@ -151,8 +164,45 @@ def markdown_row(r: dict[str, Any]) -> str:
               f"{100 * r['mfu']:.1f}%"]
   cells = [r["device"], r["model"], f"{r['rows']} x {r['prompt_len'] + r['response_len']}",
            *timing, gb("peak_bytes_in_use"), gb("dry_run_estimate_bytes"),
-           gb("compiled_estimate_bytes")]
+           gb("compiled_estimate_bytes"), r.get("attention", "-")]
   return "| " + " | ".join(cells) + " |"
+
+
+def cudnn_parity(model: str, rows: int = 2, length: int = 4096) -> dict[str, Any]:
+  """cuDNN against blockwise on one causal, left-padded bf16 batch of `model`'s attention
+  shapes: each one's largest error, over query rows with a valid key, in the output and
+  the q/k/v gradients against the float32 reference (`attention._attend`) on the same
+  bf16 inputs. cuDNN passes when no error exceeds max(2 x blockwise's, 1e-2 x the
+  reference's largest magnitude)."""
+  cfg = model_config_lib.get_config(model)
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  q = jax.random.normal(ks[0], (rows, length, cfg.num_heads, cfg.head_size), jnp.bfloat16)
+  k, v = (jax.random.normal(key, (rows, length, cfg.num_kv_heads, cfg.head_size), jnp.bfloat16)
+          for key in ks[1:3])
+  mask = jnp.arange(length)[None] >= (jnp.arange(rows) * 300)[:, None]
+  valid = attention_lib.causal_allowed(mask, length).any(-1)[..., None, None]
+  w = jax.random.normal(ks[3], q.shape) * valid
+
+  def outputs(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    out = fn(q, k, v).astype(jnp.float32) * valid
+    return (out, *jax.grad(loss, (0, 1, 2))(q, k, v))
+
+  fns = {"reference": lambda q, k, v: attention_lib._attend(  # pylint: disable=protected-access
+             *(x.astype(jnp.float32) for x in (q, k, v)),
+             attention_lib.causal_allowed(mask, length)),
+         **{name: functools.partial(attention_lib.attend, kv_mask_BxS=mask, implementation=name)
+            for name in ("blockwise", "cudnn")}}
+  got = {name: jax.jit(functools.partial(outputs, fn))() for name, fn in fns.items()}
+  names = ("out", "dq", "dk", "dv")
+  errors = {impl: {n: float(jnp.max(jnp.abs(a.astype(jnp.float32) - r)))
+                   for n, a, r in zip(names, got[impl], got["reference"])}
+            for impl in ("blockwise", "cudnn")}
+  scale = {n: float(jnp.max(jnp.abs(r))) for n, r in zip(names, got["reference"])}
+  ok = all(errors["cudnn"][n] <= max(2 * errors["blockwise"][n], 1e-2 * scale[n])
+           for n in names)
+  return {"cudnn_parity": "ok" if ok else "FAILED", "rows": rows, "length": length,
+          "max_abs_error": errors, "reference_max_abs": scale}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,22 +217,58 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_cpu_estimate", action="store_true",
                       help="skip compiling the dry run's CPU estimate (~1 min for 1.5B)")
+  parser.add_argument("--attention", default="",
+                      help="comma-separated attention implementations to compare (default: "
+                           "'cudnn,blockwise' on a GPU, else the paper config's)")
+  parser.add_argument("--no_parity", action="store_true", help="skip the cuDNN parity check")
   parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: " + str(SMOKE))
   args = parser.parse_args(argv)
   kwargs = {k: getattr(args, k) for k in ("model", "rows", "group_size", "prompt_len",
                                           "response_len", "repeats")}
   if args.smoke:
     kwargs.update(SMOKE)
-  elif jax.default_backend() == "cpu":
-    parser.error("no GPU here: this check is for a GPU (use --smoke for the CPU smoke run)")
   if kwargs["rows"] % kwargs["group_size"]:
     parser.error(f"--rows={kwargs['rows']} must be a multiple of "
                  f"--group_size={kwargs['group_size']}")
-  record = check(**kwargs, cpu_estimate=not args.no_cpu_estimate)
+  impls = [x for x in args.attention.split(",") if x] or (
+      [""] if args.smoke else ["cudnn", "blockwise"])
+  if len(impls) > 1:
+    # One process per implementation, started before this one touches the device (JAX
+    # preallocates most of a GPU's memory): peak_bytes_in_use is then each one's own.
+    argv = [f"--{k}={v}" for k, v in kwargs.items()] + [
+        f for f, on in (("--no_cpu_estimate", args.no_cpu_estimate), ("--smoke", args.smoke))
+        if on]
+    records, failed = [], False
+    for impl in impls:
+      done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *argv,
+                             f"--attention={impl}", "--no_parity"], capture_output=True,
+                            text=True, env=os.environ, check=False)
+      print(done.stderr[-3000:], file=sys.stderr)
+      lines = done.stdout.strip().splitlines()
+      failed |= done.returncode != 0
+      if lines:
+        print(lines[0], flush=True)
+        records.append(lines[-1])
+    parity_failed = False
+    if "cudnn" in impls and not args.no_parity:
+      parity = cudnn_parity(args.model)
+      print(json.dumps(parity), flush=True)
+      parity_failed = parity["cudnn_parity"] != "ok"
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("\n".join(records))
+    return 1 if failed or parity_failed else 0
+  if not args.smoke and jax.default_backend() == "cpu":
+    parser.error("no GPU here: this check is for a GPU (use --smoke for the CPU smoke run)")
+  record = check(**kwargs, cpu_estimate=not args.no_cpu_estimate, attention=impls[0])
   print(json.dumps(record))
+  parity_failed = False
+  if impls[0] == "cudnn" and not args.no_parity:
+    parity = cudnn_parity(args.model)
+    print(json.dumps(parity), flush=True)
+    parity_failed = parity["cudnn_parity"] != "ok"
   print("| " + " | ".join(COLUMNS) + " |")
   print(markdown_row(record))
-  return 1 if "error" in record else 0
+  return 1 if "error" in record or parity_failed else 0
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def check_implementation(implementation: str, *, dtype, head_dim: int,
                      f"of {can}")
 
 
-def attend(q, k, v, kv_mask_BxS, *, implementation: str = "reference", prefix=None):
+def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=None):
   """Softmax attention of q over the keys k and values v; see the module docstring.
 
   Args:
@@ -96,6 +96,11 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "reference", prefix=No
     logging.getLogger(__name__).warning(
         "attention 'cudnn': queries after a shared prompt (S=%d > T=%d) cannot be given as "
         "sequence lengths; this call runs 'blockwise'", k.shape[1], q.shape[1])
+  if q.shape[1] <= BLOCK_SIZE and k.shape[1] <= BLOCK_SIZE:
+    # One block holds the whole pass: the dense computation is that block, with the same
+    # O(T x S) memory, and XLA's fused softmax was faster at these lengths (the CPU
+    # grpo_iteration A/B, benchmarks/scenarios/attention.py).
+    return _attend_recompute(q, k, v, kv_mask_BxS)
   return attend_blockwise(q, k, v, kv_mask_BxS, BLOCK_SIZE)
 
 
@@ -139,8 +144,8 @@ def _attend_recompute(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS):
   arrays per layer (zero-filled, then written layer by layer); recomputing the scores in
   the backward pass costs two small matmuls and is faster on CPU (with the flattened
   projections: the benchmark update 1.28x faster, tiny and small models). A custom VJP
-  rather than jax.checkpoint, so that the `remat` flag keeps meaning "rematerialise the
-  whole layer". Reverse mode only (no jax.jvp), like the log-probs. The dense [B, T, S]
+  rather than jax.checkpoint, so that `ModelConfig.remat`'s policies keep applying to
+  the whole layer. Reverse mode only (no jax.jvp), like the log-probs. The dense [B, T, S]
   mask is rebuilt from kv_mask_BxS in both passes, so a layer scan saves only the
   [B, S] key mask per layer.
   """
@@ -225,6 +230,16 @@ def _block_plan(t: int, s: int, block: int):
   return bq, bk, nq, nk, kv_blocks, q_first
 
 
+def _loop(lo, hi, body, carry):
+  """lax.fori_loop, or the body called in line when the bounds are static and the trip
+  count is 0 or 1 (short sequences: one block; a while loop costs more than the block)."""
+  if isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer)) and hi - lo <= 1:
+    for i in range(int(lo), int(hi)):
+      carry = body(i, carry)
+    return carry
+  return jax.lax.fori_loop(lo, hi, body, carry)
+
+
 def _grouped_queries(x_BxTxHxK, g, tp):
   """[B, T, H, K] -> [B, G, Tp * R, K], padded at the end to Tp positions: position-major,
   the R = H / G query heads of a kv head adjacent, so a block of positions is contiguous."""
@@ -264,7 +279,6 @@ def _blockwise_fwd_impl(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, block):
   q = _grouped_queries(q_BxTxHxK, g, nq * bq)
   k, v = _grouped_keys(k_BxSxGxK, nk * bk), _grouped_keys(v_BxSxGxK, nk * bk)
   mask = jnp.pad(kv_mask_BxS.astype(jnp.bool_), ((0, 0), (0, nk * bk - s)))
-  kv_blocks = jnp.asarray(kv_blocks)
   rows = bq * r
 
   def query_block(i):
@@ -287,12 +301,16 @@ def _blockwise_fwd_impl(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, block):
 
     init = (jnp.zeros((b, g, rows, hd), jnp.float32),
             jnp.full((b, g, rows), _MASK_VALUE, jnp.float32), jnp.zeros((b, g, rows), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, kv_blocks[i], key_block, init)
+    acc, m, l = _loop(0, kv_blocks[i], key_block, init)
     valid = m > _MASK_VALUE / 2       # some key was allowed
     out = jnp.where(valid[..., None], acc / l[..., None], 0.0).astype(v.dtype)
     return out, jnp.where(valid, m + jnp.log(l), -_MASK_VALUE)
 
-  out_N, lse_N = jax.lax.map(query_block, jnp.arange(nq))
+  if nq == 1:
+    out_N, lse_N = jax.tree.map(lambda x: x[None], query_block(0))
+  else:
+    kv_blocks = jnp.asarray(kv_blocks)
+    out_N, lse_N = jax.lax.map(query_block, jnp.arange(nq))
   # [nq, B, G, rows, ...] -> [B, G, nq * rows, ...]
   out = jnp.moveaxis(out_N, 0, 2).reshape(b, g, nq * rows, hd)
   lse = jnp.moveaxis(lse_N, 0, 2).reshape(b, g, nq * rows)
@@ -314,7 +332,6 @@ def _blockwise_bwd_impl(block, residuals, g_out):
   mask = jnp.pad(kv_mask_BxS.astype(jnp.bool_), ((0, 0), (0, nk * bk - s)))
   # D_i = rowsum(dO * O): the softmax backward's correction term.
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-  q_first = jnp.asarray(q_first)
   rows = bq * r
 
   def key_block(dq, j):
@@ -342,10 +359,15 @@ def _blockwise_bwd_impl(block, residuals, g_out):
       return dq, dk, dv
 
     zeros = jnp.zeros((b, g, bk, hd), jnp.float32)
-    dq, dk, dv = jax.lax.fori_loop(q_first[j], nq, query_block, (dq, zeros, zeros))
+    dq, dk, dv = _loop(q_first[j], nq, query_block, (dq, zeros, zeros))
     return dq, (dk, dv)
 
-  dq, (dk_N, dv_N) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+  if nk == 1:
+    dq, (dk, dv) = key_block(jnp.zeros(q.shape, jnp.float32), 0)
+    dk_N, dv_N = dk[None], dv[None]
+  else:
+    q_first = jnp.asarray(q_first)
+    dq, (dk_N, dv_N) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
   dq = _ungrouped(dq, t, h).astype(q_BxTxHxK.dtype)
   # [nk, B, G, bk, K] -> [B, S, G, K]
   dk, dv = (jnp.moveaxis(x, 0, 2).reshape(b, g, nk * bk, hd)[:, :, :s].swapaxes(1, 2)

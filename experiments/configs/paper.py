@@ -27,7 +27,8 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   c.model.name = backbone
   c.model.path = ""                       # required: the HF checkpoint folder
   c.model.dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat_policy = "full"           # each layer recomputed in the backward pass
+  c.model.attention = "blockwise"         # O(L x block) attention memory on any backend
 
   c.task.name = "jsonl"
   c.task.train_file = ""                  # required: e.g. OpenR1-stable-10K as JSONL
@@ -67,11 +68,12 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
 
   c.ppo.epochs = 1                        # one optimizer step per rollout batch
   c.ppo.minibatches = 1
-  # 16 rows per pass (update, and the old/reference log-probs), each device computing
-  # its rows of every micro-batch (rows over data x fsdp), layers rematerialised.
-  # Compile-only per-device peaks of the update on fake CPU devices (mesh below):
-  # 1.5B 8.5 GB on 8, 4.3 GB on 16; 7B 34.9 GB on 8, 17.6 GB on 16 (CPU estimates).
-  c.ppo.micro_batches = 64
+  # Rows per pass (update, and the old/reference log-probs): 64 for 1.5B, 32 for 7B, each
+  # device computing its rows of every micro-batch (rows over data x fsdp), layers
+  # rematerialised, blockwise attention. Compile-only per-device update peaks on fake CPU
+  # devices (mesh below; CPU estimates, see BENCHMARKS.md "paper_scale"):
+  # MERGE-NUMBERS
+  c.ppo.micro_batches = 32 if "7b" in backbone else 16
   # 16 rows are one prompt's group: shared, that prompt would run on every device of the
   # batch axes (replicated, with activation all-reduces); unshared each device runs its
   # own rows' prompts, the same FLOPs per device at 1 row per device.
