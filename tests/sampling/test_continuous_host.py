@@ -19,7 +19,7 @@ from egpo_jax.types import TrainState
 CFG = get_config("tiny")
 OPT = make_optimizer(lr=1e-3)
 B, G, T, WIDTH = 8, 4, 256, 40       # prompts padded to 40 columns, at most 12 tokens long
-SLEEP_PER_RESPONSE = 0.005
+SLEEP_PER_RESPONSE = 0.003
 
 
 def _sample(rng, b):
@@ -80,13 +80,15 @@ def test_streaming_verification_overlaps_decoding(state):
     np.testing.assert_allclose(m_stream[key], m_seq[key], rtol=1e-6, err_msg=key)
   for a, b in zip(jax.tree.leaves(s_stream.params), jax.tree.leaves(s_seq.params)):
     np.testing.assert_array_equal(a, b)
-  seq = m_seq["time_rollout"] + m_seq["time_verify"]
-  stream = m_stream["time_rollout"] + m_stream["time_verify"]
-  # Sequential verification sleeps B * G * 0.005 = 0.16 s after the rollout; streamed,
-  # most of it runs while the later responses decode.
-  assert m_seq["time_verify"] >= SLEEP_PER_RESPONSE * B * G
-  assert stream < seq, (stream, seq, m_stream["time_rollout"], m_seq["time_rollout"])
-  assert m_stream["time_verify_hidden"] > 0
+  # Sequential verification sleeps B * G * 0.003 = 0.096 s after the rollout (~0.18 s on
+  # a 2-core CPU); streamed, most of it runs while the later responses decode, so the
+  # streamed iteration's rollout + verification is below its rollout + the whole
+  # verification in sequence. Both sides come from the same run: the rollout's time
+  # varies with the machine's load from run to run, the verifier's sleep does not.
+  sleep = SLEEP_PER_RESPONSE * B * G
+  assert m_seq["time_verify"] >= sleep
+  assert m_stream["time_verify"] < 0.5 * sleep, (m_stream["time_verify"], sleep)
+  assert m_stream["time_verify_hidden"] > 0.5 * sleep, (m_stream["time_verify_hidden"], sleep)
   # Prompts of <= 12 tokens in 40 columns: decoded at the 16-token bucket.
   assert m_stream["prompt_bucket"] == 16
   assert 0 < m_stream["slot_utilisation"] <= 1
