@@ -47,7 +47,7 @@ from egpo_jax.models import attention as attention_lib
 from egpo_jax.models import config as model_config_lib
 from egpo_jax.models import transformer
 from egpo_jax.training import config as config_lib
-from egpo_jax.training import dry_run, train
+from egpo_jax.training import dry_run, experiment
 from egpo_jax.training import update as update_lib
 from egpo_jax.types import RolloutBatch, TrainState
 from experiments.configs import paper
@@ -101,7 +101,7 @@ def check(model: str, rows: int, group_size: int, prompt_len: int, response_len:
       model, dtype=c.model.dtype, remat=c.model.get("remat_policy") or c.model.remat,
       attention=attention or c.model.get("attention", "blockwise"))
   settings = config_lib.update_settings(c)
-  optimizer = train.rl_optimizer(c, int(c.train.iterations))
+  optimizer = experiment.rl_optimizer(c, int(c.train.iterations))
   shapes = dict(rows=rows, group_size=group_size, prompt_len=prompt_len,
                 response_len=response_len)
   device = jax.devices()[0]
