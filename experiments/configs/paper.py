@@ -68,12 +68,13 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
 
   c.ppo.epochs = 1                        # one optimizer step per rollout batch
   c.ppo.minibatches = 1
-  # Rows per pass (update, and the old/reference log-probs): 64 for 1.5B, 32 for 7B, each
+  # Rows per pass (update, and the old/reference log-probs): 64 for 1.5B, 16 for 7B, each
   # device computing its rows of every micro-batch (rows over data x fsdp), layers
-  # rematerialised, blockwise attention. Compile-only per-device update peaks on fake CPU
-  # devices (mesh below; CPU estimates, see BENCHMARKS.md "paper_scale"):
-  # MERGE-NUMBERS
-  c.ppo.micro_batches = 32 if "7b" in backbone else 16
+  # rematerialised, blockwise attention. 7B keeps 16: on its tensor = 2 mesh the update's
+  # activation all-reduces do not shrink with fewer passes while the FSDP floor does (32
+  # rows: 3.4x / 2.2x the floor on 8 / 16 devices). Compile-only per-device update peaks
+  # (CPU estimates; BENCHMARKS.md "paper_scale"): 1.5B 18.5 GB on 8, 9.3 GB on 16.
+  c.ppo.micro_batches = 64 if "7b" in backbone else 16
   # 16 rows are one prompt's group: shared, that prompt would run on every device of the
   # batch axes (replicated, with activation all-reduces); unshared each device runs its
   # own rows' prompts, the same FLOPs per device at 1 row per device.
