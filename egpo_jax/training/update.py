@@ -208,6 +208,16 @@ def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
   return state, {"loss": loss, **aux, **opt_metrics}
 
 
+def _responses_per_step(n: int, settings: UpdateSettings) -> int:
+  """minibatches x micro_batches, checked to divide the batch's n responses."""
+  per_step = settings.minibatches * settings.micro_batches
+  if n % per_step:
+    raise ValueError(f"{n} responses do not split into update.minibatches="
+                     f"{settings.minibatches} x update.micro_batches={settings.micro_batches}"
+                     "; make prompts_per_batch * group_size divisible by their product")
+  return per_step
+
+
 def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
            optimizer: optax.GradientTransformation, model_config: ModelConfig,
            settings: UpdateSettings, switches: LossSwitches | None = None,
@@ -233,11 +243,7 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
                      "master params (ModelConfig.param_dtype='float32', model.dtype sets the "
                      "compute dtype): at lr 1e-6 a bfloat16 param rounds every Adam step away")
   n = batch.num_responses
-  per_step = settings.minibatches * settings.micro_batches
-  if n % per_step:
-    raise ValueError(f"{n} responses do not split into update.minibatches="
-                     f"{settings.minibatches} x update.micro_batches={settings.micro_batches}"
-                     "; make prompts_per_batch * group_size divisible by their product")
+  per_step = _responses_per_step(n, settings)
   share = (settings.share_prompts and group_size > 1 and (n // per_step) % group_size == 0)
   group_size = group_size if share else 1
 
@@ -463,11 +469,7 @@ def bucketed_update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   padding_fraction the padded share of the response slots actually computed.
   """
   n = batch.num_responses
-  per_step = settings.minibatches * settings.micro_batches
-  if n % per_step:
-    raise ValueError(f"{n} responses do not split into update.minibatches="
-                     f"{settings.minibatches} x update.micro_batches={settings.micro_batches}"
-                     "; make prompts_per_batch * group_size divisible by their product")
+  per_step = _responses_per_step(n, settings)
   total_len = batch.completion_ids_NxT.shape[1]
   buckets = length_buckets(total_len, length_buckets_count)
   prompt_len = _prompt_columns(batch.prompt_mask_NxP, prompt_bucket_min)
