@@ -208,6 +208,18 @@ def minibatch_step(state: TrainState, minibatch: RolloutBatch, *,
   return state, {"loss": loss, **aux, **opt_metrics}
 
 
+def epoch_order(key: jax.Array, lengths_N: jax.Array, *, minibatches: int,
+                sort: bool) -> jax.Array:
+  """One epoch's row order without shared prompts: a permutation of the N rows, each of
+  its `minibatches` consecutive slices sorted longest first when `sort`."""
+  perm = jax.random.permutation(key, lengths_N.shape[0])
+  if sort:
+    perm_MxR = perm.reshape(minibatches, -1)
+    perm = jnp.take_along_axis(perm_MxR, jnp.argsort(-lengths_N[perm_MxR], axis=-1,
+                                                     stable=True), -1).reshape(-1)
+  return perm
+
+
 def _responses_per_step(n: int, settings: UpdateSettings) -> int:
   """minibatches x micro_batches, checked to divide the batch's n responses."""
   per_step = settings.minibatches * settings.micro_batches
@@ -257,13 +269,9 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
       groups = jax.random.permutation(key, n // group_size)
       perm = (groups[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
     else:
-      perm = jax.random.permutation(key, n)
-      if settings.sort_by_length:
-        # Longest first within each minibatch, folded into the one gather of the rows.
-        perm_MxR = perm.reshape(settings.minibatches, -1)
-        lengths_MxR = whole.completion_mask_NxT.sum(-1)[perm_MxR]
-        perm = jnp.take_along_axis(perm_MxR, jnp.argsort(-lengths_MxR, axis=-1,
-                                                         stable=True), -1).reshape(-1)
+      # Longest first within each minibatch, folded into the one gather of the rows.
+      perm = epoch_order(key, whole.completion_mask_NxT.sum(-1),
+                         minibatches=settings.minibatches, sort=settings.sort_by_length)
     minis = _split(jax.tree.map(lambda x: x[perm], whole), settings.minibatches)
     step = lambda s, mb: minibatch_step(s, mb, optimizer=optimizer,
                                         model_config=model_config, settings=settings,
@@ -358,16 +366,7 @@ def _minibatch_counts(mask_NxT, rows_M):
           jnp.maximum((mask.sum(-1) > 0).sum().astype(jnp.float32), 1.0))
 
 
-@functools.partial(jax.jit, static_argnames=("minibatches", "sort"))
-def _epoch_order(key, lengths_N, *, minibatches, sort):
-  """`update`'s row order for one epoch (without shared prompts): a permutation, each
-  minibatch sorted longest first."""
-  perm = jax.random.permutation(key, lengths_N.shape[0])
-  if sort:
-    perm_MxR = perm.reshape(minibatches, -1)
-    perm = jnp.take_along_axis(perm_MxR, jnp.argsort(-lengths_N[perm_MxR], axis=-1,
-                                                     stable=True), -1).reshape(-1)
-  return perm
+_epoch_order = jax.jit(epoch_order, static_argnames=("minibatches", "sort"))
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "settings", "max_len"))
