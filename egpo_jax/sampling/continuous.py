@@ -124,22 +124,20 @@ class SlotState(flax.struct.PyTreeNode):
 
 
 @flax.struct.dataclass
-class ContinuousGeneration:
-  """`engine.Generation`'s fields (row n = b * G + g) plus the slot statistics.
+class ContinuousGeneration(engine.Generation):
+  """An `engine.Generation` (row n = b * G + g) plus the slot statistics.
 
   truncated_N: the response ended at its cap without a stop token. num_steps: decode
   steps run. busy_slot_steps: slot-steps that emitted a token (utilisation = busy /
   (slots x num_steps)). finish_step_N: the step each response finished at.
   """
-  completion_ids_NxT: jax.Array
-  completion_mask_NxT: jax.Array
-  logps_NxT: jax.Array
-  entropy_NxT: jax.Array | None
-  lengths_N: jax.Array
-  truncated_N: jax.Array
-  num_steps: jax.Array
   busy_slot_steps: jax.Array
   finish_step_N: jax.Array
+
+  def generation(self) -> engine.Generation:
+    """The `engine.Generation` part alone (what the static sampler returns)."""
+    return engine.Generation(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(engine.Generation)})
 
 
 def prefill_table(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, *,
@@ -451,8 +449,4 @@ class HostRollout:
     steps, busy = int(out.num_steps), int(out.busy_slot_steps)
     self.last_stats = {"slot_utilisation": busy / max(1, steps * self.spec.slots),
                        "rollout_steps": steps, "prompt_bucket": ids.shape[1]}
-    return engine.Generation(
-        completion_ids_NxT=out.completion_ids_NxT,
-        completion_mask_NxT=out.completion_mask_NxT, logps_NxT=out.logps_NxT,
-        entropy_NxT=out.entropy_NxT, lengths_N=out.lengths_N, truncated_N=out.truncated_N,
-        num_steps=out.num_steps)
+    return out.generation()
