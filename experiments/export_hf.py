@@ -77,9 +77,7 @@ def read_bare(path: str, step: int | None, config: ModelConfig) -> tuple[str, di
   verified (`checkpointing.read_params`), on this process's first device."""
   item_dir = resolve_item_dir(path, step)
   step_dir = os.path.dirname(item_dir) if os.path.basename(item_dir) == "state" else item_dir
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                          sharding.abstract_params(config))
+  abstract = checkpointing.on_first_device(sharding.abstract_params(config))
   params, _ = checkpointing.read_params(step_dir, abstract)
   return step_dir, params
 

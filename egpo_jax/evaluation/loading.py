@@ -88,9 +88,7 @@ def read_workdir(folder: str, step: int | None = None, *, mesh=None
   spec = model_spec(c.model)
   abstract = sharding.abstract_params(spec.model_config, mesh)
   if mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                            abstract)
+    abstract = checkpointing.on_first_device(abstract)
   chosen, (params, extra) = checkpointing.read_step(
       os.path.join(folder, "checkpoints"), step,
       lambda path: checkpointing.read_params(path, abstract))

@@ -273,6 +273,14 @@ def _restore_read_only(ckptr, path: str, target: Any, *, partial: bool) -> Any:
     raise CorruptCheckpointError(path, f"{type(err).__name__}: {first_line}") from err
 
 
+def on_first_device(abstract: Any) -> Any:
+  """`abstract`'s ShapeDtypeStructs placed on this process's first device: a read-only
+  reader's target, whatever mesh and process count wrote the checkpoint."""
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                      abstract)
+
+
 def read_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
   """Restores only the params of the step folder `path`, read-only; returns (params, extra).
 

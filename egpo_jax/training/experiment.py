@@ -117,9 +117,7 @@ def read_train_state(workdir: str, c: ml_collections.ConfigDict | None = None,
   ref = params if c.loss.kl_coef else None
   abstract = jax.eval_shape(lambda p, r: saved_tree(TrainState.create(p, opt.init(p)),
                                                     jax.random.PRNGKey(0), r), params, ref)
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                          abstract)
+  abstract = checkpointing.on_first_device(abstract)
   step, (tree, extra) = checkpointing.read_step(
       os.path.join(workdir, "checkpoints"), step,
       lambda path: checkpointing.read_state(path, abstract))
