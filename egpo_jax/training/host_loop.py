@@ -204,14 +204,12 @@ class StreamingVerifier:
   verification overlaps the decoding of the rest. Stop strings cut each response first,
   as the after-rollout path does."""
 
-  def __init__(self, task: HostTask, answers_n: Sequence[Any], max_new_tokens: int,
-               pad_id: int):
+  def __init__(self, task: HostTask, answers_n: Sequence[Any], pad_id: int):
     import concurrent.futures  # only host mode's streaming path needs it
     self.task, self.answers_n, self.pad_id = task, answers_n, pad_id
     n = len(answers_n)
     self.correct_N = np.zeros((n,), bool)
     self.lengths_N = np.zeros((n,), np.int32)
-    self.steps = max_new_tokens
     self.busy_s = 0.0
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._futures = []
@@ -277,8 +275,7 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     answers_n = [a for a in answers for _ in range(g)]
     # A streaming rollout (continuous batching) hands finished responses to the verifier
     # while it decodes the others.
-    stream = (StreamingVerifier(task, answers_n, settings.sampling.max_new_tokens,
-                                settings.sampling.pad_id)
+    stream = (StreamingVerifier(task, answers_n, settings.sampling.pad_id)
               if getattr(rollout, "streams", False) and place.num_processes == 1 else None)
     extra = {} if stream is None else {"on_finished": stream.submit}
     gen = jax.block_until_ready(rollout(state.params, ids, mask, kr, **extra))
