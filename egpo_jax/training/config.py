@@ -131,6 +131,9 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
     _need(not value or c.task.name != "synthetic", field, value,
           "continuous batching and the length-bucketed update run in host mode only "
           "(task.name='jsonl'); set it to 0")
+  _need(not r.get("tensor", 0) or c.task.name != "synthetic", "rollout.tensor",
+        r.get("tensor", 0), "the rollout's own mesh is host mode's (task.name='jsonl'); "
+        "set it to 0")
   if r.get("slots", 0) and "distributed" in c:
     _need(c.distributed.num_processes <= 1, "rollout.slots", r.slots,
           "continuous batching runs in one process; set it to 0 for a multi-process run")

@@ -269,6 +269,11 @@ FIELDS: tuple[Field, ...] = (
     Field("rollout.chunk_steps", ints(lo=1), 32,
           "use >= 1: with rollout.slots, decode steps between hand-offs of finished "
           "responses to the verifier", optional=True),
+    Field("rollout.tensor", ints(lo=0), 0,
+          "use >= 0 dividing the devices per data replica and the model's query and KV "
+          "heads: host mode decodes on a mesh with this tensor size over the same devices "
+          "(fsdp = the rest; params resharded once per iteration), 0 = mesh.tensor",
+          optional=True),
     # algo
     Field("algo.advantage", choice(registry.advantage_estimators.names), "egpo",
           "a name in egpo_jax.core.registry.advantage_estimators"),

@@ -6,6 +6,9 @@ What this module owns, in the order a run meets it:
                       (EGPO_COORDINATOR_ADDRESS, EGPO_NUM_PROCESSES, EGPO_PROCESS_ID); on
                       TPU pod slices, SLURM and Open MPI, mode "on" lets JAX detect them.
   mesh_from_config()  the (data, fsdp, tensor) mesh over every device of every process.
+  rollout_mesh()      the rollout's own mesh over the same devices (rollout.tensor), and
+  RolloutOnMesh       host mode's rollout run there on params resharded once
+                      (`rollout_params`: cast to the compute dtype, then moved).
   state_shardings()   NamedShardings of a TrainState: params by `models.sharding`'s specs,
                       AdamW moments like their params, counters replicated.
   put()               places a pytree on shardings (multi-process safe).
@@ -147,6 +150,84 @@ def mesh_from_config(c) -> Mesh:
     return sharding.make_mesh(mesh_config_from_config(c))
   except ValueError as err:
     raise ValueError(f"config.mesh (data, fsdp, tensor): {err}") from None
+
+
+def rollout_mesh(mesh: Mesh, tensor: int, *, num_heads: int, num_kv_heads: int) -> Mesh:
+  """The rollout's mesh (verl's hybrid engine): the training mesh's devices in the same
+  order, `data` kept, `tensor` devices per tensor group, fsdp = the rest.
+
+  Decoding wants wide tensor parallelism (each device holds 1 / tensor of the gathered
+  weights and KV heads) where the update wants FSDP alone (no activation all-reduces);
+  the same flat device order makes moving params between the two one reshard. tensor 0
+  or the training mesh's own size returns `mesh` itself. A size that does not divide the
+  devices per data replica, the query heads or the KV heads is refused, naming
+  rollout.tensor.
+  """
+  if tensor == 0 or tensor == mesh.shape["tensor"]:
+    return mesh
+  data = mesh.shape["data"]
+  per_replica = mesh.size // data
+  for ok, what in ((tensor > 0, "use >= 0 (0 = the training mesh's tensor size)"),
+                   (tensor > 0 and per_replica % tensor == 0,
+                    f"it must divide the {per_replica} devices per data replica "
+                    f"(mesh.data={data})"),
+                   (tensor > 0 and num_heads % tensor == 0,
+                    f"it must divide the model's {num_heads} query heads"),
+                   (tensor > 0 and num_kv_heads % tensor == 0,
+                    f"it must divide the model's {num_kv_heads} KV heads")):
+    if not ok:
+      raise ValueError(f"config.rollout.tensor={tensor}: {what}")
+  devices = np.asarray(mesh.devices).reshape(data, per_replica // tensor, tensor)
+  return Mesh(devices, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def rollout_params(params: Any, model_config: Any, mesh: Mesh) -> Any:
+  """The params as the rollout on `mesh` takes them: cast to the compute dtype
+  (`transformer.compute_params`), then constrained to their partition specs on `mesh`.
+  Jitted, the cast runs on the training mesh's shards first, so the reshard moves the
+  narrow dtype (bf16: half of float32's bytes)."""
+  from egpo_jax.models import transformer
+  params = transformer.compute_params(params, model_config)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  return jax.lax.with_sharding_constraint(params,
+                                          sharding.param_shardings(abstract, mesh))
+
+
+class RolloutOnMesh:
+  """A host-mode rollout (`host_loop.RolloutFn`) run on its own mesh (`rollout_mesh`).
+
+  `prepare_params` reshards the training params there once per iteration (host_loop
+  calls it before its tries); `__call__` also accepts unprepared params (it prepares
+  them), moves the prompts and the key onto the rollout mesh, runs the wrapped rollout under it, and
+  returns the generation batch-sharded on the training mesh. `streams` and `last_stats`
+  are the wrapped rollout's.
+  """
+
+  def __init__(self, rollout: Any, train_mesh: Mesh, mesh: Mesh, model_config: Any):
+    self.rollout, self.train_mesh, self.mesh = rollout, train_mesh, mesh
+    self.streams = getattr(rollout, "streams", False)
+    self._reshard = jax.jit(functools.partial(rollout_params, model_config=model_config,
+                                              mesh=mesh))
+
+  @property
+  def last_stats(self) -> dict[str, Any]:
+    return getattr(self.rollout, "last_stats", {})
+
+  def _on_mesh(self, params: Any) -> bool:
+    leaf = jax.tree.leaves(params)[0]
+    return isinstance(leaf, jax.Array) and getattr(leaf.sharding, "mesh", None) == self.mesh
+
+  def prepare_params(self, params: Any) -> Any:
+    return params if self._on_mesh(params) else self._reshard(params)
+
+  def __call__(self, params, prompt_ids_BxP, prompt_mask_BxP, rng, **kwargs):
+    params = self.prepare_params(params)
+    ids, mask = (put(x, batch_sharding(x.shape, self.mesh))
+                 for x in (prompt_ids_BxP, prompt_mask_BxP))
+    rng = put(rng, replicated(self.mesh))
+    with jax.set_mesh(self.mesh):
+      gen = self.rollout(params, ids, mask, rng, **kwargs)
+    return put(gen, jax.tree.map(lambda x: batch_sharding(x.shape, self.train_mesh), gen))
 
 
 def is_metrics_writer() -> bool:

@@ -265,6 +265,9 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
   kept: list[iteration.GroupBatch] = []
   num_kept, tries, sampled = 0, 0, 0
   counts = {"process_prompts": 0, "process_rollouts": 0, "process_verified": 0}
+  # A rollout on its own mesh (`distributed.RolloutOnMesh`) gets the params resharded
+  # there once per iteration, whatever the tries.
+  rollout_params = getattr(rollout, "prepare_params", lambda p: p)(state.params)
   while True:
     # The first try uses the iteration's keys; later tries fold in the try index.
     kp = k_prompts if tries == 0 else jax.random.fold_in(k_prompts, tries)
@@ -278,7 +281,7 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     stream = (StreamingVerifier(task, answers_n, settings.sampling.pad_id)
               if getattr(rollout, "streams", False) and place.num_processes == 1 else None)
     extra = {} if stream is None else {"on_finished": stream.submit}
-    gen = jax.block_until_ready(rollout(state.params, ids, mask, kr, **extra))
+    gen = jax.block_until_ready(rollout(rollout_params, ids, mask, kr, **extra))
     t1 = time.perf_counter()
     if stream is not None:
       correct, lengths = stream.result()
@@ -320,6 +323,7 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     if num_kept >= b or tries >= max_tries:
       break
 
+  del rollout_params   # not held through the update
   if dynamic:
     fill = min(num_kept, b)
     if num_kept < b:

@@ -263,13 +263,20 @@ def chunk_runner(job: Job, run: Run):
 
 def host_rollout(job: Job) -> host_loop.RolloutFn:
   """The sampler of host mode's iterations: the place to plug in another rollout engine.
-  rollout.slots > 0: continuous batching (`sampling.continuous.HostRollout`)."""
+  rollout.slots > 0: continuous batching (`sampling.continuous.HostRollout`);
+  rollout.tensor: on its own mesh (`distributed.RolloutOnMesh`)."""
   slots = job.c.rollout.get("slots", 0)
   if slots:
     spec = continuous.ContinuousSpec(sampling=job.exp.settings.sampling, slots=slots)
-    return continuous.HostRollout(job.exp.model_config, spec,
-                                  chunk_steps=job.c.rollout.get("chunk_steps", 32))
-  return host_loop.jitted_rollout(job.exp.model_config, job.exp.settings)
+    rollout = continuous.HostRollout(job.exp.model_config, spec,
+                                     chunk_steps=job.c.rollout.get("chunk_steps", 32))
+  else:
+    rollout = host_loop.jitted_rollout(job.exp.model_config, job.exp.settings)
+  cfg = job.exp.model_config
+  mesh = distributed.rollout_mesh(job.mesh, job.c.rollout.get("tensor", 0),
+                                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+  return (rollout if mesh is job.mesh
+          else distributed.RolloutOnMesh(rollout, job.mesh, mesh, cfg))
 
 
 def evaluate_chunk(job: Job, run: Run, end: int, rows: list[dict[str, Any]]
