@@ -270,9 +270,10 @@ FIELDS: tuple[Field, ...] = (
           "use >= 1: with rollout.slots, decode steps between hand-offs of finished "
           "responses to the verifier", optional=True),
     Field("rollout.tensor", ints(lo=0), 0,
-          "use >= 0 dividing the devices per data replica and the model's query and KV "
-          "heads: host mode decodes on a mesh with this tensor size over the same devices "
-          "(fsdp = the rest; params resharded once per iteration), 0 = mesh.tensor",
+          "use >= 0 dividing the devices and the model's query and KV heads: host mode "
+          "decodes on its own mesh over the same devices, tensor groups of this size as "
+          "data-parallel replicas (params cast and resharded once per iteration); 0 = on "
+          "the training mesh",
           optional=True),
     # algo
     Field("algo.advantage", choice(registry.advantage_estimators.names), "egpo",

@@ -153,44 +153,67 @@ def mesh_from_config(c) -> Mesh:
 
 
 def rollout_mesh(mesh: Mesh, tensor: int, *, num_heads: int, num_kv_heads: int) -> Mesh:
-  """The rollout's mesh (verl's hybrid engine): the training mesh's devices in the same
-  order, `data` kept, `tensor` devices per tensor group, fsdp = the rest.
+  """The rollout's own mesh (verl's hybrid engine) over the training mesh's devices, in
+  the same flat order: `tensor` devices per tensor group, the groups data-parallel
+  replicas (data = devices / tensor, fsdp = 1), the layout of an inference engine.
 
-  Decoding wants wide tensor parallelism (each device holds 1 / tensor of the gathered
-  weights and KV heads) where the update wants FSDP alone (no activation all-reduces);
-  the same flat device order makes moving params between the two one reshard. tensor 0
-  or the training mesh's own size returns `mesh` itself. A size that does not divide the
-  devices per data replica, the query heads or the KV heads is refused, naming
-  rollout.tensor.
+  Decoding wants its weights whole over the rows (each step multiplies every weight),
+  which FSDP must gather, while the update wants FSDP alone (no activation
+  all-reduces). On this mesh each device holds 1 / tensor of the bf16 weights and of the
+  KV heads, and decoding gathers nothing; the same device order makes moving the params
+  here one reshard per iteration (`rollout_params`). tensor 0 returns `mesh` itself (the
+  rollout runs on the training mesh). A size that does not divide the devices, the
+  query heads or the KV heads is refused, naming rollout.tensor.
   """
-  if tensor == 0 or tensor == mesh.shape["tensor"]:
+  if tensor == 0:
     return mesh
-  data = mesh.shape["data"]
-  per_replica = mesh.size // data
-  for ok, what in ((tensor > 0, "use >= 0 (0 = the training mesh's tensor size)"),
-                   (tensor > 0 and per_replica % tensor == 0,
-                    f"it must divide the {per_replica} devices per data replica "
-                    f"(mesh.data={data})"),
+  for ok, what in ((tensor > 0, "use >= 0 (0 = decode on the training mesh)"),
+                   (tensor > 0 and mesh.size % tensor == 0,
+                    f"it must divide the {mesh.size} devices"),
                    (tensor > 0 and num_heads % tensor == 0,
                     f"it must divide the model's {num_heads} query heads"),
                    (tensor > 0 and num_kv_heads % tensor == 0,
                     f"it must divide the model's {num_kv_heads} KV heads")):
     if not ok:
       raise ValueError(f"config.rollout.tensor={tensor}: {what}")
-  devices = np.asarray(mesh.devices).reshape(data, per_replica // tensor, tensor)
+  shape = (mesh.size // tensor, 1, tensor)
+  if tuple(mesh.shape[a] for a in sharding.AXES) == shape:
+    return mesh
+  devices = np.asarray(mesh.devices).reshape(shape)
   return Mesh(devices, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def rollout_params(params: Any, model_config: Any, mesh: Mesh) -> Any:
-  """The params as the rollout on `mesh` takes them: cast to the compute dtype
-  (`transformer.compute_params`), then constrained to their partition specs on `mesh`.
-  Jitted, the cast runs on the training mesh's shards first, so the reshard moves the
-  narrow dtype (bf16: half of float32's bytes)."""
+def rollout_params(params: Any, model_config: Any, train_mesh: Mesh, mesh: Mesh) -> Any:
+  """The params as the rollout on `mesh` (`rollout_mesh`) takes them: cast to the compute
+  dtype (`transformer.compute_params`) on the training mesh's shards, so the move is in
+  the narrow dtype, then laid out by `sharding.rollout_param_specs` on `mesh`. Jit it.
+
+  In steps that XLA's partitioner can each do with one collective (asked to go from
+  "model width over all 16 devices" to "heads over 4, replicated over 4" at once, it
+  replicates the whole float32 tensor on every device first): a dimension split over
+  every device of the training mesh is the same split over the rollout mesh's axes in
+  order (no data moves), is gathered over `data` (kept over `tensor`), then moved to its
+  own dimensions by an all-to-all within each tensor group. A leaf split over only some of
+  the training mesh's axes goes straight to its target.
+  """
   from egpo_jax.models import transformer
   params = transformer.compute_params(params, model_config)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  return jax.lax.with_sharding_constraint(params,
-                                          sharding.param_shardings(abstract, mesh))
+  source = sharding.param_partition_specs(abstract, train_mesh)
+  target = sharding.rollout_param_specs(abstract, mesh)
+  every = tuple(a for a in sharding.AXES if train_mesh.shape[a] > 1)
+  constrain = lambda x, spec: jax.lax.with_sharding_constraint(   # noqa: E731
+      x, NamedSharding(mesh, spec))
+
+  def move(x, src, dst):
+    split = [tuple(a for a in ((e,) if isinstance(e, str) else e or ())
+                   if train_mesh.shape[a] > 1) for e in src]
+    if all(not axes or axes == every for axes in split):
+      x = constrain(x, P(*(sharding.AXES if axes else None for axes in split)))
+      x = constrain(x, P(*("tensor" if axes else None for axes in split)))
+    return constrain(x, dst)
+
+  return jax.tree.map(move, params, source, target)   # specs: leaves up to params'
 
 
 class RolloutOnMesh:
@@ -207,7 +230,7 @@ class RolloutOnMesh:
     self.rollout, self.train_mesh, self.mesh = rollout, train_mesh, mesh
     self.streams = getattr(rollout, "streams", False)
     self._reshard = jax.jit(functools.partial(rollout_params, model_config=model_config,
-                                              mesh=mesh))
+                                              train_mesh=train_mesh, mesh=mesh))
 
   @property
   def last_stats(self) -> dict[str, Any]:

@@ -9,7 +9,14 @@ can be checked on a laptop with fake CPU devices:
 
 Phases, each one compilation of what the host loop runs (`host_loop.host_iteration`):
 
-  rollout     `host_loop._rollout` (prefill + the decode `while_loop`s of `engine.rollout`).
+  reshard     with rollout.tensor (a rollout mesh other than the training mesh):
+              `distributed.rollout_params`, the params cast to the compute dtype and
+              moved onto the rollout mesh, once per iteration.
+  rollout     rollout.slots = 0: `host_loop._rollout` (prefill + the decode `while_loop`s
+              of `engine.rollout` over all B x G rows). rollout.slots > 0 (host mode's
+              continuous batching): `continuous._run_jit`, the slot decode loop, one
+              call per chunk of rollout.chunk_steps steps, after
+  rollout_prefill  `continuous._start_jit`: the prompt table's prefill and the slots.
   old_logps   `iteration.prepare_batch` without the KL pass: the trainer's old log-probs
               (loss.old_logps="recompute" or TIS), entropy proxy, advantages.
   ref_logps   `iteration.prepare_batch` with only the reference pass (loss.kl_coef > 0).
@@ -392,18 +399,26 @@ class PhaseReport:
   floor_bytes: int
   compile_seconds: float
   decode_steps: int = 0
+  calls: int = 1              # runs per iteration (the continuous rollout's chunks)
+  resident_bytes: int = 0     # live on the device alongside, outside the program
+  f32_weight_copy_bytes: int = 0
 
   @property
   def collective_bytes(self) -> int:
-    return sum(c.total_bytes for c in self.hlo.collectives)
+    return self.calls * sum(c.total_bytes for c in self.hlo.collectives)
 
   def to_json(self) -> dict[str, Any]:
     m = self.memory
     out = {"function": self.function, "peak_bytes_per_device": m.peak_bytes,
+           "resident_bytes": self.resident_bytes,
+           "peak_with_resident_bytes": m.peak_bytes + self.resident_bytes,
+           "f32_weight_copy_bytes": self.f32_weight_copy_bytes,
+           "calls_per_iteration": self.calls,
            "argument_bytes": m.argument_bytes, "temp_bytes": m.temp_bytes,
            "output_bytes": m.output_bytes, "alias_bytes": m.alias_bytes,
            "collective_bytes_per_iteration": self.collective_bytes,
-           "collective_bytes_by_kind": bytes_by_kind(self.hlo.collectives),
+           "collective_bytes_by_kind": {k: v * self.calls for k, v in
+                                        bytes_by_kind(self.hlo.collectives).items()},
            "floor_bytes_per_iteration": self.floor_bytes,
            "collectives": [dict(dataclasses.asdict(c), total_bytes=c.total_bytes)
                            for c in self.hlo.collectives],
@@ -425,6 +440,9 @@ class DryRunSpec:
   algo: Any                # iteration.AlgoArrays
   prompt_len: int
   label: str = ""
+  slots: int = 0           # rollout.slots: > 0 compiles the continuous engine
+  chunk_steps: int = 32    # rollout.chunk_steps
+  rollout_tensor: int = 0  # rollout.tensor: the rollout's own mesh (0 = the training mesh)
 
 
 def _decode_trips(prompt_len: int, settings) -> list[int]:
@@ -436,9 +454,13 @@ def _decode_trips(prompt_len: int, settings) -> list[int]:
 
 
 def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
-             decode_steps: int = 0, static: dict[str, Any] | None = None) -> PhaseReport:
+             decode_steps: int = 0, static: dict[str, Any] | None = None, calls: int = 1,
+             resident: int = 0, weight_sizes: frozenset = frozenset(), width: int = 0,
+             keep: list | None = None) -> PhaseReport:
   start = time.perf_counter()
   compiled = jitted.lower(*args, **(static or {})).compile()
+  if keep is not None:
+    keep.append(compiled)
   seconds = time.perf_counter() - start
   hlo = parse_hlo(compiled.as_text(), trips)
   if trips and len(hlo.unknown_loops) != len(trips):
@@ -446,12 +468,59 @@ def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
     k = max(len(hlo.unknown_loops), 1)
     hlo = parse_hlo(compiled.as_text(), [-(-sum(trips) // k)] * k)
   return PhaseReport(name, function, CompiledMemory.of(compiled), hlo, floor, seconds,
-                     decode_steps)
+                     decode_steps, calls, resident,
+                     f32_weight_copies(compiled.as_text(), weight_sizes, width))
+
+
+def f32_weight_copies(hlo: str, weight_sizes: frozenset, width: int) -> int:
+  """Bytes of the float32 arrays that the program's entry computes (outside its loops)
+  with the element count of one of the decode weights' per-device shards
+  (`weight_sizes`) and a dimension of the model width `width`: XLA:CPU slices the
+  stacked bf16 weights into per-layer ones (`transformer.decode_params`) converted to
+  float32 for its dots, once, before the token loop; a GPU or TPU keeps those slices in
+  bf16 (half these bytes). Fusion internals are not buffers; an estimate."""
+  if not weight_sizes:
+    return 0
+  comps, entry, _ = _parse_module(hlo)
+  total = 0
+  for _, shape, opcode, _ in comps.get(entry, []):
+    if opcode not in ("fusion", "convert", "copy") or not shape.startswith("f32["):
+      continue
+    dims = tuple(int(d) for d in _ARRAY.match(shape).group(2).split(",") if d)
+    if math.prod(dims) in weight_sizes and width in dims:
+      total += shape_bytes(shape)
+  return total
+
+
+def decode_weight_sizes(params: Any, mesh: Mesh, gathered: bool = False) -> frozenset:
+  """Per-device element counts of the params' matrices as `mesh` shards them (the
+  decode weights' per-layer slices: the stacked shard over its layers); `gathered`:
+  whole over the batch axes, as the static sampler gathers them."""
+  out = set()
+  specs = sharding.rollout_param_specs(params, mesh)
+  if gathered:
+    specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*(
+        "tensor" if e == "tensor" or (isinstance(e, tuple) and "tensor" in e) else None
+        for e in s)), specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  for leaf, spec in zip(jax.tree.leaves(params), jax.tree.leaves(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
+    if leaf.ndim >= 2:
+      shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(leaf.shape)
+      layers = leaf.shape[0] if leaf.ndim >= 3 else 1
+      out.add(math.prod(shard) // layers)
+  return frozenset(out)
 
 
 def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
   """Compiles each phase of one host-mode iteration on `mesh` (call under no mesh
-  context; this sets it). Returns the phases in the order an iteration runs them."""
+  context; this sets it). Returns the phases in the order an iteration runs them.
+
+  With rollout.tensor (`distributed.rollout_mesh`), a `reshard` phase moves the params
+  onto the rollout's mesh (cast to the compute dtype first) and the rollout compiles
+  there. With rollout.slots, the rollout is the continuous engine (`_rollout_phases`).
+  `resident_bytes` of a phase: the train state's bytes that live on the device during
+  it without being its arguments (the optimizer moments; the f32 master params too
+  while the rollout decodes from resharded bf16 ones)."""
   from egpo_jax.training import distributed, host_loop, iteration
   from egpo_jax.training import update as update_lib
   log = log or (lambda _msg: None)
@@ -460,6 +529,8 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
   rep = distributed.replicated(mesh)
   state = abstract_state(cfg, spec.optimizer, mesh)
   params = state.params
+  state_bytes = sharding.per_device_bytes(state)
+  not_params = state_bytes - sharding.per_device_bytes(params)
   use_ref = bool(settings.update.kl_coef)
   ref_params = params if use_ref else None
   ids = batch_sharded(jax.ShapeDtypeStruct((b, spec.prompt_len), jnp.int32), mesh)
@@ -471,17 +542,46 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
   micro_per_iteration = u.ppo_epochs * u.minibatches * u.micro_batches
   floor = functools.partial(fsdp_floor_bytes, params, mesh, compute)
   phases = []
+  rmesh = distributed.rollout_mesh(mesh, spec.rollout_tensor, num_heads=cfg.num_heads,
+                                   num_kv_heads=cfg.num_kv_heads)
+  rollout_params, rollout_resident = params, not_params
+  narrow = compute.itemsize < 4   # bf16 decode weights: XLA:CPU's f32 copies are counted
+  if rmesh is not mesh:
+    reshard = jax.jit(functools.partial(distributed.rollout_params, model_config=cfg,
+                                        train_mesh=mesh, mesh=rmesh))
+    moved = jax.eval_shape(reshard, params)
+    rollout_params = with_shardings(moved, jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(rmesh, s),
+        sharding.rollout_param_specs(moved, rmesh)))
+    log("compiling reshard")
+    with jax.set_mesh(mesh):
+      # Floor: each device receives at most its new shard.
+      phases.append(_compile("reshard", "distributed.rollout_params (to the rollout mesh)",
+                             reshard, (params,),
+                             floor=sharding.per_device_bytes(rollout_params),
+                             resident=not_params))
+    rollout_resident = state_bytes
+  with jax.set_mesh(rmesh):
+    if spec.slots:
+      phases += _rollout_phases(spec, rmesh, rollout_params, rollout_resident, log)
+    else:
+      trips = _decode_trips(spec.prompt_len, settings)
+      log("compiling rollout")
+      rids, rmask = (batch_sharded(jax.ShapeDtypeStruct(x.shape, x.dtype), rmesh)
+                     for x in (ids, mask))
+      # Prefill and each decode loop need the weights once (issue 25's target).
+      phases.append(_compile(
+          "rollout", "host_loop._rollout", host_loop._rollout,
+          (rollout_params, rids, rmask, with_shardings(rng, distributed.replicated(rmesh))),
+          static={"model_config": cfg, "settings": settings},
+          floor=fsdp_floor_bytes(params, rmesh, compute, gathers=1 + len(trips),
+                                 gradients=False), trips=trips, decode_steps=sum(trips),
+          resident=rollout_resident,
+          weight_sizes=frozenset() if not narrow else decode_weight_sizes(params, rmesh, gathered=True),
+          width=cfg.hidden_size))
   with jax.set_mesh(mesh):
-    static = {"model_config": cfg, "settings": settings}
-    trips = _decode_trips(spec.prompt_len, settings)
-    log("compiling rollout")
-    # Prefill and each decode loop need the weights once (issue 25's target).
-    phases.append(_compile("rollout", "host_loop._rollout", host_loop._rollout,
-                           (params, ids, mask, rng), static=static,
-                           floor=floor(gathers=1 + len(trips), gradients=False), trips=trips,
-                           decode_steps=sum(trips)))
-    gen = jax.eval_shape(functools.partial(host_loop._rollout, **static), params, ids, mask,
-                         rng)
+    gen = jax.eval_shape(functools.partial(host_loop._rollout, model_config=cfg,
+                                           settings=settings), params, ids, mask, rng)
     correct = batch_sharded(jax.ShapeDtypeStruct((b * g,), jnp.bool_), mesh)
     groups = batch_sharded(jax.eval_shape(
         functools.partial(host_loop._group, settings=settings), ids, mask,
@@ -500,14 +600,14 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
     phases.append(_compile(
         "old_logps", "iteration.prepare_batch (no KL pass)", prepare(no_kl),
         (params, None, groups, algo),
-        floor=pass_floor if trainer_pass else 0))
+        floor=pass_floor if trainer_pass else 0, resident=not_params))
     if use_ref:
       ref_only = dataclasses.replace(settings, old_logps="sampler", tis_cap=0.0)
       log("compiling ref_logps")
       phases.append(_compile(
           "ref_logps", "iteration.prepare_batch (reference pass only)", prepare(ref_only),
           (params, ref_params, groups, algo),
-          floor=pass_floor))
+          floor=pass_floor, resident=not_params))
     batch = batch_sharded(jax.eval_shape(prepare(settings), params, ref_params, groups,
                                          algo)[0], mesh)
     update = jax.jit(functools.partial(
@@ -521,11 +621,76 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
   return phases
 
 
+def continuous_steps(spec: DryRunSpec) -> int:
+  """Decode steps of the continuous engine when every response runs to its cap: each
+  slot serves ceil(N / S) responses one after another, T steps each."""
+  s = spec.settings
+  return -(-s.prompts_per_batch * s.group_size // spec.slots) * s.sampling.max_new_tokens
+
+
+def _rollout_phases(spec: DryRunSpec, mesh: Mesh, params: Any, resident: int, log
+                    ) -> list[PhaseReport]:
+  """Host mode's continuous rollout (`continuous.HostRollout`) on `mesh` (set by the
+  caller): `rollout_prefill` = `continuous._start_jit` (the prompt table's prefill and
+  the empty slots), `rollout` = `continuous._run_jit` (the slot decode loop, one call per
+  chunk of rollout.chunk_steps steps, the cache donated), compiled on the shardings the
+  first program's outputs really have.
+
+  The prompt table is an output of the first and an argument of the second, so each
+  peak counts it. While a chunk decodes, the host still holds the previous chunk's
+  outputs (not donated, read for the verifier): the decode phase's resident bytes add
+  them. Collectives: the decode program runs ceil(steps / chunk_steps) times per
+  iteration at the worst case (`continuous_steps`), each call gathering what it gathers
+  before its loop again; the floor is the weights gathered once for the prefill and once
+  for the decode."""
+  from egpo_jax.sampling import continuous, engine
+  from egpo_jax.training import distributed
+  s, cfg = spec.settings, spec.model_config
+  b, n = s.prompts_per_batch, s.prompts_per_batch * s.group_size
+  cspec = continuous.ContinuousSpec(sampling=s.sampling, slots=spec.slots)
+  bucket = engine.bucket_length(engine.bucket_length(spec.prompt_len))
+  rep = distributed.replicated(mesh)
+  # The host passes numpy (uncommitted): replicated inputs.
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)  # noqa: E731
+  rng = with_shardings(jax.eval_shape(lambda: jax.random.PRNGKey(0)), rep)
+  static = {"config": cfg, "spec": cspec, "cache_dtype": None}
+  start_args = (params, i32(b, bucket), i32(b, bucket), rng, i32(b), i32(n), i32(n))
+  params_f32 = sharding.abstract_params(cfg)
+  compute = jnp.dtype(cfg.dtype)
+  log("compiling rollout_prefill")
+  kept = []
+  prefill = _compile("rollout_prefill", "continuous._start_jit (prompt table + slots)",
+                     continuous._start_jit, start_args, static=static,
+                     floor=fsdp_floor_bytes(params_f32, mesh, compute, gathers=1,
+                                            gradients=False),
+                     resident=resident, keep=kept)
+  shapes = jax.eval_shape(functools.partial(continuous._start_jit, **static), *start_args)
+  table, keys_n, state = with_shardings(shapes, kept[0].output_shardings)
+  steps = continuous_steps(spec)
+  chunk = spec.chunk_steps if spec.chunk_steps > 0 else steps
+  calls = -(-steps // chunk)
+  run_args = (params, state.replace(cache=None), state.cache, table, keys_n, i32(n), i32(n),
+              jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+  log("compiling rollout (slot decode loop)")
+  decode = _compile("rollout", f"continuous._run_jit ({spec.slots} slots, {calls} chunk(s)"
+                    f" of {chunk} steps)", continuous._run_jit, run_args,
+                    static={"config": cfg, "spec": cspec}, trips=[chunk], calls=calls,
+                    decode_steps=steps,
+                    floor=fsdp_floor_bytes(params_f32, mesh, compute, gathers=1,
+                                           gradients=False),
+                    weight_sizes=(decode_weight_sizes(params, mesh)
+                                  if jnp.dtype(cfg.dtype).itemsize < 4 else frozenset()),
+                    width=cfg.hidden_size, keep=kept)
+  m = decode.memory
+  held = (m.output_bytes - m.alias_bytes) if calls > 1 else 0
+  return [prefill, dataclasses.replace(decode, resident_bytes=resident + held)]
+
+
 # ---------------------------------------------------------------------------------------
 # The report.
 
 def report_json(phases: Sequence[PhaseReport], spec: DryRunSpec, mesh: Mesh,
-                state_bytes: int) -> dict[str, Any]:
+                state_bytes: int, rollout_mesh: Mesh | None = None) -> dict[str, Any]:
   """The JSON `--dry_run_json` writes (keys documented in docs/LAUNCHING.md)."""
   s, cfg = spec.settings, spec.model_config
   total = sum(p.collective_bytes for p in phases)
@@ -543,6 +708,10 @@ def report_json(phases: Sequence[PhaseReport], spec: DryRunSpec, mesh: Mesh,
                 "micro_batches": s.update.micro_batches, "minibatches": s.update.minibatches,
                 "ppo_epochs": s.update.ppo_epochs, "old_logps": s.old_logps},
       "state_bytes_per_device": state_bytes,
+      "rollout": {"mesh": dict((rollout_mesh or mesh).shape), "slots": spec.slots,
+                  "chunk_steps": spec.chunk_steps if spec.slots else 0,
+                  "decode_steps": next((p.decode_steps for p in phases
+                                        if p.name == "rollout"), 0)},
       "phases": {p.name: p.to_json() for p in phases},
       "collectives": {"bytes_per_iteration": total, "floor_bytes_per_iteration": floor,
                       "bytes_by_kind": {k: kinds[k] for k in COLLECTIVE_KINDS},
@@ -581,11 +750,14 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
       f"Figures are {CAVEAT}.",
       f"Train state per device: {fmt(report['state_bytes_per_device'])} {unit}",
       "",
-      f"{'phase':10s} {'peak ' + unit:>8s} {'args':>7s} {'temp':>7s} {'out':>7s} {'alias':>7s}"
+      f"{'phase':15s} {'peak ' + unit:>8s} {'+resid.':>8s} {'args':>7s} {'temp':>7s}"
+      f" {'out':>7s} {'alias':>7s}"
       f" {'coll. ' + unit + '/it':>11s} {'floor ' + unit + '/it':>11s} {'compile s':>9s}  function"]
   for name, p in report["phases"].items():
     lines.append(
-        f"{name:10s} {fmt(p['peak_bytes_per_device']):>8s} {fmt(p['argument_bytes']):>7s}"
+        f"{name:15s} {fmt(p['peak_bytes_per_device']):>8s}"
+        f" {fmt(p.get('peak_with_resident_bytes', p['peak_bytes_per_device'])):>8s}"
+        f" {fmt(p['argument_bytes']):>7s}"
         f" {fmt(p['temp_bytes']):>7s} {fmt(p['output_bytes']):>7s} {fmt(p['alias_bytes']):>7s}"
         f" {fmt(p['collective_bytes_per_iteration']):>11s}"
         f" {fmt(p['floor_bytes_per_iteration']):>11s} {p['compile_seconds']:>9.1f}"
@@ -593,6 +765,24 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
   c = report["collectives"]
   ratio = (c["update_bytes_per_iteration"] / c["update_floor_bytes_per_iteration"]
            if c["update_floor_bytes_per_iteration"] else float("nan"))
+  ro = report.get("rollout", {})
+  lines += ["", "peak: the compiled program's own buffers; +resid.: with the train state's "
+            "bytes that live alongside it (optimizer moments; the f32 master params while "
+            "the rollout decodes resharded ones; the previous chunk's outputs)"]
+  if ro:
+    rmesh = " ".join(f"{k}={v}" for k, v in ro["mesh"].items())
+    how = (f"continuous batching, {ro['slots']} slots, chunks of {ro['chunk_steps']} steps"
+           if ro["slots"] else "the static sampler over every response")
+    lines.append(f"Rollout on mesh {rmesh}: {how}; {ro['decode_steps']} decode steps at "
+                 "the worst case (every response at its cap)")
+  for name, p in report["phases"].items():
+    if p.get("f32_weight_copy_bytes"):
+      copies = p["f32_weight_copy_bytes"]
+      lines.append(
+          f"  {name}: of its peak, {fmt(copies)} {unit} are XLA:CPU's float32 per-layer "
+          f"copies of the bf16 decode weights (a GPU/TPU keeps them bf16, half): peak with "
+          f"bf16 copies {fmt(p['peak_bytes_per_device'] - copies / 2)} {unit}, without any "
+          f"{fmt(p['peak_bytes_per_device'] - copies)} {unit}")
   lines += ["", f"Collectives per iteration: {fmt(c['bytes_per_iteration'])} {unit} per "
             f"device (FSDP floor {fmt(c['floor_bytes_per_iteration'])} {unit}); update "
             f"{fmt(c['update_bytes_per_iteration'])} {unit} = {ratio:.2f} x its floor",
@@ -609,16 +799,18 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
   for name, p in report["phases"].items():
     for buf in p["largest_buffers"][:top_buffers]:
       runs = f" x{buf['executions']} runs" if buf["executions"] > 1 else ""
-      lines.append(f"  {name:10s} {fmt(buf['bytes']):>7s} {buf['shape']:32s} "
+      lines.append(f"  {name:15s} {fmt(buf['bytes']):>7s} {buf['shape']:32s} "
                    f"{buf['opcode']}{runs}  {buf['op_name'][-70:]}")
   return "\n".join(lines)
 
 
 def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
-  """One line naming the first phase whose peak exceeds the device memory, else None."""
+  """One line naming the first phase whose peak (with the bytes resident alongside it)
+  exceeds the device memory, else None."""
   for name, p in report["phases"].items():
-    if p["peak_bytes_per_device"] > device_memory_gb * GB:
-      return (f"error: phase {name!r} needs {_gb(p['peak_bytes_per_device'])} GB per device"
+    need = p.get("peak_with_resident_bytes", p["peak_bytes_per_device"])
+    if need > device_memory_gb * GB:
+      return (f"error: phase {name!r} needs {_gb(need)} GB per device"
               f" > --device_memory_gb={device_memory_gb:g} (estimate +-30%): raise "
               "ppo.micro_batches, add devices or set model.remat")
   return None
@@ -653,9 +845,14 @@ def spec_from_config(c) -> DryRunSpec:
   from egpo_jax.models import config as model_config_lib
   from egpo_jax.training import config as config_lib
   from egpo_jax.training import experiment, iteration
+  r = c.rollout
+  rollout = {"slots": int(r.get("slots", 0)), "chunk_steps": int(r.get("chunk_steps", 32)),
+             "rollout_tensor": int(r.get("tensor", 0))}
   if c.task.name == "jsonl" and not c.task.train_file:
-    # No data is read: check the rest as for the in-memory task (no shape depends on it).
-    c = config_lib.with_overrides(c, {"task.name": "synthetic"})
+    # No data is read: check the rest as for the in-memory task (no shape depends on it);
+    # the host-mode-only rollout fields are kept aside (checked as host mode would).
+    c = config_lib.with_overrides(c, {"task.name": "synthetic", **{
+        f"rollout.{k}": 0 for k in ("slots", "tensor") if k in r}})
   c = config_lib.checked(c)
   m = c.model
   if m.path:
@@ -678,7 +875,7 @@ def spec_from_config(c) -> DryRunSpec:
   optimizer = experiment.rl_optimizer(c, int(c.train.iterations))
   label = f"{c.algo.advantage} on {m.path or m.name or m.preset}"
   return DryRunSpec(model_config, settings, optimizer, algo, int(c.task.max_prompt_len),
-                    label)
+                    label, **rollout)
 
 
 def unsplit_warnings(spec: DryRunSpec, mesh: Mesh) -> list[str]:
@@ -711,9 +908,15 @@ def run(c, *, devices: int = 0, log=None, warn=None) -> dict[str, Any]:
   warnings = unsplit_warnings(spec, mesh)
   for line in warnings:
     (warn or (lambda _msg: None))(line)
+  cfg = spec.model_config
+  try:
+    rmesh = distributed.rollout_mesh(mesh, spec.rollout_tensor, num_heads=cfg.num_heads,
+                                     num_kv_heads=cfg.num_kv_heads)
+  except ValueError as err:
+    raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
   phases = run_phases(spec, mesh, log=log)
   state = abstract_state(spec.model_config, spec.optimizer, mesh)
-  return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state)),
+  return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state), rmesh),
               warnings=warnings)
 
 

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.stop_token_ids = ()    # ids ending a response besides EOS (e.g. <|im_end|>)
   c.rollout.slots = 0              # host mode: > 0 = continuous batching on that many slots
   c.rollout.chunk_steps = 32       # with slots: steps between hand-offs to the verifier
-  c.rollout.tensor = 0             # host mode: the rollout's own mesh tensor size (0 = mesh's)
+  c.rollout.tensor = 0             # host mode: > 0 = decode on a data x tensor mesh of it
 
   c.algo = ml_collections.ConfigDict()
   c.algo.advantage = "egpo"        # a name in egpo_jax.core.registry.advantage_estimators

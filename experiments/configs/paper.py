@@ -70,21 +70,29 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   c.ppo.minibatches = 1
   # Rows per pass (update, and the old/reference log-probs): 64 for 1.5B, 16 for 7B, each
   # device computing its rows of every micro-batch (rows over data x fsdp), layers
-  # rematerialised, blockwise attention. 7B keeps 16: on its tensor = 2 mesh the update's
-  # activation all-reduces do not shrink with fewer passes while the FSDP floor does (32
-  # rows: 3.4x / 2.2x the floor on 8 / 16 devices). Compile-only per-device update peaks
-  # (CPU estimates; BENCHMARKS.md "paper_scale"): 1.5B 18.5 GB on 8, 9.3 GB on 16.
+  # rematerialised, blockwise attention. Compile-only per-device peaks: BENCHMARKS.md
+  # "paper_scale" (CPU estimates).
   c.ppo.micro_batches = 64 if "7b" in backbone else 16
   # 16 rows are one prompt's group: shared, that prompt would run on every device of the
   # batch axes (replicated, with activation all-reduces); unshared each device runs its
   # own rows' prompts, the same FLOPs per device at 1 row per device.
   c.ppo.share_prompts = False
 
-  if backbone.endswith("7b"):
-    # Heads and MLP columns over 2 devices: the rollout's decode holds the gathered bf16
-    # weights (15 GB for 7B) whole on each device otherwise; 2 keeps the update's
-    # activation all-reduces small (4 would double them; see BENCHMARKS.md paper_scale).
-    c.mesh.tensor = 2
+  # Host mode's rollout (runs with task.name="jsonl"): continuous batching on 256 decode
+  # slots, so its KV cache is 256 x 3,071 slots whatever B x G is (the static sampler's
+  # 1,024 x 4,095 bf16 cache alone is 10.6 GB per device for 7B on 16 devices). Each
+  # chunk's call gathers the decode weights again (`continuous.run_steps`), so chunks of
+  # 256 steps (48 chunks per iteration at the worst case): the verifier still gets the
+  # finished responses every few seconds.
+  c.rollout.slots = 256
+  c.rollout.chunk_steps = 256
+  # Train on FSDP alone (no Megatron all-reduces: the update stays under its FSDP floor)
+  # and decode on the rollout's own mesh over the same devices (`distributed.rollout_mesh`:
+  # data-parallel groups of `tensor` devices, nothing gathered per step; params cast to
+  # bf16 and resharded there once per iteration). 7B: groups of 4 (a quarter of its 15 GB
+  # of bf16 weights per device; 4 divides its 28 query and 4 KV heads); 1.5B: 1 (its
+  # 3.1 GB whole on each device, no per-step all-reduces).
+  c.rollout.tensor = 4 if backbone.endswith("7b") else 1
   c.warmup.steps = 0
   c.train.iterations = 770                # ~5 epochs of OpenR1-stable-10K at 64 prompts
   c.train.iterations_per_call = 1

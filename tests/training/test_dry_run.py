@@ -282,6 +282,8 @@ def _main(*args, devices=None):
      ["config.model.no_such_field"]),
     (["--config=experiments/configs/paper.py:egpo,qwen2.5-math-1.5b",
       "--config.model.path=/no/such/folder"], 8, ["config.model.path", "/no/such/folder"]),
+    (["--config=experiments/configs/paper.py:egpo,qwen2.5-math-1.5b",
+      "--config.rollout.tensor=3"], 8, ["config.rollout.tensor=3", "divide the 8 devices"]),
 ])
 def test_bad_input_exits_with_one_line_naming_the_cause(args, devices, words):
   done = _main(*args, devices=devices)
@@ -347,3 +349,71 @@ def test_a_mesh_that_does_not_divide_is_named_not_silently_replicated(num_device
   assert warnings[:len(lines)] == lines
   assert any(w.startswith("prompts: 8 ") and "data x fsdp = 6" in w for w in warnings)
   assert dry_run.unsplit_warnings(spec, _mesh(1, 8, 1)) == []
+
+
+@pytest.fixture(scope="module")
+def continuous_report(num_devices):
+  """Host mode's continuous rollout on its own mesh: the tiny model trained on fsdp = 8,
+  decoding on data 4 x tensor 2 with 4 slots in chunks of 5 steps."""
+  return dry_run.run(_tiny_config(**{"task.name": "jsonl", "task.train_file": "",
+                                     "rollout.slots": 4, "rollout.chunk_steps": 5,
+                                     "rollout.tensor": 2}))
+
+
+def test_continuous_rollout_compiles_on_the_rollout_mesh(continuous_report):
+  r = continuous_report
+  assert list(r["phases"]) == ["reshard", "rollout_prefill", "rollout", "old_logps",
+                               "update"]
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert r["rollout"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+  c = tiny.get_config()
+  n, t = 8 * c.rollout.group_size, c.rollout.max_new_tokens
+  steps = -(-n // 4) * t   # every response at its cap, 4 at a time
+  assert r["rollout"]["decode_steps"] == steps
+  decode = r["phases"]["rollout"]
+  assert decode["calls_per_iteration"] == -(-steps // 5)
+  # Per iteration: every chunk's call; the per-call collectives are the listed ones.
+  per_call = sum(x["total_bytes"] for x in decode["collectives"])
+  assert decode["collective_bytes_per_iteration"] == decode["calls_per_iteration"] * per_call
+  # The continuous engine's programs hold the slots, not B x G rows: their own buffers
+  # stay below the static sampler's for the same iteration (same meshes otherwise).
+  assert r["phases"]["reshard"]["collective_bytes_per_iteration"] > 0
+  # While it decodes, the f32 train state lives alongside the resharded params.
+  state = r["state_bytes_per_device"]
+  for name in ("rollout_prefill", "rollout"):
+    p = r["phases"][name]
+    assert p["resident_bytes"] >= state
+    assert p["peak_with_resident_bytes"] == p["peak_bytes_per_device"] + p["resident_bytes"]
+  assert r["phases"]["update"]["resident_bytes"] == 0   # the state is its argument
+  text = dry_run.format_report(r)
+  assert "Rollout on mesh data=4 fsdp=1 tensor=2: continuous batching, 4 slots" in text
+  # The gate counts the resident bytes.
+  worst = max(p["peak_with_resident_bytes"] for p in r["phases"].values())
+  assert dry_run.check_fits(r, worst * 1.01 / dry_run.GB) is None
+  assert dry_run.check_fits(r, worst * 0.99 / dry_run.GB) is not None
+
+
+def test_f32_weight_copies_counts_entry_f32_arrays_of_a_weight_size():
+  hlo = """HloModule m, num_partitions=2
+
+%body (t: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %t = (s32[], f32[8,4]{1,0}) parameter(0)
+  %w = f32[8,4]{1,0} fusion(%t), kind=kLoop, calls=%f
+  ROOT %o = (s32[], f32[8,4]{1,0}) tuple(%i, %w)
+}
+
+ENTRY %main (p: bf16[2,8,4]) -> f32[8,4] {
+  %p = bf16[2,8,4]{2,1,0} parameter(0)
+  %a = f32[8,4]{1,0} fusion(%p), kind=kLoop, calls=%f
+  %b = f32[4,8]{1,0} fusion(%p), kind=kLoop, calls=%f
+  %c = f32[16,2]{1,0} fusion(%p), kind=kLoop, calls=%f
+  %d = bf16[8,4]{1,0} fusion(%p), kind=kLoop, calls=%f
+  %w = (s32[], f32[8,4]{1,0}) while(%x), condition=%cond, body=%body
+  ROOT %r = f32[8,4]{1,0} add(%a, %a)
+}
+"""
+  # The entry's f32 [8, 4] and [4, 8] fusions (32 elements, a dimension of width 8)
+  # count; not the loop body's, not [16, 2] (no width dimension), not the bf16 one, not
+  # an arithmetic op's result (the root add).
+  assert dry_run.f32_weight_copies(hlo, frozenset({32}), 8) == 2 * 32 * 4
+  assert dry_run.f32_weight_copies(hlo, frozenset(), 8) == 0

@@ -1,5 +1,5 @@
 """The rollout on its own mesh (`distributed.rollout_mesh`, `RolloutOnMesh`): a host-mode
-iteration whose rollout decodes on (1, 4, 2) while training on (1, 8, 1) samples the same
+iteration whose rollout decodes on (4, 1, 2) while training on (1, 8, 1) samples the same
 tokens and makes the same update as one that decodes on the training mesh; bad sizes
 are refused naming rollout.tensor.
 
@@ -43,21 +43,22 @@ def _score(ids, mask, answers):
 TASK = host_loop.HostTask(_sample, _score)
 
 
-def test_rollout_mesh_keeps_the_devices_and_data_and_refuses_bad_sizes(num_devices):
+def test_rollout_mesh_is_data_parallel_tensor_groups_and_refuses_bad_sizes(num_devices):
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=-1))
   heads = dict(num_heads=4, num_kv_heads=2)
   assert distributed.rollout_mesh(mesh, 0, **heads) is mesh
-  assert distributed.rollout_mesh(mesh, 1, **heads) is mesh
   r = distributed.rollout_mesh(mesh, 2, **heads)
-  assert dict(r.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(r.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
   assert list(r.devices.flat) == list(mesh.devices.flat)   # one reshard moves params
-  for tensor, words in ((3, "devices per data replica"), (8, "devices per data replica"),
-                        (4, "KV heads")):
+  assert dict(distributed.rollout_mesh(mesh, 1, **heads).shape) == {
+      "data": 8, "fsdp": 1, "tensor": 1}
+  dp = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=1, tensor=2))
+  assert distributed.rollout_mesh(dp, 2, **heads) is dp
+  for tensor, words in ((3, "divide the 8 devices"), (-1, "use >= 0"), (4, "KV heads")):
     with pytest.raises(ValueError, match=rf"^config\.rollout\.tensor={tensor}: .*{words}"):
       distributed.rollout_mesh(mesh, tensor, **heads)
   with pytest.raises(ValueError, match="query heads"):
-    distributed.rollout_mesh(sharding.make_mesh(sharding.MeshConfig(fsdp=-1)), 8,
-                             num_heads=4, num_kv_heads=4)
+    distributed.rollout_mesh(mesh, 8, num_heads=4, num_kv_heads=8)
 
 
 def test_rollout_params_are_cast_then_placed_on_the_rollout_mesh(num_devices):
@@ -66,13 +67,16 @@ def test_rollout_params_are_cast_then_placed_on_the_rollout_mesh(num_devices):
   cfg = dataclasses.replace(CFG, dtype="bfloat16")
   params = sharding.shard_params(transformer.init_params(CFG, jax.random.PRNGKey(0)), mesh)
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda p: distributed.rollout_params(p, cfg, rmesh))(params)
-  want = sharding.param_partition_specs(params, rmesh)
+    out = jax.jit(lambda p: distributed.rollout_params(p, cfg, mesh, rmesh))(params)
+  want = sharding.rollout_param_specs(params, rmesh)
+  # The output head (tied here: the embedding) whole, the layers split over tensor.
+  assert want["embed"]["embedding"] == jax.sharding.PartitionSpec()
+  assert "tensor" in tuple(want["layers"]["q_proj"]["kernel"])
   for got, spec, orig in zip(jax.tree.leaves(out), jax.tree.leaves(
       want, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
                              jax.tree.leaves(params)):
     assert got.dtype == jnp.bfloat16 and got.sharding.mesh == rmesh
-    assert got.sharding.spec == spec
+    assert got.sharding.is_equivalent_to(jax.sharding.NamedSharding(rmesh, spec), got.ndim)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(orig.astype(jnp.bfloat16)))
 
 
