@@ -212,21 +212,6 @@ def decode_param_specs(params: Any, mesh) -> Any:
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def rollout_param_specs(params: Any, mesh: Mesh) -> Any:
-  """Specs for the stacked params the rollout takes on its own mesh
-  (`distributed.rollout_mesh`): `param_partition_specs`, but the output head (lm_head,
-  or the embedding when tied) whole. Each decode step's logits are then complete per
-  device (sampling needs the whole vocabulary); vocab-split, the continuous engine
-  gathers [rows, V] float32 logits every step (39 MB per step for 7B at 256 slots on 16
-  devices), far more than the head's bf16 bytes held once."""
-  specs = param_partition_specs(params, mesh)
-  head = ("lm_head",) if "lm_head" in params else ("embed", "embedding")
-  def spec(path, s):
-    return P() if _path_key(path) == head else s
-  return jax.tree_util.tree_map_with_path(
-      spec, specs, is_leaf=lambda s: isinstance(s, P))
-
-
 def cache_partition_specs(cache: Any, mesh: Mesh) -> Any:
   """Specs for a KVCache: batch over (data, fsdp), kv heads over tensor."""
   from egpo_jax.models.transformer import KVCache

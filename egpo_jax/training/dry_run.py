@@ -497,7 +497,7 @@ def decode_weight_sizes(params: Any, mesh: Mesh, gathered: bool = False) -> froz
   decode weights' per-layer slices: the stacked shard over its layers); `gathered`:
   whole over the batch axes, as the static sampler gathers them."""
   out = set()
-  specs = sharding.rollout_param_specs(params, mesh)
+  specs = sharding.param_partition_specs(params, mesh)
   if gathered:
     specs = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*(
         "tensor" if e == "tensor" or (isinstance(e, tuple) and "tensor" in e) else None
@@ -550,9 +550,7 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
     reshard = jax.jit(functools.partial(distributed.rollout_params, model_config=cfg,
                                         train_mesh=mesh, mesh=rmesh))
     moved = jax.eval_shape(reshard, params)
-    rollout_params = with_shardings(moved, jax.tree.map(
-        lambda s: jax.sharding.NamedSharding(rmesh, s),
-        sharding.rollout_param_specs(moved, rmesh)))
+    rollout_params = with_shardings(moved, sharding.param_shardings(moved, rmesh))
     log("compiling reshard")
     with jax.set_mesh(mesh):
       # Floor: each device receives at most its new shard.

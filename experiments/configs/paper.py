@@ -81,18 +81,20 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   # Host mode's rollout (runs with task.name="jsonl"): continuous batching on 256 decode
   # slots, so its KV cache is 256 x 3,071 slots whatever B x G is (the static sampler's
   # 1,024 x 4,095 bf16 cache alone is 10.6 GB per device for 7B on 16 devices). Each
-  # chunk's call gathers the decode weights again (`continuous.run_steps`), so chunks of
-  # 256 steps (48 chunks per iteration at the worst case): the verifier still gets the
-  # finished responses every few seconds.
+  # chunk's call gathers the prompt table again over the data replicas (0.9 GB per device
+  # for 7B), so chunks of 256 steps (48 per iteration at the worst case): the verifier
+  # still gets the finished responses every few seconds. Continuous batching runs in one process: a
+  # multi-process run sets rollout.slots=0 (the static sampler).
   c.rollout.slots = 256
   c.rollout.chunk_steps = 256
   # Train on FSDP alone (no Megatron all-reduces: the update stays under its FSDP floor)
   # and decode on the rollout's own mesh over the same devices (`distributed.rollout_mesh`:
-  # data-parallel groups of `tensor` devices, nothing gathered per step; params cast to
+  # data-parallel groups of `tensor` devices, no weight gathered per step; params cast to
   # bf16 and resharded there once per iteration). 7B: groups of 4 (a quarter of its 15 GB
-  # of bf16 weights per device; 4 divides its 28 query and 4 KV heads); 1.5B: 1 (its
-  # 3.1 GB whole on each device, no per-step all-reduces).
-  c.rollout.tensor = 4 if backbone.endswith("7b") else 1
+  # of bf16 weights per device; 4 divides its 28 query and 4 KV heads). 1.5B: groups of 2
+  # (its 2 KV heads): whole per device (tensor 1), its rollout was 17.7 GB on 16 devices
+  # (CPU estimate), on 2 it is 11.8 GB.
+  c.rollout.tensor = 4 if backbone.endswith("7b") else 2
   c.warmup.steps = 0
   c.train.iterations = 770                # ~5 epochs of OpenR1-stable-10K at 64 prompts
   c.train.iterations_per_call = 1
