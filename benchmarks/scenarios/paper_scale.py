@@ -2,13 +2,16 @@
 
 `experiments/configs/paper.py:egpo,<backbone>` as shipped (64 prompts x G = 16 = 1,024
 responses, prompts 1,024 + responses 3,072 tokens, bf16 compute, f32 params and AdamW, its
-micro-batching and remat) on the default mesh (fsdp over every device), compiled from
-abstract shapes on 8 and 16 fake CPU devices (`egpo_jax.training.dry_run`; nothing is
-allocated). Per phase the per-device peak (arguments + temporaries + outputs - aliased),
-the update's collective bytes per iteration next to the FSDP floor (params all-gathered
-for forward and backward in the compute dtype, gradients reduce-scattered in f32, per
-micro-batch), the rollout's collective bytes per decode step. CPU-compiled estimates
-(+-30%); compile seconds are this machine's.
+micro-batching and remat; training on fsdp over every device, the rollout on its own
+data x tensor mesh, `rollout.tensor`, with continuous batching on `rollout.slots` slots),
+compiled from abstract shapes on 8 and 16 fake CPU devices (`egpo_jax.training.dry_run`;
+nothing is allocated). Per phase the per-device peak of the compiled program (arguments +
+temporaries + outputs - aliased); "max +resident" is the largest phase peak with the train
+state's bytes that live alongside it (the fit targets use it). The update's collective
+bytes per iteration next to the FSDP floor (params all-gathered for forward and backward
+in the compute dtype, gradients reduce-scattered in f32, per micro-batch); the rollout's
+per decode step and per iteration (every response at its cap), the reshard's per
+iteration. CPU-compiled estimates (+-30%); compile seconds are this machine's.
 """
 
 from __future__ import annotations
@@ -39,28 +42,37 @@ Read with the dry run's own table (`python -m experiments.main --config=... --dr
 "update x floor" is the update's collective bytes over its FSDP floor; "activations 16/8"
 is (peak - train state) of the update on 16 devices over the same on 8 (1/2 when
 activations split with the devices). A target column says "met" or by how much it is
-missed; an empty one has no target for that case.
+missed, on the CPU figure and, where XLA:CPU's float32 per-layer copies of the bf16
+decode weights ("rollout f32 copies GB", found in the compiled program; a GPU keeps them
+bf16) are in it, with those copies at bf16; an empty one has no target for that case.
 
-Before -> after (2026-12-07, scale branch, with main's blockwise attention): 1.5B update
-peak 13.8 -> 8.5 GB on 8 and 8.1 -> 4.3 GB on 16 ("activations 16/8" 0.61 -> 0.51).
-Blockwise attention alone gave 10.6 / 6.6 GB (0.65: it shrinks the per-row part, so the
-fixed part weighed more; the reference attention path now gives 11.7 / 5.9 GB, 0.51);
-the rest is the log-prob head made vocabulary-parallel over every
-device (`core/logprobs.py`): before, each device held the whole head and a float32
-[V, D] partial sum of its gradient (about 1.4 GB at 1.5B, the same on 8 and 16 devices).
-The rollout no longer runs its decode FSDP-sharded (3.0 GB of activation all-reduces per
-token step for 1.5B, 5.7 GB for 7B): the weights are gathered once before the token loops
-(`sampling/engine.py`), so decode moves nothing per step with tensor = 1 and only the
-two per-layer [rows, D] all-reduces over `tensor` for 7B (tensor = 2 in the paper
-config). The price is the gathered weights in the rollout's memory, and on XLA:CPU a
-float32 copy of them (hoisted conversion for its dots; a GPU keeps bf16): 1.5B 14.6 ->
-19.5 GB on 8. The 7B rollout target (<= 14 GB on 16) is out of reach with one rollout
-pass: the bf16 KV cache of 1,024 rows x 4,095 slots is 10.6 GB per device at any mesh,
-the sharded f32 master params 1.9 GB, and the gathered weights 15.2 / tensor GB; it
-needs the responses decoded in several sequential row chunks (not built). With tensor
-> 1 the update's Megatron all-reduces are outside the FSDP floor, hence 7B's ratio
-(fewer bytes than before on 16 devices: 2,924 vs 3,429 GB); and 7B's rollout (30.3 GB,
-CPU estimate) now misses the 28 GB fit target on 16.
+Before -> after (2026-12-07, scale branch; GB per device, rollout / old_logps / update,
+update x floor, decode MB per token step):
+1.5B x8 19.5 / 4.4 / 18.5, 1.06x, 0 -> 15.7 (prefill 8.3, reshard 5.8) / 4.4 / 18.5,
+1.06x, 59.6. 1.5B x16 13.1 / 2.3 / 9.3, 1.05x, 0 -> 11.1 (6.2, 5.5) / 2.3 / 9.3, 1.05x,
+31.7. 7B x8 (1x4x2) 44.3 / 9.4 / 34.9, 2.11x, 123 -> 31.1 (19.1, 16.0) / 9.5 / 30.7,
+0.87x, 160. 7B x16 (1x8x2) 30.3 / 4.9 / 17.6, 1.50x, 62 -> 21.9 (14.8, 14.1) / 5.1 /
+15.7, 0.87x, 82. What changed: (1) host mode's rollout is the continuous engine
+(`sampling/continuous.py`) on 256 slots: its KV cache is 256 x 3,071 slots instead of
+1,024 x 4,095. (2) It runs on its own mesh (`distributed.rollout_mesh`): data-parallel
+groups of `rollout.tensor` devices (7B 4, 1.5B 2), the params cast to bf16 and resharded
+there once per iteration (3.3-9.5 GB moved per device); so 7B trains on FSDP alone,
+0.87x its floor (tensor = 2 made it 2.11x / 1.50x with Megatron all-reduces). Per token
+step the rollout moves the tensor groups' two all-reduces per layer and the logits
+(gathered over the vocabulary-split head; as many bytes as the prompt table's
+first-token logits gathered per step when the head is whole), on a decode that had moved
+nothing (1.5B, weights whole) or 62-123 MB (7B).
+
+The fit targets count, for every phase, what lives alongside the program (the optimizer
+moments; the f32 master params while the rollout decodes from bf16 copies; the previous
+chunk's outputs): met on the CPU figures. Not met: 7B's rollout on 16 devices <= 14 GB
+(21.9 GB CPU, 18.4 with bf16 weight copies, 14.9 without any). What it holds per device
+(bf16): the params on the rollout mesh (3.8 GB) and, again, their per-layer slices
+(`transformer.decode_params` inside `continuous.run_steps`, 3.3 GB), the slots' cache
+(2.8 GB), the prompt table gathered whole over the data replicas in every chunk's call
+(0.9 GB), the train state's float32 master params resident beside it (not in the 21.9).
+Fewer slots trade rollout speed for the cache only; the rest is the engine's (see
+docs/LAUNCHING.md).
 """
 
 

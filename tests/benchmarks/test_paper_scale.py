@@ -11,6 +11,7 @@ def _report(devices, *, update_peak, state, rollout_peak, coll, floor, decode=No
   rollout = {"peak_bytes_per_device": rollout_peak * GB}
   if decode is not None:
     rollout["decode_bytes_per_step"] = decode
+    rollout["collective_bytes_per_iteration"] = decode * 1000
   return {"devices": devices, "mesh": {"data": 1, "fsdp": devices // 2, "tensor": 2},
           "state_bytes_per_device": state * GB,
           "phases": {"rollout": rollout,
@@ -27,20 +28,38 @@ R16 = _report(16, update_peak=20.0, state=5.0, rollout_peak=12.0, coll=2000.0, f
 
 def test_row_reads_peaks_state_collectives_and_decode_bytes():
   row = paper_scale.row(R8)
-  assert row == {"devices": 8, "mesh": "1x4x2", "rollout peak GB": 20.0, "old_logps peak GB": 1.0,
-                 "update peak GB": 30.0, "state GB": 10.0, "update coll. GB": 1200.0,
-                 "update floor GB": 1000.0, "update x floor": 1.2, "decode MB/step": 2.5}
+  assert row == {"devices": 8, "mesh": "1x4x2", "rollout mesh": "1x4x2", "slots": 0,
+                 "rollout peak GB": 20.0, "old_logps peak GB": 1.0,
+                 "update peak GB": 30.0, "max +resident GB": 30.0, "state GB": 10.0,
+                 "update coll. GB": 1200.0, "update floor GB": 1000.0, "update x floor": 1.2,
+                 "decode MB/step": 2.5, "rollout coll. GB/it": 2.5}
   assert "decode MB/step" not in paper_scale.row(R16)
+
+
+def test_fit_counts_resident_bytes_and_reports_the_bf16_copy_figure():
+  """A phase's resident bytes count toward the fit; XLA:CPU's f32 weight copies are
+  reported at bf16 (half) beside the CPU figure, never dropped."""
+  r = _report(16, update_peak=20.0, state=5.0, rollout_peak=25.0, coll=1.0, floor=1.0)
+  r["phases"]["rollout"].update(resident_bytes=4 * GB, peak_with_resident_bytes=29 * GB,
+                                f32_weight_copy_bytes=6 * GB)
+  r["rollout"] = {"mesh": {"data": 4, "fsdp": 1, "tensor": 4}, "slots": 256}
+  row = paper_scale.row(r)
+  assert (row["rollout mesh"], row["slots"], row["max +resident GB"],
+          row["rollout f32 copies GB"]) == ("4x1x4", 256, 29.0, 6.0)
+  t = paper_scale.targets({("qwen2.5-math-7b", 16): r})[("qwen2.5-math-7b", 16)]
+  assert t["fit target"] == ("<= 28 GB: missed (1.04x) (29.0); with bf16 copies met (26.0)")
+  assert t["rollout target"] == ("<= 14 GB: missed (1.79x) (25.0); with bf16 copies "
+                                 "missed (1.57x) (22.0)")
 
 
 def test_targets_fit_floor_and_activation_shrink():
   checks = paper_scale.targets({("qwen2.5-math-7b", 8): R8, ("qwen2.5-math-7b", 16): R16})
   # 7B on 8: every phase <= 70 GB; 1.2x the floor <= 1.5x.
-  assert checks[("qwen2.5-math-7b", 8)] == {"fit target": "<= 70 GB: met",
+  assert checks[("qwen2.5-math-7b", 8)] == {"fit target": "<= 70 GB: met (30.0)",
                                             "floor target": "met"}
   c16 = checks[("qwen2.5-math-7b", 16)]
-  assert c16["fit target"] == "<= 28 GB: met"
-  assert c16["rollout target"] == "<= 14 GB: met"         # the rollout alone, 12 GB
+  assert c16["fit target"] == "<= 28 GB: met (20.0)"
+  assert c16["rollout target"] == "<= 14 GB: met (12.0)"  # the rollout alone, 12 GB
   assert c16["floor target"] == "missed (1.33x)"          # 2.0 / 1.5
   # Activations (peak - state): 15 GB on 16 vs 20 GB on 8 = 0.75 > 0.6.
   assert c16["activations 16/8"] == "0.75: missed (1.25x)"
@@ -52,4 +71,4 @@ def test_targets_without_a_fit_target_or_a_pair():
   assert checks[("qwen2.5-math-1.5b", 8)] == {"floor target": "met"}
   big = _report(16, update_peak=15.0, state=1.0, rollout_peak=12.0, coll=1.0, floor=1.0)
   assert paper_scale.targets({("qwen2.5-math-1.5b", 16): big})[
-      ("qwen2.5-math-1.5b", 16)]["fit target"] == "<= 14 GB: missed (1.07x)"
+      ("qwen2.5-math-1.5b", 16)]["fit target"] == "<= 14 GB: missed (1.07x) (15.0)"
