@@ -71,8 +71,11 @@ chunk's outputs): met on the CPU figures. Not met: 7B's rollout on 16 devices <=
 (`transformer.decode_params` inside `continuous.run_steps`, 3.3 GB), the slots' cache
 (2.8 GB), the prompt table gathered whole over the data replicas in every chunk's call
 (0.9 GB), the train state's float32 master params resident beside it (not in the 21.9).
-Fewer slots trade rollout speed for the cache only; the rest is the engine's (see
-docs/LAUNCHING.md).
+Of the program's 15.1 GB of temporaries, XLA's buffer assignment (`--xla_dump_to`) puts
+14.8 GB in float32 widenings of bf16 arrays (per-layer weights 7.1, the KV cache per
+layer for the attention 5.6, the gathered prompt table 2.1), which a GPU keeps in bf16
+or does not make: about 11.7 GB there, an estimate (see docs/LAUNCHING.md). Fewer slots
+trade rollout speed for the cache only; the rest is the engine's.
 """
 
 
