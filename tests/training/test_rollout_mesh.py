@@ -127,3 +127,12 @@ def test_host_iteration_on_a_rollout_mesh_equals_the_training_mesh(num_devices, 
   np.testing.assert_allclose(metrics["loss"], base_metrics["loss"], rtol=1e-5, atol=1e-7)
   # The state leaves on the training mesh.
   assert jax.tree.leaves(state.params)[0].sharding.mesh == mesh
+
+
+def test_rollout_tensor_is_host_mode_only():
+  from egpo_jax.training import config as config_lib
+  from experiments.configs import tiny
+  c = tiny.get_config()
+  c.rollout.tensor = 2
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.rollout\.tensor=2: .*host mode"):
+    config_lib.validate(c)
