@@ -194,3 +194,33 @@ def test_both_updates_refuse_bfloat16_master_params(fn):
                                        r"param_dtype='float32'"):
     fn(state, _batch(), jax.random.PRNGKey(0), optimizer=OPT, model_config=CFG,
        settings=update.UpdateSettings(length_buckets=2))
+
+
+# ------------------------------------------------------------------ the trainer, capped
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field", ["budget", ""], ids=["capped", "uncapped"])
+def test_trainer_caps_every_response_of_capped_records(tmp_path, write_user_files, field):
+  """train.train end to end (config -> JsonlTask -> host_iteration -> HostRollout): with
+  every record capped at 2 tokens, no iteration decodes more than 2 per response."""
+  from egpo_jax.training import train as train_lib  # pylint: disable=import-outside-toplevel
+  from egpo_jax.training.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+  model_dir, train_file = write_user_files(tmp_path, 8)
+  with open(train_file) as f:
+    lines = [json.loads(line) for line in f]
+  with open(train_file, "w") as f:
+    f.writelines(json.dumps({**rec, "budget": 2}) + "\n" for rec in lines)
+  b, g = 4, 4
+  c = config_lib.with_overrides(default.get_config(), {
+      "model.preset": "hf", "model.path": model_dir, "task.name": "jsonl",
+      "task.train_file": train_file, "task.reward": "math", "task.max_prompt_len": 32,
+      "task.max_new_tokens_field": field, "rollout.prompts_per_batch": b,
+      "rollout.group_size": g, "rollout.max_new_tokens": T, "rollout.slots": 8,
+      "warmup.steps": 0, "train.iterations": 2, "train.tensorboard": False})
+  train_lib.train(c, str(tmp_path / "run"), progress=False)
+  tokens = [r["rollout_tokens"] for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))]
+  assert len(tokens) == 2
+  if field:
+    assert all(0 < t <= 2 * b * g for t in tokens), tokens
+  else:   # the random model rarely emits its EOS: responses run to T
+    assert all(t > 2 * b * g for t in tokens), tokens
