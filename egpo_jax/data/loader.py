@@ -15,8 +15,10 @@ shard_count*B records drawn from one stream, so the global batches (and so a tra
 run) do not depend on the number of hosts; a host still reads only its own rows.
 
 Every record is checked once, before the first batch: records whose prompt is longer
-than `max_prompt_len` tokens, or that cannot be decoded or encoded, are skipped with a
-counted warning (`on_bad_record="skip"`) or rejected (`"raise"`) up front, so nothing
+than `max_prompt_len` tokens, or that cannot be decoded or encoded, or (given
+`max_new_tokens`) whose response cap (`records.CAP_KEY`) is not an int in
+[1, max_new_tokens], or (given `max_positions`) whose prompt + max_new_tokens tokens
+exceed the model's positions, are skipped with a counted warning (`on_bad_record="skip"`) or rejected (`"raise"`) up front, so nothing
 fails mid-epoch. Given the read report of the source's file (`source_report`, from
 `records.read_jsonl`), they are named by their file line and join that report, so the
 file's bad lines and its bad prompts make one message.
@@ -81,9 +83,16 @@ class PromptIterator:
     source_report: the `records.ReadReport` that read `source` from a file (its
       `lines[i]` is record i's file line); the scan adds its bad records to it and
       `self.report` is it. Default: a new report naming records by index or id.
+    max_new_tokens: T, the longest response; given, batches carry each record's
+      response cap (its `records.CAP_KEY`, else T) and a cap above T is a bad record.
+    max_positions: the model's positions (max_position_embeddings); given, a prompt of
+      n tokens with n + T > max_positions is a bad record (the sampler sizes every
+      response for T, whatever its cap; left padding takes no positions).
+    cap_field: the cap's name in reports (the JSONL field it was read from).
 
   Batches are dicts: prompt_ids [B, P] int32, prompt_mask [B, P] bool, answer, id,
-  verifier (str arrays [B]) and index [B] int64 (the record's position in source).
+  verifier (str arrays [B]), index [B] int64 (the record's position in source) and,
+  given max_new_tokens, max_new_tokens [B] int32.
   """
 
   def __init__(self, source: Sequence[Any], *, batch_size: int, max_prompt_len: int,
@@ -91,10 +100,17 @@ class PromptIterator:
                shuffle: bool = True, num_epochs: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
                drop_remainder: bool = True, on_bad_record: str = "skip", pad_id: int = 0,
-               shard_by: str = "record", source_report: records_lib.ReadReport | None = None):
+               shard_by: str = "record", source_report: records_lib.ReadReport | None = None,
+               max_new_tokens: int | None = None, max_positions: int | None = None,
+               cap_field: str = records_lib.CAP_KEY):
     for name, value in (("batch_size", batch_size), ("max_prompt_len", max_prompt_len)):
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_positions", max_positions)):
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+    if max_positions is not None and max_new_tokens is None:
+      raise ValueError("max_positions needs max_new_tokens (the responses' length)")
     if not 0 <= seed < 2**32:
       raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     if num_epochs is not None and num_epochs < 1:
@@ -118,6 +134,8 @@ class PromptIterator:
     self._batch_size = batch_size
     self._max_prompt_len = max_prompt_len
     self._pad_id = pad_id
+    self._max_new_tokens, self._max_positions = max_new_tokens, max_positions
+    self._cap_field = cap_field
 
     good, self.report = self._scan(on_bad_record, source_report)
     if shard_by == "batch":
@@ -169,6 +187,7 @@ class PromptIterator:
         if n > self._max_prompt_len:
           raise records_lib.RecordError(
               f"prompt has {n} tokens, over max_prompt_len={self._max_prompt_len}")
+        self._check_cap(rec, n)
         good.append(i)
       except records_lib.RecordError as e:
         report.bad.append(records_lib.BadRecord(rid, str(e), line=line))
@@ -180,6 +199,21 @@ class PromptIterator:
       records_lib.apply_policy(report, on_bad_record)
     return good, report
 
+  def _check_cap(self, rec: dict[str, Any], n: int) -> None:
+    """The record's response cap and its room in the model's positions (class doc)."""
+    t = self._max_new_tokens
+    if t is None:
+      return
+    if rec.get(records_lib.CAP_KEY) is not None:
+      cap = records_lib.response_cap(rec[records_lib.CAP_KEY], self._cap_field)
+      if cap > t:
+        raise records_lib.RecordError(
+            f"field {self._cap_field!r} is {cap}, over rollout.max_new_tokens={t}")
+    if self._max_positions is not None and n + t > self._max_positions:
+      raise records_lib.RecordError(
+          f"prompt has {n} tokens: with rollout.max_new_tokens={t} that is {n + t} "
+          f"positions, over the model's max_position_embeddings={self._max_positions}")
+
   def _example(self, index: int) -> dict[str, Any]:
     rec = decode_record(self._source[index])
     ids = np.asarray(self._encode(rec), np.int32)
@@ -188,9 +222,13 @@ class PromptIterator:
     mask = np.zeros((p,), bool)
     prompt[p - len(ids):] = ids
     mask[p - len(ids):] = True
-    return {"prompt_ids": prompt, "prompt_mask": mask, "answer": np.str_(rec["answer"]),
-            "id": np.str_(rec.get("id", "")), "verifier": np.str_(rec.get("verifier", "math")),
-            "index": np.int64(index)}
+    out = {"prompt_ids": prompt, "prompt_mask": mask, "answer": np.str_(rec["answer"]),
+           "id": np.str_(rec.get("id", "")), "verifier": np.str_(rec.get("verifier", "math")),
+           "index": np.int64(index)}
+    if self._max_new_tokens is not None:
+      cap = rec.get(records_lib.CAP_KEY)
+      out["max_new_tokens"] = np.int32(self._max_new_tokens if cap is None else cap)
+    return out
 
   def __iter__(self) -> PromptIterator:
     return self

@@ -3,7 +3,8 @@
 A record is a dict of strings and one int, the features of every builder:
     id, problem, answer (the extracted reference), solution ("" if none),
     subject ("" if none), level (-1 if none), verifier (a `rewards.KINDS` name)
-MMLU-STEM records also keep `choices`. Extraction per benchmark: GSM8K's answer follows
+MMLU-STEM records also keep `choices`; a training record may keep its response token cap
+(`CAP_KEY`, from the JSONL field `generic`'s cap_field names). Extraction per benchmark: GSM8K's answer follows
 "####" (thousands commas dropped), Minerva's is the last \\boxed{} of its solution, MMLU's
 is the letter of its answer index, AMC's float 27.0 becomes "27".
 
@@ -26,6 +27,7 @@ from egpo_jax.rewards import verifiers
 
 ON_BAD_RECORD = ("skip", "raise")
 NO_LEVEL = -1
+CAP_KEY = "max_new_tokens"   # a record's own response token cap, when it has one
 
 
 class RecordError(ValueError):
@@ -162,13 +164,23 @@ def amc23(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
 ANSWER_FORMATS = ("raw", "boxed", "gsm8k")
 
 
+def response_cap(value: Any, field: str) -> int:
+  """A record's response token cap: a JSON int >= 1 (27.0 and true are refused)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise RecordError(f"field {field!r} is {value!r}, expected a positive int (the "
+                      "response's token cap)")
+  return value
+
+
 def generic(raw: Mapping[str, Any], index: int, *, problem_field: str = "problem",
             answer_field: str = "answer", id_field: str = "", solution_field: str = "",
-            answer_format: str = "raw", verifier: str = "math") -> dict[str, Any]:
+            answer_format: str = "raw", verifier: str = "math",
+            cap_field: str = "") -> dict[str, Any]:
   """A user's training JSONL (e.g. OpenR1-style): field names and answer format configured.
 
   answer_format: "raw" (the field is the answer), "boxed" (its last \\boxed{}), "gsm8k"
-  (after "####").
+  (after "####"). cap_field: the field holding the record's response token cap (kept
+  as rec[CAP_KEY] when present and not null); "" = none.
   """
   answer = _text(raw, answer_field)
   if answer_format == "boxed":
@@ -184,7 +196,10 @@ def generic(raw: Mapping[str, Any], index: int, *, problem_field: str = "problem
     raise ValueError(f"answer_format={answer_format!r}; use one of {ANSWER_FORMATS}")
   rid = _text(raw, id_field) if id_field else str(index)
   solution = _text(raw, solution_field, required=False) if solution_field else ""
-  return _record(rid, _text(raw, problem_field), answer.strip(), verifier, solution=solution)
+  rec = _record(rid, _text(raw, problem_field), answer.strip(), verifier, solution=solution)
+  if cap_field and raw.get(cap_field) is not None:
+    rec[CAP_KEY] = response_cap(raw[cap_field], cap_field)
+  return rec
 
 
 PARSERS: dict[str, Callable[[Mapping[str, Any], int], dict[str, Any]]] = {

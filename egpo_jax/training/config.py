@@ -134,6 +134,10 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
   _need(not r.get("tensor", 0) or c.task.name != "synthetic", "rollout.tensor",
         r.get("tensor", 0), "the rollout's own mesh is host mode's (task.name='jsonl'); "
         "set it to 0")
+  _need(not c.task.get("max_new_tokens_field") or r.get("slots", 0) > 0,
+        "task.max_new_tokens_field", c.task.get("max_new_tokens_field"),
+        "per-record response caps need continuous batching: set rollout.slots > 0 (the "
+        "static sampler decodes every row to rollout.max_new_tokens), or the field to ''")
   if r.get("slots", 0) and "distributed" in c:
     _need(c.distributed.num_processes <= 1, "rollout.slots", r.slots,
           "continuous batching runs in one process; set it to 0 for a multi-process run")

@@ -243,6 +243,10 @@ FIELDS: tuple[Field, ...] = (
     Field("task.on_bad_record", choice(BAD_RECORD_POLICIES), "skip",
           "'skip' drops a bad JSONL record with a warning, 'raise' stops at the first",
           optional=True),
+    Field("task.max_new_tokens_field", text(), "",
+          "the JSONL key holding a record's response token cap (an int in "
+          "[1, rollout.max_new_tokens], else a bad record; needs rollout.slots > 0); "
+          "'' = every response gets rollout.max_new_tokens", optional=True),
     # rollout
     Field("rollout.prompts_per_batch", ints(lo=1), 64, "use >= 1"),
     Field("rollout.group_size", ints(lo=2), 8,
@@ -467,6 +471,7 @@ CROSS_CHECKS = (
     "end at multiples of `train.eval_every`, so validations run on exactly those iterations",
     "`rollout.slots` and `ppo.length_buckets` act in host mode only (`task.name='jsonl'`), "
     "and `rollout.slots` in one process",
+    "`task.max_new_tokens_field` (per-record response caps) needs `rollout.slots > 0`",
     "unknown fields are refused (with the nearest known name), except a field of `algo`, "
     "`loss` or `task` that the chosen registered estimator, loss or reward function "
     "declares as a parameter: it is that function's own hyperparameter, passed by name",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,7 +50,9 @@ class HostTask(NamedTuple):
   sample_prompts(rng, batch_size) -> (prompt_ids_BxP, prompt_mask_BxP, answers_B): token
   arrays (left-padded) and a sequence of per-prompt references; data-backed tasks read
   their iterator and may ignore rng. With several processes, each returns its own block
-  of batch_size / process_count prompts.
+  of batch_size / process_count prompts. A fourth element caps_B (int, each in
+  [1, max_new_tokens]) caps each prompt's G responses; it needs a rollout that takes
+  `caps_N` (continuous batching, `sampling.continuous.HostRollout`).
   score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool numpy):
   decodes and verifies; answers_N repeats each prompt's reference G times.
   decode(ids) -> str (optional): the tokenizer's decoding of one response's token ids,
@@ -237,6 +240,19 @@ class StreamingVerifier:
     return self.correct_N, self.lengths_N
 
 
+def _caps_N(rollout: RolloutFn, caps_B, group_size: int) -> np.ndarray:
+  """Each prompt's cap for each of its responses (rows b * G + g), for a rollout that
+  takes caps (its `caps_N` argument)."""
+  try:
+    takes = "caps_N" in inspect.signature(rollout).parameters
+  except (TypeError, ValueError):
+    takes = False
+  if not takes:
+    raise ValueError("per-record response caps (config.task.max_new_tokens_field) need "
+                     "continuous batching: set rollout.slots > 0, or the field to ''")
+  return np.repeat(np.asarray(caps_B, np.int32), group_size)
+
+
 def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays, *,
                    task: HostTask, model_config: ModelConfig,
                    optimizer: optax.GradientTransformation,
@@ -273,7 +289,7 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     kp = k_prompts if tries == 0 else jax.random.fold_in(k_prompts, tries)
     kr = k_rollout if tries == 0 else jax.random.fold_in(k_rollout, tries)
     t0 = time.perf_counter()
-    ids, mask, answers = task.sample_prompts(kp, b_local)
+    ids, mask, answers, *caps = task.sample_prompts(kp, b_local)
     ids, mask = place.to_global((ids, mask))
     answers_n = [a for a in answers for _ in range(g)]
     # A streaming rollout (continuous batching) hands finished responses to the verifier
@@ -281,6 +297,8 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     stream = (StreamingVerifier(task, answers_n, settings.sampling.pad_id)
               if getattr(rollout, "streams", False) and place.num_processes == 1 else None)
     extra = {} if stream is None else {"on_finished": stream.submit}
+    if caps:
+      extra["caps_N"] = _caps_N(rollout, caps[0], g)
     gen = jax.block_until_ready(rollout(rollout_params, ids, mask, kr, **extra))
     t1 = time.perf_counter()
     if stream is not None:

@@ -40,19 +40,28 @@ class JsonlTask:
   [i B / n, (i + 1) B / n) of every global batch of B prompts, so the global batches are
   the same for any number of processes.
 
-  Bad records (unparsable lines, missing fields, prompts over task.max_prompt_len) are
-  reported once, with their file line, and skipped or refused (`task.on_bad_record`);
-  `read_report` says what was kept, and `save_report` writes it into the workdir.
+  Per-record response caps: with task.max_new_tokens_field set, a record's int in that
+  field caps each of its G responses (records without it: rollout.max_new_tokens), and
+  `sample_prompts` also returns the batch's caps_B.
+
+  Bad records (unparsable lines, missing fields, prompts over task.max_prompt_len, a
+  cap that is not an int in [1, rollout.max_new_tokens], or, given `max_positions` (the
+  model's max_position_embeddings), a prompt without room for rollout.max_new_tokens
+  more) are reported once, with their file line, and skipped or refused
+  (`task.on_bad_record`); `read_report` says what was kept, and `save_report` writes it
+  into the workdir.
   """
 
   def __init__(self, c: ml_collections.ConfigDict, tokenizer: Any, *, seed: int,
-               shard_index: int | None = None, shard_count: int | None = None):
+               shard_index: int | None = None, shard_count: int | None = None,
+               max_positions: int | None = None):
     if not c.task.train_file:
       raise ValueError("config.task.train_file is empty: give the training JSONL, e.g. "
                        "--config.task.train_file=/data/train.jsonl")
+    self.cap_field = c.task.get("max_new_tokens_field", "")
     parse = lambda raw, i: records.generic(raw, i, problem_field=c.task.problem_field,
                                            answer_field=c.task.answer_field,
-                                           verifier=c.task.reward)
+                                           verifier=c.task.reward, cap_field=self.cap_field)
     recs, report = records.read_jsonl(c.task.train_file, parse)
     self.tokenizer = tokenizer
     self.reward_fn = registry.reward_functions.get(c.task.reward)
@@ -76,7 +85,8 @@ class JsonlTask:
                                  chat=getattr(tokenizer, "chat_template", None) is not None),
         seed=seed, pad_id=tokenizer.pad_id, shard_index=shard_index,
         shard_count=shard_count, shard_by="batch", on_bad_record=c.task.on_bad_record,
-        source_report=report)
+        source_report=report, max_new_tokens=c.rollout.max_new_tokens,
+        max_positions=max_positions, cap_field=self.cap_field or records.CAP_KEY)
     self.read_report = self.iterator.report
 
   def report_json(self) -> dict[str, Any]:
@@ -96,7 +106,8 @@ class JsonlTask:
     if batch["prompt_ids"].shape[0] != batch_size:
       raise ValueError(f"the data iterator gave {batch['prompt_ids'].shape[0]} prompts, "
                        f"expected {batch_size}")
-    return batch["prompt_ids"], batch["prompt_mask"], [str(a) for a in batch["answer"]]
+    out = batch["prompt_ids"], batch["prompt_mask"], [str(a) for a in batch["answer"]]
+    return (*out, batch["max_new_tokens"]) if self.cap_field else out
 
   def score(self, ids_NxT: np.ndarray, mask_NxT: np.ndarray, answers_N) -> np.ndarray:
     texts = [self.tokenizer.decode(ids[m.astype(bool)].tolist())

@@ -155,7 +155,8 @@ def start_job(c: ml_collections.ConfigDict, workdir: str) -> tuple[Job, Run]:
   k_init, k_sft, k_eval, k_rl = jax.random.split(jax.random.PRNGKey(c.seed), 4)
   params = experiment.initial_params(c, exp, k_init, mesh)
   state = experiment.fresh_state(params, optimizer, mesh)
-  host_task = None if exp.jitted else tasks.JsonlTask(c, exp.tokenizer, seed=c.seed)
+  host_task = None if exp.jitted else tasks.JsonlTask(
+      c, exp.tokenizer, seed=c.seed, max_positions=exp.model_config.max_position_embeddings)
   if host_task is not None and distributed.is_metrics_writer():
     host_task.save_report(workdir)   # what the JSONL reader kept and skipped, by file line
   # The same prompts and samples at every evaluation (a fixed key): calibration as it evolves.

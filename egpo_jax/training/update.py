@@ -230,6 +230,17 @@ def _responses_per_step(n: int, settings: UpdateSettings) -> int:
   return per_step
 
 
+def check_master_params(params: Any, caller: str) -> None:
+  """Refuses trained params narrower than float32 (the one check `update` and
+  `bucketed_update` share)."""
+  narrow = sorted({str(x.dtype) for x in jax.tree.leaves(params)
+                   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+  if narrow:
+    raise ValueError(f"{caller}: the trained params are {'/'.join(narrow)}; train float32 "
+                     "master params (ModelConfig.param_dtype='float32', model.dtype sets the "
+                     "compute dtype): at lr 1e-6 a bfloat16 param rounds every Adam step away")
+
+
 def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
            optimizer: optax.GradientTransformation, model_config: ModelConfig,
            settings: UpdateSettings, switches: LossSwitches | None = None,
@@ -248,12 +259,7 @@ def update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   length sort), and each prompt runs once per micro-batch instead of G times
   (`response_logprobs`).
   """
-  narrow = sorted({str(x.dtype) for x in jax.tree.leaves(state.params)
-                   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
-  if narrow:
-    raise ValueError(f"update: the trained params are {'/'.join(narrow)}; train float32 "
-                     "master params (ModelConfig.param_dtype='float32', model.dtype sets the "
-                     "compute dtype): at lr 1e-6 a bfloat16 param rounds every Adam step away")
+  check_master_params(state.params, "update")
   n = batch.num_responses
   per_step = _responses_per_step(n, settings)
   share = (settings.share_prompts and group_size > 1 and (n // per_step) % group_size == 0)
@@ -467,6 +473,7 @@ def bucketed_update(state: TrainState, batch: RolloutBatch, rng: jax.Array, *,
   Returns (state, metrics): metrics as `update`'s (means over optimizer steps), with
   padding_fraction the padded share of the response slots actually computed.
   """
+  check_master_params(state.params, "bucketed_update")
   n = batch.num_responses
   per_step = _responses_per_step(n, settings)
   total_len = batch.completion_ids_NxT.shape[1]

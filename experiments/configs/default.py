@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.reward = "synthetic"      # a name in egpo_jax.core.registry.reward_functions
   c.task.template = "plain"        # prompt template: plain | qwen25_math | r1_distill
   c.task.on_bad_record = "skip"    # a bad JSONL record: "skip" (warn, go on) or "raise"
+  c.task.max_new_tokens_field = ""  # JSONL key of a record's response cap (needs slots)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_batch = 64

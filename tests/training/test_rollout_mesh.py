@@ -9,6 +9,7 @@ sampled tokens are identical and the params agree to atol 1e-5.
 """
 
 import dataclasses
+import inspect
 
 import chex
 import jax
@@ -113,14 +114,17 @@ def test_host_iteration_on_a_rollout_mesh_equals_the_training_mesh(num_devices, 
   inner = make()
   tokens = []
 
-  def recording(params, *args, **kwargs):
+  def recording(params, ids, mask, rng, **kwargs):
     # Runs under the rollout mesh, on params resharded there.
     assert jax.tree.leaves(params)[0].sharding.mesh == rmesh
-    gen = inner(params, *args, **kwargs)
+    gen = inner(params, ids, mask, rng, **kwargs)
     tokens.append(np.asarray(gen.completion_ids_NxT))
     return gen
   recording.streams = getattr(inner, "streams", False)
+  recording.__signature__ = inspect.signature(inner)
   on_mesh = distributed.RolloutOnMesh(recording, mesh, rmesh, CFG)
+  # Per-record caps reach a rollout that takes them (host_loop reads the signature).
+  assert ("caps_N" in inspect.signature(on_mesh).parameters) == bool(slots)
   state, metrics, _ = _iteration(mesh, on_mesh)
   np.testing.assert_array_equal(tokens[0], base_ids[0])
   chex.assert_trees_all_close(state.params, base_state.params, atol=1e-5, rtol=1e-5)
