@@ -810,7 +810,8 @@ def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
     if need > device_memory_gb * GB:
       return (f"error: phase {name!r} needs {_gb(need)} GB per device"
               f" > --device_memory_gb={device_memory_gb:g} (estimate +-30%): raise "
-              "ppo.micro_batches, add devices or set model.remat")
+              "ppo.micro_batches, add devices or set model.remat (rollout: lower "
+              "rollout.slots or raise rollout.tensor)")
   return None
 
 
@@ -903,15 +904,18 @@ def run(c, *, devices: int = 0, log=None, warn=None) -> dict[str, Any]:
     mesh = distributed.mesh_from_config(c)
   except ValueError as err:
     raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
-  warnings = unsplit_warnings(spec, mesh)
-  for line in warnings:
-    (warn or (lambda _msg: None))(line)
   cfg = spec.model_config
   try:
     rmesh = distributed.rollout_mesh(mesh, spec.rollout_tensor, num_heads=cfg.num_heads,
                                      num_kv_heads=cfg.num_kv_heads)
   except ValueError as err:
     raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
+  warnings = unsplit_warnings(spec, mesh)
+  if rmesh is not mesh:
+    warnings += ["rollout mesh: " + line for line in sharding.unsplit_params(
+        sharding.abstract_params(cfg), rmesh)]
+  for line in warnings:
+    (warn or (lambda _msg: None))(line)
   phases = run_phases(spec, mesh, log=log)
   state = abstract_state(spec.model_config, spec.optimizer, mesh)
   return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state), rmesh),
