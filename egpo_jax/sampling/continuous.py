@@ -70,6 +70,9 @@ from egpo_jax.models import sharding, transformer
 from egpo_jax.sampling import engine, filters
 
 
+DECODE_ATTENTION = ("full", "bounded")
+
+
 @dataclasses.dataclass(frozen=True)
 class ContinuousSpec:
   """The static part of a continuous-batching rollout (one compilation per value).
@@ -78,14 +81,40 @@ class ContinuousSpec:
     extra stop ids), `max_new_tokens` is T (the largest cap), `cache_phases` and
     `shared_prompt_min_len` are unused.
   slots: S, decode slots (rows of the decode step).
+  decode_attention: "full" reads every own cache slot of every slot at every step;
+    "bounded" reads only each slot's used blocks of `attention_block` own slots
+    (`attention._attend_one_paged`; the own slots are rounded up to whole blocks).
+  attention_block: own slots per block for "bounded" (at most T - 1 is used).
   """
   sampling: engine.SamplingSpec
   slots: int
+  decode_attention: str = "full"
+  attention_block: int = 64
 
   def __post_init__(self):
     if not isinstance(self.slots, numbers.Integral) or self.slots < 1:
       raise ValueError(f"ContinuousSpec.slots must be an int >= 1 (rollout.slots), got "
                        f"{self.slots!r}")
+    if self.decode_attention not in DECODE_ATTENTION:
+      raise ValueError(f"ContinuousSpec.decode_attention must be one of {DECODE_ATTENTION} "
+                       f"(rollout.decode_attention), got {self.decode_attention!r}")
+    if not isinstance(self.attention_block, numbers.Integral) or self.attention_block < 1:
+      raise ValueError(f"ContinuousSpec.attention_block must be an int >= 1, got "
+                       f"{self.attention_block!r}")
+
+  @property
+  def read_block(self) -> int:
+    """Own slots per attention block ("bounded"); the own slots are a multiple of it."""
+    return min(self.attention_block, max(self.sampling.max_new_tokens - 1, 1))
+
+  @property
+  def own_slots(self) -> int:
+    """Own cache slots per decode slot: T - 1 (the last sampled token is never fed),
+    rounded up to whole blocks for "bounded"."""
+    own = max(self.sampling.max_new_tokens - 1, 1)
+    if self.decode_attention == "full":
+      return own
+    return -(-own // self.read_block) * self.read_block
 
 
 class PromptTable(flax.struct.PyTreeNode):
@@ -211,7 +240,14 @@ def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
       index=prompt_len + fed_S, positions_B=table.lengths_B[prompt_S] + fed_S,
       prefix_k=tuple(k[prompt_S] for k in table.k),
       prefix_v=tuple(v[prompt_S] for v in table.v), prefix_mask_BpxP=table.mask_BxP[prompt_S])
-  logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config)
+  read_slots_S = None
+  if spec.decode_attention == "bounded":
+    # Own slots [0, t - 1] hold the response's fed tokens (this step's included); a fresh
+    # or idle slot's output is discarded, so it reads the prompt alone.
+    read_slots_S = jnp.where(active_S & ~state.fresh_S, fed_S + 1, 0)
+  logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config,
+                                         read_slots_B=read_slots_S,
+                                         read_block=spec.read_block)
   cache = cache.replace(prefix_k=None, prefix_v=None, prefix_mask_BpxP=None)
   logits_SxV = jnp.where(state.fresh_S[:, None], table.logits_BxV[prompt_S], logits_SxV)
   if sspec.is_greedy:
@@ -262,7 +298,7 @@ def start(table: PromptTable, caps_N: jax.Array, order_N: jax.Array, *, config,
   steps, prompt_len = sspec.max_new_tokens, table.mask_BxP.shape[1]
   # T - 1 own slots for the fed-back tokens (the last sampled one is never fed); the
   # prompt's P are read from the table. RoPE tables cover positions up to P + T - 1.
-  own = max(steps - 1, 1)
+  own = spec.own_slots
   cache = transformer.decode_layout(transformer.init_cache(
       config, slots, prompt_len + own, dtype=cache_dtype, slots=own))
   state = SlotState(

@@ -33,19 +33,20 @@ def prompts():
   return _prompts(LENGTHS, seed=3)
 
 
-def _spec(slots, eos=(), **kwargs):
+def _spec(slots, eos=(), spec_kwargs=None, **kwargs):
   return continuous.ContinuousSpec(
       sampling=engine.SamplingSpec(group_size=G, max_new_tokens=T, eos_ids=eos, **kwargs),
-      slots=slots)
+      slots=slots, **(spec_kwargs or {}))
 
 
-def _run(params, prompts, slots=5, eos=(), seed=1, **kwargs):
+def _run(params, prompts, slots=5, eos=(), seed=1, spec_kwargs=None, **kwargs):
   ids, mask = prompts
   sampling_kwargs = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p")
                      if k in kwargs}
   return jax.device_get(continuous.generate(
       params, ids, mask, jax.random.key(seed), config=CONFIG,
-      spec=_spec(slots, eos, **sampling_kwargs), prompt_ids_B=PROMPT_IDS_B, **kwargs))
+      spec=_spec(slots, eos, spec_kwargs, **sampling_kwargs), prompt_ids_B=PROMPT_IDS_B,
+      **kwargs))
 
 
 CAPS = draw_caps(len(LENGTHS) * G, T, seed=4)
@@ -219,12 +220,16 @@ def test_bad_spec_raises():
     _spec(0)
 
 
-def test_decode_loop_copies_no_cache(params, prompts):
+@pytest.mark.parametrize("spec_kwargs", [{}, dict(decode_attention="bounded",
+                                                 attention_block=4)])
+def test_decode_loop_copies_no_cache(params, prompts, spec_kwargs):
   """The compiled loop body writes each layer's cache in place: no copy of a [S, kv heads,
-  head_dim, T - 1] or [S, kv heads, T - 1, head_dim] buffer (a refill that wrote the prompt
-  into the slots made XLA copy every layer's cache at every step)."""
+  head_dim, own] or [S, kv heads, own, head_dim] buffer, own = T - 1 (16 for bounded
+  attention's whole blocks; a refill that wrote the prompt into the slots made XLA copy
+  every layer's cache at every step)."""
   ids, mask = prompts
-  spec, slots = _spec(5, EOS), 5
+  spec, slots = _spec(5, EOS, spec_kwargs), 5
+  own = spec.own_slots
   bucket = engine.bucket_length(ids.shape[1])
   pad = ((0, 0), (bucket - ids.shape[1], 0))
   caps, order = jnp.asarray(CAPS), jnp.arange(len(CAPS))
@@ -235,7 +240,7 @@ def test_decode_loop_copies_no_cache(params, prompts):
                                   keys, caps, order, jnp.int32(10), config=CONFIG,
                                   spec=spec).compile().as_text()
   kv, hd = CONFIG.num_kv_heads, CONFIG.head_size
-  shapes = (f"f32[{slots},{kv},{hd},{T - 1}]", f"f32[{slots},{kv},{T - 1},{hd}]")
+  shapes = (f"f32[{slots},{kv},{hd},{own}]", f"f32[{slots},{kv},{own},{hd}]")
   bodies = _while_bodies(hlo)
   assert any(shapes[0] in b for b in bodies)     # the cache is carried by a loop
   copies = [line for b in bodies for line in b.splitlines()
