@@ -220,13 +220,15 @@ def test_bad_spec_raises():
     _spec(0)
 
 
-@pytest.mark.parametrize("spec_kwargs", [{}, dict(decode_attention="bounded",
-                                                 attention_block=4)])
+@pytest.mark.parametrize("spec_kwargs", [
+    {}, dict(decode_attention="bounded", attention_block=4), dict(table_entries=2),
+    dict(decode_attention="bounded", attention_block=4, table_entries=2)])
 def test_decode_loop_copies_no_cache(params, prompts, spec_kwargs):
   """The compiled loop body writes each layer's cache in place: no copy of a [S, kv heads,
   head_dim, own] or [S, kv heads, own, head_dim] buffer, own = T - 1 (16 for bounded
   attention's whole blocks; a refill that wrote the prompt into the slots made XLA copy
-  every layer's cache at every step)."""
+  every layer's cache at every step), nor of a 2-entry prompt table's layers (written in
+  place by the in-loop prefill)."""
   ids, mask = prompts
   spec, slots = _spec(5, EOS, spec_kwargs), 5
   own = spec.own_slots
@@ -236,11 +238,17 @@ def test_decode_loop_copies_no_cache(params, prompts, spec_kwargs):
   table, keys, state = continuous._start_jit(
       params, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1),
       jnp.asarray(PROMPT_IDS_B), caps, order, config=CONFIG, spec=spec, cache_dtype=None)
+  entries = spec.table_entries
+  prompts_arg = (jnp.asarray(np.pad(ids, pad)), jnp.asarray(np.pad(mask, pad)))
   hlo = continuous._run_jit.lower(params, state.replace(cache=None), state.cache, table,
                                   keys, caps, order, jnp.int32(10), config=CONFIG,
-                                  spec=spec).compile().as_text()
+                                  spec=spec, prompts=prompts_arg if entries else None
+                                  ).compile().as_text()
   kv, hd = CONFIG.num_kv_heads, CONFIG.head_size
   shapes = (f"f32[{slots},{kv},{hd},{own}]", f"f32[{slots},{kv},{own},{hd}]")
+  if entries:
+    assert state.table.mask_BxP.shape == (entries, bucket)
+    shapes += (f"f32[{entries},{kv},{hd},{bucket}]", f"f32[{entries},{kv},{bucket},{hd}]")
   bodies = _while_bodies(hlo)
   assert any(shapes[0] in b for b in bodies)     # the cache is carried by a loop
   copies = [line for b in bodies for line in b.splitlines()
