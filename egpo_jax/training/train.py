@@ -266,7 +266,10 @@ def host_rollout(job: Job) -> host_loop.RolloutFn:
   rollout.slots > 0: continuous batching (`sampling.continuous.HostRollout`)."""
   slots = job.c.rollout.get("slots", 0)
   if slots:
-    spec = continuous.ContinuousSpec(sampling=job.exp.settings.sampling, slots=slots)
+    spec = continuous.ContinuousSpec(
+        sampling=job.exp.settings.sampling, slots=slots,
+        decode_attention=job.c.rollout.get("decode_attention", "bounded"),
+        table_entries=job.c.rollout.get("table_entries", 0))
     return continuous.HostRollout(job.exp.model_config, spec,
                                   chunk_steps=job.c.rollout.get("chunk_steps", 32))
   return host_loop.jitted_rollout(job.exp.model_config, job.exp.settings)

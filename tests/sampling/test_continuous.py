@@ -189,17 +189,19 @@ def test_pure_rollout_under_jit_equals_generate(params, prompts, capped_run):
     np.testing.assert_array_equal(got, want)
 
 
-def test_sharded_mesh_matches_single_device(params, prompts, capped_run, num_devices):
+@pytest.mark.parametrize("spec_kwargs", [
+    {}, dict(decode_attention="bounded", attention_block=4, table_entries=2)])
+def test_sharded_mesh_matches_single_device(params, prompts, num_devices, spec_kwargs):
   ids, mask = prompts
   mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2, tensor=1))
   with jax.set_mesh(mesh):
     sharded = sharding.shard_params(params, mesh)
     out = continuous.generate(sharded, np.asarray(ids), np.asarray(mask), jax.random.key(1),
-                              config=CONFIG, spec=_spec(8, EOS), caps_N=CAPS,
+                              config=CONFIG, spec=_spec(8, EOS, spec_kwargs), caps_N=CAPS,
                               prompt_ids_B=PROMPT_IDS_B)
   assert out.logps_NxT.sharding.shard_shape(out.logps_NxT.shape)[0] < len(CAPS)
   out = jax.device_get(out)
-  want = _run(params, prompts, slots=8, caps_N=CAPS, eos=EOS)
+  want = _run(params, prompts, slots=8, caps_N=CAPS, eos=EOS, spec_kwargs=spec_kwargs)
   np.testing.assert_array_equal(out.completion_ids_NxT, want.completion_ids_NxT)
   np.testing.assert_array_equal(out.lengths_N, want.lengths_N)
   np.testing.assert_allclose(out.logps_NxT, want.logps_NxT, atol=LOGP_ATOL)
