@@ -83,7 +83,8 @@ class ContinuousSpec:
   slots: S, decode slots (rows of the decode step).
   decode_attention: "full" reads every own cache slot of every slot at every step;
     "bounded" reads only each slot's used blocks of `attention_block` own slots
-    (`attention._attend_one_paged`; the own slots are rounded up to whole blocks).
+    (`attention._attend_one_paged`; the own slots are rounded up to whole blocks). With
+    one block (T - 1 <= attention_block) it reads as "full" (nothing to skip).
   attention_block: own slots per block for "bounded" (at most T - 1 is used).
   table_entries: E, prompt-table entries; 0 (or >= B) holds all B prompts, prefilled at
     the start in one batch. 0 < E < B: entries are freed as their prompt's G responses
@@ -327,7 +328,7 @@ def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
       prefix_k=tuple(k[entry_S] for k in table.k),
       prefix_v=tuple(v[entry_S] for v in table.v), prefix_mask_BpxP=table.mask_BxP[entry_S])
   read_slots_S = None
-  if spec.decode_attention == "bounded":
+  if spec.decode_attention == "bounded" and spec.own_slots > spec.read_block:
     # Own slots [0, t - 1] hold the response's fed tokens (this step's included); a fresh
     # or idle slot's output is discarded, so it reads the prompt alone.
     read_slots_S = jnp.where(active_S & ~state.fresh_S, fed_S + 1, 0)

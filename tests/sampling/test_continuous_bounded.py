@@ -109,3 +109,12 @@ def test_bounded_steps_equal_fifo_simulation(bounded_run, params, prompts):
   out = _run(params, prompts, slots=3, caps_N=CAPS, spec_kwargs=BOUNDED)
   assert (int(out.num_steps), int(out.busy_slot_steps)) == (fifo_simulation(CAPS, 3)[0],
                                                             CAPS.sum())
+
+
+def test_one_block_reads_as_full(params, prompts):
+  """T - 1 = 15 own slots in one 64-slot block: nothing to skip, the "full" path runs."""
+  full = _run(params, prompts, caps_N=CAPS, eos=EOS)
+  one = _run(params, prompts, caps_N=CAPS, eos=EOS,
+             spec_kwargs=dict(decode_attention="bounded"))
+  for got, want in zip(_fields(one), _fields(full)):
+    np.testing.assert_array_equal(got, want)
