@@ -9,7 +9,13 @@ rows. Here the cache holds S slots (`ContinuousSpec.slots`), whatever B x G is:
   * Prompt table. The B prompts are prefilled once, in one batch (`prefill_table`), into a
     table of B entries: per layer keys [B, kv heads, head_dim, P] and values
     [B, kv heads, P, head_dim] (`transformer.share_prefix`'s prefix layout), the prompt
-    mask, its length and the logits of its last token.
+    mask, its length and the logits of its last token. With `ContinuousSpec.table_entries`
+    E < B the table has E entries, carried by the loop: an entry is freed when its
+    prompt's G responses have finished and the next prompt (in order of first place in the
+    queue) is prefilled into it inside the loop (`_load`, one [1, P] prefill per prompt,
+    so its keys do not depend on the entry or step); the queue waits at the first prompt
+    not yet loaded. A queue that keeps more than E prompts open at once could wait
+    forever and is refused (`max_open_prompts`); FIFO keeps one open.
   * Slots. Each of the S slots holds one response at a time: its own T - 1 cache slots
     (the response's fed-back tokens) and a pointer to its prompt's table entry
     (`slot_resp_S[s] // G`), whose keys and values each decode step gathers as the slot's
@@ -28,8 +34,14 @@ cache, after decode's) made XLA:CPU copy every layer's whole cache at every step
 in the compiled loop, tests/sampling). The gather moves S x P keys and values per layer
 and step, a fraction of the S x (P + T - 1) that attention reads anyway.
 
-Attention reads every slot (P + T - 1, masked) at every step: on CPU that is what the
-static sampler's last cache phase reads. A paged kernel is not built.
+Attention. `decode_attention="full"` reads every slot's P + T - 1 slots (masked) at every
+step, what the static sampler's last cache phase reads. "bounded" reads each slot's
+prompt entry and only the blocks of its own slots that hold its response so far
+(`attention._attend_one_paged`: the live (slot, block) pairs are gathered S at a time in
+a loop whose trip count follows their number, and each slot's block partials are
+combined over a fixed axis, so a slot's result does not depend on its neighbours). On the
+rollout_lengths workload (S = 64, P = 64, T = 512) that is 164 key slots per slot and step
+on average (prompt included, idle slots none), against 575 (a host replay of the schedule).
 
 Refill decisions are made inside the jitted `lax.while_loop`, at every step, with no
 host round trip. The loop may be cut into chunks of `chunk_steps` steps (one jitted call
@@ -47,10 +59,9 @@ batched matmuls are computed independently); tests check bit-identity under perm
 queues. Compiled shapes depend on (S, B, G, P bucket, T) only: caps, order and stop
 conditions are data.
 
-Memory: the cache is S x (T - 1) slots plus the table's B x P (each prompt once), against
-the static sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1) with a shared
-prefix); the outputs are N x T as before. The table holds all B prompts for the whole
-rollout: entries are not freed and refilled as prompts finish (not built).
+Memory: the cache is S x (T - 1) slots plus the table's E x P (each prompt once, E = B by
+default), against the static sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1)
+with a shared prefix); the outputs are N x T as before.
 """
 
 from __future__ import annotations
