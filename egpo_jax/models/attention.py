@@ -238,7 +238,7 @@ def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   Equal to `_attend_one` up to float rounding. Cost on XLA:CPU: a gathered slot costs
   ~2.5x a densely read one (the gather copies, and a key block is 64-float runs), so this
   pays when rows use well under half their slots (64 slots, 8 layers, rows at ~100 of
-  512: 7 ms against the dense 12 ms per step, /tmp microbenchmark, 2 loaded cores).
+  512: 7 ms against the dense 12 ms per step on 2 loaded CPU cores).
   """
   b, h, hd = q_BxHxK.shape
   g, s = k_BxGxKxS.shape[1], k_BxGxKxS.shape[3]
