@@ -102,3 +102,20 @@ def test_refuses_queue_with_more_open_prompts_than_entries(params, prompts):
     _run(params, prompts, caps_N=CAPS, order_N=order, spec_kwargs=dict(table_entries=5))
   with pytest.raises(ValueError, match="table_entries"):
     _spec(5, spec_kwargs=dict(table_entries=-1))
+
+
+def test_pure_rollout_stops_on_a_stalled_queue(params, prompts):
+  """Without generate's check, a round-robin queue on 2 entries stalls (both entries held
+  by prompts whose later responses wait behind a third prompt): the loop stops instead of
+  spinning, with the responses it could run finished and the rest not."""
+  ids, mask = prompts
+  bucket = engine.bucket_length(ids.shape[1])
+  pad = ((0, 0), (bucket - ids.shape[1], 0))
+  order = jnp.arange(len(CAPS)).reshape(-1, G).T.reshape(-1)
+  fn = jax.jit(functools.partial(continuous.rollout, config=CONFIG,
+                                 spec=_spec(5, EOS, dict(table_entries=2))))
+  out = jax.device_get(fn(params, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1),
+                          jnp.asarray(PROMPT_IDS_B), jnp.asarray(CAPS), order))
+  done = out.lengths_N > 0
+  # Prompts 0 and 1 took the entries; only their first responses (places 0, 1) ran.
+  np.testing.assert_array_equal(np.flatnonzero(done), [0, G])
