@@ -11,7 +11,10 @@ Rows:
   * continuous, S slots (S = 16, 32, 64): one jitted call; "slot util" = token-emitting
     slot-steps / (S x steps), "FIFO sim util" = the same for a host simulation of S FIFO
     slots on the same caps (a slot takes the next response the step after its last
-    token); "util / sim" is the target's ratio.
+    token); "util / sim" is the target's ratio. "full attention" reads every slot's
+    P + T - 1 cache slots per step, "bounded" only the used 64-slot blocks of each
+    (`ContinuousSpec.decode_attention`); "E table entries": a prompt table of E = 3 S / G
+    entries refilled inside the loop (`ContinuousSpec.table_entries`), else all 64 prompts.
   * static, ceil(N/S) chunks of S rows (S = 64, equal slot memory: 8 prompts x 8 per
     chunk): `engine.generate` per chunk with max_new_tokens = the chunk's largest cap,
     i.e. the static loop stopping when its last row reaches its cap (its best case).
@@ -106,18 +109,27 @@ def run(quick: bool) -> list[harness.Row]:
   gens = {}
   # With EOS off the schedule depends only on the caps: the smaller slot counts' steps and
   # utilisation are measured on the tiny model (same draw, T and slots), and only the
-  # main slot count is timed on the benchmark's model (a 2-core CPU budget).
+  # main slot count is timed on the benchmark's model (a 2-core CPU budget). Table
+  # entries: 3 S / G (a slot count's prompts in flight, plus those held by stragglers).
   tiny = model_config.get_config("tiny")
   tiny_params = transformer.init_params(tiny, jax.random.PRNGKey(0))
-  for slots in (main_slots,) + tuple(s for s in slot_counts if s != main_slots):
-    spec = continuous.ContinuousSpec(sampling=sspec, slots=slots)
+  variants = [(main_slots, "full", 0), (main_slots, "bounded", 0),
+              (main_slots, "bounded", 3 * main_slots // group)]
+  variants += [(s, "bounded", e) for s in slot_counts if s != main_slots
+               for e in (0, 3 * s // group)]
+  variants = [(s, a, e) for s, a, e in variants if e < num_prompts]   # e >= B: no table
+  for slots, attn, entries in variants:
+    spec = continuous.ContinuousSpec(sampling=sspec, slots=slots, decode_attention=attn,
+                                     table_entries=entries)
+    entries = spec.entries(num_prompts)
     cfg, prm = (config, params) if slots == main_slots else (tiny, tiny_params)
     run_c = functools.partial(continuous.generate, prm, ids % cfg.vocab_size, mask, rng,
                               config=cfg, spec=spec, caps_N=caps)
     label = "" if slots == main_slots else " (tiny model: steps and utilisation only)"
-    row, gen = timed(f"continuous, {slots} slots{label}", run_c,
-                     lambda run_c=run_c: jax.block_until_ready(
-                         run_c(caps_N=np.ones_like(caps))))
+    name = (f"continuous, {slots} slots, {attn} attention"
+            + (f", {entries} table entries" if entries < num_prompts else "") + label)
+    row, gen = timed(name, run_c, lambda run_c=run_c: jax.block_until_ready(
+        run_c(caps_N=np.ones_like(caps))))
     if slots != main_slots:
       row.seconds = None
     sim_steps, sim_util = fifo_simulation(caps, slots)
@@ -126,9 +138,9 @@ def run(quick: bool) -> list[harness.Row]:
     row.extra.update({"steps": int(gen.num_steps), "FIFO sim steps": sim_steps,
                       "slot util": round(util, 4), "FIFO sim util": round(sim_util, 4),
                       "util / sim": round(util / sim_util, 4),
-                      # Own slots plus the prompt table (each prompt once).
-                      "cache slots": slots * (t - 1) + num_prompts * 64})
-    gens[slots] = gen
+                      # Own slots plus the prompt table's entries (bucket 64).
+                      "cache slots": slots * spec.own_slots + entries * 64})
+    gens[name] = gen
 
   # The static sampler over ceil(N / S) chunks of S rows: S / G prompts per chunk.
   per_chunk = main_slots // group
@@ -154,20 +166,20 @@ def run(quick: bool) -> list[harness.Row]:
                            "slot util": round(caps.sum() / (main_slots * sum(chunk_t)), 4),
                            # The prompt shared by its group (bucket 64).
                            "cache slots": per_chunk * 64 + main_slots * (t - 1)})
-  main_row = next(r for r in rows if r.name == f"continuous, {main_slots} slots")
   for r in rows:
-    if r.name.startswith("continuous"):
+    if r.name.startswith("continuous") and r.seconds is not None:
       r.baseline = static_row.name
-  # Same tokens: the static rows cut at their caps against the continuous ones.
-  gen = gens[main_slots]
-  same = []
-  for c, out in zip(chunks, static_out):
-    rows_n = slice(c.start * group, c.stop * group)
-    steps = out.completion_ids_NxT.shape[1]
-    valid = np.asarray(gen.completion_mask_NxT[rows_n, :steps])
-    same.append(np.all((np.asarray(out.completion_ids_NxT) ==
-                        np.asarray(gen.completion_ids_NxT[rows_n, :steps])) | ~valid, axis=1))
-  main_row.extra["same tokens as static"] = f"{np.concatenate(same).mean():.3f}"
+      # Same tokens: the static rows cut at their caps against the continuous ones.
+      gen, same = gens[r.name], []
+      for c, out in zip(chunks, static_out):
+        rows_n = slice(c.start * group, c.stop * group)
+        steps = out.completion_ids_NxT.shape[1]
+        valid = np.asarray(gen.completion_mask_NxT[rows_n, :steps])
+        same.append(np.all((np.asarray(out.completion_ids_NxT) ==
+                            np.asarray(gen.completion_ids_NxT[rows_n, :steps])) | ~valid,
+                           axis=1))
+      r.extra["same tokens as static"] = f"{np.concatenate(same).mean():.3f}"
+  gen = gens[f"continuous, {main_slots} slots, bounded attention"]
   progress()
 
   if os.environ.get("ROLLOUT_LENGTHS_ONLY_ROLLOUT"):   # a rerun of the rollout rows alone

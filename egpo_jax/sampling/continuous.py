@@ -9,7 +9,13 @@ rows. Here the cache holds S slots (`ContinuousSpec.slots`), whatever B x G is:
   * Prompt table. The B prompts are prefilled once, in one batch (`prefill_table`), into a
     table of B entries: per layer keys [B, kv heads, head_dim, P] and values
     [B, kv heads, P, head_dim] (`transformer.share_prefix`'s prefix layout), the prompt
-    mask, its length and the logits of its last token.
+    mask, its length and the logits of its last token. With `ContinuousSpec.table_entries`
+    E < B the table has E entries, carried by the loop: an entry is freed when its
+    prompt's G responses have finished and the next prompt (in order of first place in the
+    queue) is prefilled into it inside the loop (`_load`, one [1, P] prefill per prompt,
+    so its keys do not depend on the entry or step); the queue waits at the first prompt
+    not yet loaded. A queue that keeps more than E prompts open at once could wait
+    forever and is refused (`max_open_prompts`); FIFO keeps one open.
   * Slots. Each of the S slots holds one response at a time: its own T - 1 cache slots
     (the response's fed-back tokens) and a pointer to its prompt's table entry
     (`slot_resp_S[s] // G`), whose keys and values each decode step gathers as the slot's
@@ -28,8 +34,14 @@ cache, after decode's) made XLA:CPU copy every layer's whole cache at every step
 in the compiled loop, tests/sampling). The gather moves S x P keys and values per layer
 and step, a fraction of the S x (P + T - 1) that attention reads anyway.
 
-Attention reads every slot (P + T - 1, masked) at every step: on CPU that is what the
-static sampler's last cache phase reads. A paged kernel is not built.
+Attention. `decode_attention="full"` reads every slot's P + T - 1 slots (masked) at every
+step, what the static sampler's last cache phase reads. "bounded" reads each slot's
+prompt entry and only the blocks of its own slots that hold its response so far
+(`attention._attend_one_paged`: the live (slot, block) pairs are gathered S at a time in
+a loop whose trip count follows their number, and each slot's block partials are
+combined over a fixed axis, so a slot's result does not depend on its neighbours). On the
+rollout_lengths workload (S = 64, P = 64, T = 512) that is 164 key slots per slot and step
+on average (prompt included, idle slots none), against 575 (a host replay of the schedule).
 
 Refill decisions are made inside the jitted `lax.while_loop`, at every step, with no
 host round trip. The loop may be cut into chunks of `chunk_steps` steps (one jitted call
@@ -47,10 +59,9 @@ batched matmuls are computed independently); tests check bit-identity under perm
 queues. Compiled shapes depend on (S, B, G, P bucket, T) only: caps, order and stop
 conditions are data.
 
-Memory: the cache is S x (T - 1) slots plus the table's B x P (each prompt once), against
-the static sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1) with a shared
-prefix); the outputs are N x T as before. The table holds all B prompts for the whole
-rollout: entries are not freed and refilled as prompts finish (not built).
+Memory: the cache is S x (T - 1) slots plus the table's E x P (each prompt once, E = B by
+default), against the static sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1)
+with a shared prefix); the outputs are N x T as before.
 """
 
 from __future__ import annotations
@@ -70,6 +81,9 @@ from egpo_jax.models import sharding, transformer
 from egpo_jax.sampling import engine, filters
 
 
+DECODE_ATTENTION = ("full", "bounded")
+
+
 @dataclasses.dataclass(frozen=True)
 class ContinuousSpec:
   """The static part of a continuous-batching rollout (one compilation per value).
@@ -78,14 +92,53 @@ class ContinuousSpec:
     extra stop ids), `max_new_tokens` is T (the largest cap), `cache_phases` and
     `shared_prompt_min_len` are unused.
   slots: S, decode slots (rows of the decode step).
+  decode_attention: "full" reads every own cache slot of every slot at every step;
+    "bounded" reads only each slot's used blocks of `attention_block` own slots
+    (`attention._attend_one_paged`; the own slots are rounded up to whole blocks). With
+    one block (T - 1 <= attention_block) it reads as "full" (nothing to skip).
+  attention_block: own slots per block for "bounded" (at most T - 1 is used).
+  table_entries: E, prompt-table entries; 0 (or >= B) holds all B prompts, prefilled at
+    the start in one batch. 0 < E < B: entries are freed as their prompt's G responses
+    finish and the next prompt is prefilled into them inside the loop (`_load`).
   """
   sampling: engine.SamplingSpec
   slots: int
+  decode_attention: str = "full"
+  attention_block: int = 64
+  table_entries: int = 0
 
   def __post_init__(self):
     if not isinstance(self.slots, numbers.Integral) or self.slots < 1:
       raise ValueError(f"ContinuousSpec.slots must be an int >= 1 (rollout.slots), got "
                        f"{self.slots!r}")
+    if self.decode_attention not in DECODE_ATTENTION:
+      raise ValueError(f"ContinuousSpec.decode_attention must be one of {DECODE_ATTENTION} "
+                       f"(rollout.decode_attention), got {self.decode_attention!r}")
+    if not isinstance(self.attention_block, numbers.Integral) or self.attention_block < 1:
+      raise ValueError(f"ContinuousSpec.attention_block must be an int >= 1, got "
+                       f"{self.attention_block!r}")
+    if not isinstance(self.table_entries, numbers.Integral) or self.table_entries < 0:
+      raise ValueError(f"ContinuousSpec.table_entries must be an int >= 0 "
+                       f"(rollout.table_entries; 0 = all prompts), got {self.table_entries!r}")
+
+  def entries(self, num_prompts: int) -> int:
+    """Prompt-table entries for a batch of num_prompts prompts."""
+    e = self.table_entries
+    return num_prompts if e == 0 or e >= num_prompts else e
+
+  @property
+  def read_block(self) -> int:
+    """Own slots per attention block ("bounded"); the own slots are a multiple of it."""
+    return min(self.attention_block, max(self.sampling.max_new_tokens - 1, 1))
+
+  @property
+  def own_slots(self) -> int:
+    """Own cache slots per decode slot: T - 1 (the last sampled token is never fed),
+    rounded up to whole blocks for "bounded"."""
+    own = max(self.sampling.max_new_tokens - 1, 1)
+    if self.decode_attention == "full":
+      return own
+    return -(-own // self.read_block) * self.read_block
 
 
 class PromptTable(flax.struct.PyTreeNode):
@@ -121,6 +174,18 @@ class SlotState(flax.struct.PyTreeNode):
   finish_step_N: jax.Array
   step: jax.Array
   busy: jax.Array
+  # A table of E < B entries (`ContinuousSpec.table_entries`), carried by the loop: the
+  # prompt in each entry (B: free), each prompt's entry, its unfinished responses, the
+  # load order (prompts by first place in the queue), each prompt's first queue place,
+  # the next prompt to load, and whether the loop stalled (no slot could start).
+  table: PromptTable | None = None
+  entry_prompt_E: jax.Array | None = None
+  prompt_entry_B: jax.Array | None = None
+  left_B: jax.Array | None = None
+  load_order_B: jax.Array | None = None
+  first_B: jax.Array | None = None
+  next_load: jax.Array | None = None
+  stalled: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -154,6 +219,54 @@ def prefill_table(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array,
                      lengths_B=cache.positions_B, logits_BxV=logits_BxV)
 
 
+def empty_table(config, entries: int, prompt_len: int, cache_dtype=None) -> PromptTable:
+  """A table of `entries` free entries (no valid key) for prompts of prompt_len slots."""
+  dtype = transformer.to_dtype(config.dtype) if cache_dtype is None else cache_dtype
+  kv, hd = config.num_kv_heads, config.head_size
+  return PromptTable(
+      k=tuple(jnp.zeros((entries, kv, hd, prompt_len), dtype) for _ in range(config.num_layers)),
+      v=tuple(jnp.zeros((entries, kv, prompt_len, hd), dtype) for _ in range(config.num_layers)),
+      mask_BxP=jnp.zeros((entries, prompt_len), bool),
+      lengths_B=jnp.zeros((entries,), jnp.int32),
+      logits_BxV=jnp.zeros((entries, config.vocab_size), jnp.float32))
+
+
+def _load(state: SlotState, params, prompts, *, config) -> SlotState:
+  """Frees the entries whose prompt's responses all finished and prefills the next
+  prompts (in load order) into free entries, one [1, P] prefill each (so a prompt's keys
+  do not depend on the entry or the step it is loaded at)."""
+  ids_BxP, mask_BxP = prompts
+  b = ids_BxP.shape[0]
+  done_E = (state.entry_prompt_E < b) & (
+      state.left_B[jnp.minimum(state.entry_prompt_E, b - 1)] == 0)
+  state = state.replace(entry_prompt_E=jnp.where(done_E, b, state.entry_prompt_E))
+
+  def more(s):
+    return jnp.any(s.entry_prompt_E >= b) & (s.next_load < b)
+
+  def load(s):
+    e = jnp.argmax(s.entry_prompt_E >= b).astype(jnp.int32)
+    p = s.load_order_B[s.next_load]
+    one = prefill_table(params, jax.lax.dynamic_slice_in_dim(ids_BxP, p, 1),
+                        jax.lax.dynamic_slice_in_dim(mask_BxP, p, 1), config=config,
+                        cache_dtype=s.table.k[0].dtype)
+    put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), e, 0)
+    table = jax.tree.map(put, s.table, one)
+    return s.replace(table=table, entry_prompt_E=s.entry_prompt_E.at[e].set(p),
+                     prompt_entry_B=s.prompt_entry_B.at[p].set(e), next_load=s.next_load + 1)
+
+  return jax.lax.while_loop(more, load, state)
+
+
+def _queue_limit(state: SlotState, n: int) -> jax.Array:
+  """The first queue place whose prompt is not loaded (n: none)."""
+  if state.table is None:
+    return jnp.asarray(n, jnp.int32)
+  b = state.load_order_B.shape[0]
+  nxt = state.load_order_B[jnp.minimum(state.next_load, b - 1)]
+  return jnp.where(state.next_load < b, state.first_B[nxt], n)
+
+
 def _constrain(state: SlotState) -> SlotState:
   """Under a (data, fsdp, ...) mesh: the slots (and the cache's rows) split over data x
   fsdp, the per-response outputs too; scalars replicated."""
@@ -166,9 +279,13 @@ def _constrain(state: SlotState) -> SlotState:
   cache = jax.tree.map(constrain, cache.replace(index=jnp.zeros((), jnp.int32)),
                        engine._cache_specs(cache.replace(index=jnp.zeros((), jnp.int32)),
                                            mesh)).replace(index=cache.index)
-  rows = state.replace(cache=None, next_q=None, step=None, busy=None)
+  entry_fields = ("table", "entry_prompt_E", "prompt_entry_B", "left_B", "load_order_B",
+                  "first_B", "next_load", "stalled")
+  rows = state.replace(cache=None, next_q=None, step=None, busy=None,
+                       **{f: None for f in entry_fields})
   rows = jax.tree.map(lambda x: constrain(x, sharding.batch_spec(x.shape, mesh)), rows)
-  return rows.replace(cache=cache, next_q=state.next_q, step=state.step, busy=state.busy)
+  return rows.replace(cache=cache, next_q=state.next_q, step=state.step, busy=state.busy,
+                      **{f: getattr(state, f) for f in entry_fields})
 
 
 def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size: int
@@ -179,10 +296,11 @@ def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size
   free_S = state.slot_resp_S >= n
   rank_S = jnp.cumsum(free_S.astype(jnp.int32)) - 1
   q_S = state.next_q + rank_S
-  take_S = free_S & (q_S < n)
+  # With a table of E < B entries the queue waits at the first unloaded prompt.
+  take_S = free_S & (q_S < _queue_limit(state, n))
   new_resp_S = jnp.where(take_S, order_N[jnp.minimum(q_S, n - 1)], n)
   slot_resp_S = jnp.where(free_S, new_resp_S, state.slot_resp_S)
-  next_q = jnp.minimum(state.next_q + jnp.sum(free_S, dtype=jnp.int32), n)
+  next_q = state.next_q + jnp.sum(take_S, dtype=jnp.int32)
 
   # A refilled slot's own slots start empty (their stale keys and values stay, masked).
   cache = state.cache.replace(
@@ -193,27 +311,43 @@ def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size
 
 
 def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
-          caps_N: jax.Array, order_N: jax.Array, *, config, spec: ContinuousSpec
-          ) -> SlotState:
-  """One decode step of every slot: sample, record, finish, refill."""
+          caps_N: jax.Array, order_N: jax.Array, *, config, spec: ContinuousSpec,
+          prompts=None, stacked_params=None) -> SlotState:
+  """One decode step of every slot: sample, record, finish, refill. With a table of
+  E < B entries (state.table) the refill comes first: free and load entries, refill, then
+  decode (the same schedule: a slot freed at step k starts at step k + 1 either way)."""
   sspec = spec.sampling
   g, n = sspec.group_size, order_N.shape[0]
+  entries = state.table is not None
+  if entries:
+    state = _refill(_load(state, stacked_params, prompts, config=config), table, order_N, g)
+    state = state.replace(stalled=~jnp.any(state.slot_resp_S < n))
+    table = state.table
   prompt_len = table.mask_BxP.shape[1]
   active_S = state.slot_resp_S < n
   resp_S = jnp.minimum(state.slot_resp_S, n - 1)
   prompt_S = resp_S // g
+  # The slot's table entry (its prompt's, with all B prompts in the table).
+  entry_S = state.prompt_entry_B[prompt_S] if entries else prompt_S
   t_S = state.slot_t_S
   # Feed token t - 1 at own slot P + t - 1, position len + t - 1 (fresh slots: a dummy at
   # slot P, overwritten by their token 0 next step).
   fed_S = jnp.maximum(t_S - 1, 0)
   # Each slot reads its prompt's table entry as its prefix (gathered by slot -> prompt).
   cache = state.cache.replace(
-      index=prompt_len + fed_S, positions_B=table.lengths_B[prompt_S] + fed_S,
-      prefix_k=tuple(k[prompt_S] for k in table.k),
-      prefix_v=tuple(v[prompt_S] for v in table.v), prefix_mask_BpxP=table.mask_BxP[prompt_S])
-  logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config)
+      index=prompt_len + fed_S, positions_B=table.lengths_B[entry_S] + fed_S,
+      prefix_k=tuple(k[entry_S] for k in table.k),
+      prefix_v=tuple(v[entry_S] for v in table.v), prefix_mask_BpxP=table.mask_BxP[entry_S])
+  read_slots_S = None
+  if spec.decode_attention == "bounded" and spec.own_slots > spec.read_block:
+    # Own slots [0, t - 1] hold the response's fed tokens (this step's included); a fresh
+    # or idle slot's output is discarded, so it reads the prompt alone.
+    read_slots_S = jnp.where(active_S & ~state.fresh_S, fed_S + 1, 0)
+  logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config,
+                                         read_slots_B=read_slots_S,
+                                         read_block=spec.read_block)
   cache = cache.replace(prefix_k=None, prefix_v=None, prefix_mask_BpxP=None)
-  logits_SxV = jnp.where(state.fresh_S[:, None], table.logits_BxV[prompt_S], logits_SxV)
+  logits_SxV = jnp.where(state.fresh_S[:, None], table.logits_BxV[entry_S], logits_SxV)
   if sspec.is_greedy:
     uniforms_S = jnp.zeros(t_S.shape, jnp.float32)
   else:
@@ -250,19 +384,28 @@ def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
       last_tokens_S=tokens_S,
       step=state.step + 1,
       busy=state.busy + jnp.sum(active_S, dtype=jnp.int32))
+  if entries:
+    b = state.left_B.shape[0]
+    return _constrain(state.replace(left_B=state.left_B.at[jnp.where(done_S, prompt_S, b)].add(
+        -1, mode="drop")))
   return _constrain(_refill(state, table, order_N, g))
 
 
 def start(table: PromptTable, caps_N: jax.Array, order_N: jax.Array, *, config,
           spec: ContinuousSpec, cache_dtype=None) -> SlotState:
-  """The loop's initial state: empty slots, filled from the head of the queue."""
+  """The loop's initial state: empty slots, filled from the head of the queue.
+
+  A table of fewer entries than the B = N / G prompts (`empty_table`, E =
+  `spec.entries(B)`) is carried by the loop, which loads the prompts into it (`run_steps`
+  then needs `prompts`); the slots are then filled by the first step."""
   chex.assert_rank([caps_N, order_N], 1)
   chex.assert_equal_shape([caps_N, order_N])
   sspec, n, slots = spec.sampling, order_N.shape[0], spec.slots
+  num_prompts = n // sspec.group_size
   steps, prompt_len = sspec.max_new_tokens, table.mask_BxP.shape[1]
   # T - 1 own slots for the fed-back tokens (the last sampled one is never fed); the
   # prompt's P are read from the table. RoPE tables cover positions up to P + T - 1.
-  own = max(steps - 1, 1)
+  own = spec.own_slots
   cache = transformer.decode_layout(transformer.init_cache(
       config, slots, prompt_len + own, dtype=cache_dtype, slots=own))
   state = SlotState(
@@ -281,24 +424,48 @@ def start(table: PromptTable, caps_N: jax.Array, order_N: jax.Array, *, config,
       finish_step_N=jnp.full((n,), -1, jnp.int32),
       step=jnp.zeros((), jnp.int32),
       busy=jnp.zeros((), jnp.int32))
+  e = table.mask_BxP.shape[0]
+  if e < num_prompts:
+    # Prompts load in the order of their first place in the queue.
+    place_N = jnp.zeros((n,), jnp.int32).at[order_N].set(jnp.arange(n, dtype=jnp.int32))
+    first_B = place_N.reshape(num_prompts, sspec.group_size).min(1)
+    return _constrain(state.replace(
+        table=table, entry_prompt_E=jnp.full((e,), num_prompts, jnp.int32),
+        prompt_entry_B=jnp.full((num_prompts,), e, jnp.int32),
+        left_B=jnp.full((num_prompts,), sspec.group_size, jnp.int32),
+        load_order_B=jnp.argsort(first_B).astype(jnp.int32), first_B=first_B,
+        next_load=jnp.zeros((), jnp.int32), stalled=jnp.zeros((), bool)))
+  if e != num_prompts:
+    raise ValueError(f"start: the table has {e} entries for {num_prompts} prompts")
   return _constrain(_refill(state, table, order_N, sspec.group_size))
 
 
 def run_steps(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
               caps_N: jax.Array, order_N: jax.Array, max_steps: jax.Array, *, config,
-              spec: ContinuousSpec) -> SlotState:
+              spec: ContinuousSpec, prompts=None) -> SlotState:
   """Decodes until every response has finished or `max_steps` more steps have run.
 
   params may be stacked or `transformer.decode_params`' (converted here once, before the
-  loop, as the static sampler does)."""
+  loop, as the static sampler does). With a table of E < B entries (state.table, from
+  `start`), `prompts` = (ids_BxP, mask_BxP), the bucketed prompts, and params must be
+  stacked (the loop prefills with them); `table` is then unused. Such a loop also stops
+  if no slot could start (a queue whose open prompts exceed E: `generate` refuses it)."""
   mesh = jax.sharding.get_abstract_mesh()
   tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+  stacked = params
   params = transformer.decode_params(params, fuse=not tensor_parallel)
   n = order_N.shape[0]
   limit = state.step + max_steps
-  cond = lambda s: (s.step < limit) & jnp.any(s.slot_resp_S < n)
+  if state.table is None:
+    cond = lambda s: (s.step < limit) & jnp.any(s.slot_resp_S < n)
+  else:
+    if prompts is None or isinstance(stacked["layers"], tuple):
+      raise ValueError("run_steps: a table of fewer entries than prompts needs prompts= "
+                       "and stacked params (it prefills inside the loop)")
+    cond = lambda s: (s.step < limit) & ~s.stalled & (jnp.any(s.slot_resp_S < n)
+                                                      | (s.next_q < n))
   body = lambda s: _step(params, s, table, keys_N, caps_N, order_N, config=config,
-                         spec=spec)
+                         spec=spec, prompts=prompts, stacked_params=stacked)
   return jax.lax.while_loop(cond, body, state)
 
 
@@ -316,14 +483,37 @@ def rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: 
             prompt_ids_B: jax.Array, caps_N: jax.Array, order_N: jax.Array, *, config,
             spec: ContinuousSpec, cache_dtype=None) -> ContinuousGeneration:
   """The whole continuous rollout as one pure, jittable function (no host checks)."""
-  table = prefill_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
-                        cache_dtype=cache_dtype)
+  table = _table(params, prompt_ids_BxP, prompt_mask_BxP, config=config, spec=spec,
+                 cache_dtype=cache_dtype)
   keys_N = engine.response_keys(rng, prompt_ids_B, spec.sampling.group_size)
   state = start(table, caps_N, order_N, config=config, spec=spec, cache_dtype=cache_dtype)
   big = jnp.asarray(np.iinfo(np.int32).max // 2, jnp.int32)
   state = run_steps(params, state, table, keys_N, caps_N, order_N, big, config=config,
-                    spec=spec)
+                    spec=spec, prompts=(prompt_ids_BxP, prompt_mask_BxP))
   return finish(state)
+
+
+def _table(params, prompt_ids_BxP, prompt_mask_BxP, *, config, spec, cache_dtype):
+  """All B prompts prefilled, or an empty table of spec.entries(B) < B entries."""
+  batch, prompt_len = prompt_ids_BxP.shape
+  entries = spec.entries(batch)
+  if entries < batch:
+    return empty_table(config, entries, prompt_len, cache_dtype)
+  return prefill_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
+                       cache_dtype=cache_dtype)
+
+
+def max_open_prompts(order_N: np.ndarray, group_size: int) -> int:
+  """The most prompts whose responses are both before and after one queue place: a table
+  of fewer entries could wait forever for an entry held by an unfinished prompt."""
+  place = np.empty_like(order_N)
+  place[order_N] = np.arange(len(order_N))
+  place_BxG = place.reshape(-1, group_size)
+  first, last = place_BxG.min(1), place_BxG.max(1)
+  opens = np.zeros(len(order_N) + 1, np.int64)
+  np.add.at(opens, first, 1)
+  np.add.at(opens, last + 1, -1)
+  return int(np.cumsum(opens).max())
 
 
 # ----------------------------------------------------------------------------- host side
@@ -332,17 +522,18 @@ def rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: 
 def _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B, caps_N,
                order_N, *, config, spec, cache_dtype):
   engine._TRACES["continuous_start"] += 1
-  table = prefill_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
-                        cache_dtype=cache_dtype)
+  table = _table(params, prompt_ids_BxP, prompt_mask_BxP, config=config, spec=spec,
+                 cache_dtype=cache_dtype)
   keys_N = engine.response_keys(rng, prompt_ids_B, spec.sampling.group_size)
   return table, keys_N, start(table, caps_N, order_N, config=config, spec=spec,
                               cache_dtype=cache_dtype)
 
 
-def _run(params, state, cache, table, keys_N, caps_N, order_N, max_steps, *, config, spec):
+def _run(params, state, cache, table, keys_N, caps_N, order_N, max_steps, *, config, spec,
+         prompts=None):
   engine._TRACES["continuous_decode"] += 1
   return run_steps(params, state.replace(cache=cache), table, keys_N, caps_N, order_N,
-                   max_steps, config=config, spec=spec)
+                   max_steps, config=config, spec=spec, prompts=prompts)
 
 
 # The cache is donated (updated in place); the outputs are not, so that the host can read
@@ -386,6 +577,12 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     raise ValueError(f"order_N must be a permutation of range({n}) (the queue)")
   if prompt_ids_B is None:
     prompt_ids_B = np.arange(batch, dtype=np.int32)
+  entries = spec.entries(batch)
+  if entries < batch and max_open_prompts(order_N, sspec.group_size) > entries:
+    raise ValueError(f"rollout.table_entries={entries} is fewer than the "
+                     f"{max_open_prompts(order_N, sspec.group_size)} prompts this queue "
+                     f"(order_N) keeps open at once; raise it or queue each prompt's "
+                     f"responses together")
   bucket = engine.bucket_length(prompt_len, min_prompt_bucket)
   ids = np.asarray(prompt_ids_BxP, np.int32)
   mask = np.asarray(prompt_mask_BxP, np.int32)
@@ -397,7 +594,9 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
                                     config=config, spec=spec, cache_dtype=cache_dtype)
   caps, order = jnp.asarray(caps_N), jnp.asarray(order_N)
   run = functools.partial(_run_jit, params, table=table, keys_N=keys_N, caps_N=caps,
-                          order_N=order, config=config, spec=spec)
+                          order_N=order, config=config, spec=spec,
+                          prompts=(jnp.asarray(ids), jnp.asarray(mask))
+                          if entries < batch else None)
   if chunk_steps <= 0:
     state = run(state.replace(cache=None), state.cache,
                 max_steps=jnp.asarray(np.iinfo(np.int32).max // 2, jnp.int32))
@@ -408,6 +607,8 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     nxt = run(state.replace(cache=None), state.cache, max_steps=chunk)
     # Read chunk k while chunk k + 1 (queued above) decodes.
     finished = np.asarray(state.finished_N)
+    if state.stalled is not None and bool(state.stalled):
+      raise RuntimeError("continuous.generate: the loop stalled (no slot could start)")
     new = np.flatnonzero(finished & ~reported)
     if on_finished is not None and len(new):
       on_finished(new, np.asarray(state.completion_ids_NxT)[new],

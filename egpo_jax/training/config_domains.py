@@ -279,6 +279,12 @@ FIELDS: tuple[Field, ...] = (
           "data-parallel replicas (params cast and resharded once per iteration); 0 = on "
           "the training mesh",
           optional=True),
+    Field("rollout.decode_attention", choice(("full", "bounded")), "bounded",
+          "'bounded' (with rollout.slots, attention reads only each slot's used cache "
+          "blocks) or 'full' (every slot's whole cache)", optional=True),
+    Field("rollout.table_entries", ints(lo=0), 0,
+          "use >= 0: with rollout.slots, prompt-table entries, refilled inside the decode "
+          "loop as prompts finish (0 = all the batch's prompts)", optional=True),
     # algo
     Field("algo.advantage", choice(registry.advantage_estimators.names), "egpo",
           "a name in egpo_jax.core.registry.advantage_estimators"),

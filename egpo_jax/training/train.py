@@ -268,7 +268,10 @@ def host_rollout(job: Job) -> host_loop.RolloutFn:
   rollout.tensor: on its own mesh (`distributed.RolloutOnMesh`)."""
   slots = job.c.rollout.get("slots", 0)
   if slots:
-    spec = continuous.ContinuousSpec(sampling=job.exp.settings.sampling, slots=slots)
+    spec = continuous.ContinuousSpec(
+        sampling=job.exp.settings.sampling, slots=slots,
+        decode_attention=job.c.rollout.get("decode_attention", "bounded"),
+        table_entries=job.c.rollout.get("table_entries", 0))
     rollout = continuous.HostRollout(job.exp.model_config, spec,
                                      chunk_steps=job.c.rollout.get("chunk_steps", 32))
   else:

@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.slots = 0              # host mode: > 0 = continuous batching on that many slots
   c.rollout.chunk_steps = 32       # with slots: steps between hand-offs to the verifier
   c.rollout.tensor = 0             # host mode: > 0 = decode on a data x tensor mesh of it
+  # With slots: "bounded" attention reads only each slot's used cache blocks, "full" all.
+  c.rollout.decode_attention = "bounded"
+  c.rollout.table_entries = 0      # with slots: prompt-table entries (0 = all B prompts)
 
   c.algo = ml_collections.ConfigDict()
   c.algo.advantage = "egpo"        # a name in egpo_jax.core.registry.advantage_estimators

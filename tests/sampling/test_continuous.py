@@ -33,19 +33,20 @@ def prompts():
   return _prompts(LENGTHS, seed=3)
 
 
-def _spec(slots, eos=(), **kwargs):
+def _spec(slots, eos=(), spec_kwargs=None, **kwargs):
   return continuous.ContinuousSpec(
       sampling=engine.SamplingSpec(group_size=G, max_new_tokens=T, eos_ids=eos, **kwargs),
-      slots=slots)
+      slots=slots, **(spec_kwargs or {}))
 
 
-def _run(params, prompts, slots=5, eos=(), seed=1, **kwargs):
+def _run(params, prompts, slots=5, eos=(), seed=1, spec_kwargs=None, **kwargs):
   ids, mask = prompts
   sampling_kwargs = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p")
                      if k in kwargs}
   return jax.device_get(continuous.generate(
       params, ids, mask, jax.random.key(seed), config=CONFIG,
-      spec=_spec(slots, eos, **sampling_kwargs), prompt_ids_B=PROMPT_IDS_B, **kwargs))
+      spec=_spec(slots, eos, spec_kwargs, **sampling_kwargs), prompt_ids_B=PROMPT_IDS_B,
+      **kwargs))
 
 
 CAPS = draw_caps(len(LENGTHS) * G, T, seed=4)
@@ -188,17 +189,19 @@ def test_pure_rollout_under_jit_equals_generate(params, prompts, capped_run):
     np.testing.assert_array_equal(got, want)
 
 
-def test_sharded_mesh_matches_single_device(params, prompts, capped_run, num_devices):
+@pytest.mark.parametrize("spec_kwargs", [
+    {}, dict(decode_attention="bounded", attention_block=4, table_entries=2)])
+def test_sharded_mesh_matches_single_device(params, prompts, num_devices, spec_kwargs):
   ids, mask = prompts
   mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2, tensor=1))
   with jax.set_mesh(mesh):
     sharded = sharding.shard_params(params, mesh)
     out = continuous.generate(sharded, np.asarray(ids), np.asarray(mask), jax.random.key(1),
-                              config=CONFIG, spec=_spec(8, EOS), caps_N=CAPS,
+                              config=CONFIG, spec=_spec(8, EOS, spec_kwargs), caps_N=CAPS,
                               prompt_ids_B=PROMPT_IDS_B)
   assert out.logps_NxT.sharding.shard_shape(out.logps_NxT.shape)[0] < len(CAPS)
   out = jax.device_get(out)
-  want = _run(params, prompts, slots=8, caps_N=CAPS, eos=EOS)
+  want = _run(params, prompts, slots=8, caps_N=CAPS, eos=EOS, spec_kwargs=spec_kwargs)
   np.testing.assert_array_equal(out.completion_ids_NxT, want.completion_ids_NxT)
   np.testing.assert_array_equal(out.lengths_N, want.lengths_N)
   np.testing.assert_allclose(out.logps_NxT, want.logps_NxT, atol=LOGP_ATOL)
@@ -219,23 +222,35 @@ def test_bad_spec_raises():
     _spec(0)
 
 
-def test_decode_loop_copies_no_cache(params, prompts):
+@pytest.mark.parametrize("spec_kwargs", [
+    {}, dict(decode_attention="bounded", attention_block=4), dict(table_entries=2),
+    dict(decode_attention="bounded", attention_block=4, table_entries=2)])
+def test_decode_loop_copies_no_cache(params, prompts, spec_kwargs):
   """The compiled loop body writes each layer's cache in place: no copy of a [S, kv heads,
-  head_dim, T - 1] or [S, kv heads, T - 1, head_dim] buffer (a refill that wrote the prompt
-  into the slots made XLA copy every layer's cache at every step)."""
+  head_dim, own] or [S, kv heads, own, head_dim] buffer, own = T - 1 (16 for bounded
+  attention's whole blocks; a refill that wrote the prompt into the slots made XLA copy
+  every layer's cache at every step), nor of a 2-entry prompt table's layers (written in
+  place by the in-loop prefill)."""
   ids, mask = prompts
-  spec, slots = _spec(5, EOS), 5
+  spec, slots = _spec(5, EOS, spec_kwargs), 5
+  own = spec.own_slots
   bucket = engine.bucket_length(ids.shape[1])
   pad = ((0, 0), (bucket - ids.shape[1], 0))
   caps, order = jnp.asarray(CAPS), jnp.arange(len(CAPS))
   table, keys, state = continuous._start_jit(
       params, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1),
       jnp.asarray(PROMPT_IDS_B), caps, order, config=CONFIG, spec=spec, cache_dtype=None)
+  entries = spec.table_entries
+  prompts_arg = (jnp.asarray(np.pad(ids, pad)), jnp.asarray(np.pad(mask, pad)))
   hlo = continuous._run_jit.lower(params, state.replace(cache=None), state.cache, table,
                                   keys, caps, order, jnp.int32(10), config=CONFIG,
-                                  spec=spec).compile().as_text()
+                                  spec=spec, prompts=prompts_arg if entries else None
+                                  ).compile().as_text()
   kv, hd = CONFIG.num_kv_heads, CONFIG.head_size
-  shapes = (f"f32[{slots},{kv},{hd},{T - 1}]", f"f32[{slots},{kv},{T - 1},{hd}]")
+  shapes = (f"f32[{slots},{kv},{hd},{own}]", f"f32[{slots},{kv},{own},{hd}]")
+  if entries:
+    assert state.table.mask_BxP.shape == (entries, bucket)
+    shapes += (f"f32[{entries},{kv},{hd},{bucket}]", f"f32[{entries},{kv},{bucket},{hd}]")
   bodies = _while_bodies(hlo)
   assert any(shapes[0] in b for b in bodies)     # the cache is carried by a loop
   copies = [line for b in bodies for line in b.splitlines()
