@@ -186,7 +186,7 @@ def shard_params(params: Any, mesh: Mesh) -> Any:
 _DECODE_FUSED = ("qkv_proj", "gate_up_proj")
 
 
-def decode_param_specs(params: Any, mesh) -> Any:
+def decode_param_specs(params: Any, mesh, *, vocab_split: bool = False) -> Any:
   """Specs for the decode loop's params (`transformer.decode_params`: per-layer tuples,
   optionally fused): each weight whole over the batch axes, its heads / MLP columns over
   `tensor`, and the embedding and output head whole.
@@ -197,10 +197,15 @@ def decode_param_specs(params: Any, mesh) -> Any:
   The head whole makes each device's logits complete: sampling needs the full
   vocabulary, and vocab-split logits would be gathered every step ([rows, V] over
   `tensor`, far more than the head's own bytes once). `mesh` may be abstract.
+  vocab_split: the embedding and head keep their vocabulary split over `tensor` (only
+  gathered over the batch axes), as on the rollout's own mesh (`distributed.rollout_params`:
+  a quarter of 7B's 1.1 GB head per device, the logits gathered each step instead).
   """
   def spec(path, leaf):
     # Without the per-layer tuple's index ("[i]").
     key = tuple(k for k in _path_key(path) if not str(k).startswith("["))
+    if vocab_split and key in (("embed", "embedding"), ("lm_head",)):
+      return _fit(P("tensor"), tuple(leaf.shape), mesh)
     if key[0] != "layers" or key[1] in _DECODE_FUSED:
       return P()
     if ("layers",) + key[1:] not in _PARAM_SPECS:
@@ -219,6 +224,26 @@ def cache_partition_specs(cache: Any, mesh: Mesh) -> Any:
   return KVCache(k=kv, v=kv, mask_BxS=_fit(P(BATCH, None), tuple(cache.mask_BxS.shape), mesh),
                  positions_B=_fit(P(BATCH), tuple(cache.positions_B.shape), mesh), index=P(),
                  rope_cos_SxF=P(), rope_sin_SxF=P())
+
+
+def prompt_table_specs(table: Any, mesh, *, as_prefilled: bool = False) -> Any:
+  """Specs for the continuous engine's prompt table (`sampling.continuous.PromptTable`):
+  every entry whole over the batch axes, KV heads over `tensor`.
+
+  Any slot, on any data replica, may read any entry, so a table split over the batch
+  axes is gathered whole by every decode program that reads it (0.9 GB per device and
+  chunk for 7B on 16 devices); held whole from the prefill on, it is read locally.
+  as_prefilled: the layout the prefill leaves (entries over the batch axes, the logits'
+  vocabulary over `tensor`, as the head's), to constrain to before the whole one."""
+  rows = BATCH if as_prefilled else None
+  def spec(path, leaf):
+    key = _path_key(path)
+    if key and key[0] in ("k", "v"):   # [E, kv heads, ...]
+      return _fit(P(rows, "tensor"), tuple(leaf.shape), mesh)
+    if as_prefilled and key and key[0] == "logits_BxV":
+      return logits_spec(tuple(leaf.shape), mesh)
+    return _fit(P(rows), tuple(leaf.shape), mesh)
+  return jax.tree_util.tree_map_with_path(spec, table)
 
 
 def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:

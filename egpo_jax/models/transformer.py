@@ -531,8 +531,10 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
     q_BxHxK = _apply_rope(q_BxHxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
     k_BxGxK = _apply_rope(k_BxGxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
     if per_layer and index.ndim == 1:
-      k_cache[i] = k_cache[i].at[rows_B, :, :, index].set(k_BxGxK.astype(k_cache[i].dtype))
-      v_cache[i] = v_cache[i].at[rows_B, :, index, :].set(v_BxGxK.astype(v_cache[i].dtype))
+      k_cache[i] = _scatter_slots(k_cache[i], (rows_B, slice(None), slice(None), index),
+                                  k_BxGxK)
+      v_cache[i] = _scatter_slots(v_cache[i], (rows_B, slice(None), index, slice(None)),
+                                  v_BxGxK)
       k_BxGxKxS, v_BxGxSxK = k_cache[i], v_cache[i]
     elif per_layer:
       k_cache[i] = _write_slot(k_cache[i], k_BxGxK[:, :, :, None], (0, 0, 0, index))
@@ -635,6 +637,18 @@ def share_prefix(cache: KVCache, group_size: int, slots: int) -> KVCache:
       mask_BxS=jnp.zeros((rows, own), jnp.bool_),
       positions_B=jnp.repeat(cache.positions_B, group_size, axis=0),
       prefix_k=laid.k, prefix_v=laid.v, prefix_mask_BpxP=cache.mask_BxS)
+
+
+def _scatter_slots(buf, where, new):
+  """buf.at[where].set(new) (one slot per row), bit for bit, written through an unsigned
+  integer view of a 16-bit float buffer: XLA:CPU runs a bf16 scatter on a float32 copy
+  of the WHOLE buffer (each layer's cache upcast, all layers' copies alive at once), an
+  integer scatter in place; on a GPU or TPU the view is free."""
+  new = new.astype(buf.dtype)
+  if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
+    return buf.at[where].set(new)
+  bits = jax.lax.bitcast_convert_type
+  return bits(bits(buf, jnp.uint16).at[where].set(bits(new, jnp.uint16)), buf.dtype)
 
 
 def _write_slot(buf, new, start):

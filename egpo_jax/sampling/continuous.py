@@ -267,11 +267,30 @@ def _queue_limit(state: SlotState, n: int) -> jax.Array:
   return jnp.where(state.next_load < b, state.first_B[nxt], n)
 
 
+def _on_batch_mesh():
+  """The abstract mesh when it has the batch axes (data, fsdp), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or not set(sharding.BATCH) <= set(mesh.axis_names) else mesh
+
+
+def _whole_table(table: PromptTable | None) -> PromptTable | None:
+  """Under a (data, fsdp, ...) mesh: the table whole on every device of the batch axes
+  (`sharding.prompt_table_specs`), so a decode chunk reads it without gathering it."""
+  mesh = _on_batch_mesh()
+  if table is None or mesh is None:
+    return table
+  # From prompts split over the batch axes (as prefilled; the logits' vocabulary over
+  # tensor, as the head's): left to itself, XLA gathered the whole head instead.
+  constrain = jax.lax.with_sharding_constraint
+  table = constrain(table, sharding.prompt_table_specs(table, mesh, as_prefilled=True))
+  return constrain(table, sharding.prompt_table_specs(table, mesh))
+
+
 def _constrain(state: SlotState) -> SlotState:
   """Under a (data, fsdp, ...) mesh: the slots (and the cache's rows) split over data x
-  fsdp, the per-response outputs too; scalars replicated."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding.BATCH) <= set(mesh.axis_names):
+  fsdp, the per-response outputs too, the prompt table whole; scalars replicated."""
+  mesh = _on_batch_mesh()
+  if mesh is None:
     return state
   constrain = jax.lax.with_sharding_constraint
   # The cache's index is per slot here: shard it like the rows.
@@ -285,7 +304,8 @@ def _constrain(state: SlotState) -> SlotState:
                        **{f: None for f in entry_fields})
   rows = jax.tree.map(lambda x: constrain(x, sharding.batch_spec(x.shape, mesh)), rows)
   return rows.replace(cache=cache, next_q=state.next_q, step=state.step, busy=state.busy,
-                      **{f: getattr(state, f) for f in entry_fields})
+                      **{f: getattr(state, f) for f in entry_fields}).replace(
+                          table=_whole_table(state.table))
 
 
 def _refill(state: SlotState, table: PromptTable, order_N: jax.Array, group_size: int
@@ -452,8 +472,15 @@ def run_steps(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
   if no slot could start (a queue whose open prompts exceed E: `generate` refuses it)."""
   mesh = jax.sharding.get_abstract_mesh()
   tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
-  stacked = params
+  # In the compute dtype (the layers cast to it anyway), sliced per layer, and gathered
+  # whole over the batch axes once, here, as `engine.continue_rollout` does: left
+  # FSDP-split, every step would gather each layer's weights or all-reduce its activations.
+  # The head keeps its vocabulary split over tensor (`distributed.rollout_params`).
+  stacked = params = transformer.compute_params(params, config)
   params = transformer.decode_params(params, fuse=not tensor_parallel)
+  if _on_batch_mesh() is not None:
+    params = jax.lax.with_sharding_constraint(params, sharding.decode_param_specs(
+        params, mesh, vocab_split=True))
   n = order_N.shape[0]
   limit = state.step + max_steps
   if state.table is None:
@@ -483,8 +510,8 @@ def rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: 
             prompt_ids_B: jax.Array, caps_N: jax.Array, order_N: jax.Array, *, config,
             spec: ContinuousSpec, cache_dtype=None) -> ContinuousGeneration:
   """The whole continuous rollout as one pure, jittable function (no host checks)."""
-  table = _table(params, prompt_ids_BxP, prompt_mask_BxP, config=config, spec=spec,
-                 cache_dtype=cache_dtype)
+  table = _whole_table(_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
+                              spec=spec, cache_dtype=cache_dtype))
   keys_N = engine.response_keys(rng, prompt_ids_B, spec.sampling.group_size)
   state = start(table, caps_N, order_N, config=config, spec=spec, cache_dtype=cache_dtype)
   big = jnp.asarray(np.iinfo(np.int32).max // 2, jnp.int32)
@@ -522,8 +549,8 @@ def max_open_prompts(order_N: np.ndarray, group_size: int) -> int:
 def _start_jit(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B, caps_N,
                order_N, *, config, spec, cache_dtype):
   engine._TRACES["continuous_start"] += 1
-  table = _table(params, prompt_ids_BxP, prompt_mask_BxP, config=config, spec=spec,
-                 cache_dtype=cache_dtype)
+  table = _whole_table(_table(params, prompt_ids_BxP, prompt_mask_BxP, config=config,
+                              spec=spec, cache_dtype=cache_dtype))
   keys_N = engine.response_keys(rng, prompt_ids_B, spec.sampling.group_size)
   return table, keys_N, start(table, caps_N, order_N, config=config, spec=spec,
                               cache_dtype=cache_dtype)

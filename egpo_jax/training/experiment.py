@@ -60,6 +60,20 @@ def build(c: ml_collections.ConfigDict) -> Experiment:
   return Experiment(model_config, tokenizer, task, settings, algo)
 
 
+def continuous_spec(c: ml_collections.ConfigDict, sampling) -> Any:
+  """Host mode's continuous-batching spec (`sampling.continuous.ContinuousSpec`) from
+  config.rollout (slots, decode_attention, table_entries), None when rollout.slots is 0.
+  The one builder: `train.host_rollout` runs and the dry run compiles what it returns."""
+  from egpo_jax.sampling import continuous
+  r = c.rollout
+  slots = int(r.get("slots", 0))
+  if not slots:
+    return None
+  return continuous.ContinuousSpec(sampling=sampling, slots=slots,
+                                   decode_attention=r.get("decode_attention", "bounded"),
+                                   table_entries=int(r.get("table_entries", 0)))
+
+
 def rl_optimizer(c: ml_collections.ConfigDict, total: int):
   """The RL optimizer of config `c` for a run of `total` iterations (its schedule length;
   `optim.warmup_steps` is the learning-rate warm-up, in optimizer steps)."""

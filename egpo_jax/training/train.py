@@ -266,12 +266,8 @@ def host_rollout(job: Job) -> host_loop.RolloutFn:
   """The sampler of host mode's iterations: the place to plug in another rollout engine.
   rollout.slots > 0: continuous batching (`sampling.continuous.HostRollout`);
   rollout.tensor: on its own mesh (`distributed.RolloutOnMesh`)."""
-  slots = job.c.rollout.get("slots", 0)
-  if slots:
-    spec = continuous.ContinuousSpec(
-        sampling=job.exp.settings.sampling, slots=slots,
-        decode_attention=job.c.rollout.get("decode_attention", "bounded"),
-        table_entries=job.c.rollout.get("table_entries", 0))
+  spec = experiment.continuous_spec(job.c, job.exp.settings.sampling)
+  if spec is not None:
     rollout = continuous.HostRollout(job.exp.model_config, spec,
                                      chunk_steps=job.c.rollout.get("chunk_steps", 32))
   else:

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from egpo_jax.models import sharding
 from egpo_jax.sampling import continuous
 from egpo_jax.training import config as config_lib
-from egpo_jax.training import host_loop, iteration, train
+from egpo_jax.training import dry_run, host_loop, iteration, train
 from experiments.configs import default
 from tests.sampling.test_continuous_host import CFG, OPT, _sample, _settings, state
 
@@ -17,7 +18,8 @@ from tests.sampling.test_continuous_host import CFG, OPT, _sample, _settings, st
 def _job(overrides):
   c = config_lib.with_overrides(default.get_config(), overrides)
   exp = types.SimpleNamespace(settings=_settings(), model_config=CFG)
-  return types.SimpleNamespace(c=c, exp=exp)
+  return types.SimpleNamespace(c=c, exp=exp, mesh=sharding.make_mesh(sharding.MeshConfig(),
+                                                                      jax.devices()[:1]))
 
 
 def test_host_rollout_takes_the_config_fields():
@@ -26,6 +28,18 @@ def test_host_rollout_takes_the_config_fields():
   spec = train.host_rollout(_job({"rollout.slots": 8, "rollout.decode_attention": "full",
                                   "rollout.table_entries": 3})).spec
   assert (spec.decode_attention, spec.table_entries) == ("full", 3)
+
+
+def test_dry_run_compiles_the_spec_host_mode_runs():
+  """One builder (`experiment.continuous_spec`): the dry run's spec is host mode's."""
+  overrides = {"rollout.slots": 8, "rollout.decode_attention": "full",
+               "rollout.table_entries": 3, "task.name": "jsonl"}
+  job = _job(overrides)
+  ran = train.host_rollout(job).spec
+  compiled = dry_run.spec_from_config(job.c).continuous
+  assert (compiled.slots, compiled.decode_attention, compiled.table_entries) == (
+      ran.slots, ran.decode_attention, ran.table_entries) == (8, "full", 3)
+  assert dry_run.spec_from_config(_job({"rollout.slots": 0}).c).continuous is None
 
 
 @pytest.mark.parametrize("field, value", [("rollout.decode_attention", "paged"),
