@@ -498,10 +498,12 @@ def f32_weight_copies(hlo: str, weight_sizes: frozenset, width: int) -> int:
   return total
 
 
-def decode_weight_sizes(params: Any, mesh: Mesh, gathered: bool = False) -> frozenset:
+def decode_weight_sizes(params: Any, mesh: Mesh, gathered: bool = False,
+                        per_layer: bool = True) -> frozenset:
   """Per-device element counts of the params' matrices as `mesh` shards them (the
-  decode weights' per-layer slices: the stacked shard over its layers); `gathered`:
-  whole over the batch axes, as the static sampler gathers them."""
+  decode weights' per-layer slices: the stacked shard over its layers; per_layer=False:
+  the stacked shards, as a prefill's layer scan reads them); `gathered`: whole over the
+  batch axes, as the static sampler gathers them."""
   out = set()
   specs = sharding.param_partition_specs(params, mesh)
   if gathered:
@@ -512,7 +514,7 @@ def decode_weight_sizes(params: Any, mesh: Mesh, gathered: bool = False) -> froz
       specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
     if leaf.ndim >= 2:
       shard = jax.sharding.NamedSharding(mesh, spec).shard_shape(leaf.shape)
-      layers = leaf.shape[0] if leaf.ndim >= 3 else 1
+      layers = leaf.shape[0] if leaf.ndim >= 3 and per_layer else 1
       out.add(math.prod(shard) // layers)
   return frozenset(out)
 
@@ -666,11 +668,15 @@ def _rollout_phases(spec: DryRunSpec, mesh: Mesh, params: Any, resident: int, lo
   compute = jnp.dtype(cfg.dtype)
   log("compiling rollout_prefill")
   kept = []
+  narrow = jnp.dtype(cfg.dtype).itemsize < 4
+  # The prefill's layer scan reads the stacked weights: XLA:CPU converts each whole to f32.
   prefill = _compile("rollout_prefill", "continuous._start_jit (prompt table + slots)",
                      continuous._start_jit, start_args, static=static,
                      floor=fsdp_floor_bytes(params_f32, mesh, compute, gathers=1,
                                             gradients=False),
-                     resident=resident, keep=kept)
+                     resident=resident, keep=kept,
+                     weight_sizes=(decode_weight_sizes(params, mesh, per_layer=False)
+                                   if narrow else frozenset()), width=cfg.hidden_size)
   shapes = jax.eval_shape(functools.partial(continuous._start_jit, **static), *start_args)
   table, keys_n, state = with_shardings(shapes, kept[0].output_shardings)
   steps = continuous_steps(spec)
@@ -791,8 +797,8 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
     if p.get("f32_weight_copy_bytes"):
       copies = p["f32_weight_copy_bytes"]
       lines.append(
-          f"  {name}: of its peak, {fmt(copies)} {unit} are XLA:CPU's float32 per-layer "
-          f"copies of the bf16 decode weights (a GPU/TPU keeps them bf16, half): peak with "
+          f"  {name}: of its peak, {fmt(copies)} {unit} are XLA:CPU's float32 copies of "
+          f"the bf16 weights (a GPU/TPU keeps them bf16, half or none): peak with "
           f"bf16 copies {fmt(p['peak_bytes_per_device'] - copies / 2)} {unit}, without any "
           f"{fmt(p['peak_bytes_per_device'] - copies)} {unit}")
   lines += ["", f"Collectives per iteration: {fmt(c['bytes_per_iteration'])} {unit} per "
