@@ -154,9 +154,13 @@ def targets(reports: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, i
       t["fit target"] = _fit(max_peak(report), max_peak(report, True), limit)
     limit = ROLLOUT_TARGETS_GB.get((model, devices))
     if limit is not None:
-      p = report["phases"]["rollout"]
-      peak = p["peak_bytes_per_device"]
-      t["rollout target"] = _fit(peak, peak - p.get("f32_weight_copy_bytes", 0) // 2, limit)
+      # The rollout's programs: the prompt table's prefill (continuous engine) and the decode.
+      ps = [report["phases"][n] for n in ("rollout_prefill", "rollout")
+            if n in report["phases"]]
+      peak = max(p["peak_bytes_per_device"] for p in ps)
+      bf16 = max(p["peak_bytes_per_device"] - p.get("f32_weight_copy_bytes", 0) // 2
+                 for p in ps)
+      t["rollout target"] = _fit(peak, bf16, limit)
     t["floor target"] = verdict(update_floor_ratio(report), UPDATE_FLOOR_TARGET)
     if devices == 16 and (model, 8) in reports:
       ratio = activation_ratio(reports[(model, 8)], report)

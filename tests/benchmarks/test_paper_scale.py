@@ -72,3 +72,14 @@ def test_targets_without_a_fit_target_or_a_pair():
   big = _report(16, update_peak=15.0, state=1.0, rollout_peak=12.0, coll=1.0, floor=1.0)
   assert paper_scale.targets({("qwen2.5-math-1.5b", 16): big})[
       ("qwen2.5-math-1.5b", 16)]["fit target"] == "<= 14 GB: missed (1.07x) (15.0)"
+
+
+def test_rollout_target_counts_the_continuous_prefill_too():
+  """The continuous rollout is two programs (prompt table prefill, decode): its target
+  takes the larger of each figure, with each phase's own float32 weight copies."""
+  r = _report(16, update_peak=20.0, state=5.0, rollout_peak=12.0, coll=1.0, floor=1.0)
+  r["phases"]["rollout"]["f32_weight_copy_bytes"] = 2 * GB          # 12 -> 11 at bf16
+  r["phases"]["rollout_prefill"] = {"peak_bytes_per_device": 15.0 * GB,
+                                    "f32_weight_copy_bytes": 6 * GB}  # 15 -> 12 at bf16
+  t = paper_scale.targets({("qwen2.5-math-7b", 16): r})[("qwen2.5-math-7b", 16)]
+  assert t["rollout target"] == "<= 14 GB: missed (1.07x) (15.0); with bf16 copies met (12.0)"
