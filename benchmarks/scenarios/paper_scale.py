@@ -65,17 +65,33 @@ nothing (1.5B, weights whole) or 62-123 MB (7B).
 
 The fit targets count, for every phase, what lives alongside the program (the optimizer
 moments; the f32 master params while the rollout decodes from bf16 copies; the previous
-chunk's outputs): met on the CPU figures. Not met: 7B's rollout on 16 devices <= 14 GB
-(21.9 GB CPU, 18.4 with bf16 weight copies, 14.9 without any). What it holds per device
-(bf16): the params on the rollout mesh (3.8 GB) and, again, their per-layer slices
-(`transformer.decode_params` inside `continuous.run_steps`, 3.3 GB), the slots' cache
-(2.8 GB), the prompt table gathered whole over the data replicas in every chunk's call
-(0.9 GB), the train state's float32 master params resident beside it (not in the 21.9).
-Of the program's 15.1 GB of temporaries, XLA's buffer assignment (`--xla_dump_to`) puts
-14.8 GB in float32 widenings of bf16 arrays (per-layer weights 7.1, the KV cache per
-layer for the attention 5.6, the gathered prompt table 2.1), which a GPU keeps in bf16
-or does not make: about 11.7 GB there, an estimate (see docs/LAUNCHING.md). Fewer slots
-trade rollout speed for the cache only; the rest is the engine's.
+chunk's outputs): met on the CPU figures. The rollout target (7B on 16 devices <= 14 GB,
+the larger of the continuous engine's two programs, prefill and decode): met with
+XLA:CPU's float32 weight copies counted at bf16 (12.7 GB decode, 12.3 prefill), and
+without any (9.2, 9.0); missed on the raw CPU figure (16.2 decode, 15.6 prefill: 7.1 and
+6.5 GB of it are those copies, which XLA:CPU hoists out of the loops, every layer's at
+once).
+
+Before -> after (2026-12-07, decode branch; 7B x16 rollout / prefill / reshard, GB per
+device, CPU figure (with bf16 copies, without)): 21.9 (18.4, 14.9) / 14.8 / 14.1 ->
+16.2 (12.7, 9.2) / 15.6 (12.3, 9.0) / 14.1; 1.5B x16 11.1 / 6.2 / 5.5 -> 7.8 (6.3, 4.7)
+/ 7.1 / 5.5. What changed (`sampling/continuous.py`; XLA's buffer assignment,
+`--xla_dump_to`, had put 14.8 of the decode's 15.1 GB of temporaries in float32 copies of
+bf16 arrays): (1) the slots' cache and the prompt table are carried as the uint16 bits of
+their bf16 values: XLA:CPU ran each step's per-slot key/value scatter on a float32 copy
+of every layer's whole cache (5.6 GB), and kept a float32 copy of every layer's whole
+table for the per-step gather (1.9 GB); on bits the scatter is in place and the gather
+reads 16-bit values (a GPU reads the same bytes either way). (2) The prompt table is
+made whole over the data replicas once, at the prefill (+0.7 GB held), instead of
+gathered again by every chunk's call (0.9 GB, in float32 on CPU). (3) The decode weights
+are cast to the compute dtype and gathered over the batch axes once before the loop
+(`sharding.decode_param_specs`, the head kept vocabulary-split), so a rollout mesh with
+fsdp > 1 no longer decodes FSDP-split. What the decode still holds per device: the
+stacked bf16 params (3.8 GB), their per-layer slices (`transformer.decode_params`, the
+f32 copies here; a GPU that copies the slices holds 3.5 GB of them, the "with bf16
+copies" figure), the cache (2.8), the whole table (0.9), per-layer prefix gathers and
+attention partials (about 1.2). The prefill's f32 copies are of the stacked weights,
+which a layer scan on a GPU reads without copying.
 """
 
 

@@ -80,10 +80,13 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
 
   # Host mode's rollout (runs with task.name="jsonl"): continuous batching on 256 decode
   # slots, so its KV cache is 256 x 3,071 slots whatever B x G is (the static sampler's
-  # 1,024 x 4,095 bf16 cache alone is 10.6 GB per device for 7B on 16 devices). Each
-  # chunk's call gathers the prompt table again over the data replicas (0.9 GB per device
-  # for 7B), so chunks of 256 steps (48 per iteration at the worst case): the verifier
-  # still gets the finished responses every few seconds. Continuous batching runs in one process: a
+  # 1,024 x 4,095 bf16 cache alone is 10.6 GB per device for 7B on 16 devices). Chunks of
+  # 256 steps (48 per iteration at the worst case): the verifier still gets the finished
+  # responses every few seconds, and each chunk's call slices the decode weights once.
+  # The prompt table holds all 64 prompts (0.9 GB per device for 7B, whole on every data
+  # replica): a table of 3 S / G = 48 entries refilled inside the loop
+  # (rollout.table_entries) prefills there with the stacked weights and measured larger
+  # (7B x16, 2-layer compile: 3.5 against 2.5 GB). Continuous batching runs in one process: a
   # multi-process run sets rollout.slots=0 (the static sampler).
   c.rollout.slots = 256
   c.rollout.chunk_steps = 256
