@@ -256,3 +256,52 @@ def test_decode_loop_copies_no_cache(params, prompts, spec_kwargs):
   copies = [line for b in bodies for line in b.splitlines()
             if " copy(" in line and any(s in line for s in shapes)]
   assert not copies, copies[:2]
+
+
+@pytest.mark.parametrize("spec_kwargs", [{}, dict(decode_attention="bounded", attention_block=4)])
+def test_bf16_loop_holds_no_float32_cache_or_table_and_gathers_once(params, prompts,
+                                                                    num_devices, spec_kwargs):
+  """bf16 on a data 4 x fsdp 2 mesh: the slots' cache and the prompt table are carried as
+  uint16 bits (`continuous._bits`), so the compiled chunk has no float32 (nor uint16 copy)
+  array of a whole layer's cache or table (XLA:CPU had upcast each layer's whole cache
+  for the per-slot write); the table comes whole from the prefill, so the chunk gathers
+  no table entry, and the FSDP-split weights are gathered before the loop, not in it."""
+  import dataclasses
+  import re
+  cfg = dataclasses.replace(CONFIG, dtype="bfloat16")
+  ids, mask = prompts
+  spec, slots = _spec(8, EOS, spec_kwargs), 8
+  bucket = engine.bucket_length(ids.shape[1])
+  pad = ((0, 0), (bucket - ids.shape[1], 0))
+  caps, order = jnp.asarray(CAPS), jnp.arange(len(CAPS))
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2, tensor=1))
+  with jax.set_mesh(mesh):
+    sharded = sharding.shard_params(params, mesh)
+    table, keys, state = continuous._start_jit(
+        sharded, np.pad(ids, pad), np.pad(mask, pad), jax.random.key(1),
+        jnp.asarray(PROMPT_IDS_B), caps, order, config=cfg, spec=spec, cache_dtype=None)
+    assert state.cache.k[0].dtype == table.k[0].dtype == jnp.uint16
+    assert table.dtype == jnp.bfloat16
+    assert table.k[0].sharding.shard_shape(table.k[0].shape) == table.k[0].shape   # whole
+    hlo = continuous._run_jit.lower(sharded, state.replace(cache=None), state.cache, table,
+                                    keys, caps, order, jnp.int32(10), config=cfg, spec=spec
+                                    ).compile().as_text()
+  kv, hd, own, b = cfg.num_kv_heads, cfg.head_size, spec.own_slots, len(LENGTHS)
+  cache = (rf"\[\d+,{kv},{hd},{own}\]", rf"\[\d+,{kv},{own},{hd}\]")   # a layer's, per device
+  # The whole table's layer in float32 (each slot's gathered entry is read in f32 by the
+  # CPU's dots, one layer at a time: [1, ...] here).
+  widened = re.findall(rf"f32\[{b},{kv},({hd},{bucket}|{bucket},{hd})\]", hlo)
+  assert not widened, widened[:2]
+  bodies = _while_bodies(hlo)
+  # The per-slot write: in place on the carried bits, no float32 scatter or uint16 copy.
+  writes = [line for b_ in bodies for line in b_.splitlines() for c in cache
+            if re.search(r"(f32|u16)" + c + r"[^=]*= .*(scatter|copy|bitcast-convert)\(",
+                         line) and not line.lstrip().startswith(("ROOT", "%fused"))]
+  assert not [w for w in writes if "f32" in w.split("=")[0] or "copy(" in w], writes[:2]
+  # Per step only the logits and each slot's new key / value (its scatter's update, [S,
+  # kv heads, head_dim]) are gathered: no weight, no table entry.
+  gathered = [(m.group(1), [int(d) for d in m.group(2).split(",")]) for b_ in bodies
+              for m in re.finditer(r"= (f32|bf16|u16)\[([\d,]+)\][^ ]* all-gather", b_)]
+  gathers = [g for g in gathered if np.prod(g[1]) > slots * kv * hd
+             and g[1][-1] != cfg.vocab_size]
+  assert not gathers, gathers[:2]
