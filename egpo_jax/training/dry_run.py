@@ -484,7 +484,10 @@ def f32_weight_copies(hlo: str, weight_sizes: frozenset, width: int) -> int:
   (`weight_sizes`) and a dimension of the model width `width`: XLA:CPU slices the
   stacked bf16 weights into per-layer ones (`transformer.decode_params`) converted to
   float32 for its dots, once, before the token loop; a GPU or TPU keeps those slices in
-  bf16 (half these bytes). Fusion internals are not buffers; an estimate."""
+  bf16 (half these bytes). With the stacked shards' sizes (`decode_weight_sizes(...,
+  per_layer=False)`), the whole stacked weights a prefill's layer scan reads, converted
+  the same way (a GPU reads them as they are). Fusion internals are not buffers; an
+  estimate."""
   if not weight_sizes:
     return 0
   comps, entry, _ = _parse_module(hlo)
