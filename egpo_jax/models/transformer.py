@@ -643,7 +643,8 @@ def _scatter_slots(buf, where, new):
   """buf.at[where].set(new) (one slot per row), bit for bit, written through an unsigned
   integer view of a 16-bit float buffer: XLA:CPU runs a bf16 scatter on a float32 copy
   of the WHOLE buffer (each layer's cache upcast, all layers' copies alive at once), an
-  integer scatter in place; on a GPU or TPU the view is free."""
+  integer one on the buffer itself (in place when the caller carries the bits, as
+  `sampling.continuous` does, so the views cancel); on a GPU or TPU the view is free."""
   new = new.astype(buf.dtype)
   if buf.dtype.itemsize != 2 or not jnp.issubdtype(buf.dtype, jnp.floating):
     return buf.at[where].set(new)

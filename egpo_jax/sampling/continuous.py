@@ -61,7 +61,11 @@ conditions are data.
 
 Memory: the cache is S x (T - 1) slots plus the table's E x P (each prompt once, E = B by
 default), against the static sampler's B x G x (P + T - 1) (or B x P + B x G x (T - 1)
-with a shared prefix); the outputs are N x T as before.
+with a shared prefix); the outputs are N x T as before. Under a mesh the slots split over
+the batch axes and the table is whole on every device (any slot may read any entry; made
+whole once, at the prefill, not gathered by every chunk). A bf16 cache and table are
+carried as their uint16 bits (`_bits`), which XLA:CPU writes and gathers without
+float32 copies of every layer's whole buffer; the values are the same bits.
 """
 
 from __future__ import annotations
@@ -385,7 +389,8 @@ def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
       v=tuple(_floats(v, dtype) for v in state.cache.v),
       index=prompt_len + fed_S, positions_B=table.lengths_B[entry_S] + fed_S,
       prefix_k=tuple(_floats(k[entry_S], dtype) for k in table.k),
-      prefix_v=tuple(_floats(v[entry_S], dtype) for v in table.v), prefix_mask_BpxP=table.mask_BxP[entry_S])
+      prefix_v=tuple(_floats(v[entry_S], dtype) for v in table.v),
+      prefix_mask_BpxP=table.mask_BxP[entry_S])
   read_slots_S = None
   if spec.decode_attention == "bounded" and spec.own_slots > spec.read_block:
     # Own slots [0, t - 1] hold the response's fed tokens (this step's included); a fresh

@@ -2,7 +2,9 @@
 bit-identity whatever the slot, neighbours, start step or queue order; exactness against
 teacher forcing and the static sampler; caps, stop ids, chunking, FIFO utilisation."""
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -266,8 +268,6 @@ def test_bf16_loop_holds_no_float32_cache_or_table_and_gathers_once(params, prom
   array of a whole layer's cache or table (XLA:CPU had upcast each layer's whole cache
   for the per-slot write); the table comes whole from the prefill, so the chunk gathers
   no table entry, and the FSDP-split weights are gathered before the loop, not in it."""
-  import dataclasses
-  import re
   cfg = dataclasses.replace(CONFIG, dtype="bfloat16")
   ids, mask = prompts
   spec, slots = _spec(8, EOS, spec_kwargs), 8
