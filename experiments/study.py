@@ -204,10 +204,8 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
     return tests
 
   primary, secondary = family([PRIMARY]), family(SECONDARY)
-  for t in primary:   # post hoc: each comparison's own observed SD, at the planning level
-    sd = t["sd"]
-    t["power_mde"] = (stats.power_paired(int(t["n"]), sd, cfg.mde, cfg.alpha / len(primary))
-                      if t["n"] >= 2 and np.isfinite(sd) and sd > 0 else math.nan)
+  for t in primary:
+    t["power_mde"] = power_mde(t, cfg.mde, cfg.alpha / len(primary))
   arms = {o: [{"name": n, **dict(zip(("mean", "low", "high", "n"), stats.mean_ci(
       v, bounds=None if o == "entropy_gap" else (0.0, 1.0))))}
               for n, v in zip(names, per_seed[o])] for o in (PRIMARY, *SECONDARY)}
@@ -236,6 +234,34 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
           "control_warmup": control_warmup, "bootstrap": boot,
           "design": design(sds, int(min(t["n"] for t in primary)), cfg,
                            num_tests=len(primary))}
+
+
+def power_mde(test: Mapping[str, Any], mde: float, alpha: float) -> float:
+  """Post-hoc power of a paired test (`stats.paired_test`'s dict, or its JSON) for a
+  difference of `mde` at `alpha`, from its own n and observed SD; NaN without one."""
+  sd, n = test.get("sd"), test.get("n") or 0
+  if n < 2 or sd is None or not np.isfinite(sd) or sd <= 0:
+    return math.nan
+  return stats.power_paired(int(n), sd, mde, alpha)
+
+
+def arms_table(rep: Mapping[str, Any]) -> str:
+  """Per arm: n, final accuracy [95% t-interval], the reference minus the arm [95%
+  t-interval], p, Holm p (over the primary family) and the power for `mde` at the
+  family's level (`power_mde`, post hoc): the secondary arms' summary."""
+  f, a, c = stats.fmt, rep["analysis"], rep["config"]
+  tests = {t["reference"]: t for t in a["primary"]}
+  level = c["alpha"] / len(tests)
+  lines = [f"| arm | n | final accuracy [95% CI] | {c['reference']} - arm [95% CI] | p | "
+           f"p (Holm, {len(tests)} tests) | power for {f(c['mde'], 3)} at alpha "
+           f"{f(level, 4)} |", "|---|---|---|---|---|---|---|"]
+  for r in a["arms"][PRIMARY]:
+    t = tests.get(r["name"])
+    lines.append(f"| {r['name']} | {r['n']} | {f(r['mean'])} [{f(r['low'])}, {f(r['high'])}] | "
+                 + (f"{f(t['diff'], 4)} [{f(t['diff_low'], 4)}, {f(t['diff_high'], 4)}] | "
+                    f"{f(t['p'], 4)} | {f(t['p_holm'], 4)} | "
+                    f"{f(power_mde(t, c['mde'], level), 2)} |" if t else "| | | |"))
+  return "\n".join(lines) + "\n"
 
 
 def design(sds: Sequence[float], n: int, cfg: ml_collections.ConfigDict, *,

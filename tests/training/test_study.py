@@ -243,6 +243,12 @@ def test_primary_tests_carry_their_post_hoc_power():
   for t in out["primary"]:   # each comparison's own SD, at alpha / 2 (the family of 2)
     assert t["power_mde"] == pytest.approx(stats.power_paired(6, t["sd"], 0.02, 0.025))
   assert all("power_mde" not in t for t in out["secondary"])
+  rep = json.loads(json.dumps(study.jsonable(study.report(cfg, res))))
+  table = study.arms_table(rep).splitlines()
+  assert len(table) == 2 + len(NAMES) and table[2].startswith("| egpo | 6 |")
+  t = out["primary"][0]
+  assert table[3].startswith(f"| grpo | 6 |") and table[3].endswith(
+      f" | {stats.fmt(t['p_holm'], 4)} | {stats.fmt(t['power_mde'], 2)} |")
 
 
 def test_control_off_runs_only_the_arms(monkeypatch):
