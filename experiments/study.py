@@ -4,10 +4,10 @@ vmapped program (`egpo_jax.training.ablation`), then the pre-registered analysis
     python -m experiments.study --regime=default --output_dir=study_results
     python -m experiments.study --regime=all_wrong \
         --config=experiments/configs/study.py:pilot --output_dir=/tmp/pilot
-    python -m experiments.study --merge=A/default.json,B/default.json --output_dir=C
 
-The last joins reports of one design on disjoint seeds (`merge`; amendment 3).
-`--config.control_warmup_steps=0` runs the arms without amendment 1's control.
+`--config.control_warmup_steps=0` runs the arms without amendment 1's control. Seeds of
+one design run as ONE program: a run's values depend, through float32 rounding, on which
+other runs share the vmapped program (PREREGISTRATION.md, amendment 4; RESULTS.md).
 
 Writes <output_dir>/<regime>.json (the settings, per-seed raw values of every outcome,
 the validation curves and the analysis) and <regime>.md (the tables). The design, the
@@ -63,9 +63,6 @@ _REGIME = flags.DEFINE_enum("regime", None, list(study_configs.REGIMES), "The re
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "study_results",
                                   "Where <regime>.json and <regime>.md are written.",
                                   flag_values=FLAGS)
-_MERGE = flags.DEFINE_list("merge", None, "Regime JSONs of one design on disjoint seeds to "
-                           "merge per seed into <output_dir>/<regime>.json (runs nothing; "
-                           "`merge`).", flag_values=FLAGS)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -292,14 +289,10 @@ def markdown(rep: Mapping[str, Any]) -> str:
   """A regime's tables from its report (`report`, or the JSON it is written as)."""
   f, analysis = stats.fmt, rep["analysis"]
   seeds, arms = rep["seeds"], analysis["arms"]
-  merged = rep.get("merged_from")
   lines = [f"# Study regime `{rep['regime']}` ({rep['setting']} setting)", "",
            f"{len(seeds)} seeds per arm ({seeds[0]}..{seeds[-1]}), "
            f"{rep['config']['iterations']} iterations, warm-up {rep['warmup']}, "
-           f"{rep['seconds_rl']:.0f} s for the RL of all runs"
-           + (", merged per seed from the programs of seeds " + "; ".join(
-               f"{m['seeds'][0]}..{m['seeds'][-1]} ({m['seconds_rl']:.0f} s)" for m in merged)
-              if merged else "") + ".", "",
+           f"{rep['seconds_rl']:.0f} s for the RL of all runs.", "",
            *(["In this setting the `primary` family is amendment 1's secondary analysis: "
               "EGPO vs each other arm on final accuracy, Holm over that family "
               "(PREREGISTRATION.md).", ""] if rep["setting"] == "secondary" else []),
@@ -385,72 +378,6 @@ def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[st
           "analysis": analysis}
 
 
-# Config fields that may differ between the programs `merge` joins: which seeds ran and
-# whether amendment 1's weaker-warm-start control ran with them.
-MERGEABLE = ("first_seed", "num_seeds", "control_warmup_steps")
-
-
-def merge(reps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """One regime's report from reports (their JSON) of the same design on disjoint seeds.
-
-  Valid because a run's values do not depend on which other runs share the vmapped
-  program (notebooks/PREREGISTRATION.md, amendment 3: the shared arms x seeds of two
-  differently composed programs agree bitwise in accuracy, to 6e-8 in calibration).
-  Refuses, in one line, reports of other regimes, settings, arms or configs (but for
-  `MERGEABLE`), overlapping seeds, or different warm starts (iteration-0 validation,
-  which every run of a regime shares, equal to 1e-6). Per-seed values, curves and training means are
-  joined along the seed axis, sorted by seed, and the analysis is recomputed; amendment 1's
-  control is kept only when every report has it; "merged_from" lists each report's seeds
-  and RL seconds.
-  """
-  if len(reps) < 2:
-    raise ValueError(f"merge needs at least 2 reports, got {len(reps)}")
-  first = reps[0]
-
-  def same(key, value_of):
-    for r in reps[1:]:
-      if value_of(r) != value_of(first):
-        raise ValueError(f"merge: the reports differ in {key} ({value_of(first)!r} vs "
-                         f"{value_of(r)!r}); merge only runs of one design")
-  same("regime", lambda r: r["regime"])
-  same("setting", lambda r: r["setting"])
-  same("arms", lambda r: list(r["arms"]))
-  same("eval_iterations", lambda r: list(r["eval_iterations"]))
-  same("config", lambda r: {k: v for k, v in r["config"].items() if k not in MERGEABLE})
-  same("warm-up", lambda r: {k: v for k, v in r["warmup"].items() if k != "seconds"})
-  start = lambda r: np.stack([np.asarray(r["val_curves"][k], np.float64)[:, :, 0]
-                               for k in sorted(first["val_curves"])])
-  for r in reps[1:]:   # float32 rounding of differently batched validations: 1e-6
-    if not np.allclose(start(r), start(first)[..., :1], rtol=0, atol=1e-6, equal_nan=True):
-      raise ValueError("merge: the reports' warm starts (iteration-0 validation) differ; "
-                       "merge only runs of one regime's warm start")
-  seeds = [s for r in reps for s in r["seeds"]]
-  if len(set(seeds)) != len(seeds):
-    raise ValueError(f"merge: seeds {sorted(seeds)} overlap; merge disjoint seeds")
-  order = np.argsort(seeds, kind="stable")
-  cat = lambda get: np.concatenate([np.asarray(get(r), np.float64) for r in reps],
-                                   axis=1)[:, order]
-  keys = lambda get: {k: cat(lambda r, k=k: get(r)[k]) for k in get(first)}
-  cfg = ml_collections.ConfigDict(first["config"])
-  cfg.first_seed, cfg.num_seeds = int(min(seeds)), len(seeds)
-  has_control = all(r.get("control_warmup") for r in reps)
-  if not has_control:
-    cfg.control_warmup_steps = 0
-  result = {"regime": first["regime"], "names": list(first["arms"]),
-            "seeds": sorted(seeds), "seconds": sum(r["seconds_rl"] for r in reps),
-            "warmup": first["warmup"], "eval_iterations": first["eval_iterations"],
-            "val": keys(lambda r: r["val_curves"]),
-            "control_warmup": ({"val": keys(lambda r: r["control_warmup"]["val"]),
-                                "warmup": first["control_warmup"]["warmup"],
-                                "seconds": sum(r["control_warmup"]["seconds"] for r in reps)}
-                               if has_control else None)}
-  train_means = keys(lambda r: r["train_means"])
-  rep = report(cfg, {**result, "train": {k: v[:, :, None] for k, v in train_means.items()}})
-  rep["merged_from"] = [{"seeds": r["seeds"], "seconds_rl": r["seconds_rl"],
-                         "warmup_seconds": r["warmup"].get("seconds")} for r in reps]
-  return rep
-
-
 def _write(rep: Mapping[str, Any], paths: Sequence[str]) -> None:
   os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
   with open(paths[0], "w") as fh:
@@ -464,23 +391,6 @@ def _write(rep: Mapping[str, Any], paths: Sequence[str]) -> None:
 def main(argv):
   del argv
   cfg, regime, out_dir = _CONFIG.value, _REGIME.value, _OUTPUT_DIR.value
-  if _MERGE.value:
-    reps = []
-    for path in _MERGE.value:
-      with open(path) as fh:
-        reps.append(json.load(fh))
-    try:
-      rep = jsonable(merge(reps))
-    except ValueError as err:
-      print(f"error: {err}", file=sys.stderr)
-      sys.exit(2)
-    paths = [os.path.join(out_dir, f"{rep['regime']}.{ext}") for ext in ("json", "md")]
-    for p in paths:
-      if os.path.exists(p):
-        raise FileExistsError(f"{p} exists: give another --output_dir or remove it (the "
-                              "study never overwrites results)")
-    _write(rep, paths)
-    return
   if regime is None:
     raise app.UsageError(f"--regime is required: one of {list(study_configs.REGIMES)}")
   try:

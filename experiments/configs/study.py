@@ -8,11 +8,6 @@
         --config=experiments/configs/study.py:secondary          # all arms (amendment 1)
     python -m experiments.study --regime=overconfident \
         --config.control_warmup_steps=0       # the primary comparison alone, no control
-    python -m experiments.study --regime=default --config=experiments/configs/study.py:secondary \
-        --config.first_seed=4 --config.num_seeds=4 --config.control_warmup_steps=0 \
-        --output_dir=/tmp/s4                  # more seeds of a stored run (amendment 3) ...
-    python -m experiments.study --merge=A/default.json,/tmp/s4/default.json \
-        --output_dir=B                        # ... merged per seed with it (`study.merge`)
 
 Settings (the part after ':'): "full" (confirmatory: seeds 0.., n from the pilot),
 "pilot" (seeds 1000.., kept out of the confirmatory sample), "secondary" (the secondary

@@ -171,72 +171,6 @@ def test_command_line_lists_its_flags_and_refuses_bad_ones_in_one_line():
     assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr, done.stderr
 
 
-def _split(res, seeds):
-  """The part of a `_result` that a program of these seed positions would have returned."""
-  take = lambda x: np.asarray(x)[:, seeds]
-  return {**res, "seeds": [res["seeds"][i] for i in seeds],
-          "val": {k: take(v) for k, v in res["val"].items()},
-          "train": {k: take(v) for k, v in res["train"].items()},
-          "control_warmup": {**res["control_warmup"], "val": {
-              k: take(v) for k, v in res["control_warmup"]["val"].items()}}}
-
-
-def _same_warm_start(res):
-  for v in res["val"].values():   # one warm start and validation keys for every run
-    v[:, :, 0] = v[:, :1, 0]
-  return res
-
-
-def test_merge_of_disjoint_seeds_is_the_report_of_all_of_them():
-  cfg, res = study_configs.get_config(), _same_warm_start(_result())
-  whole = json.loads(json.dumps(study.jsonable(study.report(cfg, res))))
-  as_json = lambda r: json.loads(json.dumps(study.jsonable(r)))
-  parts = []
-  for seeds in ([3, 4, 5], [0, 1, 2]):   # out of order: the merge sorts by seed
-    part_cfg = study_configs.get_config()
-    part_cfg.first_seed, part_cfg.num_seeds = seeds[0], len(seeds)
-    parts.append(as_json(study.report(part_cfg, _split(res, seeds))))
-  merged = as_json(study.merge(parts))
-  assert merged["seeds"] == whole["seeds"] == list(range(6))
-  for k in ("per_seed", "val_curves", "train_means"):
-    np.testing.assert_equal(merged[k], whole[k], err_msg=k)   # None (NaN) included
-  np.testing.assert_equal(merged["control_warmup"]["val"], whole["control_warmup"]["val"])
-  assert merged["control_warmup"]["seconds"] == 2 * res["control_warmup"]["seconds"]
-  for fam in ("primary", "secondary"):
-    for a, b in zip(merged["analysis"][fam], whole["analysis"][fam]):
-      assert a["reference"] == b["reference"]
-      assert a["diff"] == pytest.approx(b["diff"]) and a["p_holm"] == pytest.approx(b["p_holm"])
-  assert merged["config"]["num_seeds"] == 6 and merged["config"]["first_seed"] == 0
-  assert merged["seconds_rl"] == 2 * res["seconds"]
-  assert [m["seeds"] for m in merged["merged_from"]] == [[3, 4, 5], [0, 1, 2]]
-  assert "merged per seed from the programs of seeds 3..5" in study.markdown(merged)
-  # Without the weaker-warm-start control in every part, the merge has none.
-  parts[0]["control_warmup"] = None
-  parts[0]["config"]["control_warmup_steps"] = 0
-  merged = study.merge(parts)
-  assert merged["control_warmup"] is None and merged["analysis"]["control_warmup"] is None
-  assert merged["config"]["control_warmup_steps"] == 0
-
-
-def test_merge_refuses_what_is_not_one_design():
-  cfg, res = study_configs.get_config(), _same_warm_start(_result())
-  part = lambda seeds: json.loads(json.dumps(study.jsonable(
-      study.report(cfg, _split(res, seeds)))))
-  a, b = part([0, 1, 2]), part([3, 4, 5])
-  with pytest.raises(ValueError, match="overlap"):
-    study.merge([a, part([2, 3])])
-  with pytest.raises(ValueError, match="at least 2"):
-    study.merge([a])
-  for key, change in (("regime", lambda r: r.update(regime="shortcut")),
-                      ("config", lambda r: r["config"].update(iterations=30)),
-                      ("warm start", lambda r: r["val_curves"]["accuracy"][0][0].__setitem__(
-                          0, 0.5))):
-    bad = json.loads(json.dumps(b))
-    change(bad)
-    with pytest.raises(ValueError, match=key):
-      study.merge([a, bad])
-
-
 def test_primary_tests_carry_their_post_hoc_power():
   cfg, res = study_configs.get_config(), _result()
   out = study.analyse(study.outcomes(res), NAMES, res["val"]["accuracy"], list(EVALS), cfg)
@@ -270,21 +204,3 @@ def test_control_off_runs_only_the_arms(monkeypatch):
   cfg.control_warmup_steps = 0   # the primary comparison alone, without the control
   assert "control_warmup" not in study.run_regime(cfg, "overconfident", progress=False)
   assert len(calls) == 1 and len(calls[0][1]) == 11
-
-
-def test_merge_command_writes_and_never_overwrites(tmp_path):
-  cfg, res = study_configs.get_config(), _same_warm_start(_result())
-  paths = []
-  for i, seeds in enumerate(([0, 1, 2], [3, 4, 5])):
-    paths.append(tmp_path / f"part{i}.json")
-    paths[-1].write_text(json.dumps(study.jsonable(study.report(cfg, _split(res, seeds)))))
-  study.FLAGS.unparse_flags()
-  study.FLAGS(["study", f"--merge={paths[0]},{paths[1]}", f"--output_dir={tmp_path}/all"])
-  try:
-    study.main([])
-    rep = json.loads((tmp_path / "all" / "default.json").read_text())
-    assert rep["seeds"] == list(range(6)) and len(rep["merged_from"]) == 2
-    with pytest.raises(FileExistsError, match="never overwrites"):
-      study.main([])
-  finally:
-    study.FLAGS.unparse_flags()
