@@ -378,16 +378,6 @@ def report(cfg: ml_collections.ConfigDict, result: Mapping[str, Any]) -> dict[st
           "analysis": analysis}
 
 
-def _write(rep: Mapping[str, Any], paths: Sequence[str]) -> None:
-  os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
-  with open(paths[0], "w") as fh:
-    json.dump(rep, fh, indent=1)
-  with open(paths[1], "w") as fh:
-    fh.write(markdown(rep))
-  print(open(paths[1]).read())
-  print(f"wrote {paths[0]} and {paths[1]}")
-
-
 def main(argv):
   del argv
   cfg, regime, out_dir = _CONFIG.value, _REGIME.value, _OUTPUT_DIR.value
@@ -404,7 +394,14 @@ def main(argv):
       raise FileExistsError(f"{p} exists: give another --output_dir or remove it (the "
                             "study never overwrites results)")
   result = run_regime(cfg, regime)
-  _write(jsonable(report(cfg, result)), paths)
+  rep = jsonable(report(cfg, result))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(paths[0], "w") as fh:
+    json.dump(rep, fh, indent=1)
+  with open(paths[1], "w") as fh:
+    fh.write(markdown(rep))
+  print(open(paths[1]).read())
+  print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":
