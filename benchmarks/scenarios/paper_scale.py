@@ -91,7 +91,10 @@ stacked bf16 params (3.8 GB), their per-layer slices (`transformer.decode_params
 f32 copies here; a GPU that copies the slices holds 3.5 GB of them, the "with bf16
 copies" figure), the cache (2.8), the whole table (0.9), per-layer prefix gathers and
 attention partials (about 1.2). The prefill's f32 copies are of the stacked weights,
-which a layer scan on a GPU reads without copying.
+which a layer scan on a GPU reads without copying. Variants (7B x16, decode / prefill,
+CPU figure): 128 slots 14.1 / 14.1 (half the cache, a slower rollout); a 48-entry
+table refilled in the loop (`rollout.table_entries`, 3 S / G) 23.6 (its in-loop prefill
+converts the stacked weights too); full attention 16.2, as bounded.
 """
 
 
