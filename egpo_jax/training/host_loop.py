@@ -244,19 +244,21 @@ class StreamingVerifier:
       f.result()
     self._executor.shutdown()
     if not self.seen_N.all():
-      raise RuntimeError(f"the streaming rollout never reported responses "
-                         f"{np.flatnonzero(~self.seen_N).tolist()[:8]}")
+      raise RuntimeError(f"the streaming rollout never reported this process's responses "
+                         f"{np.flatnonzero(~self.seen_N).tolist()[:8]}: across processes "
+                         "its rows must be split over mesh axes that span the processes")
     return self.correct_N, self.lengths_N
 
 
 def _submit_own(stream: "StreamingVerifier", start: int, resp_R, ids_RxT, lengths_R) -> None:
-  """Hands a streaming rollout's finished rows (global row ids) to this process's
-  verifier, which holds the rows [start, start + its N)."""
+  """Hands a streaming rollout's finished rows (global row ids) that fall in this
+  process's block [start, start + its N) to its verifier; rows a process holds beyond its
+  block (replicated ones) are another's to verify. A row of the block never handed over
+  fails `StreamingVerifier.result`."""
   local_R = np.asarray(resp_R) - start
-  if len(local_R) and (local_R.min() < 0 or local_R.max() >= len(stream.answers_n)):
-    raise ValueError(f"the rollout reported rows {np.asarray(resp_R).tolist()} outside this "
-                     f"process's block [{start}, {start + len(stream.answers_n)})")
-  stream.submit(local_R, ids_RxT, lengths_R)
+  keep = (local_R >= 0) & (local_R < len(stream.answers_n))
+  if keep.any():
+    stream.submit(local_R[keep], np.asarray(ids_RxT)[keep], np.asarray(lengths_R)[keep])
 
 
 def _caps_N(rollout: RolloutFn, caps_B, group_size: int) -> np.ndarray:
