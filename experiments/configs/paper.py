@@ -83,8 +83,8 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   # 1,024 x 4,095 bf16 cache alone is 10.6 GB per device for 7B on 16 devices). Each
   # chunk's call gathers the prompt table again over the data replicas (0.9 GB per device
   # for 7B), so chunks of 256 steps (48 per iteration at the worst case): the verifier
-  # still gets the finished responses every few seconds. Continuous batching runs in one process: a
-  # multi-process run sets rollout.slots=0 (the static sampler).
+  # still gets the finished responses every few seconds (each process its own, across
+  # processes).
   c.rollout.slots = 256
   c.rollout.chunk_steps = 256
   # Train on FSDP alone (no Megatron all-reduces: the update stays under its FSDP floor)
