@@ -89,7 +89,7 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=No
     # One query: the scores are [B, H, S], nothing to save; every implementation uses
     # the single-query path, which reads the decode cache layout without copies.
     if read_slots_B is not None:
-      return _attend_one_paged(q, k, v, kv_mask_BxS, prefix, read_slots_B, read_block)
+      return _paged_per_device(q, k, v, kv_mask_BxS, prefix, read_slots_B, read_block)
     return _attend_one(q, k, v, kv_mask_BxS, prefix)
   if prefix is not None or read_slots_B is not None:
     raise ValueError("attend: prefix and read_slots_B are for one query per row (decoding) "
@@ -214,6 +214,52 @@ def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix=None):
       b, g, r, hd)
   out = jnp.einsum("bgrs,bgsk->bgrk", probs[..., p:], v_BxGxSxK) + prefix_out
   return out.reshape(b, h, hd)
+
+
+def _paged_per_device(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B,
+                      block: int):
+  """`_attend_one_paged` run by each device on its own rows and heads under a mesh.
+
+  Its (row, block) pair list mixes rows: traced globally, GSPMD turns each visit's
+  gather of B blocks "wherever their rows are" into a masked local gather plus an
+  all-reduce of the gathered blocks, i.e. the used KV cache crosses the network every
+  step. Per device (`jax.shard_map`: rows over the batch axes, heads over `tensor`) each
+  device lists and visits only its rows' blocks and nothing is communicated. A row's
+  result is the same either way (its partials never mix with other rows'). Without a
+  mesh, or where the mesh does not split rows and heads evenly (prefix groups included),
+  the global version runs.
+  """
+  from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
+  mesh = sharding.active_mesh()
+  run = functools.partial(_attend_one_paged, block=block)
+  if mesh is None or mesh.size == 1:
+    return run(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B)
+  batch, heads, kv_heads = "activation_batch", "activation_heads", "activation_kv_heads"
+  spec = lambda x, *names: sharding.logical_spec(   # noqa: E731
+      names + (None,) * (x.ndim - len(names)), x.shape, mesh)
+  dim = lambda p, i: (tuple(p) + (None, None))[i]   # noqa: E731
+  with_heads = [spec(q_BxHxK, batch, heads), spec(k_BxGxKxS, batch, kv_heads),
+                spec(v_BxGxSxK, batch, kv_heads)]
+  rows_only = [spec(mask_BxS, batch), spec(read_slots_B, batch)]
+  if prefix is not None:
+    with_heads += [spec(prefix[0], batch, kv_heads), spec(prefix[1], batch, kv_heads)]
+    rows_only.append(spec(prefix[2], batch))
+  # Every input split as q is (rows, then heads), or the row and head layouts would not
+  # line up (e.g. 6 prefix rows for 12 rows on 4 devices): then the global version.
+  if (len({dim(p, 0) for p in with_heads + rows_only}) != 1
+      or len({dim(p, 1) for p in with_heads}) != 1):
+    return run(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B)
+  specs = with_heads[:3] + rows_only[:2]
+  if prefix is not None:
+    specs.append((with_heads[3], with_heads[4], rows_only[2]))
+  args = (q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, read_slots_B)
+  if prefix is None:
+    local = lambda q, k, v, m, r: run(q, k, v, m, None, r)   # noqa: E731
+  else:
+    args += (tuple(prefix),)
+    local = lambda q, k, v, m, r, p: run(q, k, v, m, p, r)   # noqa: E731
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0],
+                       check_vma=False)(*args)
 
 
 def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B,

@@ -118,3 +118,34 @@ def test_one_block_reads_as_full(params, prompts):
              spec_kwargs=dict(decode_attention="bounded"))
   for got, want in zip(_fields(one), _fields(full)):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_paged_attention_per_device_under_a_mesh(num_devices, mesh_shape):
+  """Under a mesh each device visits only its own rows' blocks (`_paged_per_device`):
+  equal to the dense path, and the compiled program moves no key or value block. Traced
+  globally, the pair list's gathers became an all-reduce of the gathered blocks (the used
+  cache over the network every step)."""
+  from egpo_jax.models import sharding
+  from egpo_jax.training import dry_run
+  rs = np.random.RandomState(1)
+  b, g, r, hd, s, p = 8, 2, 2, 8, 16, 5
+  f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)   # noqa: E731
+  lens = jnp.asarray([0, 3, 16, 9, 1, 4, 12, 7])
+  mask = jnp.asarray(np.arange(s)[None] < np.asarray(lens)[:, None])
+  prefix = (f(b, g, hd, p), f(b, g, p, hd), jnp.ones((b, p), bool))
+  q, k, v = f(b, g * r, hd), f(b, g, hd, s), f(b, g, s, hd)
+  want = attention.attend(q, k, v, mask, prefix=prefix)
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  paged = jax.jit(lambda *a: attention.attend(*a[:4], prefix=a[5], read_slots_B=a[4],
+                                              read_block=4))
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(   # noqa: E731
+      mesh, sharding.batch_spec(x.shape, mesh)))
+  with jax.set_mesh(mesh):
+    args = jax.tree.map(put, (q, k, v, mask, lens, prefix))
+    got = paged(*args)
+    hlo = paged.lower(*args).compile().as_text()
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+  block_bytes = g * hd * 4 * 4    # one row's key block
+  moved = [c for c in dry_run.parse_hlo(hlo).collectives if c.bytes >= block_bytes]
+  assert not moved, moved[:3]
