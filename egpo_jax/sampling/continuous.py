@@ -649,7 +649,8 @@ def _own_rows(x) -> tuple[int, np.ndarray]:
   spans = sorted(blocks)
   if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
     raise ValueError(f"process {jax.process_index()} holds rows {spans} of a rollout batch, "
-                     "not one block: use a mesh whose data x fsdp axes span the processes")
+                     "not one block: use a config.mesh (and rollout.tensor) whose data x fsdp "
+                     "axes span the processes")
   return spans[0][0], np.concatenate([np.asarray(blocks[k].data) for k in spans])
 
 
