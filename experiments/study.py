@@ -5,6 +5,10 @@ vmapped program (`egpo_jax.training.ablation`), then the pre-registered analysis
     python -m experiments.study --regime=all_wrong \
         --config=experiments/configs/study.py:pilot --output_dir=/tmp/pilot
 
+`--config.control_warmup_steps=0` runs the arms without amendment 1's control. Seeds of
+one design run as ONE program: a run's values depend, through float32 rounding, on which
+other runs share the vmapped program (PREREGISTRATION.md, amendment 4; RESULTS.md).
+
 Writes <output_dir>/<regime>.json (the settings, per-seed raw values of every outcome,
 the validation curves and the analysis) and <regime>.md (the tables). The design, the
 measures and the tests are in notebooks/PREREGISTRATION.md; in short, per seed:
@@ -176,7 +180,9 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
     {"primary": [tests], "secondary": [tests], "arms": {outcome: rows},
      "control": test, "control_warmup": test or None, "bootstrap": {...},
      "design": {...}}: tests as `stats.paired_test` plus "outcome", "name", "reference",
-    "p_holm", "significant"; "arms" the per-arm mean and 95% t-interval (clipped to
+    "p_holm", "significant" (and in the primary family "power_mde": the power for `mde`
+    at alpha / (the family's size) and the test's n, from its own observed SD, post hoc);
+    "arms" the per-arm mean and 95% t-interval (clipped to
     [0, 1] but for the entropy gap); "bootstrap" {outcome: {"arms": rows, "diffs": rows}}
     for `BOOTSTRAPPED`, percentile intervals over seeds; "design" is `design` of the
     primary tests' SDs: the power the design had for `mde`, and the n it asks for.
@@ -195,6 +201,8 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
     return tests
 
   primary, secondary = family([PRIMARY]), family(SECONDARY)
+  for t in primary:
+    t["power_mde"] = power_mde(t, cfg.mde, cfg.alpha / len(primary))
   arms = {o: [{"name": n, **dict(zip(("mean", "low", "high", "n"), stats.mean_ci(
       v, bounds=None if o == "entropy_gap" else (0.0, 1.0))))}
               for n, v in zip(names, per_seed[o])] for o in (PRIMARY, *SECONDARY)}
@@ -223,6 +231,34 @@ def analyse(per_seed: Mapping[str, np.ndarray], names: Sequence[str], result_val
           "control_warmup": control_warmup, "bootstrap": boot,
           "design": design(sds, int(min(t["n"] for t in primary)), cfg,
                            num_tests=len(primary))}
+
+
+def power_mde(test: Mapping[str, Any], mde: float, alpha: float) -> float:
+  """Post-hoc power of a paired test (`stats.paired_test`'s dict, or its JSON) for a
+  difference of `mde` at `alpha`, from its own n and observed SD; NaN without one."""
+  sd, n = test.get("sd"), test.get("n") or 0
+  if n < 2 or sd is None or not np.isfinite(sd) or sd <= 0:
+    return math.nan
+  return stats.power_paired(int(n), sd, mde, alpha)
+
+
+def arms_table(rep: Mapping[str, Any]) -> str:
+  """Per arm: n, final accuracy [95% t-interval], the reference minus the arm [95%
+  t-interval], p, Holm p (over the primary family) and the power for `mde` at the
+  family's level (`power_mde`, post hoc): the secondary arms' summary."""
+  f, a, c = stats.fmt, rep["analysis"], rep["config"]
+  tests = {t["reference"]: t for t in a["primary"]}
+  level = c["alpha"] / len(tests)
+  lines = [f"| arm | n | final accuracy [95% CI] | {c['reference']} - arm [95% CI] | p | "
+           f"p (Holm, {len(tests)} tests) | power for {f(c['mde'], 3)} at alpha "
+           f"{f(level, 4)} |", "|---|---|---|---|---|---|---|"]
+  for r in a["arms"][PRIMARY]:
+    t = tests.get(r["name"])
+    lines.append(f"| {r['name']} | {r['n']} | {f(r['mean'])} [{f(r['low'])}, {f(r['high'])}] | "
+                 + (f"{f(t['diff'], 4)} [{f(t['diff_low'], 4)}, {f(t['diff_high'], 4)}] | "
+                    f"{f(t['p'], 4)} | {f(t['p_holm'], 4)} | "
+                    f"{f(power_mde(t, c['mde'], level), 2)} |" if t else "| | | |"))
+  return "\n".join(lines) + "\n"
 
 
 def design(sds: Sequence[float], n: int, cfg: ml_collections.ConfigDict, *,
@@ -265,14 +301,16 @@ def markdown(rep: Mapping[str, Any]) -> str:
   for o, rows in arms.items():
     lines.append(f"| {o} | " + " | ".join(
         f"{f(r['mean'])} [{f(r['low'])}, {f(r['high'])}]" for r in rows) + " |")
+  mde = rep["config"]["mde"]
   lines += ["", "| family | outcome | comparison | diff [95% CI] | p (t) | p (sign flip) | "
-            "p (Holm) | significant |", "|---|---|---|---|---|---|---|---|"]
+            f"p (Holm) | significant | power for {f(mde, 3)} (post hoc) |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for fam in ("primary", "secondary"):
     for t in analysis[fam]:
       lines.append(f"| {fam} | {t['outcome']} | {t['name']} - {t['reference']} | "
                    f"{f(t['diff'], 4)} [{f(t['diff_low'], 4)}, {f(t['diff_high'], 4)}] | "
                    f"{f(t['p'], 4)} | {f(t['p_sign_flip'], 4)} | {f(t['p_holm'], 4)} | "
-                   f"{'yes' if t['significant'] else 'no'} |")
+                   f"{'yes' if t['significant'] else 'no'} | {f(t.get('power_mde'), 2)} |")
   boot = analysis.get("bootstrap") or {}
   if boot:
     lines += ["", "Bootstrap 95% intervals over seeds (percentile, 10,000 resamples; "

@@ -169,3 +169,38 @@ def test_command_line_lists_its_flags_and_refuses_bad_ones_in_one_line():
     done = run(*bad)
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and word in done.stderr, done.stderr
+
+
+def test_primary_tests_carry_their_post_hoc_power():
+  cfg, res = study_configs.get_config(), _result()
+  out = study.analyse(study.outcomes(res), NAMES, res["val"]["accuracy"], list(EVALS), cfg)
+  for t in out["primary"]:   # each comparison's own SD, at alpha / 2 (the family of 2)
+    assert t["power_mde"] == pytest.approx(stats.power_paired(6, t["sd"], 0.02, 0.025))
+  assert all("power_mde" not in t for t in out["secondary"])
+  rep = json.loads(json.dumps(study.jsonable(study.report(cfg, res))))
+  table = study.arms_table(rep).splitlines()
+  assert len(table) == 2 + len(NAMES) and table[2].startswith("| egpo | 6 |")
+  t = out["primary"][0]
+  assert table[3].startswith(f"| grpo | 6 |") and table[3].endswith(
+      f" | {stats.fmt(t['p_holm'], 4)} | {stats.fmt(t['power_mde'], 2)} |")
+
+
+def test_control_off_runs_only_the_arms(monkeypatch):
+  from egpo_jax.training import ablation
+  calls = []
+  monkeypatch.setattr(ablation, "setup", lambda c, **kw: c)
+  monkeypatch.setattr(ablation, "algorithms", lambda arms: {a: None for a in arms})
+
+  def run(setup, algos, seeds, **kw):
+    calls.append((setup.warmup.steps, list(algos), list(seeds)))
+    return {"val": None, "warmup": None, "seconds": 0.0}
+  monkeypatch.setattr(ablation, "run", run)
+  cfg = study_configs.get_config("secondary")
+  cfg.first_seed, cfg.num_seeds = 4, 4
+  study.run_regime(cfg, "overconfident", progress=False)
+  assert calls[0][2] == [4, 5, 6, 7] and len(calls) == 2 and calls[1][1] == ["grpo"]
+  assert calls[1][0] == cfg.control_warmup_steps
+  calls.clear()
+  cfg.control_warmup_steps = 0   # the primary comparison alone, without the control
+  assert "control_warmup" not in study.run_regime(cfg, "overconfident", progress=False)
+  assert len(calls) == 1 and len(calls[0][1]) == 11
