@@ -621,12 +621,16 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
       between them; 0 runs it in one call.
     on_finished: called as on_finished(resp_ids, completion_ids_RxT, lengths_R) (numpy)
       with the responses finished since the last call, while the next chunk decodes.
+      Across processes (global prompt arrays, caps_N and order_N the same on every
+      process) each process is called with the rows it holds (resp_ids are global rows).
   Returns:
     a `ContinuousGeneration` with N = B * G rows.
   """
   sspec = spec.sampling
-  engine._check_generate_args(prompt_ids_BxP, prompt_mask_BxP, config, sspec.group_size,
-                              sspec.max_new_tokens, sspec.eos_ids, sspec.pad_id)
+  # Across processes each process checks the prompts it holds.
+  engine._check_generate_args(_own_rows(prompt_ids_BxP)[1], _own_rows(prompt_mask_BxP)[1],
+                              config, sspec.group_size, sspec.max_new_tokens, sspec.eos_ids,
+                              sspec.pad_id)
   batch, prompt_len = np.shape(prompt_ids_BxP)
   n, steps = batch * sspec.group_size, sspec.max_new_tokens
   caps_N = np.full((n,), steps, np.int32) if caps_N is None else np.asarray(caps_N, np.int32)
@@ -646,11 +650,15 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
                      f"(order_N) keeps open at once; raise it or queue each prompt's "
                      f"responses together")
   bucket = engine.bucket_length(prompt_len, min_prompt_bucket)
-  ids = np.asarray(prompt_ids_BxP, np.int32)
-  mask = np.asarray(prompt_mask_BxP, np.int32)
-  if bucket > prompt_len:
-    pad = ((0, 0), (bucket - prompt_len, 0))
-    ids, mask = np.pad(ids, pad, constant_values=sspec.pad_id), np.pad(mask, pad)
+  if _spans_processes(prompt_ids_BxP):   # global arrays: padded on device
+    ids, mask = _left_pad_jit(prompt_ids_BxP, prompt_mask_BxP, bucket=bucket,
+                              pad_id=sspec.pad_id)
+  else:
+    ids = np.asarray(prompt_ids_BxP, np.int32)
+    mask = np.asarray(prompt_mask_BxP, np.int32)
+    if bucket > prompt_len:
+      pad = ((0, 0), (bucket - prompt_len, 0))
+      ids, mask = np.pad(ids, pad, constant_values=sspec.pad_id), np.pad(mask, pad)
   table, keys_N, state = _start_jit(params, ids, mask, rng, jnp.asarray(prompt_ids_B),
                                     jnp.asarray(caps_N), jnp.asarray(order_N),
                                     config=config, spec=spec, cache_dtype=cache_dtype)
@@ -663,22 +671,69 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     state = run(state.replace(cache=None), state.cache,
                 max_steps=jnp.asarray(np.iinfo(np.int32).max // 2, jnp.int32))
     return _finish_jit(state)
-  reported = np.zeros((n,), bool)
+  # Each process reads and reports the rows it holds (all of them in one process); the
+  # loop stops when every row of every process has finished, so all processes make the
+  # same calls.
+  reported = None
   chunk = jnp.asarray(chunk_steps, jnp.int32)
   while True:
+    done = _all_finished_jit(state.finished_N)   # queued before chunk k + 1
     nxt = run(state.replace(cache=None), state.cache, max_steps=chunk)
     # Read chunk k while chunk k + 1 (queued above) decodes.
-    finished = np.asarray(state.finished_N)
+    start, finished = _own_rows(state.finished_N)
     if state.stalled is not None and bool(state.stalled):
       raise RuntimeError("continuous.generate: the loop stalled (no slot could start)")
+    reported = np.zeros_like(finished) if reported is None else reported
     new = np.flatnonzero(finished & ~reported)
     if on_finished is not None and len(new):
-      on_finished(new, np.asarray(state.completion_ids_NxT)[new],
-                  np.asarray(state.lengths_N)[new])
+      on_finished(start + new, _own_rows(state.completion_ids_NxT)[1][new],
+                  _own_rows(state.lengths_N)[1][new])
     reported |= finished
-    if reported.all():
+    if bool(done):
       return _finish_jit(nxt)
     state = nxt
+
+
+def _spans_processes(x) -> bool:
+  return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def _own_rows(x) -> tuple[int, np.ndarray]:
+  """(first row, rows) of a batch-leading array that this process holds: the whole array
+  in one process; across processes the rows of its addressable shards, which must be one
+  contiguous block (a batch split over data x fsdp axes that span the processes)."""
+  if not _spans_processes(x):
+    return 0, np.asarray(x)
+  blocks = {}
+  for shard in x.addressable_shards:   # replicas (e.g. over tensor) hold the same rows
+    lo, hi, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
+    blocks.setdefault((lo, hi), shard)
+  spans = sorted(blocks)
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f"process {jax.process_index()} holds rows {spans} of a rollout batch, "
+                     "not one block: use a config.mesh (and rollout.tensor) whose data x fsdp "
+                     "axes span the processes")
+  return spans[0][0], np.concatenate([np.asarray(blocks[k].data) for k in spans])
+
+
+@functools.partial(jax.jit, static_argnames=("bucket", "pad_id"))
+def _left_pad_jit(ids_BxP, mask_BxP, *, bucket, pad_id):
+  pad = ((0, 0), (bucket - ids_BxP.shape[1], 0))
+  return (jnp.pad(ids_BxP.astype(jnp.int32), pad, constant_values=pad_id),
+          jnp.pad(mask_BxP.astype(jnp.int32), pad))
+
+
+_all_finished_jit = jax.jit(jnp.all)
+
+
+@jax.jit
+def _longest_prompt_jit(mask_BxP):
+  return jnp.max(jnp.sum(mask_BxP.astype(bool), axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("bucket",))
+def _cut_jit(ids_BxP, mask_BxP, *, bucket):
+  return ids_BxP[:, -bucket:], mask_BxP[:, -bucket:]
 
 
 class HostRollout:
@@ -689,6 +744,10 @@ class HostRollout:
   max_prompt_len). `streams`: `host_loop.host_iteration` passes `on_finished` to verify
   finished responses while decoding continues (every `chunk_steps` steps). After each
   call `last_stats` holds the slot utilisation and step counts.
+
+  Across processes the prompts are global arrays (`distributed.BatchPlacement`), the
+  bucket is that of the longest prompt of all processes, caps_N holds every row's cap
+  (the same on every process), and `on_finished` gets the rows this process holds.
   """
   streams = True
 
@@ -698,14 +757,17 @@ class HostRollout:
 
   def __call__(self, params, prompt_ids_BxP, prompt_mask_BxP, rng, *, caps_N=None,
                on_finished: Callable | None = None) -> engine.Generation:
-    if jax.process_count() > 1:
-      raise ValueError("rollout.slots > 0 (continuous batching) runs in one process: its "
-                       "host-side chunk loop reads every response; set rollout.slots=0 for "
-                       "a multi-process run")
-    ids, mask = np.asarray(prompt_ids_BxP), np.asarray(prompt_mask_BxP)
-    bucket = engine.bucket_length(int(mask.astype(bool).sum(1).max()))
-    if bucket < ids.shape[1]:
-      ids, mask = ids[:, -bucket:], mask[:, -bucket:]
+    if _spans_processes(prompt_mask_BxP):
+      # Global arrays (several processes): the bucket of the longest prompt of them all.
+      ids, mask = prompt_ids_BxP, prompt_mask_BxP
+      bucket = engine.bucket_length(int(_longest_prompt_jit(mask)))
+      if bucket < ids.shape[1]:
+        ids, mask = _cut_jit(ids, mask, bucket=bucket)
+    else:
+      ids, mask = np.asarray(prompt_ids_BxP), np.asarray(prompt_mask_BxP)
+      bucket = engine.bucket_length(int(mask.astype(bool).sum(1).max()))
+      if bucket < ids.shape[1]:
+        ids, mask = ids[:, -bucket:], mask[:, -bucket:]
     out = generate(params, ids, mask, rng, config=self.model_config, spec=self.spec,
                    caps_N=caps_N, chunk_steps=self.chunk_steps if on_finished else 0,
                    on_finished=on_finished)

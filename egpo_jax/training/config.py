@@ -138,9 +138,6 @@ def _validate_across(c: ml_collections.ConfigDict) -> None:
         "task.max_new_tokens_field", c.task.get("max_new_tokens_field"),
         "per-record response caps need continuous batching: set rollout.slots > 0 (the "
         "static sampler decodes every row to rollout.max_new_tokens), or the field to ''")
-  if r.get("slots", 0) and "distributed" in c:
-    _need(c.distributed.num_processes <= 1, "rollout.slots", r.slots,
-          "continuous batching runs in one process; set it to 0 for a multi-process run")
   n = r.prompts_per_batch * r.group_size
   _need(n % (u.minibatches * u.micro_batches) == 0, "ppo.minibatches/micro_batches",
         (u.minibatches, u.micro_batches),

@@ -269,7 +269,7 @@ FIELDS: tuple[Field, ...] = (
           "<|im_end|>'s); the sampler keeps the token and stops", optional=True),
     Field("rollout.slots", ints(lo=0), 0,
           "use >= 0; > 0 runs host mode's rollout on that many continuous-batching decode "
-          "slots (one process), 0 the static sampler", optional=True),
+          "slots, 0 the static sampler", optional=True),
     Field("rollout.chunk_steps", ints(lo=1), 32,
           "use >= 1: with rollout.slots, decode steps between hand-offs of finished "
           "responses to the verifier", optional=True),
@@ -475,8 +475,7 @@ CROSS_CHECKS = (
     "ppo.micro_batches`",
     "`train.eval_every` need not be a multiple of `train.iterations_per_call`: chunks also "
     "end at multiples of `train.eval_every`, so validations run on exactly those iterations",
-    "`rollout.slots` and `ppo.length_buckets` act in host mode only (`task.name='jsonl'`), "
-    "and `rollout.slots` in one process",
+    "`rollout.slots` and `ppo.length_buckets` act in host mode only (`task.name='jsonl'`)",
     "`task.max_new_tokens_field` (per-record response caps) needs `rollout.slots > 0`",
     "unknown fields are refused (with the nearest known name), except a field of `algo`, "
     "`loss` or `task` that the chosen registered estimator, loss or reward function "

@@ -315,7 +315,12 @@ def put(tree: Any, shardings: Any) -> Any:
   def one(x, s):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.sharding.is_equivalent_to(s, x.ndim):
-        return x
+        if getattr(x.sharding, "mesh", None) == getattr(s, "mesh", None):
+          return x
+        # The same shards on another mesh of the same devices (`rollout_mesh`): relabelled
+        # in place, since a jit mixes no meshes.
+        return jax.make_array_from_single_device_arrays(
+            x.shape, s, [shard.data for shard in x.addressable_shards])
       return jax.jit(lambda a: a, out_shardings=s)(x)
     if jax.process_count() > 1:
       x = np.asarray(x)

@@ -191,6 +191,10 @@ class _OneProcess:
     return jax.tree.map(jnp.asarray, x)
 
   @staticmethod
+  def local_range(global_rows):
+    return 0, global_rows
+
+  @staticmethod
   def local_rows(x):
     return np.asarray(x)
 
@@ -213,6 +217,7 @@ class StreamingVerifier:
     n = len(answers_n)
     self.correct_N = np.zeros((n,), bool)
     self.lengths_N = np.zeros((n,), np.int32)
+    self.seen_N = np.zeros((n,), bool)
     self.busy_s = 0.0
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._futures = []
@@ -226,6 +231,7 @@ class StreamingVerifier:
     self.correct_N[resp_R] = np.asarray(self.task.score(
         ids_RxT, mask_RxT, [self.answers_n[r] for r in resp_R]), bool)
     self.lengths_N[resp_R] = lengths_R
+    self.seen_N[resp_R] = True
     self.busy_s += time.perf_counter() - t0
 
   def submit(self, resp_R, ids_RxT, lengths_R) -> None:
@@ -237,7 +243,22 @@ class StreamingVerifier:
     for f in self._futures:
       f.result()
     self._executor.shutdown()
+    if not self.seen_N.all():
+      raise RuntimeError(f"the streaming rollout never reported this process's responses "
+                         f"{np.flatnonzero(~self.seen_N).tolist()[:8]}: across processes "
+                         "its rows must be split over mesh axes that span the processes")
     return self.correct_N, self.lengths_N
+
+
+def _submit_own(stream: "StreamingVerifier", start: int, resp_R, ids_RxT, lengths_R) -> None:
+  """Hands a streaming rollout's finished rows (global row ids) that fall in this
+  process's block [start, start + its N) to its verifier; rows a process holds beyond its
+  block (replicated ones) are another's to verify. A row of the block never handed over
+  fails `StreamingVerifier.result`."""
+  local_R = np.asarray(resp_R) - start
+  keep = (local_R >= 0) & (local_R < len(stream.answers_n))
+  if keep.any():
+    stream.submit(local_R[keep], np.asarray(ids_RxT)[keep], np.asarray(lengths_R)[keep])
 
 
 def _caps_N(rollout: RolloutFn, caps_B, group_size: int) -> np.ndarray:
@@ -293,12 +314,14 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     ids, mask = place.to_global((ids, mask))
     answers_n = [a for a in answers for _ in range(g)]
     # A streaming rollout (continuous batching) hands finished responses to the verifier
-    # while it decodes the others.
+    # while it decodes the others; each process gets its own rows (global row ids).
     stream = (StreamingVerifier(task, answers_n, settings.sampling.pad_id)
-              if getattr(rollout, "streams", False) and place.num_processes == 1 else None)
-    extra = {} if stream is None else {"on_finished": stream.submit}
+              if getattr(rollout, "streams", False) else None)
+    extra = {} if stream is None else {"on_finished": functools.partial(
+        _submit_own, stream, place.local_range(b * g)[0])}
     if caps:
-      extra["caps_N"] = _caps_N(rollout, caps[0], g)
+      # Every row's cap on every process: the rollout's queue is global.
+      extra["caps_N"] = place.gather(place.to_global(_caps_N(rollout, caps[0], g)))
     gen = jax.block_until_ready(rollout(rollout_params, ids, mask, kr, **extra))
     t1 = time.perf_counter()
     if stream is not None:

@@ -82,12 +82,12 @@ def paper_config(algorithm: str, backbone: str) -> ml_collections.ConfigDict:
   # slots, so its KV cache is 256 x 3,071 slots whatever B x G is (the static sampler's
   # 1,024 x 4,095 bf16 cache alone is 10.6 GB per device for 7B on 16 devices). Chunks of
   # 256 steps (48 per iteration at the worst case): the verifier still gets the finished
-  # responses every few seconds, and each chunk's call slices the decode weights once.
-  # The prompt table holds all 64 prompts (0.9 GB per device for 7B, whole on every data
-  # replica): a table of 3 S / G = 48 entries refilled inside the loop
-  # (rollout.table_entries) prefills there with the stacked weights and measured larger
-  # (7B x16 decode: 23.6 against 16.2 GB, CPU estimates). Continuous batching runs in one process: a
-  # multi-process run sets rollout.slots=0 (the static sampler).
+  # responses every few seconds (each process its own, across processes), and each
+  # chunk's call slices the decode weights once. The prompt table holds all 64 prompts
+  # (0.9 GB per device for 7B, whole on every data replica): a table of 3 S / G = 48
+  # entries refilled inside the loop (rollout.table_entries) prefills there with the
+  # stacked weights and measured larger (7B x16 decode: 23.6 against 16.2 GB, CPU
+  # estimates).
   c.rollout.slots = 256
   c.rollout.chunk_steps = 256
   # Train on FSDP alone (no Megatron all-reduces: the update stays under its FSDP floor)

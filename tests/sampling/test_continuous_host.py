@@ -109,9 +109,6 @@ def test_host_iteration_with_bucketed_update(state):
 @pytest.mark.parametrize("overrides, match", [
     ({"rollout.slots": 8}, "^config.rollout.slots=8: .*host mode only"),
     ({"ppo.length_buckets": 4}, "^config.ppo.length_buckets=4: .*host mode only"),
-    ({"rollout.slots": 8, "task.name": "jsonl", "task.train_file": "x.jsonl",
-      "warmup.steps": 0, "distributed.num_processes": 2},
-     "^config.rollout.slots=8: continuous batching runs in one process"),
 ])
 def test_config_refuses_continuous_batching_outside_host_mode(overrides, match):
   from experiments.configs import default

@@ -3,7 +3,8 @@
     python tests/training/multihost_worker.py SPEC.json
 
 SPEC holds: devices (fake CPU devices of this process), num_processes, process_id, port,
-model_dir, train_file, workdir, out. With num_processes > 1 the process joins the others
+model_dir, train_file, workdir, out, and optionally overrides (config
+fields over the defaults below). With num_processes > 1 the process joins the others
 through `config.distributed` (coordinator 127.0.0.1:port). It writes to `out` what it
 saw and did: process index and count, its device counts and its share of the work
 (prompts read, responses decoded and verified).
@@ -41,6 +42,7 @@ def main(spec_path: str) -> None:
       "train.iterations": 2, "train.iterations_per_call": 1, "train.checkpoint_every": 2,
       "train.tensorboard": False, "mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 1,
       "distributed.timeout_s": 60}
+  overrides.update(spec.get("overrides", {}))
   if spec["num_processes"] > 1:
     overrides.update({
         "distributed.coordinator_address": f"127.0.0.1:{spec['port']}",
