@@ -307,6 +307,25 @@ def logits_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
   return _fit(P(BATCH, *middle, "tensor"), tuple(shape), mesh)
 
 
+def addressable_rows(x: Any) -> tuple[int, np.ndarray]:
+  """(first row, rows) of a batch-leading array that this process holds, in order: the
+  whole array when this process addresses all of it; across processes the rows of its
+  addressable shards (replicas over other axes taken once), which must be one contiguous
+  block (a batch split over data x fsdp axes that span the processes)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return 0, np.asarray(x)
+  blocks = {}
+  for shard in x.addressable_shards:
+    lo, hi, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
+    blocks.setdefault((lo, hi), shard)
+  spans = sorted(blocks)
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f"process {jax.process_index()} holds rows {spans} of a batch, not one "
+                     "block: use a config.mesh (and rollout.tensor) whose data x fsdp axes "
+                     "span the processes")
+  return spans[0][0], np.concatenate([np.asarray(blocks[k].data) for k in spans])
+
+
 def per_device_bytes(tree: Any) -> int:
   """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs."""
   total = 0

@@ -628,7 +628,7 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
   """
   sspec = spec.sampling
   # Across processes each process checks the prompts it holds.
-  engine._check_generate_args(_own_rows(prompt_ids_BxP)[1], _own_rows(prompt_mask_BxP)[1],
+  engine._check_generate_args(sharding.addressable_rows(prompt_ids_BxP)[1], sharding.addressable_rows(prompt_mask_BxP)[1],
                               config, sspec.group_size, sspec.max_new_tokens, sspec.eos_ids,
                               sspec.pad_id)
   batch, prompt_len = np.shape(prompt_ids_BxP)
@@ -680,14 +680,14 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
     done = _all_finished_jit(state.finished_N)   # queued before chunk k + 1
     nxt = run(state.replace(cache=None), state.cache, max_steps=chunk)
     # Read chunk k while chunk k + 1 (queued above) decodes.
-    start, finished = _own_rows(state.finished_N)
+    start, finished = sharding.addressable_rows(state.finished_N)
     if state.stalled is not None and bool(state.stalled):
       raise RuntimeError("continuous.generate: the loop stalled (no slot could start)")
     reported = np.zeros_like(finished) if reported is None else reported
     new = np.flatnonzero(finished & ~reported)
     if on_finished is not None and len(new):
-      on_finished(start + new, _own_rows(state.completion_ids_NxT)[1][new],
-                  _own_rows(state.lengths_N)[1][new])
+      on_finished(start + new, sharding.addressable_rows(state.completion_ids_NxT)[1][new],
+                  sharding.addressable_rows(state.lengths_N)[1][new])
     reported |= finished
     if bool(done):
       return _finish_jit(nxt)
@@ -696,24 +696,6 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
 
 def _spans_processes(x) -> bool:
   return isinstance(x, jax.Array) and not x.is_fully_addressable
-
-
-def _own_rows(x) -> tuple[int, np.ndarray]:
-  """(first row, rows) of a batch-leading array that this process holds: the whole array
-  in one process; across processes the rows of its addressable shards, which must be one
-  contiguous block (a batch split over data x fsdp axes that span the processes)."""
-  if not _spans_processes(x):
-    return 0, np.asarray(x)
-  blocks = {}
-  for shard in x.addressable_shards:   # replicas (e.g. over tensor) hold the same rows
-    lo, hi, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
-    blocks.setdefault((lo, hi), shard)
-  spans = sorted(blocks)
-  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-    raise ValueError(f"process {jax.process_index()} holds rows {spans} of a rollout batch, "
-                     "not one block: use a config.mesh (and rollout.tensor) whose data x fsdp "
-                     "axes span the processes")
-  return spans[0][0], np.concatenate([np.asarray(blocks[k].data) for k in spans])
 
 
 @functools.partial(jax.jit, static_argnames=("bucket", "pad_id"))

@@ -391,18 +391,11 @@ class BatchPlacement:
     if self.num_processes == 1:
       return np.asarray(x)
     start, stop = self.local_range(x.shape[0])
-    out = np.empty((stop - start,) + x.shape[1:], x.dtype)
-    seen = np.zeros(stop - start, bool)
-    for shard in x.addressable_shards:
-      lo, hi, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
-      if lo < start or hi > stop:
-        raise ValueError(f"process {self.index} holds rows [{lo}, {hi}) outside its block "
-                         f"[{start}, {stop}); see BatchPlacement's docstring")
-      out[lo - start:hi - start] = np.asarray(shard.data)
-      seen[lo - start:hi - start] = True
-    if not seen.all():
-      raise ValueError(f"process {self.index} lacks some of its rows [{start}, {stop})")
-    return out
+    lo, rows = sharding.addressable_rows(x)
+    if (lo, lo + len(rows)) != (start, stop):
+      raise ValueError(f"process {self.index} holds rows [{lo}, {lo + len(rows)}), not its "
+                       f"block [{start}, {stop}); see BatchPlacement's docstring")
+    return rows
 
   def gather(self, x: jax.Array) -> np.ndarray:
     """Every row of a global array, on every process."""
