@@ -278,16 +278,10 @@ def _queue_limit(state: SlotState, n: int) -> jax.Array:
   return jnp.where(state.next_load < b, state.first_B[nxt], n)
 
 
-def _on_batch_mesh():
-  """The abstract mesh when it has the batch axes (data, fsdp), else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty or not set(sharding.BATCH) <= set(mesh.axis_names) else mesh
-
-
 def _whole_table(table: PromptTable | None) -> PromptTable | None:
   """Under a (data, fsdp, ...) mesh: the table whole on every device of the batch axes
   (`sharding.prompt_table_specs`), so a decode chunk reads it without gathering it."""
-  mesh = _on_batch_mesh()
+  mesh = sharding.active_mesh()
   if table is None or mesh is None:
     return table
   # From prompts split over the batch axes (as prefilled; the logits' vocabulary over
@@ -300,7 +294,7 @@ def _whole_table(table: PromptTable | None) -> PromptTable | None:
 def _constrain(state: SlotState) -> SlotState:
   """Under a (data, fsdp, ...) mesh: the slots (and the cache's rows) split over data x
   fsdp, the per-response outputs too, the prompt table whole; scalars replicated."""
-  mesh = _on_batch_mesh()
+  mesh = sharding.active_mesh()
   if mesh is None:
     return state
   constrain = jax.lax.with_sharding_constraint
@@ -505,15 +499,15 @@ def run_steps(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
   `start`), `prompts` = (ids_BxP, mask_BxP), the bucketed prompts, and params must be
   stacked (the loop prefills with them); `table` is then unused. Such a loop also stops
   if no slot could start (a queue whose open prompts exceed E: `generate` refuses it)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  tensor_parallel = not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1
+  mesh = sharding.active_mesh()
+  tensor_parallel = mesh is not None and mesh.shape["tensor"] > 1
   # In the compute dtype (the layers cast to it anyway), sliced per layer, and gathered
   # whole over the batch axes once, here, as `engine.continue_rollout` does: left
   # FSDP-split, every step would gather each layer's weights or all-reduce its activations.
   # The head keeps its vocabulary split over tensor (`distributed.rollout_params`).
   stacked = params = transformer.compute_params(params, config)
   params = transformer.decode_params(params, fuse=not tensor_parallel)
-  if _on_batch_mesh() is not None:
+  if mesh is not None:
     params = jax.lax.with_sharding_constraint(params, sharding.decode_param_specs(
         params, mesh, vocab_split=True))
   n = order_N.shape[0]
