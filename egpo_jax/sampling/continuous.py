@@ -638,9 +638,10 @@ def generate(params, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *, config,
   if prompt_ids_B is None:
     prompt_ids_B = np.arange(batch, dtype=np.int32)
   entries = spec.entries(batch)
-  if entries < batch and max_open_prompts(order_N, sspec.group_size) > entries:
+  open_prompts = max_open_prompts(order_N, sspec.group_size) if entries < batch else 0
+  if open_prompts > entries:
     raise ValueError(f"rollout.table_entries={entries} is fewer than the "
-                     f"{max_open_prompts(order_N, sspec.group_size)} prompts this queue "
+                     f"{open_prompts} prompts this queue "
                      f"(order_N) keeps open at once; raise it or queue each prompt's "
                      f"responses together")
   bucket = engine.bucket_length(prompt_len, min_prompt_bucket)

@@ -671,7 +671,7 @@ def _rollout_phases(spec: DryRunSpec, mesh: Mesh, params: Any, resident: int, lo
   compute = jnp.dtype(cfg.dtype)
   log("compiling rollout_prefill")
   kept = []
-  narrow = jnp.dtype(cfg.dtype).itemsize < 4
+  narrow = compute.itemsize < 4
   # The prefill's layer scan reads the stacked weights: XLA:CPU converts each whole to f32.
   prefill = _compile("rollout_prefill", "continuous._start_jit (prompt table + slots)",
                      continuous._start_jit, start_args, static=static,
@@ -700,7 +700,7 @@ def _rollout_phases(spec: DryRunSpec, mesh: Mesh, params: Any, resident: int, lo
                     floor=fsdp_floor_bytes(params_f32, mesh, compute, gathers=1,
                                            gradients=False),
                     weight_sizes=(decode_weight_sizes(params, mesh)
-                                  if jnp.dtype(cfg.dtype).itemsize < 4 else frozenset()),
+                                  if narrow else frozenset()),
                     width=cfg.hidden_size, keep=kept)
   m = decode.memory
   held = (m.output_bytes - m.alias_bytes) if calls > 1 else 0
