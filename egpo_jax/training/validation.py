@@ -10,8 +10,9 @@ and after RL, on a fixed set of prompts, with the same metrics in both modes.
                (a record's own verifier for a benchmark).
 
 Both sample `EVAL_SAMPLES` responses per prompt at the rollout's sampling settings and
-sampler (host mode with rollout.slots > 0: continuous batching, which stops each response
-at its record's own cap, `task.max_new_tokens_field`, as in training) and score them with `calibration.evaluate_generation` (accuracy, pass@k, AUROC, ECE, entropy
+with its sampler (host mode with rollout.slots > 0: continuous batching, which stops each
+response at its record's own cap, `task.max_new_tokens_field`, as in training) and score
+them with `calibration.evaluate_generation` (accuracy, pass@k, AUROC, ECE, entropy
 of correct vs wrong, lengths), plus `seconds`, the evaluation's wall time. `validator`
 builds the one function the orchestrator calls.
 """
@@ -122,7 +123,8 @@ def held_out_set(c: ml_collections.ConfigDict, tokenizer) -> HeldOutSet:
       ids = encode(rec)
     except (KeyError, TypeError, ValueError):
       ids = []
-    if 0 < len(ids) <= c.task.max_prompt_len and rec.get(records_lib.CAP_KEY, max_new) <= max_new:
+    fits = rec.get(records_lib.CAP_KEY, max_new) <= max_new
+    if 0 < len(ids) <= c.task.max_prompt_len and fits:
       kept.append((ids, rec))
     else:
       skipped += 1
@@ -169,8 +171,9 @@ def evaluate_held_out(params, rng: jax.Array, held: HeldOutSet, *, model_config:
   `spec` picks the sampler as training's rollout does: a `continuous.ContinuousSpec`
   (rollout.slots > 0) samples with continuous batching and stops each response at its
   problem's cap (`held.caps_B`); an `engine.SamplingSpec` with the static sampler, which
-  refuses caps (`engine.CAPS_NEED_SLOTS`). A prompt's samples are the same in both
-  (the response's random stream depends on its problem's index, not its batch).
+  refuses caps (`engine.CAPS_NEED_SLOTS`). Both draw a response's tokens from the same
+  random stream (keyed by its problem's index, not its batch), so they agree up to float
+  rounding at a near-tie.
   """
   slots = isinstance(spec, continuous.ContinuousSpec)
   sampling = spec.sampling if slots else spec
