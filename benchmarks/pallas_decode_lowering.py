@@ -1,0 +1,106 @@
+"""Compiles `attention.attend_one_pallas` for hardware this machine may not have, from
+abstract shapes: the Pallas decode kernel (`rollout.decode_attention="pallas"`) at the
+Qwen2.5-7B decode shapes (28 query heads, 4 kv heads, head_dim 128).
+
+  tpu: deviceless Mosaic compilation on a v5e:2x2 topology (needs jax[tpu]/libtpu; no TPU),
+       through `attention.attend` under the 4-device mesh, so each device runs the kernel
+       on its own rows (`_paged_per_device`'s shard_map), one layer's attention.
+  gpu: the Triton lowering, jit(...).trace(...).lower(lowering_platforms=("cuda",)); a
+       full compile needs a GPU.
+
+    python benchmarks/pallas_decode_lowering.py tpu [--block 128 256] [--slots 64]
+    python benchmarks/pallas_decode_lowering.py gpu
+
+Prints one line per configuration: compiled (or lowered) or the error. Not a test: it needs
+platform plugins CI does not have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from egpo_jax.models import attention, sharding
+
+HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128     # Qwen2.5-7B
+
+
+def _shapes(rows: int, own: int, prefix: int, dtype):
+  sds = jax.ShapeDtypeStruct
+  return (sds((rows, HEADS, HEAD_DIM), dtype), sds((rows, KV_HEADS, HEAD_DIM, own), dtype),
+          sds((rows, KV_HEADS, own, HEAD_DIM), dtype), sds((rows, own), jnp.bool_),
+          sds((rows,), jnp.int32),
+          (sds((rows, KV_HEADS, HEAD_DIM, prefix), dtype),
+           sds((rows, KV_HEADS, prefix, HEAD_DIM), dtype), sds((rows, prefix), jnp.bool_)))
+
+
+def _target(backend: str):
+  """attend_one_pallas picks its target from jax.default_backend(), here the CPU: aim it at
+  `backend` (compiled, not interpreted) for the whole `attend` path."""
+  attention.attend_one_pallas = functools.partial(_KERNEL, backend=backend, interpret=False)
+
+
+_KERNEL = attention.attend_one_pallas
+
+
+def tpu(blocks, rows, own, prefix, topology="v5e:2x2"):
+  from jax.experimental import topologies   # noqa: PLC0415
+  _target("tpu")
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  mesh = sharding.make_mesh(sharding.MeshConfig(-1, 1, 1), devices=topo.devices)
+  for block in blocks:
+    args = _shapes(rows * len(topo.devices), own, prefix, jnp.bfloat16)
+    with_sharding = jax.tree.map(lambda x: jax.ShapeDtypeStruct(   # noqa: E731
+        x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+            mesh, sharding.batch_spec(x.shape, mesh))), args)
+    fn = jax.jit(lambda q, k, v, m, r, p, block=block: attention.attend(
+        q, k, v, m, prefix=p, read_slots_B=r, read_block=block, read_kernel="pallas"))
+    t = time.time()
+    try:
+      with jax.set_mesh(mesh):
+        compiled = fn.lower(*with_sharding).compile()
+      text = compiled.as_text()
+      mosaic = len(re.findall(r'custom_call_target="tpu_custom_call"', text))
+      moved = len(re.findall(r"all-gather|all-reduce|collective-permute|all-to-all", text))
+      mem = compiled.memory_analysis()
+      print(f"tpu {topology} block={block} rows/device={rows} own={own} prefix={prefix}: "
+            f"compiled in {time.time() - t:.1f}s; Mosaic kernels: {mosaic}, collectives: "
+            f"{moved}, temp {mem.temp_size_in_bytes / 2**20:.1f} MiB/device")
+    except Exception as e:   # noqa: BLE001  (report and go on)
+      print(f"tpu {topology} block={block}: FAILED {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}")
+
+
+def gpu(blocks, rows, own, prefix):
+  for block in blocks:
+    args = _shapes(rows, own, prefix, jnp.bfloat16)
+    fn = jax.jit(functools.partial(_KERNEL, block=block, backend="gpu", interpret=False))
+    t = time.time()
+    try:
+      lowered = fn.trace(*args[:4], args[5], args[4]).lower(lowering_platforms=("cuda",))
+      text = lowered.as_text()
+      print(f"gpu block={block} rows={rows} own={own} prefix={prefix}: lowered in "
+            f"{time.time() - t:.1f}s, Triton calls: {text.count('__gpu$xla.gpu.triton')}")
+    except Exception as e:   # noqa: BLE001
+      print(f"gpu block={block}: FAILED {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("platform", choices=("tpu", "gpu"))
+  ap.add_argument("--block", type=int, nargs="+", default=[128, 256])
+  ap.add_argument("--slots", type=int, default=64, help="decode rows (per device on TPU)")
+  ap.add_argument("--own", type=int, default=4096, help="own cache slots per row")
+  ap.add_argument("--prefix", type=int, default=512, help="prompt-table slots")
+  a = ap.parse_args()
+  (tpu if a.platform == "tpu" else gpu)(a.block, a.slots, a.own, a.prefix)
+
+
+if __name__ == "__main__":
+  main()
