@@ -11,6 +11,14 @@ Qwen2.5-7B decode shapes (28 query heads, 4 kv heads, head_dim 128).
     python benchmarks/pallas_decode_lowering.py tpu [--block 128 256] [--slots 64]
     python benchmarks/pallas_decode_lowering.py gpu
 
+(in a venv with jax[tpu] for "tpu"; ALLOW_MULTIPLE_LIBTPU_LOAD=1 when another process
+holds libtpu's lock file). Measured 2026-12-07, jax 0.10.2: TPU compiles (one Mosaic
+kernel per layer call, no collectives under the 4-device mesh) at read_block 128, 256, 512
+and one whole block of 200; 64 is refused by `pallas_query_rows` (and, without that check,
+by Mosaic's tiling rule). GPU: Triton lowering succeeds at blocks 16-512 (without the
+padding of the 7 query heads to 16, Triton's power-of-two rule refuses it); compiling to
+PTX needs a GPU, not tried.
+
 Prints one line per configuration: compiled (or lowered) or the error. Not a test: it needs
 platform plugins CI does not have.
 """

@@ -14,6 +14,10 @@
 
 Decoding (one query per row) uses the single-query path `_attend_one` under every
 implementation: its scores are [B, H, S], small, and it reads the decode cache layout.
+Given each row's bound on its used slots (read_slots_B), it reads only those, in blocks:
+`_attend_one_paged` (plain JAX) or `attend_one_pallas` (a Pallas kernel: Triton on GPU,
+Mosaic on TPU), chosen by read_kernel, both merging their partials with the shared
+prefix's in `_merge_partials`.
 
     out_BxTxHxK = attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS,
                          implementation=config.attention)
