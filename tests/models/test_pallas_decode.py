@@ -87,6 +87,11 @@ def test_pallas_row_reads_only_its_blocks(backend, s, block, lens):
                              atol=1e-6, rtol=1e-6)
   short = fn(q, k, v, mask, prefix, jnp.asarray(np.minimum(lens, block)))
   assert not np.allclose(short[3], base[3]) and np.array_equal(short[1], base[1])
+  # Values past a row's blocks are never read: NaN there (a read would multiply it by a
+  # zero probability, giving NaN) leaves every output as it was.
+  unread = np.arange(s)[None] >= (-(-lens // block) * block)[:, None]
+  poisoned = jnp.where(jnp.asarray(unread)[:, None, :, None], jnp.nan, v)
+  np.testing.assert_array_equal(fn(q, k, poisoned, mask, prefix, jnp.asarray(lens)), base)
 
 
 @settings(max_examples=8, deadline=None)
