@@ -26,7 +26,7 @@ Prints one JSON line per implementation, then the markdown rows for BENCHMARKS.m
 "gpu_check" table. An out-of-memory step is a result, not a crash: the JSON says so and
 the exit code is 1. Never run in CI.
 
-    python -m benchmarks.gpu_check --decode           # decode attention, "full" / "bounded" / "pallas"
+    python -m benchmarks.gpu_check --decode           # decode attention full/bounded/pallas
     python -m benchmarks.gpu_check --decode --smoke   # tiny shapes on CPU (pallas interpreted)
 
 `--decode` times one layer's decode attention of the continuous engine

@@ -63,7 +63,8 @@ def build(c: ml_collections.ConfigDict) -> Experiment:
 def continuous_spec(c: ml_collections.ConfigDict, sampling) -> Any:
   """Host mode's continuous-batching spec (`sampling.continuous.ContinuousSpec`) from
   config.rollout (slots, decode_attention, read_block, table_entries), None when
-  rollout.slots is 0. The one builder: `train.host_rollout` runs and the dry run compiles what it returns."""
+  rollout.slots is 0. The one builder: `train.host_rollout` runs and the dry run compiles
+  what it returns."""
   from egpo_jax.sampling import continuous
   r = c.rollout
   slots = int(r.get("slots", 0))
