@@ -285,9 +285,8 @@ def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   visit gathers B blocks of keys and values, wherever their rows are, and computes their
   softmax partials (max m, sum l, unnormalised output acc: Milakov & Gimelshein, 2018). The
   partials are written to a [B, S / block] table, and each row's are combined at the end
-  over that fixed axis, with the prefix's (read densely, as `_attend_one`):
-
-    m = max_j m_j,   out = sum_j exp(m_j - m) acc_j / sum_j exp(m_j - m) l_j.
+  over that fixed axis, with the prefix's (read densely, as `_attend_one`), by
+  `_merge_partials`.
 
   Blocks a row does not read keep m_j = the mask value and l_j = acc_j = 0, which weigh
   exactly 0, so a row's result is bit-identical whatever the other rows' lengths and
