@@ -47,8 +47,9 @@ def test_pallas_equals_dense_and_paged(dtype, tol, with_prefix):
   if not with_prefix:     # every row then needs a valid own key: drop the empty row
     q, k, v, mask, lens, prefix = q[1:], k[1:], v[1:], mask[1:], LENS[1:], None
   rs = jnp.asarray(lens, jnp.int32)
-  dense = attention._attend_one(q, k, v, mask, prefix)
-  paged = attention._attend_one_paged(q, k, v, mask, prefix, rs, BLOCK)
+  dense = jax.jit(attention._attend_one)(q, k, v, mask, prefix)
+  paged = jax.jit(attention._attend_one_paged, static_argnums=6)(q, k, v, mask, prefix, rs,
+                                                                 BLOCK)
   got = _pallas("cpu")(q, k, v, mask, prefix, rs)
   assert got.dtype == dtype and got.shape == q.shape
   f32 = lambda x: np.asarray(x, np.float32)   # noqa: E731
@@ -62,7 +63,8 @@ def test_pallas_without_jit_and_through_attend():
   """Un-jitted, and as `attend(..., read_kernel="pallas")` (what decode calls)."""
   q, k, v, mask, prefix = _inputs()
   rs = jnp.asarray(LENS, jnp.int32)
-  want = attention._attend_one_paged(q, k, v, mask, prefix, rs, BLOCK)
+  want = jax.jit(attention._attend_one_paged, static_argnums=6)(q, k, v, mask, prefix, rs,
+                                                                BLOCK)
   got = attention.attend_one_pallas(q, k, v, mask, prefix, rs, BLOCK, interpret=True)
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
   got = attention.attend(q, k, v, mask, prefix=prefix, read_slots_B=rs, read_block=BLOCK,
@@ -72,19 +74,26 @@ def test_pallas_without_jit_and_through_attend():
     attention.attend(q, k, v, mask, prefix=prefix, read_slots_B=rs, read_kernel="triton")
 
 
-@pytest.mark.parametrize("backend, s, block, lens", [
-    ("cpu", S, BLOCK, LENS), ("tpu", 256, 128, np.array([0, 128, 5, 256, 129, 1]))])
-def test_pallas_row_reads_only_its_blocks(backend, s, block, lens):
+TPU_LENS = np.array([0, 128, 5, 256, 129, 1])
+
+
+@pytest.mark.parametrize("backend, s, block, lens, dtype, tol", [
+    ("cpu", S, BLOCK, LENS, jnp.float32, 1e-6),
+    ("tpu", 256, 128, TPU_LENS, jnp.float32, 1e-6),
+    ("tpu", 256, 128, TPU_LENS, jnp.bfloat16, 2e-2)])
+def test_pallas_row_reads_only_its_blocks(backend, s, block, lens, dtype, tol):
   """A row's output is bit-identical whatever the other rows read and any extra (masked)
   blocks it reads itself; reading too few blocks drops keys (the bound is really used), in
-  both grid layouts (TPU: at a Mosaic-tileable block)."""
-  q, k, v, mask, prefix = _inputs(s=s, lens=lens)
+  both grid layouts (TPU: at a Mosaic-tileable block); the dense path's values."""
+  q, k, v, mask, prefix = _inputs(dtype, s=s, lens=lens)
   fn = _pallas(backend, block=block)
   base = fn(q, k, v, mask, prefix, jnp.asarray(lens))
   more = fn(q, k, v, mask, prefix, jnp.asarray(np.where(lens, s, 0)))
   np.testing.assert_array_equal(more, base)
-  np.testing.assert_allclose(base, attention._attend_one(q, k, v, mask, prefix),
-                             atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(base, np.float32),
+                             np.asarray(jax.jit(attention._attend_one)(q, k, v, mask, prefix),
+                                        np.float32),
+                             atol=tol, rtol=tol)
   short = fn(q, k, v, mask, prefix, jnp.asarray(np.minimum(lens, block)))
   assert not np.allclose(short[3], base[3]) and np.array_equal(short[1], base[1])
   # Values past a row's blocks are never read: NaN there (a read would multiply it by a
