@@ -238,42 +238,63 @@ def _operands(rest: str) -> list[str]:
   return re.findall(r"%([^\s,()]+)", rest.split(")", 1)[0])
 
 
-def _constant_value(defs: dict[str, tuple[str, str]], name: str) -> int | None:
-  """The integer a scalar names, through copies and bitcasts; None if not a constant."""
+def _source(defs: dict[str, tuple[str, str]], name: str) -> tuple[str, str, str]:
+  """(name, opcode, rest) of what `name` copies, bitcasts or converts (itself if none)."""
   for _ in range(8):
     opcode, rest = defs.get(name, ("", ""))
-    if opcode in ("copy", "bitcast", "convert") and _operands(rest):
-      name = _operands(rest)[0]
-      continue
-    m = _CONSTANT.match(rest) if opcode == "constant" else None
-    return int(m.group(1)) if m else None
-  return None
+    if opcode not in ("copy", "bitcast", "convert") or not _operands(rest):
+      break
+    name = _operands(rest)[0]
+  return name, *defs.get(name, ("", ""))
+
+
+def _constant_value(defs: dict[str, tuple[str, str]], name: str) -> int | None:
+  """The integer a scalar names, through copies and bitcasts; None if not a constant."""
+  _, opcode, rest = _source(defs, name)
+  m = _CONSTANT.match(rest) if opcode == "constant" else None
+  return int(m.group(1)) if m else None
+
+
+def _tuple_index(defs: dict[str, tuple[str, str]], name: str) -> int | None:
+  """k if `name` is (a copy of) get-tuple-element index=k, else None."""
+  _, opcode, rest = _source(defs, name)
+  m = re.search(r"index=(\d+)", rest) if opcode == "get-tuple-element" else None
+  return int(m.group(1)) if m else None
 
 
 def static_trip_count(comps, caller_defs: dict[str, tuple[str, str]], rest: str
                       ) -> int | None:
-  """Trip count of a `while` whose condition is `counter < constant` and whose counter
-  starts at a constant (a scan or fori_loop), for modules without XLA's
-  `known_trip_count` (XLA:TPU does not annotate them); None otherwise (a decode loop's
-  data-dependent condition). Assumes the counter steps by 1, as JAX's loops do."""
+  """Trip count of a `while` whose condition is `counter < constant`, whose counter
+  starts at a constant and whose body adds a constant step to it (a scan, a fori_loop,
+  XLA:TPU's windowed einsum unrolled by 2), for modules without XLA's `known_trip_count`
+  (XLA:TPU does not annotate them); None otherwise (a decode loop's data-dependent
+  condition)."""
   callees = dict(_CALLEES.findall(rest))
   cond = comps.get(callees.get("condition", ""), [])
-  if not cond or cond[-1][2] != "compare" or "direction=LT" not in cond[-1][3]:
-    return None   # the root is the last instruction of a computation's text
+  body = comps.get(callees.get("body", ""), [])
+  # A computation's root is the last instruction of its text.
+  if not cond or not body or cond[-1][2] != "compare" or "direction=LT" not in cond[-1][3]:
+    return None
   defs = {name: (opcode, tail) for name, _, opcode, tail in cond}
   counter, bound = (_operands(cond[-1][3]) + ["", ""])[:2]
-  limit = _constant_value(defs, bound)
-  opcode, tail = defs.get(counter, ("", ""))
-  index = re.search(r"index=(\d+)", tail)
-  if limit is None or opcode != "get-tuple-element" or not index:
-    return None
+  limit, index = _constant_value(defs, bound), _tuple_index(defs, counter)
   init = _operands(rest)
-  opcode, tail = caller_defs.get(init[0] if init else "", ("", ""))
+  _, opcode, tail = _source(caller_defs, init[0] if init else "")
   elements = _operands(tail) if opcode == "tuple" else []
-  if int(index.group(1)) >= len(elements):
+  body_defs = {name: (opcode, tail) for name, _, opcode, tail in body}
+  updated = _operands(body[-1][3]) if body[-1][2] == "tuple" else []
+  if limit is None or index is None or index >= min(len(elements), len(updated)):
     return None
-  start = _constant_value(caller_defs, elements[int(index.group(1))])
-  return None if start is None else max(limit - start, 0)
+  start = _constant_value(caller_defs, elements[index])
+  _, opcode, tail = _source(body_defs, updated[index])
+  terms = _operands(tail) if opcode == "add" else []
+  steps = [_constant_value(body_defs, b) for a, b in ((terms, terms[::-1])
+                                                       if len(terms) == 2 else ())
+           if _tuple_index(body_defs, a) == index]
+  step = next((x for x in steps if x), None)
+  if start is None or step is None or step < 1:
+    return None
+  return max(-(-(limit - start) // step), 0)
 
 
 def _widened_bf16(comps, defs: dict[str, tuple[str, str]], operand: str) -> bool:
@@ -997,6 +1018,9 @@ def tpu_devices(topology: str) -> list[Any]:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{_ACCELERATOR_TYPE.get(generation, generation)}"
                         f"-{math.prod(int(n) for n in chips.split('x'))}")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # libtpu locks /tmp/libtpu_lockfile per process for the chips it drives; compiling
+  # drives none, so two dry runs (or one beside training on a TPU VM) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
@@ -1111,7 +1135,12 @@ def run(c, *, devices: int = 0, topology: str = "", log=None, warn=None) -> dict
         sharding.abstract_params(cfg), rmesh)]
   for line in warnings:
     (warn or (lambda _msg: None))(line)
-  phases = run_phases(spec, mesh, log=log)
+  from jax._src import config as jax_config
+  # JAX's persistent cache cannot load a compile-only TPU executable back (no TPU client):
+  # none is written, so none is read.
+  with jax_config.persistent_cache_min_compile_time_secs(
+      math.inf if topology else jax_config.persistent_cache_min_compile_time_secs.value):
+    phases = run_phases(spec, mesh, log=log)
   state = abstract_state(spec.model_config, spec.optimizer, mesh)
   return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state), rmesh,
                           topology=topology), warnings=warnings)

@@ -90,10 +90,10 @@ def test_caveat_and_memory_of_a_tpu_target():
 
 # ---------------------------------------------------------------------------------------
 # XLA:TPU's HLO text, as libtpu prints it (trimmed): a layer scan with no
-# known_trip_count whose counter starts at a copied constant 0 and stops at 3, holding an
-# all-gather that XLA:TPU cloned into the async start, the fusion it overlaps with and
-# the done (one channel); a data-dependent decode loop (an `and` condition); buffers in
-# HBM and in on-chip memory (S(1)); an async copy.
+# known_trip_count whose counter starts at a copied constant 0, steps by 1 and stops at 3,
+# holding an all-gather that XLA:TPU cloned into the async start, the fusion it overlaps
+# with and the done (one channel); a data-dependent decode loop (an `and` condition);
+# buffers in HBM and in on-chip memory (S(1)); an async copy.
 
 TPU_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
 
@@ -216,6 +216,13 @@ def test_static_trip_count_needs_a_constant_bound_and_start():
   # A counter that does not start at a constant: unknown.
   defs_moved = dict(defs, counter=("parameter", "parameter(2)"))
   assert dry_run.static_trip_count(comps, defs_moved, rests["scan"]) is None
+  # A body that steps by 2 (XLA:TPU's windowed einsum loops, unrolled): ceil(3 / 2).
+  two, _, _ = dry_run._parse_module(TPU_HLO.replace("%one = s32[]{:T(128)} constant(1)",
+                                                    "%one = s32[]{:T(128)} constant(2)"))
+  assert dry_run.static_trip_count(two, defs, rests["scan"]) == 2
+  # A body whose counter is not counter + constant: unknown.
+  odd, _, _ = dry_run._parse_module(TPU_HLO.replace("add(%i, %one)", "multiply(%i, %one)"))
+  assert dry_run.static_trip_count(odd, defs, rests["scan"]) is None
 
 
 # ---------------------------------------------------------------------------------------
