@@ -974,11 +974,13 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
 def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
   """One line naming the first phase whose peak (with the bytes resident alongside it)
   exceeds the device memory, else None."""
+  cpu = report.get("target", {"platform": "cpu"})["platform"] == "cpu"
   for name, p in report["phases"].items():
     need = p.get("peak_with_resident_bytes", p["peak_bytes_per_device"])
     if need > device_memory_gb * GB:
       return (f"error: phase {name!r} needs {_gb(need)} GB per device"
-              f" > --device_memory_gb={device_memory_gb:g} (estimate +-30%): raise "
+              f" > --device_memory_gb={device_memory_gb:g}"
+              f"{' (estimate +-30%)' if cpu else ''}: raise "
               "ppo.micro_batches, add devices or set model.remat (rollout: lower "
               "rollout.slots or raise rollout.tensor)")
   return None
