@@ -132,6 +132,9 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
   rollout = phases.get("rollout", {})
   if rollout.get("f32_weight_copy_bytes"):
     out["rollout f32 copies GB"] = round(rollout["f32_weight_copy_bytes"] / GB, 2)
+  refused = [name for name, p in phases.items() if p.get("refused")]
+  if refused:   # XLA:TPU compiles no program over the chip's HBM: peak = args + temporaries
+    out["over HBM (lower bound)"] = ", ".join(refused)
   out["max +resident GB"] = round(max_peak(report) / GB, 2)
   hbm = report.get("target", {}).get("hbm_bytes_per_device", 0)
   if hbm:

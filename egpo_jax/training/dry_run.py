@@ -511,6 +511,7 @@ class PhaseReport:
   calls: int = 1              # runs per iteration (the continuous rollout's chunks)
   resident_bytes: int = 0     # live on the device alongside, outside the program
   f32_weight_copy_bytes: int = 0
+  refused: str = ""           # XLA:TPU's error when the program exceeds the chip's HBM
 
   @property
   def collective_bytes(self) -> int:
@@ -533,6 +534,8 @@ class PhaseReport:
                            for c in self.hlo.collectives],
            "largest_buffers": list(self.hlo.largest_buffers),
            "compile_seconds": round(self.compile_seconds, 2)}
+    if self.refused:
+      out["refused"] = self.refused
     if self.decode_steps:
       loops = self.hlo.unknown_loops
       out["decode_loops"] = len(loops)
@@ -571,7 +574,22 @@ def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
   (the continuous engine's bounded attention and table loads, data-dependent) count once
   per outer trip and are left out of the per-step figures."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args, **(static or {})).compile()
+  try:
+    compiled = jitted.lower(*args, **(static or {})).compile()
+  except jax.errors.JaxRuntimeError as err:
+    temp = _hbm_refusal_temp_bytes(str(err))
+    if temp is None:
+      raise
+    if keep is not None:   # the next phase compiles on this program's output shardings
+      raise DryRunError(f"phase {name!r} is over the chip's HBM, so XLA:TPU compiles "
+                        f"neither it nor what follows: {str(err).strip().splitlines()[0]}"
+                        ) from None
+    # XLA:TPU compiles nothing larger than the chip's HBM: the phase keeps the figure it
+    # gives (its temporaries) with its arguments' bytes, a lower bound of its peak.
+    memory = CompiledMemory(sharding.per_device_bytes(args), 0, 0, temp)
+    return PhaseReport(name, function, memory, HloSummary((), (), ()), floor,
+                       time.perf_counter() - start, decode_steps, calls, resident,
+                       refused=str(err).strip().splitlines()[0])
   if keep is not None:
     keep.append(compiled)
   seconds = time.perf_counter() - start
@@ -585,6 +603,19 @@ def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
   return PhaseReport(name, function, CompiledMemory.of(compiled), hlo, floor, seconds,
                      decode_steps, calls, resident,
                      f32_weight_copies(compiled.as_text(), weight_sizes, width))
+
+
+_HBM_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                          r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _hbm_refusal_temp_bytes(message: str) -> int | None:
+  """The temporaries' bytes (its units are binary) of XLA:TPU's refusal to compile a
+  program over the chip's HBM, or None for any other error."""
+  m = _HBM_REFUSAL.search(message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1))
 
 
 def f32_weight_copies(hlo: str, weight_sizes: frozenset, width: int) -> int:
@@ -942,6 +973,10 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
            if ro["slots"] else "the static sampler over every response")
     lines.append(f"Rollout on mesh {rmesh}: {how}; {ro['decode_steps']} decode steps at "
                  "the worst case (every response at its cap)")
+  for name, p in report["phases"].items():
+    if p.get("refused"):
+      lines.append(f"  {name}: not compiled, over the chip's HBM; its peak is the arguments "
+                   f"plus XLA's temporaries, a lower bound ({p['refused']})")
   for name, p in report["phases"].items():
     if p.get("f32_weight_copy_bytes"):
       copies = p["f32_weight_copy_bytes"]

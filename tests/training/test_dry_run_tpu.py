@@ -225,6 +225,14 @@ def test_static_trip_count_needs_a_constant_bound_and_start():
   assert dry_run.static_trip_count(odd, defs, rests["scan"]) is None
 
 
+def test_hbm_refusal_gives_the_temporaries_else_none():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (21.11G) exceeds available HBM (15.75G).")
+  assert dry_run._hbm_refusal_temp_bytes(msg) == int(21.11 * 2**30)
+  assert dry_run._hbm_refusal_temp_bytes(msg.replace("(21.11G)", "(512M)")) == 512 * 2**20
+  assert dry_run._hbm_refusal_temp_bytes("INTERNAL: something else") is None
+
+
 # ---------------------------------------------------------------------------------------
 # Compiled by libtpu (skipped without it).
 
@@ -312,3 +320,23 @@ def test_command_line_topology_json_and_the_chips_memory(tmp_path):
   assert done.returncode == 2
   assert done.stderr.strip().startswith("error: --dry_run_topology=v5e:3x3: libtpu refused it")
   assert len(done.stderr.strip().splitlines()) == 1 and "compiling" not in done.stdout
+
+
+@needs_libtpu
+def test_a_phase_over_the_chips_hbm_is_reported_not_raised():
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((4,), ("fsdp",), devices=dry_run.tpu_devices("v5e:2x2"),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.ShapeDtypeStruct((4096, 1024), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+  # A sorted [1024, 1024, 5000] f32 per device (20 GB) must be materialised: over 16 GiB.
+  big = jax.jit(lambda x: jnp.sum(jnp.sort(jnp.broadcast_to(
+      x[:, :, None], (x.shape[0], 1024, 5000)), axis=1), axis=(1, 2)))
+  phase = dry_run._compile("big", "sort", big, (x,), floor=0)
+  assert phase.refused.startswith("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+  assert phase.memory.temp_bytes > 16 * 2**30
+  assert phase.memory.argument_bytes == 1024 * 1024 * 4   # its shard of x
+  assert phase.to_json()["refused"] == phase.refused and not phase.hlo.collectives
+  with pytest.raises(dry_run.DryRunError, match="phase 'big' is over the chip's HBM"):
+    dry_run._compile("big", "sort", big, (x,), floor=0, keep=[])
