@@ -378,7 +378,9 @@ def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: in
         nbytes = device_memory_bytes(_tuple_elements(shape)[0] if opcode == "copy-start"
                                      else shape)
         op = _OP_NAME.search(rest)
-        key = (shape.split("{")[0], op.group(1) if op else opcode)
+        parts = _tuple_elements(shape)[:1 if opcode == "copy-start" else None]
+        shown = parts[0].split("{")[0] + (f" +{len(parts) - 1} more" if len(parts) > 1 else "")
+        key = (shown, op.group(1) if op else opcode)
         if nbytes and nbytes > buffers.get(key, {}).get("bytes", 0):
           buffers[key] = {"bytes": nbytes, "shape": key[0], "opcode": opcode,
                           "op_name": key[1][-120:], "executions": executions}

@@ -201,7 +201,7 @@ def test_tpu_hlo_largest_buffers_are_in_device_memory_only():
   # f32 [256, 128], not its (destination, source, context) tuple.
   assert shapes[0] == ("f32[512,128]", 512 * 128 * 4)
   assert not any(s.startswith("f32[1024,128]") for s, _ in shapes)
-  assert ("(f32[256,128]", 256 * 128 * 4) in shapes
+  assert ("f32[256,128]", 256 * 128 * 4) in shapes
   assert dry_run.device_memory_bytes("(bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, "
                                      "f32[2]{0:T(128)}, s32[4]{0})") == 8 + 16
   assert dry_run.shape_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}") == 8 * 128 * 2
