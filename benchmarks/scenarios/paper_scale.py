@@ -142,9 +142,10 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
   out["state GB"] = round(report["state_bytes_per_device"] / GB, 2)
   if "reshard" in phases:
     out["reshard GB/it"] = round(phases["reshard"]["collective_bytes_per_iteration"] / GB, 1)
-  out["update coll. GB"] = round(update["collective_bytes_per_iteration"] / GB, 1)
-  out["update floor GB"] = round(update["floor_bytes_per_iteration"] / GB, 1)
-  out["update x floor"] = round(update_floor_ratio(report), 2)
+  if not update.get("refused"):   # an update XLA:TPU did not compile has no collectives
+    out["update coll. GB"] = round(update["collective_bytes_per_iteration"] / GB, 1)
+    out["update floor GB"] = round(update["floor_bytes_per_iteration"] / GB, 1)
+    out["update x floor"] = round(update_floor_ratio(report), 2)
   if "decode_bytes_per_step" in rollout:
     out["decode MB/step"] = round(rollout["decode_bytes_per_step"] / 1e6, 1)
     out["rollout coll. GB/it"] = round(rollout["collective_bytes_per_iteration"] / GB, 1)
@@ -199,9 +200,18 @@ def targets(reports: dict[tuple[str, int, str], dict[str, Any]]
   out = {}
   for (model, devices, topology), report in reports.items():
     t: dict[str, str] = {}
+    refused = [n for n, p in report["phases"].items() if p.get("refused")]
+    hbm = report.get("target", {}).get("hbm_bytes_per_device", 0)
+    if hbm:   # a TPU slice: every phase with what lives beside it in the chip's HBM
+      t["HBM fit"] = (f"over: XLA:TPU refused {', '.join(refused)}" if refused else
+                      _fit(max_peak(report), max_peak(report), round(hbm / GB, 2)))
     limit = FIT_TARGETS_GB.get((model, devices))
     if limit is not None:
-      t["fit target"] = _fit(max_peak(report), max_peak(report, True), limit)
+      if refused and max_peak(report) <= limit * GB:   # a lower bound proves no fit
+        t["fit target"] = (f"<= {limit:g} GB: unknown ({', '.join(refused)} not compiled, "
+                           f">= {max_peak(report) / GB:.1f})")
+      else:
+        t["fit target"] = _fit(max_peak(report), max_peak(report, True), limit)
     limit = ROLLOUT_TARGETS_GB.get((model, devices))
     if limit is not None:
       # The rollout's programs: the prompt table's prefill (continuous engine) and the decode.
@@ -211,10 +221,12 @@ def targets(reports: dict[tuple[str, int, str], dict[str, Any]]
       bf16 = max(p["peak_bytes_per_device"] - p.get("f32_weight_copy_bytes", 0) // 2
                  for p in ps)
       t["rollout target"] = _fit(peak, bf16, limit)
-    t["floor target"] = verdict(update_floor_ratio(report), UPDATE_FLOOR_TARGET)
+    update_refused = lambda r: bool(r["phases"]["update"].get("refused"))  # noqa: E731
+    if not update_refused(report):
+      t["floor target"] = verdict(update_floor_ratio(report), UPDATE_FLOOR_TARGET)
     eight = next((k for k in reports if k[:2] == (model, 8)
                   and _family(k[2]) == _family(topology)), None)
-    if devices == 16 and eight:
+    if devices == 16 and eight and not update_refused(reports[eight]):
       ratio = activation_ratio(reports[eight], report)
       t["activations 16/8"] = f"{ratio:.2f}: " + verdict(ratio, ACTIVATION_SHRINK_TARGET)
     out[(model, devices, topology)] = t

@@ -106,3 +106,24 @@ def test_tpu_rows_say_what_they_were_compiled_for_and_pair_with_their_own_kind()
   c16 = checks[("qwen2.5-math-7b", 16, "v5e:4x4")]
   assert c16["activations 16/8"] == "0.75: missed (1.25x)"
   assert c16["rollout target"] == "<= 14 GB: met (12.0)"
+
+
+def test_a_phase_xla_tpu_refused_is_no_fit_and_no_ratio():
+  """On a TPU slice a program over the chip's HBM is not compiled (`refused`, its peak a
+  lower bound): no collectives or floor ratio for it, the fit target unknown while the
+  lower bound is within it, no activation ratio against it; HBM fit names it."""
+  tpu = {"platform": "tpu", "topology": "v5e:2x4", "libtpu": "0.0.42.1",
+         "device_kind": "TPU v5 lite", "hbm_bytes_per_device": 16 * 2**30}
+  r8 = dict(R8, target=tpu)
+  r8["phases"] = dict(R8["phases"], update=dict(R8["phases"]["update"], refused="OOM"))
+  row = paper_scale.row(r8)
+  assert "update x floor" not in row and row["over HBM (lower bound)"] == "update"
+  r16 = dict(R16, target=dict(tpu, topology="v5e:4x4"))
+  checks = paper_scale.targets({("qwen2.5-math-7b", 8, "v5e:2x4"): r8,
+                                ("qwen2.5-math-7b", 16, "v5e:4x4"): r16})
+  c8 = checks[("qwen2.5-math-7b", 8, "v5e:2x4")]
+  assert c8 == {"HBM fit": "over: XLA:TPU refused update",
+                "fit target": "<= 70 GB: unknown (update not compiled, >= 30.0)"}
+  c16 = checks[("qwen2.5-math-7b", 16, "v5e:4x4")]
+  assert "activations 16/8" not in c16
+  assert c16["HBM fit"] == "<= 17.18 GB: missed (1.16x) (20.0)"
