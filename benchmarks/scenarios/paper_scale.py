@@ -105,6 +105,26 @@ which a layer scan on a GPU reads without copying. Variants (7B x16, decode / pr
 CPU figure): 128 slots 14.1 / 14.1 (half the cache, a slower rollout); a 48-entry
 table refilled in the loop (`rollout.table_entries`, 3 S / G) 23.6 (its in-loop prefill
 converts the stacked weights too); full attention 16.2, as bounded.
+
+TPU rows (2026-12-07, tpu branch; the same command where libtpu is installed, `pip
+install -e ".[tpu-aot]"`): compiled by libtpu 0.0.42.1 for v5e slices (16 GiB of HBM a
+chip = 17.18 GB, of which XLA:TPU lets a program use 15.75 GiB) and one v5p:2x2x2 (95
+GiB), from the topology's compile-only devices: XLA's TPU buffer assignment, no float32
+weight copies. The rollout target (7B on 16 chips, prefill and decode each <= 14 GB) is
+met on TPU: decode 11.5 GB, prefill 9.0. The decode's 11.5: arguments 7.6 (the bf16
+params 3.8, the slots' KV cache, the whole prompt table), temporaries 3.9, whose largest
+buffers are the per-layer bf16 weight slices (`transformer.decode_params`: multi-output
+`jit(_run)/squeeze` fusions before the loop; 28 layers' slices are 3.3 GB, held beside
+the stacked weights, as on CPU but in bf16). With the train state that
+lives beside it (5.7 GB: f32 master params and AdamW moments) the decode needs 17.2 GB a
+chip, just over a v5e's 17.18 ("HBM fit"). 7B on 8 v5e chips: XLA:TPU refuses to compile
+the update (21.1 GiB of temporaries alone; the row's 34.1 is arguments + temporaries, a
+lower bound), and the decode needs 27.7 GB with the state; on 8 v5p chips every phase
+compiles, the largest the update at 30.0 GB. Collectives: XLA:TPU turns the FSDP
+gathers and gradient reductions of the large matmuls into windowed einsums (shards
+passed by collective-permutes, overlapped with the dots, in loops unrolled by 2) and
+reduces the gradients in bf16 before they become f32, so the update moves 0.70-0.94x the
+floor (which counts f32 gradients); decode 25-130 MB per token step.
 """
 
 
