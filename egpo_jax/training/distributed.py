@@ -144,10 +144,11 @@ def mesh_config_from_config(c) -> sharding.MeshConfig:
   return sharding.MeshConfig(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
 
 
-def mesh_from_config(c) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all devices; a bad layout names config.mesh."""
+def mesh_from_config(c, devices: Any = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all, `jax.devices()`; the
+  dry run passes a TPU topology's); a bad layout names config.mesh."""
   try:
-    return sharding.make_mesh(mesh_config_from_config(c))
+    return sharding.make_mesh(mesh_config_from_config(c), devices)
   except ValueError as err:
     raise ValueError(f"config.mesh (data, fsdp, tensor): {err}") from None
 
