@@ -1,5 +1,9 @@
 """Test-wide setup: 8 fake CPU devices, the persistent compilation cache, hypothesis profiles.
 
+The cache is opt-in (EGPO_JAX_COMPILATION_CACHE=folder): faster reruns on a developer's
+machine, but writing its entries has crashed pytest workers (see scripts/test.sh), so
+scripts/test.sh and CI run without it.
+
 XLA_FLAGS must be set before jax is imported anywhere, which is why this happens at the top
 of the root conftest. Single-device tests use device 0; multi-device tests use all 8.
 """
