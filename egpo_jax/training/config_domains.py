@@ -245,8 +245,9 @@ FIELDS: tuple[Field, ...] = (
           optional=True),
     Field("task.max_new_tokens_field", text(), "",
           "the JSONL key holding a record's response token cap (an int in "
-          "[1, rollout.max_new_tokens], else a bad record; needs rollout.slots > 0); "
-          "'' = every response gets rollout.max_new_tokens", optional=True),
+          "[1, rollout.max_new_tokens], else a bad record; needs rollout.slots > 0; the "
+          "held-out train.eval_set reads it too); '' = every response gets "
+          "rollout.max_new_tokens", optional=True),
     # rollout
     Field("rollout.prompts_per_batch", ints(lo=1), 64, "use >= 1"),
     Field("rollout.group_size", ints(lo=2), 8,
@@ -323,7 +324,8 @@ FIELDS: tuple[Field, ...] = (
     Field("loss.old_logps", choice(iteration.OLD_LOGPS), "sampler",
           "'sampler' (the sampler's log-probs) or 'recompute' (the trainer's forward)"),
     Field("loss.tis_cap", floats(lo=0), 0.0, "use >= 0 (0 = off)"),
-    Field("loss.overlong_buffer", ints(lo=0), 0, "use >= 0 tokens (0 = off)"),
+    Field("loss.overlong_buffer", ints(lo=0), 0,
+          "use >= 0 tokens (0 = off; the buffer ends at each response's own cap)"),
     Field("loss.mask_truncated", boolean(), False, "True drops truncated responses' tokens"),
     Field("loss.logprob_chunk", ints(lo=1), 1024, "use >= 1 (vocabulary chunk of the log-probs)"),
     # dynamic sampling
