@@ -52,8 +52,10 @@ def check_implementation(implementation: str, *, dtype, head_dim: int,
                          backend: str | None = None,
                          field: str = "ModelConfig.attention") -> None:
   """Raises a one-line ValueError if `implementation` cannot run on `backend` (default:
-  JAX's) with this compute dtype and head width, naming `field` and what can run."""
-  backend = backend or jax.default_backend()
+  the traced code's target, `sharding.target_platform`) with this compute dtype and head
+  width, naming `field` and what can run."""
+  from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
+  backend = backend or sharding.target_platform()
   dtype = jnp.dtype(dtype)
   runs = {"reference": None, "blockwise": None,
           "cudnn": (None if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
@@ -105,7 +107,7 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=No
   if implementation == "reference":
     return _attend_recompute(q, k, v, kv_mask_BxS)
   if implementation == "splash":
-    return attend_splash(q, k, v, kv_mask_BxS)
+    return _splash_per_device(q, k, v, kv_mask_BxS)
   if implementation == "cudnn":
     if q.shape[1] == k.shape[1]:
       return attend_seq_lengths(q, k, v, kv_mask_BxS, implementation="cudnn")
@@ -505,7 +507,8 @@ def attend_one_pallas(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   (`_pallas_loop_kernel`). TPU (Mosaic): the blocks are the grid's last axis, the rows'
   block counts prefetched (`_pallas_grid_kernel`).
 
-  backend: the kernel's target ("gpu" or "tpu"; default JAX's backend), which sets the
+  backend: the kernel's target ("gpu" or "tpu"; default the traced code's target,
+  `sharding.target_platform`, e.g. a TPU topology's in the dry run), which sets the
   layout and tiling (`pallas_query_rows`); any other runs the GPU layout. interpret: the
   Pallas interpreter (default: on a backend other than GPU/TPU, e.g. a CPU; parity checks
   only, slow).
@@ -517,7 +520,8 @@ def attend_one_pallas(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   chex.assert_shape(v_BxGxSxK, (b, g, s, hd))
   chex.assert_shape(mask_BxS, (b, s))
   chex.assert_shape(read_slots_B, (b,))
-  backend = backend or jax.default_backend()
+  from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
+  backend = backend or sharding.target_platform()
   interpret = backend not in ("gpu", "tpu") if interpret is None else interpret
   r = h // g
   if s % block:
@@ -800,6 +804,33 @@ def attend_seq_lengths(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, kv_mask_BxT, *,
 
 
 # --- splash: JAX's Pallas splash attention kernel for TPU ---------------------------------
+
+
+def _splash_per_device(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, *,
+                       interpret: bool = False):
+  """`attend_splash` run by each device on its own rows and heads under a mesh (rows over
+  the batch axes, heads over `tensor`): XLA cannot partition a Mosaic kernel, so a
+  sharded call must be a `jax.shard_map` (found by compiling for a TPU topology)."""
+  from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
+  mesh = sharding.active_mesh()
+  run = functools.partial(attend_splash, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return run(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS)
+  batch = "activation_batch"
+  q_spec = sharding.logical_spec((batch, None, "activation_heads", None), q_BxTxHxK.shape,
+                                 mesh)
+  kv_spec = sharding.logical_spec((batch, None, "activation_kv_heads", None),
+                                  k_BxSxGxK.shape, mesh)
+  mask_spec = sharding.logical_spec((batch, None), kv_mask_BxS.shape, mesh)
+  padded = lambda p: tuple(p) + (None,) * 4   # noqa: E731
+  if (padded(q_spec)[0] != padded(kv_spec)[0] or padded(q_spec)[0] != padded(mask_spec)[0]
+      or padded(q_spec)[2] != padded(kv_spec)[2]):
+    raise ValueError(f"model.attention='splash': the mesh {dict(mesh.shape)} splits the "
+                     f"rows or heads of q {q_BxTxHxK.shape} and k {k_BxSxGxK.shape} "
+                     "differently; use 'blockwise' or a mesh that divides both")
+  return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+                       out_specs=q_spec, check_vma=False)(
+                           q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS)
 
 
 def attend_splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, *, interpret: bool = False):

@@ -268,6 +268,15 @@ def active_mesh():
   return mesh
 
 
+def target_platform() -> str:
+  """The platform the code being traced compiles for: the devices' of the mesh of
+  `jax.set_mesh` (a TPU topology's in the deviceless dry run, whose host backend is the
+  CPU), else JAX's default backend. Kernels pick their lowering by it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   """`x` constrained to the sharding its logical axes name under the mesh of
   `jax.set_mesh`; the identity without one (or on a mesh without the trainer's axes)."""
