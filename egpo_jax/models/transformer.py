@@ -665,7 +665,7 @@ def _write_rows(buf, index_B, new, slot_axis):
     return _scatter_slots(buf, where, new)
 
   mesh = sharding.active_mesh()
-  if mesh is None or mesh.size == 1:
+  if mesh is None or mesh.size == 1 or mesh.manual_axes:   # no mesh, or already per device
     return write(buf, index_B, new)
   heads = ("activation_kv_heads",) if buf.ndim > 2 else ()
   spec = lambda x, *names: sharding.logical_spec(   # noqa: E731
