@@ -25,6 +25,18 @@ to the float32 reference as blockwise's are (the exit code is 1 if not).
 Prints one JSON line per implementation, then the markdown rows for BENCHMARKS.md's
 "gpu_check" table. An out-of-memory step is a result, not a crash: the JSON says so and
 the exit code is 1. Never run in CI.
+
+    python -m benchmarks.gpu_check --decode           # decode attention full/bounded/pallas
+    python -m benchmarks.gpu_check --decode --smoke   # tiny shapes on CPU (pallas interpreted)
+
+`--decode` times one layer's decode attention of the continuous engine
+(`decode_attention_check`): `--rows` slots of `--model`'s heads, a prompt-table prefix of
+`--prompt_len`, own caches of `--response_len` - 1 slots (rounded up to `--read_block`),
+each slot at a length drawn as rollout_lengths' caps (97% in [T/10, T/2], 3% T). "full"
+reads every own slot, "bounded" the used blocks by plain JAX (`_attend_one_paged`),
+"pallas" the same blocks by the Pallas kernel (`attend_one_pallas`: Triton on a GPU,
+Mosaic on a TPU); its largest difference from "full" is reported. On a CPU the kernel
+runs in the Pallas interpreter: its time there means nothing.
 """
 
 from __future__ import annotations
@@ -41,8 +53,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import harness
+from benchmarks.scenarios import rollout_lengths
 from egpo_jax.models import attention as attention_lib
 from egpo_jax.models import config as model_config_lib
 from egpo_jax.models import transformer
@@ -205,6 +219,61 @@ def cudnn_parity(model: str, rows: int = 2, length: int = 4096) -> dict[str, Any
           "max_abs_error": errors, "reference_max_abs": scale}
 
 
+DECODE_SMOKE = dict(model="tiny", rows=4, prompt_len=8, response_len=33, read_block=8,
+                    repeats=2)
+
+
+def decode_attention_check(model: str, rows: int, prompt_len: int, response_len: int,
+                           read_block: int, repeats: int) -> list[dict[str, Any]]:
+  """One JSON record per decode attention ("full", "bounded", "pallas"): the median
+  seconds of one layer's `attention.attend` call over `repeats` (after a compiled warm-up),
+  the own slots each reads per row on average, and the largest |difference| from "full"."""
+  cfg = model_config_lib.get_config(model)
+  h, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+  dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+  own = -(-max(response_len - 1, 1) // read_block) * read_block
+  lens = np.asarray(rollout_lengths.draw_caps(rows, response_len - 1, seed=0))
+  rs = np.random.RandomState(3)    # numpy: eager jax.random ops each compile
+  normal = lambda *shape: jnp.asarray(rs.standard_normal(shape), dtype)   # noqa: E731
+  q, k, v = normal(rows, h, hd), normal(rows, g, hd, own), normal(rows, g, own, hd)
+  mask = jnp.asarray(np.arange(own)[None] < lens[:, None])
+  prefix = (normal(rows, g, hd, prompt_len), normal(rows, g, prompt_len, hd),
+            jnp.ones((rows, prompt_len), bool))
+  read = jnp.asarray(lens, jnp.int32)
+  fns = {"full": lambda q, k, v, m, r, p: attention_lib.attend(q, k, v, m, prefix=p),
+         **{name: functools.partial(
+             lambda q, k, v, m, r, p, kernel: attention_lib.attend(
+                 q, k, v, m, prefix=p, read_slots_B=r, read_block=read_block,
+                 read_kernel=kernel), kernel=kernel)
+            for name, kernel in (("bounded", "xla"), ("pallas", "pallas"))}}
+  base = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind, model=model,
+              rows=rows, heads=f"{h}/{g}x{hd}", prefix=prompt_len, own_slots=own,
+              read_block=read_block, dtype=jnp.dtype(dtype).name)
+  records, outs = [], {}
+  for name, fn in fns.items():
+    record = dict(base, decode_attention=name)
+    try:
+      compiled = jax.jit(fn).lower(q, k, v, mask, read, prefix).compile()
+      outs[name] = jax.block_until_ready(compiled(q, k, v, mask, read, prefix))
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v, mask, read, prefix))
+        times.append(time.perf_counter() - start)
+      record["seconds"] = statistics.median(times)
+      blocks = -(-lens // read_block)
+      record["own_slots_read_per_row"] = float(own if name == "full" else
+                                               (blocks * read_block).mean())
+      record["max_abs_diff_vs_full"] = float(jnp.max(jnp.abs(
+          outs[name].astype(jnp.float32) - outs["full"].astype(jnp.float32))))
+    except Exception as err:   # noqa: BLE001  (a kernel that does not build is a result)
+      record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    if jax.default_backend() == "cpu" and name == "pallas":
+      record["note"] = "Pallas interpreter on CPU: the time is meaningless"
+    records.append(record)
+  return records
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +291,20 @@ def main(argv: list[str] | None = None) -> int:
                            "'cudnn,blockwise' on a GPU, else the paper config's)")
   parser.add_argument("--no_parity", action="store_true", help="skip the cuDNN parity check")
   parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: " + str(SMOKE))
+  parser.add_argument("--decode", action="store_true",
+                      help="time decode attention full/bounded/pallas instead (see above)")
+  parser.add_argument("--slots", type=int, default=64, help="--decode: decode rows")
+  parser.add_argument("--read_block", type=int, default=128, help="--decode: block of slots")
   args = parser.parse_args(argv)
+  if args.decode:
+    kw = (dict(DECODE_SMOKE) if args.smoke else
+          dict(model=args.model, rows=args.slots, prompt_len=args.prompt_len,
+               response_len=args.response_len, read_block=args.read_block,
+               repeats=max(args.repeats, 10)))
+    records = decode_attention_check(**kw)
+    for record in records:
+      print(json.dumps(record), flush=True)
+    return 1 if any("error" in r for r in records) else 0
   kwargs = {k: getattr(args, k) for k in ("model", "rows", "group_size", "prompt_len",
                                           "response_len", "repeats")}
   if args.smoke:

@@ -87,10 +87,15 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile one iteration's phases f
                              "shapes and print per-device memory and collectives; train nothing.")
 _DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: this many fake "
                                         "CPU devices stand in for the target (0 = the real ones).")
+_DRY_RUN_TOPOLOGY = flags.DEFINE_string(
+    "dry_run_topology", "", "With --dry_run: compile for this TPU slice (e.g. v5e:4x4, "
+    "v5p:2x2x2) with libtpu, without a TPU (pip install -e \".[tpu-aot]\"); instead of "
+    "--dry_run_devices.")
 _DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", "", "With --dry_run: also write the report "
                                     "as JSON here.")
 _DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", 0.0, "With --dry_run: exit 1 when a "
-                                       "phase needs more than this per device (0 = no check).")
+                                       "phase needs more than this per device (0 = no check; with "
+                                       "--dry_run_topology, the chip's HBM).")
 
 
 def run(config, workdir: str, *, verbose: bool = False) -> int:
@@ -126,7 +131,8 @@ def main(argv):
     return _usage_error(_unknown_override(sys.argv) or _one_line(err), verbose)
   if _DRY_RUN.value:   # before anything starts JAX: --dry_run_devices must come first
     from egpo_jax.training import dry_run  # pylint: disable=g-import-not-at-top
-    return dry_run.main(config, devices=_DRY_RUN_DEVICES.value, json_path=_DRY_RUN_JSON.value,
+    return dry_run.main(config, devices=_DRY_RUN_DEVICES.value,
+                        topology=_DRY_RUN_TOPOLOGY.value, json_path=_DRY_RUN_JSON.value,
                         device_memory_gb=_DEVICE_MEMORY_GB.value)
   try:
     return run(config, _WORKDIR.value, verbose=verbose)

@@ -12,10 +12,16 @@ bytes per iteration next to the FSDP floor (params all-gathered for forward and 
 in the compute dtype, gradients reduce-scattered in f32, per micro-batch); the rollout's
 per decode step and per iteration (every response at its cap), the reshard's per
 iteration. CPU-compiled estimates (+-30%); compile seconds are this machine's.
+
+Where libtpu is installed (`pip install -e ".[tpu-aot]"`), the same cases compiled for
+TPU slices (`--dry_run_topology`: 8 chips v5e:2x4, 16 chips v5e:4x4, and 7B on a v5p:2x2x2,
+8 chips of 95 GiB): XLA's TPU buffer assignment, no fake devices, no float32 weight
+copies; "compiled for" says which row is which.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +34,10 @@ from benchmarks import harness
 GB = 1e9
 CASES = (("qwen2.5-math-1.5b", 8), ("qwen2.5-math-1.5b", 16), ("qwen2.5-math-7b", 8),
          ("qwen2.5-math-7b", 16))
+# (backbone, TPU slice): the paper configs' meshes on TPU chips (libtpu, deviceless).
+TPU_CASES = (("qwen2.5-math-1.5b", "v5e:2x4"), ("qwen2.5-math-1.5b", "v5e:4x4"),
+             ("qwen2.5-math-7b", "v5e:2x4"), ("qwen2.5-math-7b", "v5e:4x4"),
+             ("qwen2.5-math-7b", "v5p:2x2x2"))
 # Per-device targets of the paper-scale issue: (backbone, devices) -> GB for every phase.
 FIT_TARGETS_GB = {("qwen2.5-math-1.5b", 16): 14.0, ("qwen2.5-math-7b", 8): 70.0,
                   ("qwen2.5-math-7b", 16): 28.0}
@@ -95,7 +105,35 @@ which a layer scan on a GPU reads without copying. Variants (7B x16, decode / pr
 CPU figure): 128 slots 14.1 / 14.1 (half the cache, a slower rollout); a 48-entry
 table refilled in the loop (`rollout.table_entries`, 3 S / G) 23.6 (its in-loop prefill
 converts the stacked weights too); full attention 16.2, as bounded.
+
+TPU rows (2026-12-07, tpu branch; the same command where libtpu is installed, `pip
+install -e ".[tpu-aot]"`): compiled by libtpu 0.0.42.1 for v5e slices (16 GiB of HBM a
+chip = 17.18 GB, of which XLA:TPU lets a program use 15.75 GiB) and one v5p:2x2x2 (95
+GiB), from the topology's compile-only devices: XLA's TPU buffer assignment, no float32
+weight copies. The rollout target (7B on 16 chips, prefill and decode each <= 14 GB) is
+met on TPU: decode 11.5 GB, prefill 9.0. The decode's 11.5: arguments 7.6 (the bf16
+params 3.8, the slots' KV cache, the whole prompt table), temporaries 3.9, whose largest
+buffers are the per-layer bf16 weight slices (`transformer.decode_params`: multi-output
+`jit(_run)/squeeze` fusions before the loop; 28 layers' slices are 3.3 GB, held beside
+the stacked weights, as on CPU but in bf16). With the train state that
+lives beside it (5.7 GB: f32 master params and AdamW moments) the decode needs 17.2 GB a
+chip, just over a v5e's 17.18 ("HBM fit"). 7B on 8 v5e chips: XLA:TPU refuses to compile
+the update (21.1 GiB of temporaries alone; the row's 34.1 is arguments + temporaries, a
+lower bound), and the decode needs 27.7 GB with the state; on 8 v5p chips every phase
+compiles, the largest the update at 30.0 GB. Collectives: XLA:TPU turns the FSDP
+gathers and gradient reductions of the large matmuls into windowed einsums (shards
+passed by collective-permutes, overlapped with the dots, in loops unrolled by 2) and
+reduces the gradients in bf16 before they become f32, so the update moves 0.70-0.94x the
+floor (which counts f32 gradients); decode 25-130 MB per token step.
 """
+
+
+def compiled_for(report: dict[str, Any]) -> str:
+  """"cpu (fake devices)" or the TPU slice and libtpu's version."""
+  t = report.get("target", {"platform": "cpu"})
+  if t["platform"] != "tpu":
+    return f"{t['platform']} (fake devices)"
+  return f"tpu {t['topology']} (libtpu {t['libtpu']})"
 
 
 def row(report: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +141,7 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
   phases = report["phases"]
   update = phases["update"]
   ro = report.get("rollout", {})
-  out: dict[str, Any] = {"devices": report["devices"],
+  out: dict[str, Any] = {"compiled for": compiled_for(report), "devices": report["devices"],
                          "mesh": "x".join(str(v) for v in report["mesh"].values()),
                          "rollout mesh": "x".join(str(v) for v in ro.get(
                              "mesh", report["mesh"]).values()),
@@ -114,13 +152,20 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
   rollout = phases.get("rollout", {})
   if rollout.get("f32_weight_copy_bytes"):
     out["rollout f32 copies GB"] = round(rollout["f32_weight_copy_bytes"] / GB, 2)
+  refused = [name for name, p in phases.items() if p.get("refused")]
+  if refused:   # XLA:TPU compiles no program over the chip's HBM: peak = args + temporaries
+    out["over HBM (lower bound)"] = ", ".join(refused)
   out["max +resident GB"] = round(max_peak(report) / GB, 2)
+  hbm = report.get("target", {}).get("hbm_bytes_per_device", 0)
+  if hbm:
+    out["HBM GB"] = round(hbm / GB, 2)
   out["state GB"] = round(report["state_bytes_per_device"] / GB, 2)
   if "reshard" in phases:
     out["reshard GB/it"] = round(phases["reshard"]["collective_bytes_per_iteration"] / GB, 1)
-  out["update coll. GB"] = round(update["collective_bytes_per_iteration"] / GB, 1)
-  out["update floor GB"] = round(update["floor_bytes_per_iteration"] / GB, 1)
-  out["update x floor"] = round(update_floor_ratio(report), 2)
+  if not update.get("refused"):   # an update XLA:TPU did not compile has no collectives
+    out["update coll. GB"] = round(update["collective_bytes_per_iteration"] / GB, 1)
+    out["update floor GB"] = round(update["floor_bytes_per_iteration"] / GB, 1)
+    out["update x floor"] = round(update_floor_ratio(report), 2)
   if "decode_bytes_per_step" in rollout:
     out["decode MB/step"] = round(rollout["decode_bytes_per_step"] / 1e6, 1)
     out["rollout coll. GB/it"] = round(rollout["collective_bytes_per_iteration"] / GB, 1)
@@ -162,15 +207,31 @@ def _fit(value: int, bf16_value: int, limit: float) -> str:
   return text
 
 
-def targets(reports: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, int], dict]:
-  """The issue's targets per case: fit (every phase, with the bytes resident alongside),
-  the rollout's own peak, update collectives vs floor, activation shrink."""
+def _family(topology: str) -> str:
+  """"" for fake CPU devices, else the TPU generation ("v5e")."""
+  return topology.partition(":")[0]
+
+
+def targets(reports: dict[tuple[str, int, str], dict[str, Any]]
+            ) -> dict[tuple[str, int, str], dict]:
+  """The issue's targets per case (backbone, devices, TPU slice or ""): fit (every phase,
+  with the bytes resident alongside), the rollout's own peak, update collectives vs
+  floor, activation shrink (16 devices over 8 of the same kind)."""
   out = {}
-  for (model, devices), report in reports.items():
+  for (model, devices, topology), report in reports.items():
     t: dict[str, str] = {}
+    refused = [n for n, p in report["phases"].items() if p.get("refused")]
+    hbm = report.get("target", {}).get("hbm_bytes_per_device", 0)
+    if hbm:   # a TPU slice: every phase with what lives beside it in the chip's HBM
+      t["HBM fit"] = (f"over: XLA:TPU refused {', '.join(refused)}" if refused else
+                      _fit(max_peak(report), max_peak(report), round(hbm / GB, 2)))
     limit = FIT_TARGETS_GB.get((model, devices))
     if limit is not None:
-      t["fit target"] = _fit(max_peak(report), max_peak(report, True), limit)
+      if refused and max_peak(report) <= limit * GB:   # a lower bound proves no fit
+        t["fit target"] = (f"<= {limit:g} GB: unknown ({', '.join(refused)} not compiled, "
+                           f">= {max_peak(report) / GB:.1f})")
+      else:
+        t["fit target"] = _fit(max_peak(report), max_peak(report, True), limit)
     limit = ROLLOUT_TARGETS_GB.get((model, devices))
     if limit is not None:
       # The rollout's programs: the prompt table's prefill (continuous engine) and the decode.
@@ -180,43 +241,69 @@ def targets(reports: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, i
       bf16 = max(p["peak_bytes_per_device"] - p.get("f32_weight_copy_bytes", 0) // 2
                  for p in ps)
       t["rollout target"] = _fit(peak, bf16, limit)
-    t["floor target"] = verdict(update_floor_ratio(report), UPDATE_FLOOR_TARGET)
-    if devices == 16 and (model, 8) in reports:
-      ratio = activation_ratio(reports[(model, 8)], report)
+    update_refused = lambda r: bool(r["phases"]["update"].get("refused"))  # noqa: E731
+    if not update_refused(report):
+      t["floor target"] = verdict(update_floor_ratio(report), UPDATE_FLOOR_TARGET)
+    eight = next((k for k in reports if k[:2] == (model, 8)
+                  and _family(k[2]) == _family(topology)), None)
+    if devices == 16 and eight and not update_refused(reports[eight]):
+      ratio = activation_ratio(reports[eight], report)
       t["activations 16/8"] = f"{ratio:.2f}: " + verdict(ratio, ACTIVATION_SHRINK_TARGET)
-    out[(model, devices)] = t
+    out[(model, devices, topology)] = t
   return out
 
 
-# Set to a folder to keep each case's full dry-run report there as <backbone>_<devices>.json.
+# Set to a folder to keep each case's full dry-run report there as <backbone>_<devices>.json
+# (<backbone>_<slice>.json for a TPU slice); with REUSE_ENV=1 too, a report already there
+# is read instead of compiled again (re-rendering the table after editing the notes).
 JSON_DIR_ENV = "PAPER_SCALE_JSON_DIR"
+REUSE_ENV = "PAPER_SCALE_REUSE_JSON"
 
 
-def measure(model: str, devices: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+def has_libtpu() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def measure(model: str, devices: int, extra_args: tuple[str, ...] = (),
+            topology: str = "") -> dict[str, Any]:
   """Runs the dry run of the paper config in a fresh process (the device count must be
-  set before JAX starts) and returns its JSON report."""
+  set before JAX starts) and returns its JSON report; with `topology`, compiled for that
+  TPU slice instead (`devices` is then its chip count; a case that exceeds the chip's
+  HBM, the dry run's exit 1, is still reported)."""
   with tempfile.TemporaryDirectory() as tmp:
     keep = os.environ.get(JSON_DIR_ENV)
-    path = os.path.join(keep or tmp, f"{model}_{devices}.json")
+    where = topology.replace(":", "_") if topology else str(devices)
+    path = os.path.join(keep or tmp, f"{model}_{where}.json")
+    if keep and os.environ.get(REUSE_ENV) == "1" and os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    target = (f"--dry_run_topology={topology}" if topology
+              else f"--dry_run_devices={devices}")
     cmd = [sys.executable, "-m", "experiments.main",
            f"--config=experiments/configs/paper.py:egpo,{model}", "--dry_run",
-           f"--dry_run_devices={devices}", f"--dry_run_json={path}", *extra_args]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+           target, f"--dry_run_json={path}", *extra_args]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    if done.returncode:
-      raise RuntimeError(f"dry run of {model} on {devices} devices failed: "
+    if done.returncode and not (topology and done.returncode == 1):
+      raise RuntimeError(f"dry run of {model} on {topology or devices} devices failed: "
                          f"{done.stderr.strip().splitlines()[-1:]}")
     with open(path) as f:
       return json.load(f)
 
 
 def run(quick: bool) -> list[harness.Row]:
-  cases = CASES[:1] if quick else CASES
-  reports = {case: measure(*case) for case in cases}
+  cases = [(m, d, "") for m, d in (CASES[:1] if quick else CASES)]
+  if has_libtpu():
+    cases += [(m, 0, t) for m, t in (TPU_CASES[:1] if quick else TPU_CASES)]
+  reports = {}
+  for model, devices, topology in cases:
+    report = measure(model, devices, topology=topology)
+    reports[(model, report["devices"], topology)] = report
   checks = targets(reports)
   rows = []
-  for (model, devices), report in reports.items():
-    extra = {**row(report), **checks[(model, devices)]}
-    rows.append(harness.Row(name=f"{model} x{devices}", seconds=None, extra=extra))
+  for (model, devices, topology), report in reports.items():
+    extra = {**row(report), **checks[(model, devices, topology)]}
+    name = f"{model} x{devices}" + (f" {topology}" if topology else "")
+    rows.append(harness.Row(name=name, seconds=None, extra=extra))
   return rows

@@ -15,6 +15,10 @@ Rows:
     P + T - 1 cache slots per step, "bounded" only the used 64-slot blocks of each
     (`ContinuousSpec.decode_attention`); "E table entries": a prompt table of E = 3 S / G
     entries refilled inside the loop (`ContinuousSpec.table_entries`), else all 64 prompts.
+    On a GPU or TPU also "pallas attention": the bounded blocks read by the Pallas kernel
+    (`attention.attend_one_pallas`; blocks of 128 on a TPU, Mosaic's tiling). Not on a
+    CPU, where the kernel runs in the Pallas interpreter and its time means nothing (its
+    parity is tested in tests/models/test_pallas_decode.py).
   * static, ceil(N/S) chunks of S rows (S = 64, equal slot memory: 8 prompts x 8 per
     chunk): `engine.generate` per chunk with max_new_tokens = the chunk's largest cap,
     i.e. the static loop stopping when its last row reaches its cap (its best case).
@@ -117,10 +121,13 @@ def run(quick: bool) -> list[harness.Row]:
               (main_slots, "bounded", 3 * main_slots // group)]
   variants += [(s, "bounded", e) for s in slot_counts if s != main_slots
                for e in (0, 3 * s // group)]
+  if jax.default_backend() in ("gpu", "tpu"):
+    variants.insert(2, (main_slots, "pallas", 0))
   variants = [(s, a, e) for s, a, e in variants if e < num_prompts]   # e >= B: no table
   for slots, attn, entries in variants:
+    block = 128 if attn == "pallas" and jax.default_backend() == "tpu" else 64
     spec = continuous.ContinuousSpec(sampling=sspec, slots=slots, decode_attention=attn,
-                                     table_entries=entries)
+                                     attention_block=block, table_entries=entries)
     entries = spec.entries(num_prompts)
     cfg, prm = (config, params) if slots == main_slots else (tiny, tiny_params)
     run_c = functools.partial(continuous.generate, prm, ids % cfg.vocab_size, mask, rng,

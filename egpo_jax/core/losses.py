@@ -288,12 +288,22 @@ def policy_loss(logps_NxT: jax.Array, old_logps_NxT: jax.Array, adv_N: jax.Array
   return loss, aux
 
 
-def overlong_penalty(lengths_N: jax.Array, *, max_len: Scalar,
+def overlong_penalty(lengths_N: jax.Array, *, max_len: Scalar | jax.Array,
                      cache_len: Scalar) -> jax.Array:
   """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), a reward to add.
 
-  0 for lengths <= max_len - cache_len, then linear down to -1 at max_len, and -1 beyond:
-  ((max_len - cache_len) - length) / cache_len inside the buffer. Returns float32 [N].
+  With L_i = max_len (response i's maximum length) and C_i = min(cache_len, L_i):
+
+    R_length(y_i) = 0                                if |y_i| <= L_i - C_i
+                  = ((L_i - C_i) - |y_i|) / C_i      if L_i - C_i < |y_i| <= L_i
+                  = -1                               if L_i < |y_i|
+
+  max_len: a scalar (every response's L_max: the batch's max_new_tokens T) or [N], each
+  response's own cap (per-record caps, `task.max_new_tokens_field`), so that a response
+  capped at 600 tokens is measured against 600, not T. A scalar buffer wider than the
+  scalar max_len is refused (a config error); a cap narrower than the buffer shrinks the
+  buffer to the cap (C_i = L_i: the punishment then grows from length 0 to -1 at the cap).
+  Returns float32 [N].
   """
   chex.assert_rank(lengths_N, 1)
   _check_number("max_len", max_len, low=0, strict=True)
@@ -302,8 +312,12 @@ def overlong_penalty(lengths_N: jax.Array, *, max_len: Scalar,
       and cache_len > max_len):
     raise ValueError(f"cache_len={cache_len} exceeds max_len={max_len}; the buffer must "
                      "fit inside the maximum length")
-  excess_N = lengths_N.astype(jnp.float32) - (max_len - cache_len)
-  return jnp.clip(-excess_N / cache_len, -1.0, 0.0)
+  if jnp.ndim(max_len):
+    chex.assert_equal_shape([lengths_N, max_len])
+  max_len = jnp.asarray(max_len, jnp.float32)
+  cache = jnp.minimum(jnp.asarray(cache_len, jnp.float32), max_len)
+  excess_N = lengths_N.astype(jnp.float32) - (max_len - cache)
+  return jnp.clip(-excess_N / cache, -1.0, 0.0)
 
 
 def dynamic_sampling_filter(correct_BxG: jax.Array, valid_BxG: jax.Array) -> jax.Array:

@@ -14,6 +14,10 @@
 
 Decoding (one query per row) uses the single-query path `_attend_one` under every
 implementation: its scores are [B, H, S], small, and it reads the decode cache layout.
+Given each row's bound on its used slots (read_slots_B), it reads only those, in blocks:
+`_attend_one_paged` (plain JAX) or `attend_one_pallas` (a Pallas kernel: Triton on GPU,
+Mosaic on TPU), chosen by read_kernel, both merging their partials with the shared
+prefix's in `_merge_partials`.
 
     out_BxTxHxK = attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS,
                          implementation=config.attention)
@@ -33,6 +37,7 @@ import functools
 import logging
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +70,7 @@ def check_implementation(implementation: str, *, dtype, head_dim: int,
 
 
 def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=None,
-           read_slots_B=None, read_block: int = 64):
+           read_slots_B=None, read_block: int = 64, read_kernel: str = "xla"):
   """Softmax attention of q over the keys k and values v; see the module docstring.
 
   Args:
@@ -80,6 +85,8 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=No
       first read_slots_B[b] slots; attention then reads only those, in blocks of
       `read_block` slots (`_attend_one_paged`; S must be a multiple of read_block). None:
       every slot is read.
+    read_kernel: with read_slots_B, one of READ_KERNELS: "xla" (`_attend_one_paged`) or
+      "pallas" (`attend_one_pallas`; `rollout.decode_attention="pallas"`).
 
   Returns:
     [B, T, H, K] (or [B, H, K]) in v's dtype.
@@ -89,7 +96,8 @@ def attend(q, k, v, kv_mask_BxS, *, implementation: str = "blockwise", prefix=No
     # One query: the scores are [B, H, S], nothing to save; every implementation uses
     # the single-query path, which reads the decode cache layout without copies.
     if read_slots_B is not None:
-      return _paged_per_device(q, k, v, kv_mask_BxS, prefix, read_slots_B, read_block)
+      return _paged_per_device(q, k, v, kv_mask_BxS, prefix, read_slots_B, read_block,
+                               read_kernel)
     return _attend_one(q, k, v, kv_mask_BxS, prefix)
   if prefix is not None or read_slots_B is not None:
     raise ValueError("attend: prefix and read_slots_B are for one query per row (decoding) "
@@ -217,8 +225,9 @@ def _attend_one(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix=None):
 
 
 def _paged_per_device(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B,
-                      block: int):
-  """`_attend_one_paged` run by each device on its own rows and heads under a mesh.
+                      block: int, read_kernel: str = "xla"):
+  """`_attend_one_paged` (read_kernel "xla") or `attend_one_pallas` ("pallas") run by
+  each device on its own rows and heads under a mesh.
 
   Its (row, block) pair list mixes rows: traced globally, GSPMD turns each visit's
   gather of B blocks "wherever their rows are" into a masked local gather plus an
@@ -230,8 +239,11 @@ def _paged_per_device(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   the global version runs.
   """
   from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
+  if read_kernel not in READ_KERNELS:
+    raise ValueError(f"attend: read_kernel={read_kernel!r} is not one of {READ_KERNELS}")
   mesh = sharding.active_mesh()
-  run = functools.partial(_attend_one_paged, block=block)
+  run = functools.partial({"xla": _attend_one_paged, "pallas": attend_one_pallas}[read_kernel],
+                          block=block)
   if mesh is None or mesh.size == 1:
     return run(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B)
   batch, heads, kv_heads = "activation_batch", "activation_heads", "activation_kv_heads"
@@ -273,9 +285,8 @@ def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   visit gathers B blocks of keys and values, wherever their rows are, and computes their
   softmax partials (max m, sum l, unnormalised output acc: Milakov & Gimelshein, 2018). The
   partials are written to a [B, S / block] table, and each row's are combined at the end
-  over that fixed axis, with the prefix's (read densely, as `_attend_one`):
-
-    m = max_j m_j,   out = sum_j exp(m_j - m) acc_j / sum_j exp(m_j - m) l_j.
+  over that fixed axis, with the prefix's (read densely, as `_attend_one`), by
+  `_merge_partials`.
 
   Blocks a row does not read keep m_j = the mask value and l_j = acc_j = 0, which weigh
   exactly 0, so a row's result is bit-identical whatever the other rows' lengths and
@@ -295,24 +306,7 @@ def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   nb = s // block
   scale = 1.0 / math.sqrt(hd)
   q = q_BxHxK.reshape(b, g, r, hd)
-  if prefix is None:
-    m0 = jnp.full((b, g, r), _MASK_VALUE, jnp.float32)
-    l0, acc0 = jnp.zeros((b, g, r), jnp.float32), jnp.zeros((b, g, r, hd), jnp.float32)
-  else:
-    k_BpxGxKxP, v_BpxGxPxK, mask_BpxP = prefix
-    bp, p = mask_BpxP.shape
-    c = b // bp
-    q_grouped = q.reshape(bp, c, g, r, hd).transpose(0, 2, 1, 3, 4).reshape(bp, g, c * r, hd)
-    ps = jnp.einsum("bgqk,bgkp->bgqp", q_grouped, k_BpxGxKxP,
-                    preferred_element_type=jnp.float32) * scale
-    valid = mask_BpxP[:, None, None]
-    m_p = jnp.where(valid, ps, _MASK_VALUE).max(-1)
-    e = jnp.where(valid, jnp.exp(ps - m_p[..., None]), 0.0)
-    acc_p = jnp.einsum("bgqp,bgpk->bgqk", e.astype(v_BpxGxPxK.dtype), v_BpxGxPxK,
-                       preferred_element_type=jnp.float32)
-    ungroup = lambda x: x.reshape(bp, g, c, r, *x.shape[3:]).swapaxes(1, 2).reshape(
-        b, g, r, *x.shape[3:])
-    m0, l0, acc0 = ungroup(m_p), ungroup(e.sum(-1)), ungroup(acc_p)
+  m0, l0, acc0 = _prefix_partials(q, prefix, scale)
 
   blocks_B = jnp.clip(-(-read_slots_B.astype(jnp.int32) // block), 0, nb)
   ends_B = jnp.cumsum(blocks_B)
@@ -346,13 +340,237 @@ def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   init = (jnp.full((b, nb, g, r), _MASK_VALUE, jnp.float32),
           jnp.zeros((b, nb, g, r), jnp.float32), jnp.zeros((b, nb, g, r, hd), jnp.float32))
   m_tab, l_tab, acc_tab = jax.lax.fori_loop(0, -(-total // b), visit, init)
+  out = _merge_partials((m0, l0, acc0), (m_tab, l_tab, acc_tab))
+  return out.astype(v_BxGxSxK.dtype).reshape(b, h, hd)
+
+
+def _prefix_partials(q_BxGxRxK, prefix, scale: float):
+  """Softmax partials (m [B, G, R], l [B, G, R], acc [B, G, R, K], float32) of the
+  queries over the shared prefix (read densely, as `_attend_one`: the group of C = B / Bp
+  rows' queries stacked in one product per prompt and kv head); without a prefix, those
+  of no key (m = the mask value, l = acc = 0, which weigh 0 in `_merge_partials`)."""
+  b, g, r, hd = q_BxGxRxK.shape
+  if prefix is None:
+    return (jnp.full((b, g, r), _MASK_VALUE, jnp.float32), jnp.zeros((b, g, r), jnp.float32),
+            jnp.zeros((b, g, r, hd), jnp.float32))
+  k_BpxGxKxP, v_BpxGxPxK, mask_BpxP = prefix
+  bp = mask_BpxP.shape[0]
+  c = b // bp
+  q_grouped = q_BxGxRxK.reshape(bp, c, g, r, hd).transpose(0, 2, 1, 3, 4).reshape(
+      bp, g, c * r, hd)
+  ps = jnp.einsum("bgqk,bgkp->bgqp", q_grouped, k_BpxGxKxP,
+                  preferred_element_type=jnp.float32) * scale
+  valid = mask_BpxP[:, None, None]
+  m_p = jnp.where(valid, ps, _MASK_VALUE).max(-1)
+  e = jnp.where(valid, jnp.exp(ps - m_p[..., None]), 0.0)
+  acc_p = jnp.einsum("bgqp,bgpk->bgqk", e.astype(v_BpxGxPxK.dtype), v_BpxGxPxK,
+                     preferred_element_type=jnp.float32)
+  ungroup = lambda x: x.reshape(bp, g, c, r, *x.shape[3:]).swapaxes(1, 2).reshape(   # noqa: E731
+      b, g, r, *x.shape[3:])
+  return ungroup(m_p), ungroup(e.sum(-1)), ungroup(acc_p)
+
+
+def _merge_partials(prefix_partials, block_partials):
+  """The softmax output (float32 [B, G, R, K]) from the prefix's partials (m0, l0 [B, G, R],
+  acc0 [B, G, R, K]) and a table of per-block partials (m, l [B, N, G, R], acc
+  [B, N, G, R, K]) over the fixed block axis N (Milakov & Gimelshein, 2018):
+
+    m = max_j m_j,   out = sum_j exp(m_j - m) acc_j / sum_j exp(m_j - m) l_j.
+
+  Shared by `_attend_one_paged` and `attend_one_pallas`, so both combine identically."""
+  m0, l0, acc0 = prefix_partials
+  m_tab, l_tab, acc_tab = block_partials
   m = jnp.maximum(m0, m_tab.max(1))
   w0, w = jnp.exp(m0 - m), jnp.exp(m_tab - m[:, None])
   l = l0 * w0 + (l_tab * w).sum(1)
   acc = acc0 * w0[..., None] + (acc_tab * w[..., None]).sum(1)
-  out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]
-  return out.astype(v_BxGxSxK.dtype).reshape(b, h, hd)
+  return acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]
 
+
+# --- pallas: the bounded decode read as a Pallas kernel ------------------------------------
+
+# How `attend` reads each row's first read_slots_B[b] slots: "xla" (`_attend_one_paged`, plain
+# JAX, any backend) or "pallas" (`attend_one_pallas`: Triton on GPU, Mosaic on TPU, the Pallas
+# interpreter elsewhere, which is for parity checks only and slow).
+READ_KERNELS = ("xla", "pallas")
+
+
+def pallas_query_rows(*, backend: str, block: int, slots: int, head_dim: int,
+                      group: int) -> int:
+  """The query rows per (row, kv head) program of `attend_one_pallas` on `backend`: the
+  group = H / G query heads, padded to what the backend's matmul tiles need.
+
+  Raises a one-line ValueError naming rollout.read_block when a block of `block` of the
+  `slots` own slots cannot be tiled there: Mosaic (TPU) takes blocks whose last two dims are
+  multiples of (8, 128) or the array's own (keys [K, block], values [block, K]: block a
+  multiple of 128, or all the slots); Triton (GPU) takes arrays whose dims are powers of two,
+  matmul operands at least 16 (block and head_dim powers of two >= 16).
+  """
+  if backend == "tpu":
+    if block != slots and block % 128:
+      raise ValueError(f"rollout.read_block={block} cannot be tiled by the Pallas decode "
+                       f"kernel on TPU: use a multiple of 128 (or all {slots} own slots), or "
+                       f"rollout.decode_attention='bounded'")
+    return -(-group // 8) * 8
+  if backend == "gpu":
+    pow2 = lambda n: n >= 16 and n & (n - 1) == 0   # noqa: E731
+    if not pow2(block):
+      raise ValueError(f"rollout.read_block={block} cannot be tiled by the Pallas decode "
+                       f"kernel on GPU: use a power of two >= 16, or "
+                       f"rollout.decode_attention='bounded'")
+    if not pow2(head_dim):
+      raise ValueError(f"head_dim={head_dim} cannot be tiled by the Pallas decode kernel on "
+                       f"GPU (a power of two >= 16): use rollout.decode_attention='bounded'")
+    return max(16, 1 << (group - 1).bit_length())
+  return group
+
+
+def _online_block(q_RxK, k_KxN, v_NxK, valid_1xN, carry, scale: float):
+  """One block of keys into the running softmax partials (m, l [R, 1], acc [R, K], float32)
+  of the query rows: online softmax (Milakov & Gimelshein, 2018; Dao et al., 2022),
+
+    m' = max(m, max_s x_s),   l' = e^(m - m') l + sum_s e^(x_s - m'),
+    acc' = e^(m - m') acc + sum_s e^(x_s - m') v_s,
+
+  over the block's valid keys s, x_s = q . k_s / sqrt(K) (the scale given). Scores and
+  sums in float32; the probabilities meet the values in the values' dtype, as in
+  `_attend_one_paged`."""
+  m, l, acc = carry
+  dims = (((1,), (0,)), ((), ()))
+  sc = jax.lax.dot_general(q_RxK, k_KxN, dims, preferred_element_type=jnp.float32) * scale
+  m_new = jnp.maximum(m, jnp.where(valid_1xN, sc, _MASK_VALUE).max(-1, keepdims=True))
+  e = jnp.where(valid_1xN, jnp.exp(sc - m_new), 0.0)
+  alpha = jnp.exp(m - m_new)
+  pv = jax.lax.dot_general(e.astype(v_NxK.dtype), v_NxK, dims,
+                           preferred_element_type=jnp.float32)
+  return m_new, l * alpha + e.sum(-1, keepdims=True), acc * alpha + pv
+
+
+def _no_keys(m_ref, l_ref, acc_ref):
+  """The partials of no key: m = the mask value, l = acc = 0 (they weigh 0 in a merge)."""
+  return (jnp.full(m_ref.shape, _MASK_VALUE, jnp.float32), jnp.zeros(l_ref.shape, jnp.float32),
+          jnp.zeros(acc_ref.shape, jnp.float32))
+
+
+def _pallas_loop_kernel(blocks_ref, q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, acc_ref, *,
+                        scale: float, block: int):
+  """Program (row b, kv head g), Triton's layout: a loop over the row's first blocks_ref[0]
+  blocks of `block` own slots, loading each from the row's keys [K, S] and values [S, K]
+  (refs are pointers there, so only the loaded blocks are read); q [R, K], mask int32
+  [1, S]; writes the partials m, l [R, 1], acc [R, K]."""
+  from jax.experimental import pallas as pl   # noqa: PLC0415  (Pallas only when used)
+  q = q_ref[...]
+
+  def body(j, carry):
+    slots = pl.ds(pl.multiple_of(j * block, block), block)
+    return _online_block(q, k_ref[:, slots], v_ref[slots, :], mask_ref[:, slots] != 0,
+                         carry, scale)
+
+  m, l, acc = jax.lax.fori_loop(0, blocks_ref[0], body, _no_keys(m_ref, l_ref, acc_ref))
+  m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+
+def _pallas_grid_kernel(blocks_ref, q_ref, k_ref, v_ref, mask_ref, m_ref, l_ref, acc_ref, *,
+                        scale: float):
+  """Program (row b, kv head g, block j), Mosaic's layout: the grid's last axis is the loop
+  (sequential on a core), the partials accumulate in the output blocks, which stay in VMEM
+  while j runs; block j at or past the row's count blocks_ref[b] (prefetched into SMEM) is
+  skipped, and its key/value block index repeats the last one read, so the pipeline copies
+  nothing for it. Refs: q [R, K], keys [K, block], values [block, K], mask int32 [1, block]."""
+  from jax.experimental import pallas as pl   # noqa: PLC0415
+  j = pl.program_id(2)
+
+  @pl.when(j == 0)
+  def _init():
+    m_ref[...], l_ref[...], acc_ref[...] = _no_keys(m_ref, l_ref, acc_ref)
+
+  @pl.when(j < blocks_ref[pl.program_id(0)])
+  def _read():
+    m_ref[...], l_ref[...], acc_ref[...] = _online_block(
+        q_ref[...], k_ref[...], v_ref[...], mask_ref[...] != 0,
+        (m_ref[...], l_ref[...], acc_ref[...]), scale)
+
+
+def attend_one_pallas(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B,
+                      block: int, *, backend: str | None = None, interpret: bool | None = None):
+  """`_attend_one_paged` as a Pallas kernel: row b reads only its first
+  ceil(read_slots_B[b] / block) blocks of `block` own slots, the H / G query heads of a kv
+  head together (`pallas_query_rows`), into one set of softmax partials (m, l, acc,
+  float32) per (row, kv head), which `_merge_partials` merges with the shared prefix's, as
+  `_attend_one_paged` merges its block table. Equal to it up to float rounding (the
+  blocks are folded in one by one, online, instead of merged at the end); a row's result
+  does not depend on the other rows'.
+
+  GPU (Triton): one program per (row, kv head), looping over the row's blocks
+  (`_pallas_loop_kernel`). TPU (Mosaic): the blocks are the grid's last axis, the rows'
+  block counts prefetched (`_pallas_grid_kernel`).
+
+  backend: the kernel's target ("gpu" or "tpu"; default JAX's backend), which sets the
+  layout and tiling (`pallas_query_rows`); any other runs the GPU layout. interpret: the
+  Pallas interpreter (default: on a backend other than GPU/TPU, e.g. a CPU; parity checks
+  only, slow).
+  """
+  from jax.experimental import pallas as pl   # noqa: PLC0415
+  chex.assert_rank([q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, read_slots_B], [3, 4, 4, 2, 1])
+  b, h, hd = q_BxHxK.shape
+  g, s = k_BxGxKxS.shape[1], k_BxGxKxS.shape[3]
+  chex.assert_shape(v_BxGxSxK, (b, g, s, hd))
+  chex.assert_shape(mask_BxS, (b, s))
+  chex.assert_shape(read_slots_B, (b,))
+  backend = backend or jax.default_backend()
+  interpret = backend not in ("gpu", "tpu") if interpret is None else interpret
+  r = h // g
+  if s % block:
+    raise ValueError(f"attend: read_slots_B needs the cache's {s} slots to be a multiple of "
+                     f"read_block={block}")
+  nb = s // block
+  rp = pallas_query_rows(backend=backend, block=block, slots=s, head_dim=hd, group=r)
+  scale = 1.0 / math.sqrt(hd)
+  q = q_BxHxK.reshape(b, g, r, hd)
+  q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+  blocks_B = jnp.clip(-(-read_slots_B.astype(jnp.int32) // block), 0, nb)
+  mask = mask_BxS.astype(jnp.int32)[:, None, :]
+  out_shape = [jax.ShapeDtypeStruct((b, g, rp, 1), jnp.float32),
+               jax.ShapeDtypeStruct((b, g, rp, 1), jnp.float32),
+               jax.ShapeDtypeStruct((b, g, rp, hd), jnp.float32)]
+  if backend == "tpu":
+    from jax.experimental.pallas import tpu as pltpu   # noqa: PLC0415
+    # A skipped block repeats the row's last block index (block 0 for a row of none).
+    last = lambda i, j, n: jnp.maximum(jnp.minimum(j, n[i] - 1), 0)   # noqa: E731
+    rows = lambda i, kv, j, n: (i, kv, 0, 0)                            # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, None, rp, hd), rows),
+        pl.BlockSpec((None, None, hd, block), lambda i, kv, j, n: (i, kv, 0, last(i, j, n))),
+        pl.BlockSpec((None, None, block, hd), lambda i, kv, j, n: (i, kv, last(i, j, n), 0)),
+        pl.BlockSpec((None, 1, block), lambda i, kv, j, n: (i, 0, last(i, j, n)))]
+    out_specs = [pl.BlockSpec((None, None, rp, 1), rows), pl.BlockSpec((None, None, rp, 1), rows),
+                 pl.BlockSpec((None, None, rp, hd), rows)]
+    call = pl.pallas_call(
+        functools.partial(_pallas_grid_kernel, scale=scale), out_shape=out_shape,
+        interpret=interpret,
+        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=(b, g, nb),
+                                               in_specs=in_specs, out_specs=out_specs),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")))
+  else:
+    from jax.experimental.pallas import triton as pltriton   # noqa: PLC0415
+    rows = lambda i, kv: (i, kv, 0, 0)   # noqa: E731
+    in_specs = [pl.BlockSpec((1,), lambda i, kv: (i,)),
+                pl.BlockSpec((None, None, rp, hd), rows),
+                pl.BlockSpec((None, None, hd, s), rows),
+                pl.BlockSpec((None, None, s, hd), rows),
+                pl.BlockSpec((None, 1, s), lambda i, kv: (i, 0, 0))]
+    out_specs = [pl.BlockSpec((None, None, rp, 1), rows), pl.BlockSpec((None, None, rp, 1), rows),
+                 pl.BlockSpec((None, None, rp, hd), rows)]
+    call = pl.pallas_call(
+        functools.partial(_pallas_loop_kernel, scale=scale, block=block), out_shape=out_shape,
+        grid=(b, g), in_specs=in_specs, out_specs=out_specs, interpret=interpret,
+        # Triton (not Mosaic GPU, Pallas' other GPU backend).
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))
+  m, l, acc = call(blocks_B, q_pad, k_BxGxKxS, v_BxGxSxK, mask)
+  table = (m[:, None, :, :r, 0], l[:, None, :, :r, 0], acc[:, None, :, :r])   # [B, 1, G, r, ...]
+  out = _merge_partials(_prefix_partials(q, prefix, scale), table)
+  return out.astype(v_BxGxSxK.dtype).reshape(b, h, hd)
 
 # --- blockwise: flash-style attention in plain JAX ---------------------------------------
 

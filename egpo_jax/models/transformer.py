@@ -474,7 +474,7 @@ def prefill(params: Params, input_ids_BxP: jax.Array, mask_BxP: jax.Array, cache
 
 def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
            config: ModelConfig, read_slots_B: jax.Array | None = None,
-           read_block: int = 64) -> tuple[jax.Array, KVCache]:
+           read_block: int = 64, read_kernel: str = "xla") -> tuple[jax.Array, KVCache]:
   """One new token per row at slot cache.index; returns (float32 logits [B, V], cache).
 
   The same maths as `forward` on the same parameters, written as plain jnp on [B, ...]
@@ -488,7 +488,8 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   responses of different lengths).
   read_slots_B: optional int32 [B], row b's valid own slots (after any prefix) all lie in
   its first read_slots_B[b], this step's included: attention reads only those, in blocks
-  of read_block slots (`attention._attend_one_paged`; the own slots must be a multiple).
+  of read_block slots (`attention._attend_one_paged`; the own slots must be a multiple),
+  by read_kernel (`attention.READ_KERNELS`: "pallas" is `attention.attend_one_pallas`).
 
   params may have their layers stacked (as `init_params` returns them) or be prepared by
   `decode_params`, and the cache may be stacked or in `decode_layout`; a decode loop
@@ -549,7 +550,8 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
                 cache.prefix_mask_BpxP)
     attn_BxHxK = attention.attend(q_BxHxK, k_BxGxKxS.astype(dtype), v_BxGxSxK.astype(dtype),
                                   mask_BxS, prefix=prefix, implementation=c.attention,
-                                  read_slots_B=read_slots_B, read_block=read_block)
+                                  read_slots_B=read_slots_B, read_block=read_block,
+                                  read_kernel=read_kernel)
     x_BxD = x_BxD + jnp.einsum("bhk,hkd->bd", attn_BxHxK, p["o_proj"]["kernel"].astype(dtype))
     h_BxD = _rms_norm(x_BxD, p["post_attn_norm"]["scale"], c.rms_norm_eps, dtype)
     if "gate_up_proj" in p:

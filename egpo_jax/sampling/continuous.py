@@ -39,7 +39,11 @@ step, what the static sampler's last cache phase reads. "bounded" reads each slo
 prompt entry and only the blocks of its own slots that hold its response so far
 (`attention._attend_one_paged`: the live (slot, block) pairs are gathered S at a time in
 a loop whose trip count follows their number, and each slot's block partials are
-combined over a fixed axis, so a slot's result does not depend on its neighbours). On the
+combined over a fixed axis, so a slot's result does not depend on its neighbours).
+"pallas" reads the same blocks in a Pallas kernel (`attention.attend_one_pallas`: one
+program per slot, kv head and block, past a slot's used blocks a program reads nothing),
+with the same partials and merge; Triton on GPU, Mosaic on TPU (attention_block a
+multiple of 128 there), the Pallas interpreter on a CPU (parity only, slow). On the
 rollout_lengths workload (S = 64, P = 64, T = 512) that is 164 key slots per slot and step
 on average (prompt included, idle slots none), against 575 (a host replay of the schedule).
 
@@ -85,7 +89,7 @@ from egpo_jax.models import sharding, transformer
 from egpo_jax.sampling import engine, filters
 
 
-DECODE_ATTENTION = ("full", "bounded")
+DECODE_ATTENTION = ("full", "bounded", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +103,10 @@ class ContinuousSpec:
   decode_attention: "full" reads every own cache slot of every slot at every step;
     "bounded" reads only each slot's used blocks of `attention_block` own slots
     (`attention._attend_one_paged`; the own slots are rounded up to whole blocks). With
-    one block (T - 1 <= attention_block) it reads as "full" (nothing to skip).
-  attention_block: own slots per block for "bounded" (at most T - 1 is used).
+    one block (T - 1 <= attention_block) it reads as "full" (nothing to skip). "pallas":
+    the blocks "bounded" reads, read by `attention.attend_one_pallas`.
+  attention_block: own slots per block for "bounded" and "pallas" (at most T - 1 is used;
+    rollout.read_block).
   table_entries: E, prompt-table entries; 0 (or >= B) holds all B prompts, prefilled at
     the start in one batch. 0 < E < B: entries are freed as their prompt's G responses
     finish and the next prompt is prefilled into them inside the loop (`_load`).
@@ -386,13 +392,15 @@ def _step(params, state: SlotState, table: PromptTable, keys_N: jax.Array,
       prefix_v=tuple(_floats(v[entry_S], dtype) for v in table.v),
       prefix_mask_BpxP=table.mask_BxP[entry_S])
   read_slots_S = None
-  if spec.decode_attention == "bounded" and spec.own_slots > spec.read_block:
+  if spec.decode_attention != "full" and spec.own_slots > spec.read_block:
     # Own slots [0, t - 1] hold the response's fed tokens (this step's included); a fresh
     # or idle slot's output is discarded, so it reads the prompt alone.
     read_slots_S = jnp.where(active_S & ~state.fresh_S, fed_S + 1, 0)
   logits_SxV, cache = transformer.decode(params, state.last_tokens_S, cache, config=config,
                                          read_slots_B=read_slots_S,
-                                         read_block=spec.read_block)
+                                         read_block=spec.read_block,
+                                         read_kernel=("pallas" if spec.decode_attention ==
+                                                      "pallas" else "xla"))
   cache = cache.replace(k=tuple(_bits(k) for k in cache.k), v=tuple(_bits(v) for v in cache.v),
                         prefix_k=None, prefix_v=None, prefix_mask_BpxP=None)
   logits_SxV = jnp.where(state.fresh_S[:, None], table.logits_BxV[entry_S], logits_SxV)

@@ -356,10 +356,21 @@ def finish_rollout(state: DecodeState) -> Generation:
       num_steps=state.step)
 
 
+# The static sampler decodes every row to the same T: per-record caps need the slots of
+# continuous batching (`sampling.continuous`), which stop each row at its own cap.
+CAPS_NEED_SLOTS = ("per-record response caps (config.task.max_new_tokens_field) need "
+                   "continuous batching: set rollout.slots > 0, or the field to ''")
+
+
 def rollout(params, prompt_ids_BxP: jax.Array, prompt_mask_BxP: jax.Array, rng: jax.Array,
             prompt_ids_B: jax.Array, *, config, spec: SamplingSpec,
-            cache_dtype=None) -> Generation:
-  """`generate` as one pure, jittable function: no host checks, no length bucketing."""
+            cache_dtype=None, caps_N: jax.Array | None = None) -> Generation:
+  """`generate` as one pure, jittable function: no host checks, no length bucketing.
+
+  `caps_N` is the rollout interface's per-response caps: only None is accepted
+  (`CAPS_NEED_SLOTS`)."""
+  if caps_N is not None:
+    raise ValueError(CAPS_NEED_SLOTS)
   state = start_rollout(params, prompt_ids_BxP, prompt_mask_BxP, rng, prompt_ids_B,
                         config=config, spec=spec, cache_dtype=cache_dtype)
   return finish_rollout(continue_rollout(params, state, config=config, spec=spec))

@@ -279,9 +279,13 @@ FIELDS: tuple[Field, ...] = (
           "data-parallel replicas (params cast and resharded once per iteration); 0 = on "
           "the training mesh",
           optional=True),
-    Field("rollout.decode_attention", choice(("full", "bounded")), "bounded",
+    Field("rollout.decode_attention", choice(("full", "bounded", "pallas")), "bounded",
           "'bounded' (with rollout.slots, attention reads only each slot's used cache "
-          "blocks) or 'full' (every slot's whole cache)", optional=True),
+          "blocks), 'pallas' (the same blocks in a Pallas kernel: GPU/TPU; interpreted, "
+          "slow, on CPU) or 'full' (every slot's whole cache)", optional=True),
+    Field("rollout.read_block", ints(lo=1), 64,
+          "use >= 1: own cache slots per block read by decode_attention 'bounded'/'pallas' "
+          "('pallas': a power of two >= 16 on GPU, a multiple of 128 on TPU)", optional=True),
     Field("rollout.table_entries", ints(lo=0), 0,
           "use >= 0: with rollout.slots, prompt-table entries, refilled inside the decode "
           "loop as prompts finish (0 = all the batch's prompts)", optional=True),

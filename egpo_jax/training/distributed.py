@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -145,10 +144,11 @@ def mesh_config_from_config(c) -> sharding.MeshConfig:
   return sharding.MeshConfig(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor)
 
 
-def mesh_from_config(c) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all devices; a bad layout names config.mesh."""
+def mesh_from_config(c, devices: Any = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all, `jax.devices()`; the
+  dry run passes a TPU topology's); a bad layout names config.mesh."""
   try:
-    return sharding.make_mesh(mesh_config_from_config(c))
+    return sharding.make_mesh(mesh_config_from_config(c), devices)
   except ValueError as err:
     raise ValueError(f"config.mesh (data, fsdp, tensor): {err}") from None
 
@@ -229,17 +229,13 @@ class RolloutOnMesh:
   `prepare_params` reshards the training params there once per iteration (host_loop
   calls it before its tries); `__call__` also accepts unprepared params (it prepares
   them), moves the prompts and the key onto the rollout mesh, runs the wrapped rollout under it, and
-  returns the generation batch-sharded on the training mesh. `streams`, `last_stats` and
-  the call's signature are the wrapped rollout's.
+  returns the generation batch-sharded on the training mesh. `streams` and `last_stats`
+  are the wrapped rollout's; keywords (caps_N, on_finished) pass through to it.
   """
 
   def __init__(self, rollout: Any, train_mesh: Mesh, mesh: Mesh, model_config: Any):
     self.rollout, self.train_mesh, self.mesh = rollout, train_mesh, mesh
     self.streams = getattr(rollout, "streams", False)
-    try:   # the wrapped rollout's keywords (e.g. caps_N), as `inspect.signature` reads them
-      self.__signature__ = inspect.signature(rollout)
-    except (TypeError, ValueError):
-      pass
     self._reshard = jax.jit(functools.partial(rollout_params, model_config=model_config,
                                               train_mesh=train_mesh, mesh=mesh))
 

@@ -7,6 +7,11 @@ can be checked on a laptop with fake CPU devices:
     python -m experiments.main --config=experiments/configs/paper.py:egpo,qwen2.5-math-7b \
         --dry_run --dry_run_devices=8 [--dry_run_json=out.json] [--device_memory_gb=80]
 
+or for a real TPU slice, compiled by libtpu on this machine without a TPU (deviceless
+ahead-of-time compilation; `pip install -e ".[tpu-aot]"`):
+
+    python -m experiments.main --config=... --dry_run --dry_run_topology=v5e:4x4
+
 Phases, each one compilation of what the host loop runs (`host_loop.host_iteration`):
 
   reshard     with rollout.tensor (a rollout mesh other than the training mesh):
@@ -34,10 +39,13 @@ buffers of the compiled program, and its collectives read from the partitioned H
 all-reduce, the result of an all-to-all or collective-permute, each times the trip counts
 of the loops around it. Next to them, the FSDP floor (`fsdp_floor_bytes`).
 
-All figures are CPU-compiled estimates: the CPU backend keeps some bf16 tensors with an
-extra f32 copy and has no TPU tile padding, so treat them as +-30%. XLA:CPU also runs bf16
-collectives in f32 (rounded to bf16, widened around the collective); those count as the
-bf16 a GPU or TPU moves.
+On fake CPU devices the figures are CPU-compiled estimates: the CPU backend keeps some
+bf16 tensors with an extra f32 copy (`f32_weight_copy_bytes`: its per-layer f32 copies of
+the decode weights) and has no TPU tile padding, so treat them as +-30%. XLA:CPU also runs
+bf16 collectives in f32 (rounded to bf16, widened around the collective); those count as
+the bf16 a GPU or TPU moves. With a TPU topology (`tpu_devices`) the meshes are built from
+the topology's compile-only devices and libtpu compiles every phase for that chip: the
+figures are XLA's TPU buffer assignment (tile padding included), nothing allocated.
 """
 
 from __future__ import annotations
@@ -45,8 +53,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -65,6 +76,10 @@ from egpo_jax.types import TrainState
 GB = 1e9
 CAVEAT = ("CPU-compiled estimates (XLA's CPU buffer assignment, +-30% of what a GPU or TPU "
           "allocates); nothing was allocated")
+TPU_AOT_INSTALL = 'pip install -e ".[tpu-aot]"'
+# HBM per chip (GiB) by the compile-only device's `device_kind` (Google's published specs);
+# the default --device_memory_gb of a topology of that chip.
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                     "collective-permute")
 
@@ -77,6 +92,12 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 **{f"f8{k}": 1 for k in ("e4m3", "e4m3fn", "e4m3fnuz", "e4m3b11fnuz", "e5m2",
                                          "e5m2fnuz", "e3m4", "e8m0fnu")}}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+# An array shape with its layout; XLA:TPU's layouts name a memory space other than HBM
+# (`S(1)`: on-chip VMEM, ...) after the tiles, e.g. `bf16[8,128]{1,0:T(8,128)(2,1)S(1)}`.
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_CONSTANT = re.compile(r"^constant\((-?\d+)\)")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*)$")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
@@ -95,6 +116,17 @@ def shape_bytes(shape: str) -> int:
     if dtype not in _DTYPE_BYTES:
       raise ValueError(f"HLO shape {shape!r}: unknown element type {dtype!r}")
     total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def device_memory_bytes(shape: str) -> int:
+  """`shape_bytes` of the arrays in device memory (HBM): arrays whose layout puts them in
+  another memory space (XLA:TPU's `S(1)`, on-chip) are left out."""
+  total = 0
+  for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+    space = _MEMORY_SPACE.search(layout or "")
+    if not space or space.group(1) == "0":
+      total += shape_bytes(f"{dtype}[{dims}]")
   return total
 
 
@@ -201,6 +233,70 @@ def _parse_module(hlo: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
   return comps, entry, partitions
 
 
+def _operands(rest: str) -> list[str]:
+  """Names of an instruction's operands ('add(%a, %b), ...' -> ['a', 'b'])."""
+  return re.findall(r"%([^\s,()]+)", rest.split(")", 1)[0])
+
+
+def _source(defs: dict[str, tuple[str, str]], name: str) -> tuple[str, str, str]:
+  """(name, opcode, rest) of what `name` copies, bitcasts or converts (itself if none)."""
+  for _ in range(8):
+    opcode, rest = defs.get(name, ("", ""))
+    if opcode not in ("copy", "bitcast", "convert") or not _operands(rest):
+      break
+    name = _operands(rest)[0]
+  return name, *defs.get(name, ("", ""))
+
+
+def _constant_value(defs: dict[str, tuple[str, str]], name: str) -> int | None:
+  """The integer a scalar names, through copies and bitcasts; None if not a constant."""
+  _, opcode, rest = _source(defs, name)
+  m = _CONSTANT.match(rest) if opcode == "constant" else None
+  return int(m.group(1)) if m else None
+
+
+def _tuple_index(defs: dict[str, tuple[str, str]], name: str) -> int | None:
+  """k if `name` is (a copy of) get-tuple-element index=k, else None."""
+  _, opcode, rest = _source(defs, name)
+  m = re.search(r"index=(\d+)", rest) if opcode == "get-tuple-element" else None
+  return int(m.group(1)) if m else None
+
+
+def static_trip_count(comps, caller_defs: dict[str, tuple[str, str]], rest: str
+                      ) -> int | None:
+  """Trip count of a `while` whose condition is `counter < constant`, whose counter
+  starts at a constant and whose body adds a constant step to it (a scan, a fori_loop,
+  XLA:TPU's windowed einsum unrolled by 2), for modules without XLA's `known_trip_count`
+  (XLA:TPU does not annotate them); None otherwise (a decode loop's data-dependent
+  condition)."""
+  callees = dict(_CALLEES.findall(rest))
+  cond = comps.get(callees.get("condition", ""), [])
+  body = comps.get(callees.get("body", ""), [])
+  # A computation's root is the last instruction of its text.
+  if not cond or not body or cond[-1][2] != "compare" or "direction=LT" not in cond[-1][3]:
+    return None
+  defs = {name: (opcode, tail) for name, _, opcode, tail in cond}
+  counter, bound = (_operands(cond[-1][3]) + ["", ""])[:2]
+  limit, index = _constant_value(defs, bound), _tuple_index(defs, counter)
+  init = _operands(rest)
+  _, opcode, tail = _source(caller_defs, init[0] if init else "")
+  elements = _operands(tail) if opcode == "tuple" else []
+  body_defs = {name: (opcode, tail) for name, _, opcode, tail in body}
+  updated = _operands(body[-1][3]) if body[-1][2] == "tuple" else []
+  if limit is None or index is None or index >= min(len(elements), len(updated)):
+    return None
+  start = _constant_value(caller_defs, elements[index])
+  _, opcode, tail = _source(body_defs, updated[index])
+  terms = _operands(tail) if opcode == "add" else []
+  steps = [_constant_value(body_defs, b) for a, b in ((terms, terms[::-1])
+                                                       if len(terms) == 2 else ())
+           if _tuple_index(body_defs, a) == index]
+  step = next((x for x in steps if x), None)
+  if start is None or step is None or step < 1:
+    return None
+  return max(-(-(limit - start) // step), 0)
+
+
 def _widened_bf16(comps, defs: dict[str, tuple[str, str]], operand: str) -> bool:
   """Whether `operand` is bf16 values carried in f32: a fusion that rounds to bf16 and
   converts back. XLA:CPU runs bf16 collectives that way (its float normalisation), where a
@@ -237,9 +333,14 @@ def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: in
   """Collectives (times their loops' trip counts) and largest buffers of a compiled,
   partitioned HLO module (`compiled.as_text()`); shapes there are per device.
 
-  A `while` loop's trip count is XLA's `known_trip_count`; the i-th loop without one (in
+  A `while` loop's trip count is XLA's `known_trip_count`, else its condition's constant
+  bound (`static_trip_count`: XLA:TPU annotates none); the i-th loop with neither (in
   program order) runs `unknown_trip_counts[i]` times (1 when the list is shorter).
-  Collectives inside fusions or async wrappers count where their caller runs. bf16 values
+  Largest buffers: device memory only (`device_memory_bytes`: not XLA:TPU's on-chip
+  memory spaces), an async copy's destination alone.
+  Collectives inside fusions or async wrappers count where their caller runs, each
+  channel once (XLA:TPU clones an async collective into its start, the fusion it
+  overlaps with and its done, all with the start's channel_id). bf16 values
   that XLA:CPU widens to f32 around a collective count as bf16 (`_widened_bf16`).
   """
   comps, entry, partitions = _parse_module(hlo)
@@ -248,15 +349,21 @@ def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: in
   collectives: list[Collective] = []
   buffers: dict[tuple[str, str], dict[str, Any]] = {}
   unknown: list[int] = []
+  channels: set[str] = set()
 
   def visit(comp: str, executions: int, fused: bool) -> int:
     """Walks `comp`; returns the collective bytes of one execution of it."""
     own = 0
     for name, shape, opcode, rest in comps.get(comp, []):
       kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+      channel = _CHANNEL.search(rest) if kind in COLLECTIVE_KINDS else None
+      if channel and channel.group(1) in channels:
+        continue   # XLA:TPU's clone of an async collective counted at its start
       if kind in COLLECTIVE_KINDS:
+        if channel:
+          channels.add(channel.group(1))
         group = replica_group_size(rest, partitions)
-        operands = re.findall(r"%([^\s,()]+)", rest.split(")", 1)[0])
+        operands = _operands(rest)
         widened = [not opcode.endswith("-start") and _widened_bf16(comps, defs[comp], o)
                    for o in operands]
         nbytes = _counted_bytes(kind, opcode, shape, group, widened)
@@ -267,23 +374,27 @@ def parse_hlo(hlo: str, unknown_trip_counts: Sequence[int] = (), top_buffers: in
                                       op.group(1) if op else name))
         own += nbytes
       elif not fused and opcode not in _NO_BUFFER and not opcode.endswith("-done"):
-        nbytes = shape_bytes(shape)
+        # copy-start: (destination, source, context); only the destination is new.
+        nbytes = device_memory_bytes(_tuple_elements(shape)[0] if opcode == "copy-start"
+                                     else shape)
         op = _OP_NAME.search(rest)
-        key = (shape.split("{")[0], op.group(1) if op else opcode)
+        parts = _tuple_elements(shape)[:1 if opcode == "copy-start" else None]
+        shown = parts[0].split("{")[0] + (f" +{len(parts) - 1} more" if len(parts) > 1 else "")
+        key = (shown, op.group(1) if op else opcode)
         if nbytes and nbytes > buffers.get(key, {}).get("bytes", 0):
           buffers[key] = {"bytes": nbytes, "shape": key[0], "opcode": opcode,
                           "op_name": key[1][-120:], "executions": executions}
       callees = dict(_CALLEES.findall(rest))
       if opcode == "while":
         trip = _TRIP.search(rest)
-        if trip:
-          n = int(trip.group(1))
-        else:
+        n = int(trip.group(1)) if trip else static_trip_count(comps, defs[comp], rest)
+        index = None
+        if n is None:
           index = len(unknown)
           unknown.append(0)
           n = unknown_trip_counts[index] if index < len(unknown_trip_counts) else 1
         per_trip = visit(callees["body"], executions * n, fused)
-        if not trip:
+        if index is not None:
           unknown[index] = per_trip
         own += per_trip * n
         continue
@@ -402,6 +513,7 @@ class PhaseReport:
   calls: int = 1              # runs per iteration (the continuous rollout's chunks)
   resident_bytes: int = 0     # live on the device alongside, outside the program
   f32_weight_copy_bytes: int = 0
+  refused: str = ""           # XLA:TPU's error when the program exceeds the chip's HBM
 
   @property
   def collective_bytes(self) -> int:
@@ -424,6 +536,8 @@ class PhaseReport:
                            for c in self.hlo.collectives],
            "largest_buffers": list(self.hlo.largest_buffers),
            "compile_seconds": round(self.compile_seconds, 2)}
+    if self.refused:
+      out["refused"] = self.refused
     if self.decode_steps:
       loops = self.hlo.unknown_loops
       out["decode_loops"] = len(loops)
@@ -462,7 +576,22 @@ def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
   (the continuous engine's bounded attention and table loads, data-dependent) count once
   per outer trip and are left out of the per-step figures."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args, **(static or {})).compile()
+  try:
+    compiled = jitted.lower(*args, **(static or {})).compile()
+  except jax.errors.JaxRuntimeError as err:
+    temp = _hbm_refusal_temp_bytes(str(err))
+    if temp is None:
+      raise
+    if keep is not None:   # the next phase compiles on this program's output shardings
+      raise DryRunError(f"phase {name!r} is over the chip's HBM, so XLA:TPU compiles "
+                        f"neither it nor what follows: {str(err).strip().splitlines()[0]}"
+                        ) from None
+    # XLA:TPU compiles nothing larger than the chip's HBM: the phase keeps the figure it
+    # gives (its temporaries) with its arguments' bytes, a lower bound of its peak.
+    memory = CompiledMemory(sharding.per_device_bytes(args), 0, 0, temp)
+    return PhaseReport(name, function, memory, HloSummary((), (), ()), floor,
+                       time.perf_counter() - start, decode_steps, calls, resident,
+                       refused=str(err).strip().splitlines()[0])
   if keep is not None:
     keep.append(compiled)
   seconds = time.perf_counter() - start
@@ -476,6 +605,19 @@ def _compile(name: str, function: str, jitted, args, *, floor: int, trips=(),
   return PhaseReport(name, function, CompiledMemory.of(compiled), hlo, floor, seconds,
                      decode_steps, calls, resident,
                      f32_weight_copies(compiled.as_text(), weight_sizes, width))
+
+
+_HBM_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                          r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _hbm_refusal_temp_bytes(message: str) -> int | None:
+  """The temporaries' bytes (its units are binary) of XLA:TPU's refusal to compile a
+  program over the chip's HBM, or None for any other error."""
+  m = _HBM_REFUSAL.search(message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1))
 
 
 def f32_weight_copies(hlo: str, weight_sizes: frozenset, width: int) -> int:
@@ -556,7 +698,8 @@ def run_phases(spec: DryRunSpec, mesh: Mesh, log=None) -> list[PhaseReport]:
   rmesh = distributed.rollout_mesh(mesh, spec.rollout_tensor, num_heads=cfg.num_heads,
                                    num_kv_heads=cfg.num_kv_heads)
   rollout_params, rollout_resident = params, not_params
-  narrow = compute.itemsize < 4   # bf16 decode weights: XLA:CPU's f32 copies are counted
+  # bf16 decode weights on XLA:CPU: its f32 copies are counted (a TPU makes none).
+  narrow = compute.itemsize < 4 and platform(mesh) == "cpu"
   if rmesh is not mesh:
     reshard = jax.jit(functools.partial(distributed.rollout_params, model_config=cfg,
                                         train_mesh=mesh, mesh=rmesh))
@@ -671,7 +814,7 @@ def _rollout_phases(spec: DryRunSpec, mesh: Mesh, params: Any, resident: int, lo
   compute = jnp.dtype(cfg.dtype)
   log("compiling rollout_prefill")
   kept = []
-  narrow = compute.itemsize < 4
+  narrow = compute.itemsize < 4 and platform(mesh) == "cpu"
   # The prefill's layer scan reads the stacked weights: XLA:CPU converts each whole to f32.
   prefill = _compile("rollout_prefill", "continuous._start_jit (prompt table + slots)",
                      continuous._start_jit, start_args, static=static,
@@ -710,17 +853,46 @@ def _rollout_phases(spec: DryRunSpec, mesh: Mesh, params: Any, resident: int, lo
 # ---------------------------------------------------------------------------------------
 # The report.
 
+def platform(mesh: Mesh) -> str:
+  """What the mesh's devices are ("cpu": fake CPU devices; "tpu": a topology's)."""
+  return mesh.devices.flat[0].platform
+
+
+def target_json(mesh: Mesh, topology: str = "") -> dict[str, Any]:
+  """What the phases were compiled for: platform, device kind, and for a TPU topology
+  its name, libtpu's version and the chip's HBM (`TPU_HBM_GIB`, 0 when unknown)."""
+  device = mesh.devices.flat[0]
+  out = {"platform": device.platform, "device_kind": device.device_kind,
+         "topology": topology}
+  if device.platform == "tpu":
+    out["libtpu"] = importlib.metadata.version("libtpu")
+    out["hbm_bytes_per_device"] = TPU_HBM_GIB.get(device.device_kind, 0) * 2**30
+  return out
+
+
+def caveat(target: dict[str, Any]) -> str:
+  """How to read the figures: CPU estimates, or what libtpu compiled for which slice."""
+  if target["platform"] != "tpu":
+    return CAVEAT
+  return (f"TPU-compiled by libtpu {target['libtpu']} for {target['topology']} "
+          f"({target['device_kind']}; XLA's TPU buffer assignment, tile padding included); "
+          "nothing was allocated")
+
+
 def report_json(phases: Sequence[PhaseReport], spec: DryRunSpec, mesh: Mesh,
-                state_bytes: int, rollout_mesh: Mesh | None = None) -> dict[str, Any]:
-  """The JSON `--dry_run_json` writes (keys documented in docs/LAUNCHING.md)."""
+                state_bytes: int, rollout_mesh: Mesh | None = None,
+                topology: str = "") -> dict[str, Any]:
+  """The JSON `--dry_run_json` writes (keys documented in docs/LAUNCHING.md);
+  `topology`: the TPU slice the mesh's devices are from (`tpu_devices`)."""
   s, cfg = spec.settings, spec.model_config
+  target = target_json(mesh, topology)
   total = sum(p.collective_bytes for p in phases)
   floor = sum(p.floor_bytes for p in phases)
   kinds = collections.Counter()
   for p in phases:
     kinds.update(bytes_by_kind(p.hlo.collectives))
   return {
-      "label": spec.label, "caveat": CAVEAT,
+      "label": spec.label, "caveat": caveat(target), "target": target,
       "devices": mesh.size, "mesh": dict(mesh.shape),
       "model": {"params": cfg.num_params(), "dtype": cfg.dtype,
                 "param_dtype": cfg.param_dtype, "remat": cfg.remat},
@@ -733,7 +905,7 @@ def report_json(phases: Sequence[PhaseReport], spec: DryRunSpec, mesh: Mesh,
                   "chunk_steps": spec.chunk_steps if spec.slots else 0,
                   "decode_steps": next((p.decode_steps for p in phases
                                         if p.name == "rollout"), 0)},
-      "phases": {p.name: p.to_json() for p in phases},
+      "phases": {p.name: _phase_json(p, target) for p in phases},
       "collectives": {"bytes_per_iteration": total, "floor_bytes_per_iteration": floor,
                       "bytes_by_kind": {k: kinds[k] for k in COLLECTIVE_KINDS},
                       "update_bytes_per_iteration": next(
@@ -741,6 +913,13 @@ def report_json(phases: Sequence[PhaseReport], spec: DryRunSpec, mesh: Mesh,
                       "update_floor_bytes_per_iteration": next(
                           (p.floor_bytes for p in phases if p.name == "update"), 0)},
   }
+
+
+def _phase_json(phase: PhaseReport, target: dict[str, Any]) -> dict[str, Any]:
+  out = phase.to_json()
+  if target["platform"] != "cpu":   # XLA:CPU's artefact: no such copies elsewhere
+    del out["f32_weight_copy_bytes"]
+  return out
 
 
 def _gb(x: float) -> str:
@@ -768,7 +947,7 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
       f"{b['max_new_tokens']} tokens; update {b['ppo_epochs']} epoch(s) x "
       f"{b['minibatches']} minibatch(es) x {b['micro_batches']} micro-batches; old log-probs "
       f"from the {b['old_logps']}",
-      f"Figures are {CAVEAT}.",
+      f"Figures are {report['caveat']}.",
       f"Train state per device: {fmt(report['state_bytes_per_device'])} {unit}",
       "",
       f"{'phase':15s} {'peak ' + unit:>8s} {'+resid.':>8s} {'args':>7s} {'temp':>7s}"
@@ -796,6 +975,10 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
            if ro["slots"] else "the static sampler over every response")
     lines.append(f"Rollout on mesh {rmesh}: {how}; {ro['decode_steps']} decode steps at "
                  "the worst case (every response at its cap)")
+  for name, p in report["phases"].items():
+    if p.get("refused"):
+      lines.append(f"  {name}: not compiled, over the chip's HBM; its peak is the arguments "
+                   f"plus XLA's temporaries, a lower bound ({p['refused']})")
   for name, p in report["phases"].items():
     if p.get("f32_weight_copy_bytes"):
       copies = p["f32_weight_copy_bytes"]
@@ -828,11 +1011,13 @@ def format_report(report: dict[str, Any], top_buffers: int = 3) -> str:
 def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
   """One line naming the first phase whose peak (with the bytes resident alongside it)
   exceeds the device memory, else None."""
+  cpu = report.get("target", {"platform": "cpu"})["platform"] == "cpu"
   for name, p in report["phases"].items():
     need = p.get("peak_with_resident_bytes", p["peak_bytes_per_device"])
     if need > device_memory_gb * GB:
       return (f"error: phase {name!r} needs {_gb(need)} GB per device"
-              f" > --device_memory_gb={device_memory_gb:g} (estimate +-30%): raise "
+              f" > --device_memory_gb={device_memory_gb:g}"
+              f"{' (estimate +-30%)' if cpu else ''}: raise "
               "ppo.micro_batches, add devices or set model.remat (rollout: lower "
               "rollout.slots or raise rollout.tensor)")
   return None
@@ -843,6 +1028,46 @@ def check_fits(report: dict[str, Any], device_memory_gb: float) -> str | None:
 
 class DryRunError(ValueError):
   """Bad dry-run input; the message is one line naming the cause."""
+
+
+_TOPOLOGY = re.compile(r"v\d+[a-z]*:\d+(x\d+){1,2}")
+# libtpu's slice names -> the accelerator-type prefix a TPU VM's metadata would give.
+_ACCELERATOR_TYPE = {"v5e": "v5litepod", "v6e": "v6e"}
+
+
+def tpu_devices(topology: str) -> list[Any]:
+  """The compile-only devices of the TPU slice `topology` (libtpu's names: generation and
+  chips per dimension, "v5e:4x4", "v5p:2x2x2"): meshes of them compile for that chip
+  without one (deviceless ahead-of-time compilation, MaxText's train_compile), nothing
+  runs. Needs libtpu (`TPU_AOT_INSTALL`); JAX's host side stays on the CPU. Raises
+  DryRunError naming --dry_run_topology before anything is compiled."""
+  flag = f"--dry_run_topology={topology}"
+  if not _TOPOLOGY.fullmatch(topology):
+    raise DryRunError(f"{flag}: give a TPU slice as generation:chips, e.g. v5e:4x4 or "
+                      "v5p:2x2x2")
+  if importlib.util.find_spec("libtpu") is None:
+    raise DryRunError(f"{flag}: compiling for a TPU without one needs libtpu: "
+                      f"{TPU_AOT_INSTALL}")
+  from jax._src import xla_bridge
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_platforms", "cpu")   # no attached TPU to look for
+  # libtpu reads the slice's hosts from these (a TPU VM's metadata) and logs two
+  # warnings without them; the compiled programs do not depend on them (checked: the
+  # same figures with another accelerator type).
+  generation, _, chips = topology.partition(":")
+  accelerator = _ACCELERATOR_TYPE.get(generation, generation)
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                        f"{accelerator}-{math.prod(int(n) for n in chips.split('x'))}")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # libtpu locks /tmp/libtpu_lockfile per process for the chips it drives; compiling
+  # drives none, so two dry runs (or one beside training on a TPU VM) may share it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+  except Exception as err:   # pylint: disable=broad-except  (JaxRuntimeError: a bad slice)
+    raise DryRunError(f"{flag}: libtpu refused it: "
+                      f"{str(err).strip().splitlines()[0]}") from None
 
 
 def use_devices(num_devices: int) -> None:
@@ -916,43 +1141,62 @@ def unsplit_warnings(spec: DryRunSpec, mesh: Mesh) -> list[str]:
   return lines
 
 
-def run(c, *, devices: int = 0, log=None, warn=None) -> dict[str, Any]:
-  """The dry run of config `c` as the report dict (`report_json`); raises DryRunError
-  (or config.ConfigError) on bad input before compiling anything. `warn` gets one line
-  per dimension the mesh cannot split (`unsplit_warnings`), before compiling."""
+def run(c, *, devices: int = 0, topology: str = "", log=None, warn=None) -> dict[str, Any]:
+  """The dry run of config `c` as the report dict (`report_json`) on `devices` fake CPU
+  devices (0: JAX's devices) or the TPU slice `topology` (`tpu_devices`); raises
+  DryRunError (or config.ConfigError) on bad input before compiling anything. `warn`
+  gets one line per dimension the mesh cannot split (`unsplit_warnings`), before
+  compiling."""
   from egpo_jax.training import distributed
-  if devices:
-    use_devices(devices)
+  if devices and topology:
+    raise DryRunError(f"--dry_run_devices={devices} with --dry_run_topology={topology}: "
+                      "give one (the topology fixes the device count)")
+  if topology:
+    targets = tpu_devices(topology)
+    flag = f"--dry_run_topology={topology}: {len(targets)} devices"
+  else:
+    if devices:
+      use_devices(devices)
+    targets = jax.devices()
+    flag = f"--dry_run_devices={devices or len(targets)}"
   spec = spec_from_config(c)
   try:
-    mesh = distributed.mesh_from_config(c)
+    mesh = distributed.mesh_from_config(c, devices=targets)
   except ValueError as err:
-    raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
+    raise DryRunError(f"{err} ({flag})") from None
   cfg = spec.model_config
   try:
     rmesh = distributed.rollout_mesh(mesh, spec.rollout_tensor, num_heads=cfg.num_heads,
                                      num_kv_heads=cfg.num_kv_heads)
   except ValueError as err:
-    raise DryRunError(f"{err} (--dry_run_devices={devices or jax.device_count()})") from None
+    raise DryRunError(f"{err} ({flag})") from None
   warnings = unsplit_warnings(spec, mesh)
   if rmesh is not mesh:
     warnings += ["rollout mesh: " + line for line in sharding.unsplit_params(
         sharding.abstract_params(cfg), rmesh)]
   for line in warnings:
     (warn or (lambda _msg: None))(line)
-  phases = run_phases(spec, mesh, log=log)
+  from jax._src import config as jax_config
+  # JAX's persistent cache cannot load a compile-only TPU executable back (no TPU client):
+  # none is written, so none is read.
+  with jax_config.persistent_cache_min_compile_time_secs(
+      math.inf if topology else jax_config.persistent_cache_min_compile_time_secs.value):
+    phases = run_phases(spec, mesh, log=log)
   state = abstract_state(spec.model_config, spec.optimizer, mesh)
-  return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state), rmesh),
-              warnings=warnings)
+  return dict(report_json(phases, spec, mesh, sharding.per_device_bytes(state), rmesh,
+                          topology=topology), warnings=warnings)
 
 
-def main(c, *, devices: int = 0, json_path: str = "", device_memory_gb: float = 0.0) -> int:
+def main(c, *, devices: int = 0, topology: str = "", json_path: str = "",
+         device_memory_gb: float = 0.0) -> int:
   """`experiments.main --dry_run`: prints the report; 0 when every phase fits, 1 when a
-  phase exceeds `device_memory_gb`, 2 on bad input (one line on stderr)."""
+  phase exceeds `device_memory_gb` (0 with a TPU topology: its chip's HBM, where
+  `TPU_HBM_GIB` knows it), 2 on bad input (one line on stderr)."""
   try:
     if device_memory_gb < 0:
-      raise DryRunError(f"--device_memory_gb={device_memory_gb:g}: use > 0 (0 = no check)")
-    report = run(c, devices=devices,
+      raise DryRunError(f"--device_memory_gb={device_memory_gb:g}: use > 0 (0 = no check, "
+                        "or a TPU topology's HBM)")
+    report = run(c, devices=devices, topology=topology,
                  log=lambda msg: print(f"dry run: {msg}", flush=True),
                  warn=lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
   except (ValueError, OSError) as err:   # DryRunError, ConfigError, a missing config.json
@@ -962,6 +1206,11 @@ def main(c, *, devices: int = 0, json_path: str = "", device_memory_gb: float = 
   if json_path:
     with open(json_path, "w") as f:
       json.dump(report, f, indent=1)
+  hbm = report["target"].get("hbm_bytes_per_device", 0)
+  if not device_memory_gb and hbm:
+    device_memory_gb = hbm / GB
+    print(f"Memory check: {report['target']['device_kind']} has {hbm / 2**30:g} GiB = "
+          f"{device_memory_gb:.2f} GB of HBM per device (--device_memory_gb sets another)")
   if device_memory_gb:
     problem = check_fits(report, device_memory_gb)
     if problem:

@@ -62,8 +62,9 @@ def build(c: ml_collections.ConfigDict) -> Experiment:
 
 def continuous_spec(c: ml_collections.ConfigDict, sampling) -> Any:
   """Host mode's continuous-batching spec (`sampling.continuous.ContinuousSpec`) from
-  config.rollout (slots, decode_attention, table_entries), None when rollout.slots is 0.
-  The one builder: `train.host_rollout` runs and the dry run compiles what it returns."""
+  config.rollout (slots, decode_attention, read_block, table_entries), None when
+  rollout.slots is 0. The one builder: `train.host_rollout` runs and the dry run compiles
+  what it returns."""
   from egpo_jax.sampling import continuous
   r = c.rollout
   slots = int(r.get("slots", 0))
@@ -71,6 +72,7 @@ def continuous_spec(c: ml_collections.ConfigDict, sampling) -> Any:
     return None
   return continuous.ContinuousSpec(sampling=sampling, slots=slots,
                                    decode_attention=r.get("decode_attention", "bounded"),
+                                   attention_block=int(r.get("read_block", 64)),
                                    table_entries=int(r.get("table_entries", 0)))
 
 

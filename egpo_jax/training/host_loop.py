@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,8 +50,10 @@ class HostTask(NamedTuple):
   arrays (left-padded) and a sequence of per-prompt references; data-backed tasks read
   their iterator and may ignore rng. With several processes, each returns its own block
   of batch_size / process_count prompts. A fourth element caps_B (int, each in
-  [1, max_new_tokens]) caps each prompt's G responses; it needs a rollout that takes
-  `caps_N` (continuous batching, `sampling.continuous.HostRollout`).
+  [1, max_new_tokens]) caps each prompt's G responses; the rollout gets them as caps_N
+  (continuous batching, `sampling.continuous.HostRollout`, honours them; the static
+  sampler refuses them), and DAPO's overlong penalty measures each response against its
+  own cap (`iteration.shaped_rewards`).
   score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool numpy):
   decodes and verifies; answers_N repeats each prompt's reference G times.
   decode(ids) -> str (optional): the tokenizer's decoding of one response's token ids,
@@ -129,27 +130,31 @@ def _cut(gen: engine.Generation, lengths_N: jax.Array, pad_id: jax.Array) -> eng
       truncated_N=gen.truncated_N & ~cut_N)
 
 
-# The rollout phase: (params, prompt_ids_BxP, prompt_mask_BxP, rng) -> engine.Generation
-# with G responses per prompt (rows b * G + g) at the iteration's sampling settings.
-RolloutFn = Callable[[Any, jax.Array, jax.Array, jax.Array], engine.Generation]
+# The rollout phase: (params, prompt_ids_BxP, prompt_mask_BxP, rng, *, caps_N=None)
+# -> engine.Generation with G responses per prompt (rows b * G + g) at the iteration's
+# sampling settings. Every rollout takes caps_N, each row's response cap (int [N], or None
+# for T), and honours it or refuses it (`engine.CAPS_NEED_SLOTS`). A streaming rollout
+# (`streams = True`) also takes on_finished (`StreamingVerifier`).
+RolloutFn = Callable[..., engine.Generation]
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "settings"))
-def _rollout(params, ids, mask, rng, *, model_config, settings):
+def _rollout(params, ids, mask, rng, caps_N=None, *, model_config, settings):
   return engine.rollout(params, ids, mask, rng, jnp.arange(ids.shape[0]),
-                        config=model_config, spec=settings.sampling)
+                        config=model_config, spec=settings.sampling, caps_N=caps_N)
 
 
 def jitted_rollout(model_config: ModelConfig, settings: iteration.IterationSettings
                    ) -> RolloutFn:
   """The default rollout of `host_iteration`: `engine.rollout` as one jitted call (the
-  same sampler as the jitted loop). Another engine plugs in as another `RolloutFn`."""
+  same sampler as the jitted loop; it refuses caps). Another engine plugs in as another
+  `RolloutFn`."""
   return functools.partial(_rollout, model_config=model_config, settings=settings)
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def _group(ids, mask, gen, correct, overlong=None, *, settings):
-  return iteration.group_batch(ids, mask, gen, correct, settings, overlong)
+def _group(ids, mask, gen, correct, overlong=None, caps_N=None, *, settings):
+  return iteration.group_batch(ids, mask, gen, correct, settings, overlong, caps_N)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "settings", "optimizer",
@@ -261,19 +266,6 @@ def _submit_own(stream: "StreamingVerifier", start: int, resp_R, ids_RxT, length
     stream.submit(local_R[keep], np.asarray(ids_RxT)[keep], np.asarray(lengths_R)[keep])
 
 
-def _caps_N(rollout: RolloutFn, caps_B, group_size: int) -> np.ndarray:
-  """Each prompt's cap for each of its responses (rows b * G + g), for a rollout that
-  takes caps (its `caps_N` argument)."""
-  try:
-    takes = "caps_N" in inspect.signature(rollout).parameters
-  except (TypeError, ValueError):
-    takes = False
-  if not takes:
-    raise ValueError("per-record response caps (config.task.max_new_tokens_field) need "
-                     "continuous batching: set rollout.slots > 0, or the field to ''")
-  return np.repeat(np.asarray(caps_B, np.int32), group_size)
-
-
 def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays, *,
                    task: HostTask, model_config: ModelConfig,
                    optimizer: optax.GradientTransformation,
@@ -319,9 +311,11 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
               if getattr(rollout, "streams", False) else None)
     extra = {} if stream is None else {"on_finished": functools.partial(
         _submit_own, stream, place.local_range(b * g)[0])}
-    if caps:
-      # Every row's cap on every process: the rollout's queue is global.
-      extra["caps_N"] = place.gather(place.to_global(_caps_N(rollout, caps[0], g)))
+    # Each prompt's cap for each of its responses (rows b * G + g); None: T for all.
+    caps_N = (place.to_global(np.repeat(np.asarray(caps[0], np.int32), g)) if caps
+              else None)
+    # Every row's cap on every process: the rollout's queue is global.
+    extra["caps_N"] = None if caps_N is None else place.gather(caps_N)
     gen = jax.block_until_ready(rollout(rollout_params, ids, mask, kr, **extra))
     t1 = time.perf_counter()
     if stream is not None:
@@ -345,7 +339,7 @@ def host_iteration(state: TrainState, rng: jax.Array, algo: iteration.AlgoArrays
     counts["process_verified"] += len(correct)
     times["rollout"] += t1 - t0
     times["verify"] += time.perf_counter() - t1
-    groups = _group(ids, mask, gen, place.to_global(correct), algo.overlong,
+    groups = _group(ids, mask, gen, place.to_global(correct), algo.overlong, caps_N,
                     settings=settings)
     if task.delimiter_text:
       spans = delimiter_spans(ids_local, place.local_rows(gen.lengths_N), task.decode,

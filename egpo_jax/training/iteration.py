@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -235,16 +236,19 @@ class GroupBatch(NamedTuple):
 
 
 def shaped_rewards(correct_N: jax.Array, lengths_N: jax.Array,
-                   settings: IterationSettings, overlong: jax.Array | None = None
-                   ) -> jax.Array:
+                   settings: IterationSettings, overlong: jax.Array | None = None,
+                   caps_N: jax.Array | None = None) -> jax.Array:
   """+1/-1 by correctness (Eq. 1), plus DAPO's soft overlong penalty when enabled.
 
   `overlong` (a traced bool, `AlgoArrays.overlong`) switches the penalty off per run.
+  `caps_N` (int [N]): each response's own cap (per-record caps), DAPO's L_max of that
+  response (`losses.overlong_penalty`); None: every response's is T = max_new_tokens.
   """
+  chex.assert_rank([correct_N, lengths_N], 1)
   rewards_N = jnp.where(correct_N, settings.reward_correct, settings.reward_wrong)
   if settings.overlong_buffer > 0:
     penalty_N = losses.overlong_penalty(
-        lengths_N, max_len=settings.sampling.max_new_tokens,
+        lengths_N, max_len=settings.sampling.max_new_tokens if caps_N is None else caps_N,
         cache_len=settings.overlong_buffer)
     if overlong is not None:
       penalty_N = jnp.where(overlong, penalty_N, 0.0)
@@ -253,13 +257,17 @@ def shaped_rewards(correct_N: jax.Array, lengths_N: jax.Array,
 
 
 def group_batch(prompt_ids_BxP, prompt_mask_BxP, gen: engine.Generation, correct_N,
-                settings: IterationSettings, overlong: jax.Array | None = None
-                ) -> GroupBatch:
-  """Rewards and the [B, G] layout of a rollout (rows of `gen` are b * G + g)."""
+                settings: IterationSettings, overlong: jax.Array | None = None,
+                caps_N: jax.Array | None = None) -> GroupBatch:
+  """Rewards and the [B, G] layout of a rollout (rows of `gen` are b * G + g).
+
+  `caps_N`: the responses' own caps (the host loop's per-record caps; the jitted loop has
+  none: T), which the overlong penalty measures each response against (`shaped_rewards`).
+  """
   g = settings.group_size
   b = prompt_ids_BxP.shape[0]
   fields = _fields(gen)
-  rewards_N = shaped_rewards(correct_N, fields["lengths_N"], settings, overlong)
+  rewards_N = shaped_rewards(correct_N, fields["lengths_N"], settings, overlong, caps_N)
   return GroupBatch(
       prompt_ids=jnp.repeat(prompt_ids_BxP, g, 0).reshape(b, g, -1),
       prompt_mask=jnp.repeat(prompt_mask_BxP, g, 0).reshape(b, g, -1),
@@ -286,6 +294,9 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
   """Old log-probs, entropy proxy (Eq. 5), advantages (Eqs. 2, 6-11) -> the update's batch.
 
   `ref_params` (a frozen reference policy) is only read when the KL coefficient is set.
+  With `settings.mask_truncated` (DAPO's overlong filter) truncated responses, those that
+  reached their cap without a stop token (T, or their record's own cap), are left out
+  of the advantages and the loss.
   Trainer passes (old log-probs with `old_logps="recompute"` or TIS, reference
   log-probs) run in the update's micro-batches (`update.batch_logprobs`).
   """
@@ -296,6 +307,9 @@ def prepare_batch(params, ref_params, groups: GroupBatch, algo: AlgoArrays, *,
   ids_NxT, mask_NxT = gen_n["completion_ids_NxT"], gen_n["completion_mask_NxT"]
   valid_BxG = groups.valid
   if settings.mask_truncated:
+    # DAPO's overlong filter. A response cut at its record's own cap (no stop token
+    # before it) is truncated as one cut at T is: unfinished, its verdict reflects the
+    # cap, not the reasoning (the reward noise the filter removes).
     valid_BxG = valid_BxG & ~gen_n["truncated_N"].reshape(b, g)
   # Passes over the whole batch run in the update's micro-batches (same rows per pass).
   logprob_fn = functools.partial(

@@ -10,7 +10,9 @@ and after RL, on a fixed set of prompts, with the same metrics in both modes.
                (a record's own verifier for a benchmark).
 
 Both sample `EVAL_SAMPLES` responses per prompt at the rollout's sampling settings and
-score them with `calibration.evaluate_generation` (accuracy, pass@k, AUROC, ECE, entropy
+with its sampler (host mode with rollout.slots > 0: continuous batching, which stops each
+response at its record's own cap, `task.max_new_tokens_field`, as in training) and score
+them with `calibration.evaluate_generation` (accuracy, pass@k, AUROC, ECE, entropy
 of correct vs wrong, lengths), plus `seconds`, the evaluation's wall time. `validator`
 builds the one function the orchestrator calls.
 """
@@ -34,8 +36,8 @@ from egpo_jax.data import records as records_lib
 from egpo_jax.data import templates
 from egpo_jax.evaluation import benchmarks, calibration
 from egpo_jax.models.config import ModelConfig
-from egpo_jax.sampling import engine
-from egpo_jax.training import host_loop
+from egpo_jax.sampling import continuous, engine
+from egpo_jax.training import experiment, host_loop
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,11 @@ class HeldOutSet:
   mask_BxP: np.ndarray
   answers_B: tuple[str, ...]
   verifiers_B: tuple[str, ...]
-  skipped: int   # records scanned but not kept (unrenderable or over max_prompt_len)
+  skipped: int   # records scanned but not kept (unrenderable, over max_prompt_len, or
+                 # capped over rollout.max_new_tokens)
+  # int32 [B]: each problem's response cap with task.max_new_tokens_field set (its own,
+  # else rollout.max_new_tokens); None without the field.
+  caps_B: np.ndarray | None = None
 
 
 def _records(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -92,7 +98,8 @@ def _records(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return list(benchmarks.load(name, synthetic_difficulty=c.task.difficulty).records)
   parse = lambda raw, i: records_lib.generic(raw, i, problem_field=c.task.problem_field,
                                              answer_field=c.task.answer_field,
-                                             verifier=c.task.reward)
+                                             verifier=c.task.reward,
+                                             cap_field=c.task.get("max_new_tokens_field", ""))
   recs, report = records_lib.read_jsonl(name, parse)
   if report.num_bad:
     log.warning("train.eval_set=%s: %d of %d records are bad and skipped", name,
@@ -102,9 +109,12 @@ def _records(c: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
 def held_out_set(c: ml_collections.ConfigDict, tokenizer) -> HeldOutSet:
   """The first `train.eval_prompts` records of `train.eval_set` whose prompt, rendered
-  with `task.template` as in training, fits in `task.max_prompt_len` tokens."""
+  with `task.template` as in training, fits in `task.max_prompt_len` tokens, and whose
+  response cap (`task.max_new_tokens_field`, as in training) fits in
+  `rollout.max_new_tokens`."""
   encode = templates.encoder(tokenizer, c.task.template,
                              chat=getattr(tokenizer, "chat_template", None) is not None)
+  max_new = c.rollout.max_new_tokens
   kept, skipped = [], 0
   for rec in _records(c):
     if len(kept) == c.train.eval_prompts:
@@ -113,7 +123,8 @@ def held_out_set(c: ml_collections.ConfigDict, tokenizer) -> HeldOutSet:
       ids = encode(rec)
     except (KeyError, TypeError, ValueError):
       ids = []
-    if 0 < len(ids) <= c.task.max_prompt_len:
+    fits = rec.get(records_lib.CAP_KEY, max_new) <= max_new
+    if 0 < len(ids) <= c.task.max_prompt_len and fits:
       kept.append((ids, rec))
     else:
       skipped += 1
@@ -127,9 +138,12 @@ def held_out_set(c: ml_collections.ConfigDict, tokenizer) -> HeldOutSet:
   for b, (ids, _) in enumerate(kept):
     ids_BxP[b, width - len(ids):] = ids
     mask_BxP[b, width - len(ids):] = 1
+  caps_B = (np.asarray([r.get(records_lib.CAP_KEY, max_new) for _, r in kept], np.int32)
+            if c.task.get("max_new_tokens_field") else None)
   return HeldOutSet(c.train.eval_set, ids_BxP, mask_BxP,
                     tuple(str(r["answer"]) for _, r in kept),
-                    tuple(r.get("verifier", c.task.reward) for _, r in kept), skipped)
+                    tuple(r.get("verifier", c.task.reward) for _, r in kept), skipped,
+                    caps_B)
 
 
 # score(completion_ids_NxT, completion_mask_NxT, answers_N) -> correct_N (bool, numpy),
@@ -147,22 +161,41 @@ def record_scorer(tokenizer, verifiers_N: Sequence[str]) -> Scorer:
 
 
 def evaluate_held_out(params, rng: jax.Array, held: HeldOutSet, *, model_config: ModelConfig,
-                      spec: engine.SamplingSpec, tokenizer, batch_size: int, score: Scorer,
+                      spec: engine.SamplingSpec | continuous.ContinuousSpec, tokenizer,
+                      batch_size: int, score: Scorer,
                       stop_strings: Sequence[str] = ()) -> dict[str, Any]:
   """Host-verified evaluation on `held`: batches of `batch_size` prompts (the last one
-  padded with repeats, so the sampler compiles once), `spec.group_size` responses each,
-  cut at `stop_strings` as in training, then `score`d on the host."""
+  padded with repeats, so the sampler compiles once), G = group_size responses each,
+  cut at `stop_strings` as in training, then `score`d on the host.
+
+  `spec` picks the sampler as training's rollout does: a `continuous.ContinuousSpec`
+  (rollout.slots > 0) samples with continuous batching and stops each response at its
+  problem's cap (`held.caps_B`); an `engine.SamplingSpec` with the static sampler, which
+  refuses caps (`engine.CAPS_NEED_SLOTS`). Both draw a response's tokens from the same
+  random stream (keyed by its problem's index, not its batch), so they agree up to float
+  rounding at a near-tie.
+  """
+  slots = isinstance(spec, continuous.ContinuousSpec)
+  sampling = spec.sampling if slots else spec
+  if held.caps_B is not None and not slots:
+    raise ValueError(engine.CAPS_NEED_SLOTS)
   n = held.ids_BxP.shape[0]
-  g = spec.group_size
+  g = sampling.group_size
   parts = []
   for start in range(0, n, batch_size):
     rows = np.arange(start, start + batch_size) % n if n >= batch_size else np.arange(n)
-    gen = engine.generate(params, held.ids_BxP[rows], held.mask_BxP[rows], rng,
-                          config=model_config, group_size=g,
-                          max_new_tokens=spec.max_new_tokens, eos_ids=spec.eos_ids,
-                          temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                          greedy=spec.greedy, pad_id=spec.pad_id,
-                          prompt_ids_B=jnp.asarray(rows, jnp.int32))
+    if slots:
+      caps_N = None if held.caps_B is None else np.repeat(held.caps_B[rows], g)
+      gen = continuous.generate(params, held.ids_BxP[rows], held.mask_BxP[rows], rng,
+                                config=model_config, spec=spec, caps_N=caps_N,
+                                prompt_ids_B=np.asarray(rows, np.int32))
+    else:
+      gen = engine.generate(params, held.ids_BxP[rows], held.mask_BxP[rows], rng,
+                            config=model_config, group_size=g,
+                            max_new_tokens=spec.max_new_tokens, eos_ids=spec.eos_ids,
+                            temperature=spec.temperature, top_p=spec.top_p,
+                            top_k=spec.top_k, greedy=spec.greedy, pad_id=spec.pad_id,
+                            prompt_ids_B=jnp.asarray(rows, jnp.int32))
     keep = (min(start + batch_size, n) - start) * g
     parts.append(jax.tree.map(lambda x: np.asarray(x)[:keep], jax.device_get(
         {"completion_ids_NxT": gen.completion_ids_NxT,
@@ -206,10 +239,13 @@ def validator(c: ml_collections.ConfigDict, exp, rng: jax.Array, host_task=None
     score = (host_task.score if host_task is not None and c.train.eval_set.endswith(".jsonl")
              else record_scorer(exp.tokenizer, [v for v in held.verifiers_B for _ in range(g)]))
 
+    # The training rollout's sampler: continuous batching with rollout.slots > 0.
+    sampler = experiment.continuous_spec(c, spec) or spec
+
     def evaluate(params):
-      return evaluate_held_out(params, rng, held, model_config=exp.model_config, spec=spec,
-                               tokenizer=exp.tokenizer, batch_size=batch, score=score,
-                               stop_strings=tuple(c.rollout.stop_strings))
+      return evaluate_held_out(params, rng, held, model_config=exp.model_config,
+                               spec=sampler, tokenizer=exp.tokenizer, batch_size=batch,
+                               score=score, stop_strings=tuple(c.rollout.stop_strings))
   else:
     return None
 

@@ -53,8 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.slots = 0              # host mode: > 0 = continuous batching on that many slots
   c.rollout.chunk_steps = 32       # with slots: steps between hand-offs to the verifier
   c.rollout.tensor = 0             # host mode: > 0 = decode on a data x tensor mesh of it
-  # With slots: "bounded" attention reads only each slot's used cache blocks, "full" all.
+  # With slots: "bounded" attention reads only each slot's used cache blocks, "full" all,
+  # "pallas" the bounded blocks through a Pallas kernel (GPU/TPU).
   c.rollout.decode_attention = "bounded"
+  c.rollout.read_block = 64        # with bounded/pallas: own cache slots per block read
   c.rollout.table_entries = 0      # with slots: prompt-table entries (0 = all B prompts)
 
   c.algo = ml_collections.ConfigDict()

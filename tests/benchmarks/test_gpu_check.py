@@ -51,3 +51,19 @@ def test_smoke_run_on_cpu_prints_a_json_line_and_a_row():
   assert record["seconds"] > 0 and 0 < record["mfu"]
   assert record["dry_run_estimate_bytes"] == record["compiled_estimate_bytes"] > 0
   assert lines[-1].startswith("| cpu | tiny | 4 x 32 |")
+
+
+def test_decode_check_smoke_rows():
+  """`--decode --smoke` in process: three rows, the bounded reads fewer own slots than
+  "full", both equal to it to rounding (pallas interpreted on CPU, its time unreported
+  as a speed)."""
+  records = {r["decode_attention"]: r
+             for r in gpu_check.decode_attention_check(**gpu_check.DECODE_SMOKE)}
+  assert set(records) == {"full", "bounded", "pallas"}
+  assert not any("error" in r for r in records.values())
+  full = records["full"]["own_slots_read_per_row"]
+  assert records["bounded"]["own_slots_read_per_row"] == records["pallas"][
+      "own_slots_read_per_row"] < full == 32
+  assert records["pallas"]["max_abs_diff_vs_full"] < 1e-5
+  assert records["bounded"]["max_abs_diff_vs_full"] < 1e-5
+  assert "meaningless" in records["pallas"]["note"]

@@ -309,6 +309,25 @@ def test_overlong_penalty_boundaries():
   assert overlong_penalty(lengths, max_len=10, cache_len=4).dtype == jnp.float32
 
 
+def test_overlong_penalty_per_response_caps():
+  """max_len as [N] caps: each response's own L_max (DAPO Eq. 13 with L_max = cap_i), the
+  buffer shrunk to a cap narrower than it (C_i = min(cache_len, cap_i))."""
+  lengths = jnp.array([6, 7, 10, 12, 5, 4, 1, 2, 3])
+  caps = jnp.array([10, 10, 10, 10, 5, 5, 2, 2, 2])
+  want = [0, -0.25, -1, -1,     # cap 10, C 4: free up to 6
+          -1, -0.75,            # cap 5, C 4: free up to 1
+          -0.5, -1, -1]         # cap 2 < 4: C 2, from 0 to -1 at 2
+  for fn in (overlong_penalty, jax.jit(overlong_penalty, static_argnames="cache_len")):
+    np.testing.assert_allclose(fn(lengths, max_len=caps, cache_len=4), want, atol=1e-7)
+  # Caps all equal to a scalar give the scalar's penalty.
+  np.testing.assert_allclose(overlong_penalty(lengths, max_len=jnp.full((9,), 10), cache_len=4),
+                             overlong_penalty(lengths, max_len=10, cache_len=4))
+  with pytest.raises(AssertionError):   # one cap per response
+    overlong_penalty(lengths, max_len=caps[:3], cache_len=4)
+  with pytest.raises(ValueError, match="cache_len=4 exceeds max_len=2"):
+    overlong_penalty(lengths, max_len=2, cache_len=4)
+
+
 def test_dynamic_sampling_filter_hand_groups():
   correct = jnp.array([
       [1, 1, 1, 1],  # all correct: dropped

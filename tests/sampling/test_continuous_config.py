@@ -1,5 +1,5 @@
-"""rollout.decode_attention and rollout.table_entries: from the config to host mode's
-`HostRollout` (`train.host_rollout`), and one host iteration on them."""
+"""rollout.decode_attention, rollout.read_block and rollout.table_entries: from the config
+to host mode's `HostRollout` (`train.host_rollout`), and one host iteration on them."""
 
 import types
 
@@ -28,6 +28,9 @@ def test_host_rollout_takes_the_config_fields():
   spec = train.host_rollout(_job({"rollout.slots": 8, "rollout.decode_attention": "full",
                                   "rollout.table_entries": 3})).spec
   assert (spec.decode_attention, spec.table_entries) == ("full", 3)
+  spec = train.host_rollout(_job({"rollout.slots": 8, "rollout.decode_attention": "pallas",
+                                  "rollout.read_block": 128})).spec
+  assert (spec.decode_attention, spec.attention_block) == ("pallas", 128)
 
 
 def test_dry_run_compiles_the_spec_host_mode_runs():
@@ -43,7 +46,8 @@ def test_dry_run_compiles_the_spec_host_mode_runs():
 
 
 @pytest.mark.parametrize("field, value", [("rollout.decode_attention", "paged"),
-                                          ("rollout.table_entries", -1)])
+                                          ("rollout.table_entries", -1),
+                                          ("rollout.read_block", 0)])
 def test_config_refuses_bad_values(field, value):
   c = config_lib.with_overrides(default.get_config(), {field: value})
   with pytest.raises(config_lib.ConfigError, match=field):

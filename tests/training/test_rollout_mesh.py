@@ -9,7 +9,6 @@ sampled tokens are identical and the params agree to atol 1e-5.
 """
 
 import dataclasses
-import inspect
 
 import chex
 import jax
@@ -99,16 +98,19 @@ def _iteration(mesh, rollout):
   return state, metrics, seen
 
 
+def _make_rollout(slots):
+  if slots:
+    return continuous.HostRollout(
+        CFG, continuous.ContinuousSpec(sampling=SETTINGS.sampling, slots=slots),
+        chunk_steps=2)
+  return host_loop.jitted_rollout(CFG, SETTINGS)
+
+
 @pytest.mark.parametrize("slots", [0, 4])
 def test_host_iteration_on_a_rollout_mesh_equals_the_training_mesh(num_devices, slots):
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
   rmesh = distributed.rollout_mesh(mesh, 2, num_heads=4, num_kv_heads=2)
-  if slots:
-    make = lambda: continuous.HostRollout(   # noqa: E731
-        CFG, continuous.ContinuousSpec(sampling=SETTINGS.sampling, slots=slots),
-        chunk_steps=2)
-  else:
-    make = lambda: host_loop.jitted_rollout(CFG, SETTINGS)   # noqa: E731
+  make = lambda: _make_rollout(slots)   # noqa: E731
   base_state, base_metrics, base_ids = _iteration(mesh, make())
 
   inner = make()
@@ -121,16 +123,49 @@ def test_host_iteration_on_a_rollout_mesh_equals_the_training_mesh(num_devices, 
     tokens.append(np.asarray(gen.completion_ids_NxT))
     return gen
   recording.streams = getattr(inner, "streams", False)
-  recording.__signature__ = inspect.signature(inner)
   on_mesh = distributed.RolloutOnMesh(recording, mesh, rmesh, CFG)
-  # Per-record caps reach a rollout that takes them (host_loop reads the signature).
-  assert ("caps_N" in inspect.signature(on_mesh).parameters) == bool(slots)
   state, metrics, _ = _iteration(mesh, on_mesh)
   np.testing.assert_array_equal(tokens[0], base_ids[0])
   chex.assert_trees_all_close(state.params, base_state.params, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], base_metrics["loss"], rtol=1e-5, atol=1e-7)
   # The state leaves on the training mesh.
   assert jax.tree.leaves(state.params)[0].sharding.mesh == mesh
+
+
+@pytest.mark.parametrize("slots", [0, 4])
+def test_caps_pass_through_the_rollout_mesh_or_are_refused(num_devices, slots):
+  """Every rollout takes caps_N: RolloutOnMesh hands them to the wrapped rollout, which
+  honours them (continuous batching) or refuses them in one line (the static sampler)."""
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
+  rmesh = distributed.rollout_mesh(mesh, 2, num_heads=4, num_kv_heads=2)
+  inner = _make_rollout(slots)
+  seen = []
+
+  def recording(params, ids, mask, rng, **kwargs):
+    seen.append(kwargs)
+    return inner(params, ids, mask, rng, **kwargs)
+  on_mesh = distributed.RolloutOnMesh(recording, mesh, rmesh, CFG)
+  params = sharding.shard_params(transformer.init_params(CFG, jax.random.PRNGKey(0)), mesh)
+  ids, mask, _ = _sample(jax.random.PRNGKey(5), 8)
+  caps_N = np.tile(np.arange(1, 5, dtype=np.int32), 4)   # 16 rows, caps 1..4 < T = 5
+  call = lambda caps: on_mesh(params, ids, mask, jax.random.PRNGKey(6),   # noqa: E731
+                              caps_N=caps)
+  with jax.set_mesh(mesh):
+    if not slots:
+      with pytest.raises(ValueError, match=r"^per-record response caps \(config\.task\."
+                                           r"max_new_tokens_field\) need continuous "
+                                           r"batching: set rollout\.slots > 0"):
+        call(caps_N)
+      assert int(call(None).lengths_N.max()) <= 5   # no caps: the static sampler runs
+      return
+    gen = call(caps_N)
+  np.testing.assert_array_equal(seen[-1]["caps_N"], caps_N)
+  lengths = np.asarray(gen.lengths_N)
+  ids_out = np.asarray(gen.completion_ids_NxT)
+  last = ids_out[np.arange(16), lengths - 1]
+  # Each row stops at its stop token (id 2) or at its own cap, never past it.
+  assert (lengths <= caps_N).all() and ((lengths == caps_N) | (last == 2)).all()
+  np.testing.assert_array_equal(np.asarray(gen.truncated_N), (lengths == caps_N) & (last != 2))
 
 
 def test_rollout_tensor_is_host_mode_only():
