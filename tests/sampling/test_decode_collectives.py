@@ -79,7 +79,9 @@ def _in_loop_collectives(params, mesh_config, spec):
 _SPECS = [{}, dict(decode_attention="bounded", attention_block=4)]
 
 
-@pytest.mark.parametrize("spec_kwargs", _SPECS)
+# "pallas" (the Pallas interpreter on CPU) compiles as quickly; running it is slow.
+@pytest.mark.parametrize("spec_kwargs", _SPECS + [dict(decode_attention="pallas",
+                                                       attention_block=4)])
 @pytest.mark.parametrize("tensor", [2, 1])
 def test_loop_moves_only_per_layer_all_reduces_and_per_row_scalars(params, num_devices,
                                                                    tensor, spec_kwargs):
