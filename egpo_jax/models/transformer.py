@@ -503,9 +503,8 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
   # The rows' own slots come after a shared prefix's. A per-row index [B] (the continuous
   # batching engine's slots, each at its own response length) writes by scatter.
   index = cache.index - cache.prefix_len
-  rows_B = jnp.arange(tokens_B.shape[0])
   if index.ndim == 1:
-    mask_BxS = cache.mask_BxS.at[rows_B, index].set(True)
+    mask_BxS = _write_rows(cache.mask_BxS, index, jnp.ones_like(tokens_B, jnp.bool_), 1)
   else:
     mask_BxS = jax.lax.dynamic_update_slice_in_dim(
         cache.mask_BxS, jnp.ones((tokens_B.shape[0], 1), jnp.bool_), index, 1)
@@ -532,10 +531,8 @@ def decode(params: Params, tokens_B: jax.Array, cache: KVCache, *,
     q_BxHxK = _apply_rope(q_BxHxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
     k_BxGxK = _apply_rope(k_BxGxK[:, None], cos_Bx1xF, sin_Bx1xF)[:, 0]
     if per_layer and index.ndim == 1:
-      k_cache[i] = _scatter_slots(k_cache[i], (rows_B, slice(None), slice(None), index),
-                                  k_BxGxK)
-      v_cache[i] = _scatter_slots(v_cache[i], (rows_B, slice(None), index, slice(None)),
-                                  v_BxGxK)
+      k_cache[i] = _write_rows(k_cache[i], index, k_BxGxK, 3)
+      v_cache[i] = _write_rows(v_cache[i], index, v_BxGxK, 2)
       k_BxGxKxS, v_BxGxSxK = k_cache[i], v_cache[i]
     elif per_layer:
       k_cache[i] = _write_slot(k_cache[i], k_BxGxK[:, :, :, None], (0, 0, 0, index))
@@ -652,6 +649,33 @@ def _scatter_slots(buf, where, new):
     return buf.at[where].set(new)
   bits = jax.lax.bitcast_convert_type
   return bits(bits(buf, jnp.uint16).at[where].set(bits(new, jnp.uint16)), buf.dtype)
+
+
+def _write_rows(buf, index_B, new, slot_axis):
+  """buf with row b's slot index_B[b] (along slot_axis) set to new[b], via `_scatter_slots`.
+
+  Keys [B, kv heads, head_dim, S] (slot_axis 3), values [B, kv heads, S, head_dim] (2),
+  new [B, kv heads, head_dim]; or a mask [B, S] (1), new [B]. Under a mesh the write runs
+  per device (`jax.shard_map`: rows over the batch axes, kv heads over `tensor`, as the
+  cache is split): traced globally, GSPMD cannot prove that the (row, index) pairs stay
+  on their rows' device and all-gathers every row's new keys and values over the batch
+  axes at every step (3.7 MB per token step for 1.5B on 4 x 2 devices). A pure scatter:
+  the same bits either way."""
+  def write(buf, index_B, new):
+    where = ((jnp.arange(index_B.shape[0]),) + (slice(None),) * (slot_axis - 1)
+             + (index_B,))
+    return _scatter_slots(buf, where, new)
+
+  mesh = sharding.active_mesh()
+  if mesh is None or mesh.size == 1 or mesh.manual_axes:   # no mesh, or already per device
+    return write(buf, index_B, new)
+  heads = ("activation_kv_heads",) if buf.ndim > 2 else ()
+  spec = lambda x, *names: sharding.logical_spec(   # noqa: E731
+      names + (None,) * (x.ndim - len(names)), x.shape, mesh)
+  specs = (spec(buf, "activation_batch", *heads), spec(index_B, "activation_batch"),
+           spec(new, "activation_batch", *heads))
+  return jax.shard_map(write, mesh=mesh, in_specs=specs, out_specs=specs[0],
+                       check_vma=False)(buf, index_B, new)
 
 
 def _write_slot(buf, new, start):

@@ -22,6 +22,7 @@ import numbers
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def top_p_keep_mask(sorted_logits_xK: jax.Array, top_p: float | jax.Array) -> jax.Array:
@@ -143,6 +144,12 @@ def sample_with_logps(uniforms_N: jax.Array, logits_NxV: jax.Array, *,
   sampling temperature, or at temperature 1 when greedy. Without top-k/top-p, sampling
   and scoring share one exp over the vocabulary; no sort runs unless top-k/top-p is on.
 
+  Under a mesh (`sharding.active_mesh`) that splits the logits' vocabulary over `tensor`
+  (the decode loop's vocabulary-split head), plain sampling and greedy decoding run per
+  device (`_sample_vocab_split`) and exchange only per-row values, instead of gathering
+  the [rows, V] logits at every token step. top-k/top-p need the whole row (a sort over
+  the vocabulary) and keep the gathered path.
+
   Returns:
     (tokens_N int32, logps_N float32, entropy_N float32 or None).
   """
@@ -150,7 +157,19 @@ def sample_with_logps(uniforms_N: jax.Array, logits_NxV: jax.Array, *,
   chex.assert_equal_shape_prefix([uniforms_N, logits_NxV], 1)
   check_sampling_args(temperature, top_k, top_p, logits_NxV.shape[-1], greedy=greedy)
   greedy = greedy or temperature == 0
-  scaled_NxV = logits_NxV.astype(jnp.float32) / (1.0 if greedy else temperature)
+  kwargs = dict(temperature=1.0 if greedy else temperature, greedy=greedy,
+                return_entropy=return_entropy)
+  if top_k == 0 and top_p >= 1.0:
+    split = _vocab_split_mesh(logits_NxV.shape)
+    if split is not None:
+      return _sample_vocab_split(uniforms_N, logits_NxV, *split, **kwargs)
+  return _sample_with_logps(uniforms_N, logits_NxV, top_k=top_k, top_p=top_p, **kwargs)
+
+
+def _sample_with_logps(uniforms_N, logits_NxV, *, temperature, top_k, top_p, greedy,
+                       return_entropy):
+  """`sample_with_logps` on whole rows (temperature 1 when greedy)."""
+  scaled_NxV = logits_NxV.astype(jnp.float32) / temperature
   max_Nx1 = jnp.max(scaled_NxV, axis=-1, keepdims=True)
   weights_NxV = jnp.exp(scaled_NxV - max_Nx1)
   if greedy:
@@ -170,6 +189,84 @@ def sample_with_logps(uniforms_N: jax.Array, logits_NxV: jax.Array, *,
   return tokens_N, picked_N - lse_N, entropy_N
 
 
+_VOCAB_AXIS = "tensor"
+
+
+def _vocab_split_mesh(shape):
+  """(mesh, rows' mesh axes) when the active mesh splits logits of `shape` [N, V] over
+  `tensor` along V (`sharding.logits_spec`), else None (also inside a caller's shard_map,
+  whose rows are already per device: `engine`'s static sampler, with whole rows)."""
+  from egpo_jax.models import sharding   # noqa: PLC0415  (keeps filters importable alone)
+  mesh = sharding.active_mesh()
+  if mesh is None or mesh.shape[_VOCAB_AXIS] == 1 or mesh.manual_axes:
+    return None
+  spec = tuple(sharding.logits_spec(tuple(shape), mesh)) + (None, None)
+  if spec[1] != _VOCAB_AXIS:
+    return None
+  return mesh, spec[0]
+
+
+def _sample_vocab_split(uniforms_N, logits_NxV, mesh, rows, *, temperature, greedy,
+                        return_entropy):
+  """`_sample_with_logps` (no top-k/top-p) per device on vocabulary-split logits.
+
+  Each of the t devices of a `tensor` group holds V / t consecutive logits of its rows.
+  The maths is that of the whole row, with every sum over V split into t local sums:
+  the max is a pmax, sum exp (and, for the entropy, sum p * logit) a psum; the inverse
+  CDF runs in three levels instead of two: the t devices' masses (an all-gather of
+  [rows, t]) locate the device holding the token, and that device searches its own
+  slice with the target minus the masses before it (`_inverse_cdf`'s two levels, on its
+  V / t weights). Greedy is a pmax of each device's max, ties going to the lowest token
+  id (pmin), as argmax. The token and its logit come from the device that holds them
+  (psum of zeros elsewhere). So only [rows] or [rows, t] values cross devices.
+
+  The law is the same; the rounding of the sums differs from the gathered version's, so
+  a token can differ only where u * total falls within rounding of a cumulative weight
+  (the project's near-tie rule), and log-probs / entropy agree to float32 rounding.
+  """
+  vocab_local = logits_NxV.shape[-1] // mesh.shape[_VOCAB_AXIS]
+
+  def local(uniforms_n, logits_nxv):
+    shard = jax.lax.axis_index(_VOCAB_AXIS)
+    offset = shard * vocab_local
+    scaled_nxv = logits_nxv.astype(jnp.float32) / temperature
+    max_n = jax.lax.pmax(jnp.max(scaled_nxv, axis=-1), _VOCAB_AXIS)
+    weights_nxv = jnp.exp(scaled_nxv - max_n[:, None])
+    mass_nxt = jax.lax.all_gather(jnp.sum(weights_nxv, axis=-1), _VOCAB_AXIS, axis=1)
+    cdf_nxt = jnp.cumsum(mass_nxt, axis=-1)
+    total_n = cdf_nxt[:, -1]
+    if greedy:
+      local_n = jnp.argmax(scaled_nxv, axis=-1).astype(jnp.int32)
+      best_n = jnp.max(scaled_nxv, axis=-1)
+      # The lowest id among the devices holding the maximum (argmax's tie rule).
+      token_n = jax.lax.pmin(jnp.where(best_n == max_n, offset + local_n,
+                                       jnp.iinfo(jnp.int32).max), _VOCAB_AXIS)
+      mine_n = (token_n >= offset) & (token_n < offset + vocab_local)
+      local_n = jnp.clip(token_n - offset, 0, vocab_local - 1)
+    else:
+      target_n = uniforms_n * total_n
+      owner_n = _search(target_n, cdf_nxt)
+      before_n = jnp.where(owner_n > 0, jnp.take_along_axis(
+          cdf_nxt, jnp.maximum(owner_n - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+      mine_n = owner_n == shard
+      local_n = _inverse_cdf(uniforms_n, weights_nxv, target_N=target_n - before_n)
+      token_n = jax.lax.psum(jnp.where(mine_n, offset + local_n, 0), _VOCAB_AXIS)
+    picked_n = jnp.take_along_axis(scaled_nxv, local_n[:, None], axis=-1)[:, 0]
+    sums = [jnp.where(mine_n, picked_n, 0.0)]
+    if return_entropy:
+      # where(): a -inf logit (a masked token) has weight 0 and contributes 0, not nan.
+      sums.append(jnp.sum(jnp.where(weights_nxv > 0, weights_nxv * scaled_nxv, 0.0), -1))
+    sums = jax.lax.psum(sums, _VOCAB_AXIS)
+    lse_n = max_n + jnp.log(total_n)
+    entropy_n = lse_n - sums[1] / total_n if return_entropy else None
+    return token_n.astype(jnp.int32), sums[0] - lse_n, entropy_n
+
+  row_spec = P(rows)
+  return jax.shard_map(local, mesh=mesh, in_specs=(row_spec, P(rows, _VOCAB_AXIS)),
+                       out_specs=(row_spec, row_spec, row_spec if return_entropy else None),
+                       check_vma=False)(uniforms_N, logits_NxV)
+
+
 def _sample_scaled(uniforms_N, scaled_NxV, *, top_k, top_p):
   if top_k == 0 and top_p >= 1.0:
     return _inverse_cdf(uniforms_N, jnp.exp(scaled_NxV - jnp.max(scaled_NxV, -1, keepdims=True)))
@@ -179,8 +276,10 @@ def _sample_scaled(uniforms_N, scaled_NxV, *, top_k, top_p):
   return jnp.take_along_axis(ids_NxK, choice_N[:, None], axis=-1)[:, 0]
 
 
-def _inverse_cdf(uniforms_N: jax.Array, weights_NxK: jax.Array) -> jax.Array:
-  """The first index whose cumulative weight exceeds u * total (weights >= 0, unnormalised).
+def _inverse_cdf(uniforms_N: jax.Array, weights_NxK: jax.Array,
+                 target_N: jax.Array | None = None) -> jax.Array:
+  """The first index whose cumulative weight exceeds u * total (weights >= 0, unnormalised),
+  or target_N (>= 0) when given (`_sample_vocab_split`: a device's share of the target).
 
   Over a long vocabulary the search runs in two levels, blocks of ~sqrt(K) weights and
   then the weights of the chosen block, because a cumulative sum over K is XLA:CPU's
@@ -198,12 +297,13 @@ def _inverse_cdf(uniforms_N: jax.Array, weights_NxK: jax.Array) -> jax.Array:
   size = _cdf_block(k)
   if size == k:
     cdf_NxK = jnp.cumsum(weights_NxK, axis=-1)
-    return _search(uniforms_N * cdf_NxK[:, -1], cdf_NxK)
+    return _search(uniforms_N * cdf_NxK[:, -1] if target_N is None else target_N, cdf_NxK)
   blocks = -(-k // size)
   padded_NxBxS = jnp.pad(weights_NxK, ((0, 0), (0, blocks * size - k))).reshape(
       n, blocks, size)
   block_cdf_NxB = jnp.cumsum(jnp.sum(padded_NxBxS, axis=-1), axis=-1)
-  target_N = uniforms_N * block_cdf_NxB[:, -1]
+  if target_N is None:
+    target_N = uniforms_N * block_cdf_NxB[:, -1]
   block_N = _search(target_N, block_cdf_NxB)
   previous_N = jnp.maximum(block_N - 1, 0)[:, None]
   before_N = jnp.where(block_N > 0,

@@ -333,3 +333,73 @@ def test_two_level_search_law_over_a_long_vocabulary():
   expected = np.append(probs[keep], probs[rare].sum()) * n
   assert counts[probs == 0].sum() == 0
   assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+# ---------------------------------------------------------------- vocabulary-split logits
+
+def _on_mesh(tensor, fn, uniforms, logits, jit):
+  """fn(uniforms, logits) with the logits split as the decode head leaves them: rows over
+  the batch axes, vocabulary over `tensor` (8 fake devices)."""
+  from egpo_jax.models import sharding   # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=8 // tensor, fsdp=1, tensor=tensor))
+  with jax.set_mesh(mesh):
+    put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    logits = put(logits, sharding.logits_spec(logits.shape, mesh))
+    uniforms = put(uniforms, sharding.batch_spec(uniforms.shape, mesh))
+    assert filters._vocab_split_mesh(logits.shape) is not None
+    return jax.device_get((jax.jit(fn) if jit else fn)(uniforms, logits))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("tensor, vocab", [(2, 288), (4, 1000), (2, 64)])
+@pytest.mark.parametrize("temperature, greedy", [(0.7, False), (1.0, True)])
+def test_vocab_split_equals_whole_rows(tensor, vocab, temperature, greedy, jit):
+  """Per device on vocabulary-split logits (`_sample_vocab_split`): the tokens of the
+  whole rows (the fixture is asserted free of near-ties: no u within 1e-5 of a float64
+  CDF boundary), log-probs and entropy to float32 rounding. 288 = 9 blocks of 32 (a
+  block straddles the devices), 1000 over 4 (250 each), 64 (one level)."""
+  rng = np.random.default_rng(vocab + tensor)
+  logits = (rng.normal(size=(16, vocab)) * 3).astype(np.float32)
+  logits[0, : vocab // tensor] = -np.inf      # row 0: device 0's whole slice masked
+  logits[1, vocab // tensor:] = -np.inf       # row 1: only device 0's slice has weight
+  u = rng.uniform(size=16).astype(np.float32)
+  u[2], u[3] = 0.0, np.nextafter(np.float32(1.0), np.float32(0.0))
+  z = logits.astype(np.float64) / temperature
+  p = np.exp(z - z.max(-1, keepdims=True))
+  cdf = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+  if not greedy:
+    assert (np.abs(cdf - u[:, None]).min(-1)[4:] > 1e-5).all(), "fixture has a near-tie"
+  fn = functools.partial(filters.sample_with_logps, temperature=temperature, greedy=greedy,
+                         return_entropy=True)
+  tokens, logps, entropy = _on_mesh(tensor, fn, u, logits, jit)
+  want = jax.device_get(fn(jnp.asarray(u), jnp.asarray(logits)))
+  np.testing.assert_array_equal(tokens, want[0])
+  np.testing.assert_allclose(logps, want[1], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(entropy, want[2], atol=1e-5, rtol=0)
+  assert tokens[0] >= vocab // tensor and tokens[1] < vocab // tensor
+  assert np.isfinite(logits[np.arange(16), tokens]).all()
+  if not greedy:   # u = 0: the first token of weight > 0
+    assert tokens[2] == np.flatnonzero(p[2] > 0)[0]
+
+
+def test_vocab_split_greedy_ties_go_to_the_lowest_id():
+  """argmax's tie rule across devices: the maximum held by both halves -> the lower id."""
+  logits = np.zeros((8, 8), np.float32)
+  logits[:, 2] = logits[:, 6] = 5.0          # tie across the two devices' slices
+  logits[4:, 2] = 1.0                        # rows 4-7: device 1 alone holds the max
+  logits[6:, 5] = 5.0                        # rows 6-7: a tie inside device 1's slice
+  fn = functools.partial(filters.sample_with_logps, greedy=True)
+  tokens, logps, _ = _on_mesh(2, fn, np.zeros(8, np.float32), logits, jit=True)
+  np.testing.assert_array_equal(tokens, [2, 2, 2, 2, 6, 6, 5, 5])
+  np.testing.assert_allclose(logps, jax.nn.log_softmax(logits)[np.arange(8), tokens],
+                             atol=1e-6)
+
+
+def test_vocab_split_keeps_the_gathered_path_for_top_k_and_top_p():
+  """top-k/top-p sort the whole row: same tokens as without a mesh (gathered by GSPMD)."""
+  rng = np.random.default_rng(5)
+  logits = (rng.normal(size=(8, 128)) * 3).astype(np.float32)
+  u = rng.uniform(size=8).astype(np.float32)
+  fn = functools.partial(filters.sample_with_logps, temperature=0.9, top_k=20, top_p=0.9)
+  got = _on_mesh(2, fn, u, logits, jit=True)
+  np.testing.assert_array_equal(got[0], fn(jnp.asarray(u), jnp.asarray(logits))[0])
