@@ -194,12 +194,12 @@ def decode_param_specs(params: Any, mesh, *, vocab_split: bool = False) -> Any:
   Constraining the params to these once, before the token loop, gathers the FSDP shards
   once per decode phase; left D-split, every step would contract over `fsdp` and
   all-reduce each layer's activations (3.0 GB per token step for 1.5B on 16 devices).
-  The head whole makes each device's logits complete: sampling needs the full
-  vocabulary, and vocab-split logits would be gathered every step ([rows, V] over
-  `tensor`, far more than the head's own bytes once). `mesh` may be abstract.
+  The head whole makes each device's logits complete. `mesh` may be abstract.
   vocab_split: the embedding and head keep their vocabulary split over `tensor` (only
   gathered over the batch axes), as on the rollout's own mesh (`distributed.rollout_params`:
-  a quarter of 7B's 1.1 GB head per device, the logits gathered each step instead).
+  a quarter of 7B's 1.1 GB head per device). The sampler then works on each device's
+  slice of the logits (`filters.sample_with_logps` per device: only [rows]-sized values
+  cross devices), except with top-k/top-p, which gather the [rows, V] logits every step.
   """
   def spec(path, leaf):
     # Without the per-layer tuple's index ("[i]").

@@ -189,11 +189,10 @@ def rollout_params(params: Any, model_config: Any, train_mesh: Mesh, mesh: Mesh)
   dtype (`transformer.compute_params`) on the training mesh's shards, so the move is in
   the narrow dtype, then laid out by their partition specs on `mesh`. Jit it.
 
-  The output head stays vocabulary-split over `tensor` there: the logits are gathered
-  each step instead ([rows, V], as many bytes as the prompt table's first-token logits
-  that the continuous engine gathers each step when the head is whole), and each device
-  holds a quarter of the 1.1 GB head of 7B (measured on 16 devices: -0.9 GB, the same
-  81.7 MB per token step).
+  The output head stays vocabulary-split over `tensor` there: each device holds a
+  quarter of the 1.1 GB head of 7B (measured on 16 devices: -0.9 GB), and the sampler
+  works on each device's slice of the logits (`filters.sample_with_logps`; top-k/top-p
+  gather the [rows, V] logits every step instead).
 
   In steps that XLA's partitioner can each do with one collective (asked to go from
   "model width over all 16 devices" to "heads over 4, replicated over 4" at once, it

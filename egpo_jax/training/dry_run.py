@@ -160,8 +160,9 @@ def _tuple_elements(shape: str) -> list[str]:
 
 def replica_group_size(attrs: str, num_partitions: int) -> int:
   """Devices per replica group of a collective, from any of XLA's three spellings:
-  `{{0,1},{2,3}}`, iota `[2,4]<=[8]`, or `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`."""
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  `{{0,1},{2,3}}`, iota `[2,4]<=[8]`, or `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}`
+  (possibly with `, device_ids=([4,2]T(1,0))` before the axes)."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*?\{([^}]*)\}", attrs)
   if m:
     sizes = dict((k.strip("' "), int(v)) for k, v in
                  (item.split("=") for item in m.group(1).split(",") if item))

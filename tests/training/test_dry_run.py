@@ -112,6 +112,8 @@ def test_shape_bytes():
     ("replica_groups=[2,4]<=[8], to_apply=%add", 4),
     ("replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add", 2),
     ("replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=2] {'axis_0','axis_2'}, x", 4),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([4,2]T(1,0)) "
+     "{'axis_0'}, to_apply=%add", 2),
     ("replica_groups={}, dimensions={0}", 8),
 ])
 def test_replica_group_size_reads_every_spelling(attrs, size):
