@@ -125,6 +125,22 @@ gathers and gradient reductions of the large matmuls into windowed einsums (shar
 passed by collective-permutes, overlapped with the dots, in loops unrolled by 2) and
 reduces the gradients in bf16 before they become f32, so the update moves 0.70-0.94x the
 floor (which counts f32 gradients); decode 25-130 MB per token step.
+
+Decode collectives after the per-device sampler and cache write (2026-12-07, coll branch;
+CPU, 1.5B x8, `python -m experiments.main
+--config=experiments/configs/paper.py:egpo,qwen2.5-math-1.5b --dry_run
+--dry_run_devices=8`; the table's rows predate it): 59.6 -> 16.7 MB per token
+step. Gone: the [rows, V] logits all-gather over `tensor` (38.9 MB: the vocabulary-split
+head's logits are now sampled per device, `filters.sample_with_logps`, exchanging [rows]
+and [rows, tensor] values) and the per-row KV-cache write's all-gathers across the data
+groups (3.7 MB: `transformer._write_rows` per device). Left: the two per-layer all-reduces
+of [local rows, D] (16.5 MB; the down_proj half is counted in f32, an XLA:CPU fusion the
+parser does not see as widened bf16, so about 11 MB on a GPU or TPU) and the
+vocabulary-split embedding lookup's all-reduce (0.2 MB). Rollout collectives per
+iteration 732 -> 206 GB. With `--config.rollout.decode_attention=pallas
+--config.rollout.read_block=128` on v5e:4x4 (7B x16; the Mosaic kernel, compiled since
+kernels target the mesh's devices, `sharding.target_platform`; before the collective
+change): decode 11.05 GB (bounded 11.48), prefill 8.99.
 """
 
 
