@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from egpo_jax.training import dry_run
-from experiments.configs import tiny
+from test_dry_run import _tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -28,19 +28,6 @@ def _main(*args):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   cmd = [sys.executable, "-m", "experiments.main", "--dry_run", *args]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _tiny_config(**overrides):
-  c = tiny.get_config()
-  c.rollout.prompts_per_batch = 8
-  c.ppo.micro_batches = 2
-  for key, value in overrides.items():
-    node, *path = key.split(".")
-    target = c[node]
-    for part in path[:-1]:
-      target = target[part]
-    target[path[-1]] = value
-  return c
 
 
 # ---------------------------------------------------------------------------------------
