@@ -249,8 +249,7 @@ def _paged_per_device(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   if mesh is None or mesh.size == 1:
     return run(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B)
   batch, heads, kv_heads = "activation_batch", "activation_heads", "activation_kv_heads"
-  spec = lambda x, *names: sharding.logical_spec(   # noqa: E731
-      names + (None,) * (x.ndim - len(names)), x.shape, mesh)
+  spec = functools.partial(sharding.leading_spec, mesh=mesh)
   dim = lambda p, i: (tuple(p) + (None, None))[i]   # noqa: E731
   with_heads = [spec(q_BxHxK, batch, heads), spec(k_BxGxKxS, batch, kv_heads),
                 spec(v_BxGxSxK, batch, kv_heads)]

@@ -260,6 +260,13 @@ def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], m
   return _fit(spec, tuple(shape), mesh)
 
 
+def leading_spec(x, *logical_axes: str, mesh) -> P:
+  """`logical_spec` of x's leading axes by these names, its other axes whole (the
+  per-device wrappers' in_specs: rows, then heads)."""
+  names = logical_axes + (None,) * (x.ndim - len(logical_axes))
+  return logical_spec(names, x.shape, mesh)
+
+
 def active_mesh():
   """The (abstract) mesh of `jax.set_mesh` if it has the trainer's axes, else None."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -670,8 +670,7 @@ def _write_rows(buf, index_B, new, slot_axis):
   if mesh is None or mesh.size == 1 or mesh.manual_axes:   # no mesh, or already per device
     return write(buf, index_B, new)
   heads = ("activation_kv_heads",) if buf.ndim > 2 else ()
-  spec = lambda x, *names: sharding.logical_spec(   # noqa: E731
-      names + (None,) * (x.ndim - len(names)), x.shape, mesh)
+  spec = functools.partial(sharding.leading_spec, mesh=mesh)
   specs = (spec(buf, "activation_batch", *heads), spec(index_B, "activation_batch"),
            spec(new, "activation_batch", *heads))
   return jax.shard_map(write, mesh=mesh, in_specs=specs, out_specs=specs[0],
