@@ -10,8 +10,7 @@ python -m pip install -q -e ".[test]"
 # --max-worker-restart=0: under --dist loadfile, pytest-xdist 3.8 hangs after replacing a
 # crashed worker (pytest-xdist#1323/#1378); a crash must fail the run at once, with the
 # crashed test named, not stall it until the CI limit.
-# No persistent compilation cache unless EGPO_JAX_COMPILATION_CACHE is set: a worker
-# crashed in 2 of 3 cold-cache runs of this suite (jax 0.10.2; the one with a trace
-# aborted inside XLA:CPU's executable.serialize, writing an entry), and a fresh machine
-# gains nothing from it.
+# No persistent compilation cache unless EGPO_JAX_COMPILATION_CACHE is set: a fresh machine
+# gains nothing from it. Workers crashed late in full runs when XLA:CPU's compiled code
+# exhausted vm.max_map_count; tests/conftest.py bounds that.
 python -m pytest tests -n 2 --dist loadfile --max-worker-restart=0 --durations=30 -q "$@"

@@ -1,8 +1,8 @@
-"""Test-wide setup: 8 fake CPU devices, the persistent compilation cache, hypothesis profiles.
+"""Test-wide setup: 8 fake CPU devices, the persistent compilation cache, hypothesis profiles,
+and a bound on the compiled code a test worker keeps mapped.
 
-The cache is opt-in (EGPO_JAX_COMPILATION_CACHE=folder): faster reruns on a developer's
-machine, but writing its entries has crashed pytest workers (see scripts/test.sh), so
-scripts/test.sh and CI run without it.
+The persistent cache is opt-in (EGPO_JAX_COMPILATION_CACHE=folder): faster reruns on a
+developer's machine; a fresh CI machine gains nothing from it.
 
 XLA_FLAGS must be set before jax is imported anywhere, which is why this happens at the top
 of the root conftest. Single-device tests use device 0; multi-device tests use all 8.
@@ -14,6 +14,8 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -76,3 +78,35 @@ def write_user_files():
         f.write(json.dumps({"problem": rec["problem"], "answer": rec["answer"]}) + "\n")
     return model_dir, str(train_file)
   return write
+
+
+def _mapped_regions() -> tuple[int, int]:
+  """(memory mappings of this process, the kernel's limit vm.max_map_count); (0, 1) where
+  /proc does not tell (not Linux)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      used = sum(1 for _ in f)
+    with open("/proc/sys/vm/max_map_count") as f:
+      return used, int(f.read())
+  except OSError:
+    return 0, 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_code():
+  """After each test file (its own fixtures already torn down), drops jax's compilation
+  caches once the worker holds half of vm.max_map_count memory mappings.
+
+  XLA:CPU keeps each compiled executable's machine code in mappings of its own (about 13
+  for a small jit) and unmaps them only when the executable is freed; jax caches every
+  executable for the life of the process. A worker of the full suite reached 48,000
+  mappings, and at the kernel's default limit of 65,530 LLVM fails ("Cannot allocate
+  memory") and XLA:CPU segfaults in `backend_compile` (reproduced by filling the map
+  table): the worker crashes that failed CI late in the run. `jax.clear_caches()` frees
+  them. Below the threshold nothing is cleared, so files keep sharing compiled functions.
+  """
+  yield
+  used, limit = _mapped_regions()
+  if used > limit // 2:
+    jax.clear_caches()
+    gc.collect()
