@@ -20,7 +20,10 @@ def main(spec_path: str) -> None:
   with open(spec_path) as f:
     spec = json.load(f)
   # Before jax is imported: this process's fake devices.
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+  os.environ["XLA_FLAGS"] = " ".join(
+      [f"--xla_force_host_platform_device_count={spec['devices']}"]
+      + [f for f in os.environ.get("XLA_FLAGS", "").split()
+         if not f.startswith("--xla_force_host_platform_device_count")])
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 

@@ -39,7 +39,7 @@ def _launch(tmp, name, **spec):
   path = tmp / f"{name}_spec.json"
   path.write_text(json.dumps(spec))
   log = open(tmp / f"{name}.log", "w")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ)   # the suite's XLA flags; the worker sets its own device count
   proc = subprocess.Popen([sys.executable, WORKER, str(path)], stdout=log,
                           stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(WORKER))
   return name, proc, spec
