@@ -54,7 +54,7 @@ def test_length_buckets_hand_computed():
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum-norm"])
 def test_bucketed_equals_padded_update(params, aggregation):
   """Two minibatches x two micro-batches, two epochs: the bucketed run sees the same rows
-  in the same micro-batches as the padded one; params after two updates agree."""
+  in the same micro-batches as the padded one; params after each of two updates agree."""
   lengths = [3, 30, 5, 7, 2, 9, 12, 4, 1, 6, 8, 2, 5, 3, 10, 4]
   batch = _batch(lengths)
   settings = update.UpdateSettings(minibatches=2, micro_batches=2, ppo_epochs=2,
@@ -63,18 +63,21 @@ def test_bucketed_equals_padded_update(params, aggregation):
   padded = jax.jit(functools.partial(update.update, optimizer=SGD, model_config=CFG,
                                      settings=settings))
   s_pad, m_pad = padded(state, batch, jax.random.PRNGKey(3))
-  s_pad, m_pad2 = padded(s_pad, batch, jax.random.PRNGKey(4))
   s_b, m_b = update.bucketed_update(state, batch, jax.random.PRNGKey(3), optimizer=SGD,
                                     model_config=CFG, settings=settings,
                                     length_buckets_count=4)
   for key in ("loss", "pg_loss", "ratio_mean", "grad_norm"):
     np.testing.assert_allclose(m_b[key], m_pad[key], rtol=1e-5, atol=1e-6, err_msg=key)
-  s_b, _ = update.bucketed_update(s_b, batch, jax.random.PRNGKey(4), optimizer=SGD,
+  chex.assert_trees_all_close(s_b.params, s_pad.params, atol=1e-5, rtol=1e-4)
+  # The second update (ratios away from 1, clipping active) starts from the padded run's
+  # params on both sides: started from each its own, the first update's rounding (~1e-6)
+  # came back amplified to ~1e-3 under XLA:CPU's LLVM -O0 (a discontinuity, such as a
+  # token's ratio crossing the clip), which says nothing of bucketing.
+  s_b, _ = update.bucketed_update(s_pad, batch, jax.random.PRNGKey(4), optimizer=SGD,
                                   model_config=CFG, settings=settings,
                                   length_buckets_count=4)
-  # Eight SGD steps at lr 0.5 amplify the per-step rounding (1e-6, see the single-step
-  # gradient test below) to ~5e-5 on parameters of ~0.05.
-  chex.assert_trees_all_close(s_b.params, s_pad.params, atol=2e-4, rtol=1e-3)
+  s_pad, _ = padded(s_pad, batch, jax.random.PRNGKey(4))
+  chex.assert_trees_all_close(s_b.params, s_pad.params, atol=5e-5, rtol=1e-4)
   assert not np.allclose(jax.tree.leaves(s_b.params)[0], jax.tree.leaves(params)[0])
   # Only one response is long: most micro-batches were cut well below T.
   assert m_b["padding_fraction"] < m_pad["padding_fraction"] - 0.2
