@@ -115,10 +115,3 @@ def _release_compiled_code():
     jax.clear_caches()
     gc.collect()
 
-
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Files holding slow tests run first. pytest-xdist hands files to workers in collection
-  order, so the long ones start early and short ones fill the end; in alphabetical order
-  the 100-second learning test came last and one worker sat idle through it."""
-  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.path not in slow_files)   # stable: files stay whole
