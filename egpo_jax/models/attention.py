@@ -243,10 +243,10 @@ def _paged_per_device(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
   if read_kernel not in READ_KERNELS:
     raise ValueError(f"attend: read_kernel={read_kernel!r} is not one of {READ_KERNELS}")
-  mesh = sharding.active_mesh()
+  mesh = sharding.per_device_mesh()
   run = functools.partial({"xla": _attend_one_paged, "pallas": attend_one_pallas}[read_kernel],
                           block=block)
-  if mesh is None or mesh.size == 1:
+  if mesh is None:
     return run(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B)
   batch, heads, kv_heads = "activation_batch", "activation_heads", "activation_kv_heads"
   spec = functools.partial(sharding.leading_spec, mesh=mesh)
@@ -275,6 +275,14 @@ def _paged_per_device(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
                        check_vma=False)(*args)
 
 
+def _num_blocks(slots: int, block: int) -> int:
+  """The cache's slots in read blocks; a one-line error where they do not divide."""
+  if slots % block:
+    raise ValueError(f"attend: read_slots_B needs the cache's {slots} slots to be a multiple "
+                     f"of read_block={block}")
+  return slots // block
+
+
 def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slots_B,
                       block: int):
   """`_attend_one` reading only each row's first read_slots_B[b] slots, in blocks.
@@ -301,10 +309,7 @@ def _attend_one_paged(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   b, h, hd = q_BxHxK.shape
   g, s = k_BxGxKxS.shape[1], k_BxGxKxS.shape[3]
   r = h // g
-  if s % block:
-    raise ValueError(f"attend: read_slots_B needs the cache's {s} slots to be a multiple of "
-                     f"read_block={block}")
-  nb = s // block
+  nb = _num_blocks(s, block)
   scale = 1.0 / math.sqrt(hd)
   q = q_BxHxK.reshape(b, g, r, hd)
   m0, l0, acc0 = _prefix_partials(q, prefix, scale)
@@ -523,10 +528,7 @@ def attend_one_pallas(q_BxHxK, k_BxGxKxS, v_BxGxSxK, mask_BxS, prefix, read_slot
   backend = backend or sharding.target_platform()
   interpret = backend not in ("gpu", "tpu") if interpret is None else interpret
   r = h // g
-  if s % block:
-    raise ValueError(f"attend: read_slots_B needs the cache's {s} slots to be a multiple of "
-                     f"read_block={block}")
-  nb = s // block
+  nb = _num_blocks(s, block)
   rp = pallas_query_rows(backend=backend, block=block, slots=s, head_dim=hd, group=r)
   scale = 1.0 / math.sqrt(hd)
   q = q_BxHxK.reshape(b, g, r, hd)
@@ -811,9 +813,9 @@ def _splash_per_device(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS, *,
   the batch axes, heads over `tensor`): XLA cannot partition a Mosaic kernel, so a
   sharded call must be a `jax.shard_map` (found by compiling for a TPU topology)."""
   from egpo_jax.models import sharding   # noqa: PLC0415  (models.sharding imports config)
-  mesh = sharding.active_mesh()
+  mesh = sharding.per_device_mesh()
   run = functools.partial(attend_splash, interpret=interpret)
-  if mesh is None or mesh.size == 1:
+  if mesh is None:
     return run(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, kv_mask_BxS)
   batch = "activation_batch"
   q_spec = sharding.logical_spec((batch, None, "activation_heads", None), q_BxTxHxK.shape,

@@ -275,6 +275,16 @@ def active_mesh():
   return mesh
 
 
+def per_device_mesh():
+  """The mesh for a per-device wrapper's `jax.shard_map`: that of `active_mesh`, or None
+  where the wrapped function should run as it is (no mesh, one device, or already inside
+  a caller's shard_map, whose manual axes hold per-device blocks)."""
+  mesh = active_mesh()
+  if mesh is None or mesh.size == 1 or mesh.manual_axes:
+    return None
+  return mesh
+
+
 def target_platform() -> str:
   """The platform the code being traced compiles for: the devices' of the mesh of
   `jax.set_mesh` (a TPU topology's in the deviceless dry run, whose host backend is the

@@ -666,8 +666,8 @@ def _write_rows(buf, index_B, new, slot_axis):
              + (index_B,))
     return _scatter_slots(buf, where, new)
 
-  mesh = sharding.active_mesh()
-  if mesh is None or mesh.size == 1 or mesh.manual_axes:   # no mesh, or already per device
+  mesh = sharding.per_device_mesh()
+  if mesh is None:
     return write(buf, index_B, new)
   heads = ("activation_kv_heads",) if buf.ndim > 2 else ()
   spec = functools.partial(sharding.leading_spec, mesh=mesh)

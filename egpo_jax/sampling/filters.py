@@ -197,8 +197,8 @@ def _vocab_split_mesh(shape):
   `tensor` along V (`sharding.logits_spec`), else None (also inside a caller's shard_map,
   whose rows are already per device: `engine`'s static sampler, with whole rows)."""
   from egpo_jax.models import sharding   # noqa: PLC0415  (keeps filters importable alone)
-  mesh = sharding.active_mesh()
-  if mesh is None or mesh.shape[_VOCAB_AXIS] == 1 or mesh.manual_axes:
+  mesh = sharding.per_device_mesh()
+  if mesh is None or mesh.shape[_VOCAB_AXIS] == 1:
     return None
   spec = tuple(sharding.logits_spec(tuple(shape), mesh)) + (None, None)
   if spec[1] != _VOCAB_AXIS:

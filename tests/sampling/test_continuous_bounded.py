@@ -149,3 +149,28 @@ def test_paged_attention_per_device_under_a_mesh(num_devices, mesh_shape):
   block_bytes = g * hd * 4 * 4    # one row's key block
   moved = [c for c in dry_run.parse_hlo(hlo).collectives if c.bytes >= block_bytes]
   assert not moved, moved[:3]
+
+
+def test_paged_attention_inside_a_callers_shard_map(num_devices):
+  """Inside a caller's `jax.shard_map` (rows already per device: manual mesh axes) the
+  paged read runs on the blocks it is given (`sharding.per_device_mesh` is None there)
+  and equals the dense path. The caller turns off check_vma, as the project's own
+  per-device wrappers do: the read's loop carries start unvarying."""
+  from egpo_jax.models import sharding
+  rs = np.random.RandomState(2)
+  b, g, r, hd, s, p = 8, 2, 2, 8, 16, 5
+  f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)   # noqa: E731
+  lens = jnp.asarray([0, 3, 16, 9, 1, 4, 12, 7])
+  mask = jnp.asarray(np.arange(s)[None] < np.asarray(lens)[:, None])
+  prefix = (f(b, g, hd, p), f(b, g, p, hd), jnp.ones((b, p), bool))
+  q, k, v = f(b, g * r, hd), f(b, g, hd, s), f(b, g, s, hd)
+  want = attention.attend(q, k, v, mask, prefix=prefix)
+  mesh = sharding.make_mesh(sharding.MeshConfig(8, 1, 1))
+  args = (q, k, v, mask, lens, prefix)
+  specs = jax.tree.map(lambda x: sharding.batch_spec(x.shape, mesh), args)
+  local = lambda *a: attention.attend(*a[:4], prefix=a[5], read_slots_B=a[4],  # noqa: E731
+                                      read_block=4)
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=specs[0],
+                                check_vma=False))(*args)
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
