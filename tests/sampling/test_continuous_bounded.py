@@ -120,6 +120,19 @@ def test_one_block_reads_as_full(params, prompts):
     np.testing.assert_array_equal(got, want)
 
 
+def _paged_case(seed):
+  """8 rows of 0-16 used slots (of 16) after a 5-slot prefix, 2 kv heads of 2 queries:
+  (q, k, v, mask, lens, prefix) and the dense path's output."""
+  rs = np.random.RandomState(seed)
+  b, g, r, hd, s, p = 8, 2, 2, 8, 16, 5
+  f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)   # noqa: E731
+  lens = jnp.asarray([0, 3, 16, 9, 1, 4, 12, 7])
+  mask = jnp.asarray(np.arange(s)[None] < np.asarray(lens)[:, None])
+  prefix = (f(b, g, hd, p), f(b, g, p, hd), jnp.ones((b, p), bool))
+  q, k, v = f(b, g * r, hd), f(b, g, hd, s), f(b, g, s, hd)
+  return (q, k, v, mask, lens, prefix), attention.attend(q, k, v, mask, prefix=prefix)
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_paged_attention_per_device_under_a_mesh(num_devices, mesh_shape):
   """Under a mesh each device visits only its own rows' blocks (`_paged_per_device`):
@@ -128,14 +141,8 @@ def test_paged_attention_per_device_under_a_mesh(num_devices, mesh_shape):
   cache over the network every step)."""
   from egpo_jax.models import sharding
   from egpo_jax.training import dry_run
-  rs = np.random.RandomState(1)
-  b, g, r, hd, s, p = 8, 2, 2, 8, 16, 5
-  f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)   # noqa: E731
-  lens = jnp.asarray([0, 3, 16, 9, 1, 4, 12, 7])
-  mask = jnp.asarray(np.arange(s)[None] < np.asarray(lens)[:, None])
-  prefix = (f(b, g, hd, p), f(b, g, p, hd), jnp.ones((b, p), bool))
-  q, k, v = f(b, g * r, hd), f(b, g, hd, s), f(b, g, s, hd)
-  want = attention.attend(q, k, v, mask, prefix=prefix)
+  (q, k, v, mask, lens, prefix), want = _paged_case(1)
+  g, hd = k.shape[1], k.shape[2]
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
   paged = jax.jit(lambda *a: attention.attend(*a[:4], prefix=a[5], read_slots_B=a[4],
                                               read_block=4))
@@ -157,16 +164,8 @@ def test_paged_attention_inside_a_callers_shard_map(num_devices):
   and equals the dense path. The caller turns off check_vma, as the project's own
   per-device wrappers do: the read's loop carries start unvarying."""
   from egpo_jax.models import sharding
-  rs = np.random.RandomState(2)
-  b, g, r, hd, s, p = 8, 2, 2, 8, 16, 5
-  f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)   # noqa: E731
-  lens = jnp.asarray([0, 3, 16, 9, 1, 4, 12, 7])
-  mask = jnp.asarray(np.arange(s)[None] < np.asarray(lens)[:, None])
-  prefix = (f(b, g, hd, p), f(b, g, p, hd), jnp.ones((b, p), bool))
-  q, k, v = f(b, g * r, hd), f(b, g, hd, s), f(b, g, s, hd)
-  want = attention.attend(q, k, v, mask, prefix=prefix)
+  args, want = _paged_case(2)
   mesh = sharding.make_mesh(sharding.MeshConfig(8, 1, 1))
-  args = (q, k, v, mask, lens, prefix)
   specs = jax.tree.map(lambda x: sharding.batch_spec(x.shape, mesh), args)
   local = lambda *a: attention.attend(*a[:4], prefix=a[5], read_slots_B=a[4],  # noqa: E731
                                       read_block=4)
