@@ -7,9 +7,10 @@ developer's machine; a cold one saved a fresh run of the suite ~10%.
 XLA_FLAGS must be set before jax is imported anywhere, which is why this happens at the top
 of the root conftest (subprocess tests inherit them). Single-device tests use device 0;
 multi-device tests use all 8. The suite compiles at LLVM optimisation level 0: its tiny
-models make it compile-bound (28% less time on two test files, the same results), and
-what it checks is decided before LLVM (HLO passes, sharding, buffer assignment). A flag
-already in XLA_FLAGS wins.
+models make it compile-bound (28% less time on two test files), and what it checks is
+decided before LLVM (HLO passes, sharding, buffer assignment); float rounding differs
+from -O2, so a comparison must not compound it (test_update_buckets compares each update
+from the same params). A flag already in XLA_FLAGS wins.
 """
 
 import os
